@@ -1,0 +1,7 @@
+"""``python -m distillspec`` behaves like the ``distillspec`` command."""
+
+import sys
+
+from distillspec.cli import main
+
+sys.exit(main())

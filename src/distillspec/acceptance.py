@@ -1,0 +1,134 @@
+"""The speculative-decoding acceptance rule, as pure batched tensor functions.
+
+Notation (Leviathan et al. 2023; DistillSpec): p = target, q = draft. Code names them
+``target_probs`` and ``draft_probs``. For each drafted token x_i, sampled from q_i:
+
+    accept with probability  min(1, f(p_i(x_i), eps) / q_i(x_i))
+
+with f(p, 1) = p (lossless). On the first rejection the replacement is drawn from the residual
+``norm(max(0, p_i - q_i))``; if all gamma tokens are accepted a bonus token is drawn from
+p_{gamma+1}. With f = identity the emitted tokens are distributed exactly as the target's.
+
+Lenient (lossy) variants, eps in (0, 1]:  f_lin = p / eps,  f_sq = p / eps^2,  f_exp = p^eps.
+The residual for lenient rules is not fixed by the paper; we use the lossless residual
+norm(max(0, p - q)), which is the target's distribution restricted to where the draft
+under-proposes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distillspec.sampling import sample
+
+
+def f_lin(target_token_probs: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """f_lin(p, eps) = p / eps."""
+    return target_token_probs / epsilon
+
+
+def f_sq(target_token_probs: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """f_sq(p, eps) = p / eps^2."""
+    return target_token_probs / (epsilon * epsilon)
+
+
+def f_exp(target_token_probs: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """f_exp(p, eps) = p^eps (0^eps = 0 for eps > 0)."""
+    return target_token_probs.pow(epsilon)
+
+
+LENIENCE_FUNCTIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "lin": f_lin,
+    "sq": f_sq,
+    "exp": f_exp,
+}
+
+
+def acceptance_probability(
+    target_token_probs: torch.Tensor,
+    draft_token_probs: torch.Tensor,
+    lenience: str | None = None,
+    epsilon: float = 1.0,
+) -> torch.Tensor:
+    """min(1, f(p(x), eps) / q(x)) elementwise; ``q(x) > 0`` because x was sampled from q."""
+    boosted = target_token_probs
+    if lenience not in (None, "none") and epsilon != 1.0:
+        boosted = LENIENCE_FUNCTIONS[lenience](target_token_probs, epsilon)
+    return torch.clamp(boosted / draft_token_probs.clamp_min(1e-30), max=1.0)
+
+
+def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)) over the last dim.
+
+    Where the residual has no mass (p == q, so rejection had probability 0 and only rounding got
+    us here) fall back to p itself.
+    """
+    residual = (target_probs - draft_probs).clamp_min(0.0)
+    mass = residual.sum(dim=-1, keepdim=True)
+    return torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs)
+
+
+@dataclass
+class Verification:
+    """The outcome of verifying one block of drafted tokens, per row."""
+
+    num_accepted: torch.Tensor  # [B] int64, leading drafted tokens accepted (0..gamma)
+    next_tokens: torch.Tensor  # [B] int64, the correction (after a rejection) or the bonus token
+    accepted_mask: torch.Tensor  # [B, gamma] bool, True for the accepted prefix
+
+
+def verify(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    lenience: str | None = None,
+    epsilon: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Verification:
+    """Apply the acceptance rule to a batch of drafted blocks.
+
+    Args:
+        draft_tokens: ``[B, gamma]`` the tokens the draft sampled.
+        draft_probs: ``[B, gamma, V]`` q_1..q_gamma, the distributions they were sampled from.
+        target_probs: ``[B, gamma + 1, V]`` p_1..p_{gamma+1} from one target forward pass.
+    """
+    gamma = draft_tokens.shape[1]
+    index = draft_tokens.unsqueeze(-1)
+    target_token_probs = target_probs[:, :gamma].gather(-1, index).squeeze(-1)
+    draft_token_probs = draft_probs.gather(-1, index).squeeze(-1)
+    accept_prob = acceptance_probability(target_token_probs, draft_token_probs, lenience, epsilon)
+    uniforms = torch.rand(
+        accept_prob.shape, generator=generator, device=accept_prob.device, dtype=torch.float32
+    )
+    # accepted_mask is the accepted *prefix*: everything after the first rejection is discarded.
+    accepted_mask = torch.cumprod((uniforms < accept_prob).to(torch.int64), dim=1).bool()
+    num_accepted = accepted_mask.sum(dim=1)
+    next_tokens = _next_tokens(num_accepted, draft_probs, target_probs, generator)
+    return Verification(num_accepted, next_tokens, accepted_mask)
+
+
+def _next_tokens(
+    num_accepted: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Sample the token after the accepted prefix: residual at the rejection, else the bonus."""
+    batch, gamma = draft_probs.shape[0], draft_probs.shape[1]
+    if gamma == 0:  # nothing was drafted: a plain target step
+        return sample(target_probs[:, 0], generator)
+    rows = torch.arange(batch, device=num_accepted.device)
+    target_at_stop = target_probs[rows, num_accepted]  # [B, V]
+    # Rows that accepted everything have no q at position gamma+1: residual against zeros is p.
+    draft_at_stop = draft_probs[rows, num_accepted.clamp(max=gamma - 1)]
+    draft_at_stop = torch.where((num_accepted < gamma).unsqueeze(-1), draft_at_stop, 0.0)
+    return sample(residual_distribution(target_at_stop, draft_at_stop), generator)
+
+
+def analytic_acceptance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """Per-position sum_v min(p, q) = 1 - TVD(p, q); ``[..., V] -> [...]``."""
+    return torch.minimum(target_probs, draft_probs).sum(dim=-1)

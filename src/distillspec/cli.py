@@ -1,0 +1,164 @@
+"""Command line: ``distillspec generate ...`` (``python -m distillspec`` is the same)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from distillspec.config import (
+    GenerateConfig,
+    RuntimeConfig,
+    SamplingConfig,
+    SpeculationConfig,
+    add_arguments,
+    from_namespace,
+)
+
+DEFAULT_TARGET = "builtin:smollm2-135m"
+EXAMPLE_PROMPT = "Write a short poem about the sea."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distillspec",
+        description="Lossless, batched speculative decoding and DistillSpec draft distillation.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser(
+        "generate",
+        help="Generate text with speculative decoding (or plain decoding with --draft none).",
+        description=(
+            "Generate with speculative decoding and print text plus acceptance metrics. "
+            f"Without --target it runs {DEFAULT_TARGET} with its first 4 layers as draft on "
+            "an example prompt (chat template on)."
+        ),
+    )
+    for cls in (GenerateConfig, SpeculationConfig, SamplingConfig, RuntimeConfig):
+        add_arguments(generate, cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+    except ValueError as error:
+        print(f"distillspec: error: {error}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+def _generate_config(args: argparse.Namespace) -> GenerateConfig:
+    """Without --target, run the built-in example (target, draft, prompt and chat mode)."""
+    base: dict = {}
+    if not getattr(args, "target", ""):
+        base = {"target": DEFAULT_TARGET, "draft": "target-layers:4", "chat": True}
+        if getattr(args, "prompt", None) is None and getattr(args, "prompts", None) is None:
+            base["prompt"] = EXAMPLE_PROMPT
+    config = from_namespace(GenerateConfig, args, **base)
+    if (config.prompt is None) == (config.prompts is None):
+        raise ValueError("Give exactly one of --prompt TEXT or --prompts FILE.jsonl.")
+    return config
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from distillspec.data import load_prompts
+    from distillspec.engine import autoregressive_generate, speculative_generate
+    from distillspec.loading import load_model, load_pair
+
+    config = _generate_config(args)
+    speculation = from_namespace(SpeculationConfig, args)
+    sampling = from_namespace(SamplingConfig, args)
+    runtime = from_namespace(RuntimeConfig, args)
+    prompts = [config.prompt] if config.prompt is not None else load_prompts(config.prompts)
+    load_kwargs = dict(
+        device=runtime.device, dtype=runtime.dtype, trust_remote_code=runtime.trust_remote_code
+    )
+    if config.draft == "none":
+        target, tokenizer = load_model(config.target, **load_kwargs)
+        draft = None
+    else:
+        target, draft, tokenizer = load_pair(config.target, config.draft, **load_kwargs)
+    generator = torch.Generator(device=target.device).manual_seed(config.seed)
+    eos = _eos_ids(target, tokenizer)
+    for start in range(0, len(prompts), config.batch_size):
+        batch_prompts = prompts[start : start + config.batch_size]
+        input_ids, attention_mask = _encode(tokenizer, batch_prompts, config.chat)
+        common = dict(
+            max_new_tokens=config.max_new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            eos_token_id=eos,
+            generator=generator,
+        )
+        if draft is None:
+            result = autoregressive_generate(target, input_ids, attention_mask, **common)
+        else:
+            result = speculative_generate(
+                target,
+                draft,
+                input_ids,
+                attention_mask,
+                gamma=speculation.gamma,
+                lenience=speculation.lenience,
+                epsilon=speculation.epsilon,
+                **common,
+            )
+        _print_batch(config, tokenizer, batch_prompts, result)
+    return 0
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _encode(tokenizer, prompts: list[str], chat: bool):
+    if chat:
+        if not tokenizer.chat_template:
+            raise ValueError("--chat was given but this tokenizer has no chat template.")
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def _print_batch(config: GenerateConfig, tokenizer, prompts, result) -> None:
+    batch_info = {
+        "batch_wall_time_s": result.metrics.wall_time_s,
+        "batch_tokens_per_second": result.metrics.tokens_per_second,
+        "batch_draft_time_s": result.metrics.draft_time_s,
+        "batch_target_time_s": result.metrics.target_time_s,
+    }
+    for row, (prompt, tokens) in enumerate(zip(prompts, result.sequences)):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if config.json:
+            metrics = {**result.metrics.row_dict(row), **batch_info}
+            print(
+                json.dumps(
+                    {"prompt": prompt, "text": text, "token_ids": tokens, "metrics": metrics}
+                )
+            )
+        else:
+            print(text)
+            print()
+    if not config.json:
+        print(f"[{result.metrics.summary()}]")

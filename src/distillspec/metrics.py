@@ -1,0 +1,177 @@
+"""Decoding metrics as data: counts collected by the engine, every rate derived from them.
+
+Definitions (see docs/metrics.md):
+- acceptance_rate   = accepted draft tokens / drafted tokens (vLLM, llama.cpp convention).
+- block_efficiency  = tau = new tokens emitted / target decoding calls, bonus included
+                      ("mean acceptance length" in vLLM, EAGLE, Spec-Bench). Prefill is not a call.
+- analytic_alpha    = mean over verified positions of sum_v min(p, q) = 1 - TVD(p, q). A position
+                      is verified when its prefix was accepted: positions 1..min(n+1, gamma).
+- per_position_acceptance[i] = fraction of blocks whose token i+1 was accepted, among blocks that
+                      drafted at least i+1 tokens (unconditional, vLLM's convention).
+- accepted_length_histogram[n] = number of blocks that accepted exactly n draft tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DecodeCounts:
+    """Raw counts for one row (or a sum over rows). Derived metrics are properties."""
+
+    gamma: int = 0
+    new_tokens: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    target_calls: int = 0
+    draft_calls: int = 0
+    alpha_sum: float = 0.0
+    alpha_positions: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)
+    position_drafted: list[int] = field(default_factory=list)
+    position_accepted: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.position_drafted:
+            self.position_drafted = [0] * self.gamma
+            self.position_accepted = [0] * self.gamma
+
+    def record_block(
+        self, drafted: int, accepted: int, alpha_sum: float, alpha_positions: int
+    ) -> None:
+        """One verified block: ``drafted`` tokens proposed, the first ``accepted`` kept."""
+        self.target_calls += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        self.accepted_lengths.append(accepted)
+        self.alpha_sum += alpha_sum
+        self.alpha_positions += alpha_positions
+        for position in range(drafted):
+            self.position_drafted[position] += 1
+            self.position_accepted[position] += int(position < accepted)
+
+    def __add__(self, other: DecodeCounts) -> DecodeCounts:
+        gamma = max(self.gamma, other.gamma)
+        pad = lambda xs: xs + [0] * (gamma - len(xs))  # noqa: E731
+        return DecodeCounts(
+            gamma=gamma,
+            new_tokens=self.new_tokens + other.new_tokens,
+            drafted_tokens=self.drafted_tokens + other.drafted_tokens,
+            accepted_tokens=self.accepted_tokens + other.accepted_tokens,
+            target_calls=self.target_calls + other.target_calls,
+            draft_calls=self.draft_calls + other.draft_calls,
+            alpha_sum=self.alpha_sum + other.alpha_sum,
+            alpha_positions=self.alpha_positions + other.alpha_positions,
+            accepted_lengths=self.accepted_lengths + other.accepted_lengths,
+            position_drafted=[
+                a + b for a, b in zip(pad(self.position_drafted), pad(other.position_drafted))
+            ],
+            position_accepted=[
+                a + b for a, b in zip(pad(self.position_accepted), pad(other.position_accepted))
+            ],
+        )
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+    @property
+    def block_efficiency(self) -> float | None:
+        return self.new_tokens / self.target_calls if self.target_calls else None
+
+    @property
+    def analytic_alpha(self) -> float | None:
+        return self.alpha_sum / self.alpha_positions if self.alpha_positions else None
+
+    @property
+    def per_position_acceptance(self) -> list[float | None]:
+        return [a / d if d else None for a, d in zip(self.position_accepted, self.position_drafted)]
+
+    @property
+    def accepted_length_histogram(self) -> list[int]:
+        histogram = [0] * (self.gamma + 1)
+        for length in self.accepted_lengths:
+            histogram[length] += 1
+        return histogram
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "new_tokens": self.new_tokens,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "block_efficiency": self.block_efficiency,
+            "analytic_alpha": self.analytic_alpha,
+            "per_position_acceptance": self.per_position_acceptance,
+            "accepted_length_histogram": self.accepted_length_histogram,
+            "target_calls": self.target_calls,
+            "draft_calls": self.draft_calls,
+        }
+
+
+@dataclass
+class GenerationMetrics:
+    """Per-row counts, the batch's real forward passes and the wall-clock split."""
+
+    rows: list[DecodeCounts]
+    finish_reasons: list[str]
+    target_forward_passes: int = 0  # batched calls, prefill included
+    draft_forward_passes: int = 0
+    wall_time_s: float = 0.0
+    draft_time_s: float = 0.0
+    target_time_s: float = 0.0
+
+    @property
+    def total(self) -> DecodeCounts:
+        total = DecodeCounts(gamma=max((r.gamma for r in self.rows), default=0))
+        for row in self.rows:
+            total = total + row
+        return total
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.total.new_tokens / self.wall_time_s if self.wall_time_s > 0 else None
+
+    def row_dict(self, index: int) -> dict[str, Any]:
+        return {**self.rows[index].to_dict(), "finish_reason": self.finish_reasons[index]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.total.to_dict(),
+            "batch_size": len(self.rows),
+            "target_forward_passes": self.target_forward_passes,
+            "draft_forward_passes": self.draft_forward_passes,
+            "wall_time_s": self.wall_time_s,
+            "draft_time_s": self.draft_time_s,
+            "target_time_s": self.target_time_s,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+    def summary(self) -> str:
+        """One line for humans."""
+        total = self.total
+        parts = [f"{total.new_tokens} tokens in {self.wall_time_s:.2f}s"]
+        if self.tokens_per_second:
+            parts.append(f"{self.tokens_per_second:.1f} tok/s")
+        if total.drafted_tokens:
+            parts += [
+                f"acceptance {total.acceptance_rate:.3f}",
+                f"alpha {total.analytic_alpha:.3f}",
+                f"tau {total.block_efficiency:.2f}",
+                f"draft {self.draft_time_s:.2f}s / target {self.target_time_s:.2f}s",
+            ]
+        return " | ".join(parts)
+
+
+def predicted_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
+    """Leviathan et al. Thm 3.8: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + 1)).
+
+    ``cost_ratio`` c = draft step time / target step time. alpha = 1 gives (gamma+1)/(gamma c + 1).
+    """
+    if alpha >= 1.0:
+        expected_tokens = gamma + 1.0
+    else:
+        expected_tokens = (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+    return expected_tokens / (gamma * cost_ratio + 1.0)

@@ -34,6 +34,7 @@ class CachedModel:
         self.cache = DynamicCache(config=model.config)
         self.slot_mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.embedding_rows = model.get_input_embeddings().weight.shape[0]
 
     @property
     def num_slots(self) -> int:
@@ -46,7 +47,11 @@ class CachedModel:
         """Append ``tokens [B, W]`` (``valid [B, W]`` marks real ones) and return their logits.
 
         ``logits_to_keep`` > 0 computes the LM head for the last that many positions only.
+        Ids beyond this model's embedding matrix (the other model's padding rows) are clamped:
+        such a drafted token has target probability 0 and is always rejected, and a context
+        token the draft cannot embed only changes q, which the rule accounts for.
         """
+        tokens = tokens.clamp(max=self.embedding_rows - 1)
         valid = valid.to(torch.long)
         positions = self.next_position.unsqueeze(1) + torch.cumsum(valid, dim=1) - valid
         self.slot_mask = torch.cat([self.slot_mask, valid], dim=1)

@@ -1,0 +1,153 @@
+"""The CLI end to end on a tiny local model folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import save_tiny
+
+from distillspec.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("cli") / "target", layers=3)
+
+
+def write_prompts(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_generate_json_one_object_per_prompt(model_folder, tmp_path, capsys):
+    prompts = write_prompts(
+        tmp_path / "p.jsonl",
+        [
+            json.dumps({"prompt": "w1 w2 w3"}),
+            "",
+            json.dumps({"prompt": "w7"}),
+            json.dumps({"prompt": "w4 w5 w6 w7 w8"}),
+        ],
+    )
+    code = main(
+        [
+            "generate",
+            "--target",
+            str(model_folder),
+            "--draft",
+            "target-layers:1",
+            "--prompts",
+            str(prompts),
+            "--batch-size",
+            "2",
+            "--gamma",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prompt"] for line in lines] == ["w1 w2 w3", "w7", "w4 w5 w6 w7 w8"]
+    for line in lines:
+        assert isinstance(line["text"], str) and 1 <= len(line["token_ids"]) <= 6
+        metrics = line["metrics"]
+        for key in (
+            "acceptance_rate",
+            "block_efficiency",
+            "analytic_alpha",
+            "accepted_tokens",
+            "drafted_tokens",
+            "per_position_acceptance",
+            "accepted_length_histogram",
+            "target_calls",
+            "draft_calls",
+            "batch_draft_time_s",
+            "batch_target_time_s",
+        ):
+            assert key in metrics
+
+
+def test_plain_decoding_and_text_output(model_folder, capsys):
+    code = main(
+        [
+            "generate",
+            "--target",
+            str(model_folder),
+            "--draft",
+            "none",
+            "--prompt",
+            "w1 w2",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "1",
+            "--seed",
+            "3",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "tokens in" in out and "tok/s" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--gamma", "0"], "gamma must be an integer >= 1"),
+        (["--epsilon", "2", "--lenience", "exp"], "epsilon must be in (0, 1]"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_knobs_exit_2_with_message(model_folder, capsys, args, message):
+    code = main(["generate", "--target", str(model_folder), "--prompt", "w1"] + args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_prompt_file_names_file_and_line(model_folder, tmp_path, capsys):
+    bad = write_prompts(tmp_path / "bad.jsonl", [json.dumps({"prompt": "w1"}), "{oops"])
+    code = main(["generate", "--target", str(model_folder), "--prompts", str(bad)])
+    assert code == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+    missing = write_prompts(tmp_path / "missing.jsonl", [json.dumps({"text": "w1"})])
+    assert main(["generate", "--target", str(model_folder), "--prompts", str(missing)]) == 2
+    assert f'{missing}:1: missing or empty "prompt"' in capsys.readouterr().err
+
+
+def test_unknown_model_path(capsys, tmp_path):
+    assert main(["generate", "--target", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_python_dash_m_matches_the_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "distillspec", "generate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--target",
+        "--draft",
+        "--prompts",
+        "--gamma",
+        "--lenience",
+        "--epsilon",
+        "--top-k",
+        "--top-p",
+        "--max-new-tokens",
+        "--batch-size",
+        "--json",
+        "--dtype",
+    ):
+        assert flag in out

@@ -1,0 +1,52 @@
+"""warp: greedy is one-hot on the argmax; temperature/top-k/top-p match transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from distillspec.config import SamplingConfig
+from distillspec.sampling import sample, warp
+
+
+def test_greedy_is_one_hot_on_first_argmax():
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.0, 0.0, 0.0, 5.0]], dtype=torch.bfloat16)
+    probs = warp(logits, SamplingConfig(temperature=0.0))
+    assert probs.dtype == torch.float32
+    assert probs.tolist() == [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 7, 0.6)]
+)
+def test_matches_transformers_warpers(temperature, top_k, top_p):
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    expected = logits / temperature
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    expected = torch.softmax(expected, dim=-1)
+    probs = warp(logits, SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p))
+    torch.testing.assert_close(probs, expected)
+    assert TemperatureLogitsWarper  # the order above is transformers' own
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = warp(logits, SamplingConfig(temperature=1.0, top_p=0.8))
+    torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    tiny = warp(logits, SamplingConfig(temperature=1.0, top_p=0.01))
+    assert tiny.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_sample_follows_the_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.3]).expand(20000, 3)
+    tokens = sample(probs, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=3).float() / 20000
+    torch.testing.assert_close(frequencies, torch.tensor([0.1, 0.6, 0.3]), atol=0.015, rtol=0)

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_transformers()
     try:
         if args.command == "generate":
             return run_generate(args)
@@ -53,6 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2
+
+
+def _quiet_transformers() -> None:
+    """Our own messages say what is happening; per-tensor loading bars are noise in a CLI."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _generate_config(args: argparse.Namespace) -> GenerateConfig:

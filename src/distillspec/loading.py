@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -97,6 +98,10 @@ def convert_gguf(gguf_file: Path) -> Path:
     target = _gguf_cache_path(gguf_file)
     if (target / "config.json").is_file():
         return target
+    print(
+        f"distillspec: converting {gguf_file.name} to safetensors in {target} (once)...",
+        file=sys.stderr,
+    )
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32, local_files_only=True
     )

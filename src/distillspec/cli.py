@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from distillspec.config import (
+    DatagenConfig,
+    DistillConfig,
     GenerateConfig,
     RuntimeConfig,
     SamplingConfig,
@@ -39,6 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for cls in (GenerateConfig, SpeculationConfig, SamplingConfig, RuntimeConfig):
         add_arguments(generate, cls)
+    distill = commands.add_parser(
+        "distill",
+        help="Train a draft for a target with DistillSpec (YAML recipe + --key value overrides).",
+        description="Distil a draft from the target's logits. Values come from the dataclass "
+        "defaults, then --config YAML, then explicit flags. Multi-process: torchrun "
+        "--nproc_per_node 2 -m distillspec distill ... (CPU, gloo) or accelerate launch "
+        "-m distillspec distill ... (GPUs).",
+    )
+    distill.add_argument("--config", help="YAML recipe whose keys are the options below.")
+    add_arguments(distill, DistillConfig)
+    datagen = commands.add_parser(
+        "datagen",
+        help="Sample completions from the target once and cache them as JSONL (teacher data).",
+        description="Generate target completions for a prompt file; train on the result with "
+        "policy fixed (the cached form of the teacher policy).",
+    )
+    add_arguments(datagen, DatagenConfig)
     return parser
 
 
@@ -49,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "distill":
+            return run_distill(args)
+        if args.command == "datagen":
+            return run_datagen(args)
     except ValueError as error:
         print(f"distillspec: error: {error}", file=sys.stderr)
         return 2
@@ -171,3 +194,54 @@ def _print_batch(config: GenerateConfig, tokenizer, prompts, result) -> None:
             print()
     if not config.json:
         print(f"[{result.metrics.summary()}]")
+
+
+def load_recipe(path: str | None) -> dict:
+    """The YAML recipe as a dict (empty without --config)."""
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            recipe = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ValueError(f"Recipe {path} does not exist.") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"Recipe {path} is not valid YAML: {error}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Recipe {path} must be a mapping of option: value.")
+    return {key.replace("-", "_"): value for key, value in recipe.items()}
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from distillspec.train import distill
+
+    config = from_namespace(DistillConfig, args, **load_recipe(args.config))
+    metrics = distill(config)
+    print(json.dumps({"output_dir": config.output_dir, **metrics}))
+    return 0
+
+
+def run_datagen(args: argparse.Namespace) -> int:
+    from distillspec.datasets import load_examples
+    from distillspec.loading import load_model
+    from distillspec.policies import datagen
+
+    config = from_namespace(DatagenConfig, args)
+    target, tokenizer = load_model(config.target, device=config.device, dtype=config.dtype)
+    examples = load_examples(config.data, tokenizer, max_prompt_tokens=config.max_prompt_tokens)
+    generator = torch.Generator(device=target.device).manual_seed(config.seed)
+    count = datagen(
+        target,
+        tokenizer,
+        examples,
+        config.out,
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        eos_token_id=_eos_ids(target, tokenizer),
+        generator=generator,
+    )
+    print(f"wrote {count} target completions to {config.out}", file=sys.stderr)
+    return 0

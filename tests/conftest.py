@@ -42,13 +42,13 @@ def tiny_config(arch: str = "llama", vocab_size: int = VOCAB, layers: int = 2, *
     raise ValueError(arch)
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+def tiny_model(arch: str = "llama", seed: int = 0, lm_scale: float = 30.0, **overrides):
     torch.manual_seed(seed)
     cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[arch]
     model = cls(tiny_config(arch, **overrides)).eval()
     # Random init gives near-uniform logits; sharpen them so greedy/sampling are meaningful.
     with torch.no_grad():
-        model.lm_head.weight.mul_(30.0)
+        model.lm_head.weight.mul_(lm_scale)
     return model
 
 
@@ -80,9 +80,9 @@ def tiny_tokenizer(vocab_size: int = VOCAB, prefix: str = "w") -> PreTrainedToke
     )
 
 
-def save_tiny(folder, arch="llama", seed=0, tokenizer=None, **overrides):
+def save_tiny(folder, arch="llama", seed=0, tokenizer=None, lm_scale=30.0, **overrides):
     """Save a tiny model + tokenizer as a safetensors HF folder; returns the folder."""
-    model = tiny_model(arch, seed=seed, **overrides)
+    model = tiny_model(arch, seed=seed, lm_scale=lm_scale, **overrides)
     model.save_pretrained(folder, safe_serialization=True)
     (tokenizer or tiny_tokenizer(model.config.vocab_size)).save_pretrained(folder)
     return folder

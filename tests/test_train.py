@@ -1,0 +1,165 @@
+"""The DistillSpec trainer on tiny local models: learning, accumulation, resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import save_tiny, tiny_tokenizer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from distillspec.config import DistillConfig
+from distillspec.divergences import get_divergence
+from distillspec.policies import build_batch
+from distillspec.train import distill, make_scheduler, train_step
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    save_tiny(root / "target", layers=3, lm_scale=10.0)
+    rng = random.Random(0)
+    with (root / "data.jsonl").open("w") as handle:
+        for _ in range(48):
+            prompt = " ".join(f"w{rng.randrange(0, 92)}" for _ in range(rng.randrange(2, 6)))
+            completion = " ".join(f"w{rng.randrange(0, 92)}" for _ in range(6))
+            handle.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    return root
+
+
+def recipe(workspace: Path, **overrides) -> DistillConfig:
+    values = dict(
+        target=str(workspace / "target"), draft_init="target-layers:1",
+        data=str(workspace / "data.jsonl"), policy="fixed", divergence="fkl", max_steps=12,
+        batch_size=4, max_new_tokens=6, lr=1e-3, warmup_steps=1, eval_every=0, save_every=0,
+        eval_prompts=8, eval_tau_prompts=2, eval_max_new_tokens=8, held_out=8,
+        output_dir=str(workspace / "run"), device="cpu", bf16="off", seed=0,
+    )
+    values.update(overrides)
+    return DistillConfig(**values)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def initial_eval(run: Path) -> dict:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(line for line in lines if line.get("eval") in ("start",))
+
+
+@pytest.mark.parametrize("policy,divergence", [
+    ("fixed", "fkl"), ("teacher", "rkl"), ("draft", "jsd"), ("mixed", "tvd"),
+])
+def test_each_policy_and_divergence_raises_alpha(workspace, policy, divergence):
+    run = workspace / f"run-{policy}-{divergence}"
+    metrics = distill(recipe(workspace, policy=policy, divergence=divergence, output_dir=str(run),
+                             max_steps=30, mix="draft=0.5,teacher=0.5"))
+    start = initial_eval(run)
+    assert metrics["alpha_t1"] > start["alpha_t1"] + 0.01, (start, metrics)
+    card = (run / "final" / "README.md").read_text()
+    assert "alpha_t1" in card and f"`{divergence}`" in card
+    assert yaml.safe_load((run / "final" / "distill_config.yaml").read_text())["policy"] == policy
+
+
+def test_result_loads_and_works_as_transformers_assistant(workspace):
+    run = workspace / "run-fixed-fkl"
+    if not run.exists():
+        distill(recipe(workspace, output_dir=str(run)))
+    draft = AutoModelForCausalLM.from_pretrained(run / "final")
+    target = AutoModelForCausalLM.from_pretrained(workspace / "target")
+    ids = torch.tensor([[5, 9, 13, 40]])
+    plain = target.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assisted = target.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                               assistant_model=draft)
+    assert torch.equal(plain, assisted)
+
+
+def test_batch8_accum1_equals_batch1_accum8(workspace):
+    """Token-normalised accumulation: same update however the step is split."""
+    from accelerate import Accelerator
+
+    from distillspec.drafts import truncate_layers
+
+    target = AutoModelForCausalLM.from_pretrained(workspace / "target").eval()
+    rng = random.Random(1)
+    prompts = [[rng.randrange(4, 96) for _ in range(rng.randrange(1, 6))] for _ in range(8)]
+    completions = [[rng.randrange(4, 96) for _ in range(rng.randrange(0, 7))] for _ in range(8)]
+    divergence = get_divergence("fkl")
+    config = recipe(workspace, clip_grad_norm=0.0)
+    results = []
+    for splits in ([list(range(8))], [[i] for i in range(8)]):
+        draft = truncate_layers(target, 1).train()
+        optimizer = torch.optim.SGD(draft.parameters(), lr=1.0)
+        batches = [build_batch([prompts[i] for i in s], [completions[i] for i in s], 0) for s in splits]
+        timings = dict.fromkeys(("target_forward", "draft_forward_backward"), 0.0)
+        loss = train_step(Accelerator(cpu=True), draft, target, batches, divergence, optimizer,
+                          make_scheduler(optimizer, config), config, False, timings)
+        results.append((loss, [p.detach().clone() for p in draft.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _cli(config: DistillConfig, path: Path) -> list[str]:
+    path.write_text(yaml.safe_dump({k: v for k, v in vars(config).items()}))
+    return [sys.executable, "-m", "distillspec", "distill", "--config", str(path)]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(workspace):
+    common = dict(policy="draft", max_steps=12, save_every=3, eval_every=0)
+    reference = recipe(workspace, output_dir=str(workspace / "ref"), **common)
+    distill(reference)
+    killed = recipe(workspace, output_dir=str(workspace / "killed"), **common)
+    process = subprocess.Popen(_cli(killed, workspace / "killed.yaml"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    checkpoints = workspace / "killed" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (checkpoints / "step-000006").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (checkpoints / "latest").exists()
+    assert not (workspace / "killed" / "final").exists(), "the run should have been cut short"
+    for folder in checkpoints.glob("step-*"):
+        if ".tmp-" not in folder.name:  # every complete-looking checkpoint is really complete
+            assert (folder / "trainer_state.pt").is_file() and (folder / "model.safetensors").is_file()
+    resumed = recipe(workspace, output_dir=str(workspace / "killed"), resume=True, **common)
+    distill(resumed)
+    assert not list(checkpoints.glob("*.tmp-*"))
+    expected, actual = final_weights(workspace / "ref"), final_weights(workspace / "killed")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_two_cpu_processes_train_in_lockstep(workspace):
+    config = recipe(workspace, output_dir=str(workspace / "ddp"), max_steps=4, eval_tau_prompts=0)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "distillspec",
+               "distill", "--config", str(workspace / "ddp.yaml")]
+    _cli(config, workspace / "ddp.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((workspace / "ddp" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["step"] == ranks[1]["step"] == 4
+    assert ranks[0]["examples_seen"] == 4 * 4 * 2  # both ranks consumed their own data
+    assert ranks[0]["parameter_checksum"] == pytest.approx(ranks[1]["parameter_checksum"], rel=1e-9)
+    tokenizer_ok = tiny_tokenizer()  # the saved draft reloads with its tokenizer
+    assert tokenizer_ok is not None and (workspace / "ddp" / "final" / "tokenizer.json").is_file()

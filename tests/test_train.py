@@ -42,11 +42,26 @@ def workspace(tmp_path_factory):
 
 def recipe(workspace: Path, **overrides) -> DistillConfig:
     values = dict(
-        target=str(workspace / "target"), draft_init="target-layers:1",
-        data=str(workspace / "data.jsonl"), policy="fixed", divergence="fkl", max_steps=12,
-        batch_size=4, max_new_tokens=6, lr=1e-3, warmup_steps=1, eval_every=0, save_every=0,
-        eval_prompts=8, eval_tau_prompts=2, eval_max_new_tokens=8, held_out=8,
-        output_dir=str(workspace / "run"), device="cpu", bf16="off", seed=0,
+        target=str(workspace / "target"),
+        draft_init="target-layers:1",
+        data=str(workspace / "data.jsonl"),
+        policy="fixed",
+        divergence="fkl",
+        max_steps=12,
+        batch_size=4,
+        max_new_tokens=6,
+        lr=1e-3,
+        warmup_steps=1,
+        eval_every=0,
+        save_every=0,
+        eval_prompts=8,
+        eval_tau_prompts=2,
+        eval_max_new_tokens=8,
+        held_out=8,
+        output_dir=str(workspace / "run"),
+        device="cpu",
+        bf16="off",
+        seed=0,
     )
     values.update(overrides)
     return DistillConfig(**values)
@@ -61,13 +76,27 @@ def initial_eval(run: Path) -> dict:
     return next(line for line in lines if line.get("eval") in ("start",))
 
 
-@pytest.mark.parametrize("policy,divergence", [
-    ("fixed", "fkl"), ("teacher", "rkl"), ("draft", "jsd"), ("mixed", "tvd"),
-])
+@pytest.mark.parametrize(
+    "policy,divergence",
+    [
+        ("fixed", "fkl"),
+        ("teacher", "rkl"),
+        ("draft", "jsd"),
+        ("mixed", "tvd"),
+    ],
+)
 def test_each_policy_and_divergence_raises_alpha(workspace, policy, divergence):
     run = workspace / f"run-{policy}-{divergence}"
-    metrics = distill(recipe(workspace, policy=policy, divergence=divergence, output_dir=str(run),
-                             max_steps=30, mix="draft=0.5,teacher=0.5"))
+    metrics = distill(
+        recipe(
+            workspace,
+            policy=policy,
+            divergence=divergence,
+            output_dir=str(run),
+            max_steps=30,
+            mix="draft=0.5,teacher=0.5",
+        )
+    )
     start = initial_eval(run)
     assert metrics["alpha_t1"] > start["alpha_t1"] + 0.01, (start, metrics)
     card = (run / "final" / "README.md").read_text()
@@ -83,8 +112,9 @@ def test_result_loads_and_works_as_transformers_assistant(workspace):
     target = AutoModelForCausalLM.from_pretrained(workspace / "target")
     ids = torch.tensor([[5, 9, 13, 40]])
     plain = target.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assisted = target.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                               assistant_model=draft)
+    assisted = target.generate(
+        ids, max_new_tokens=10, do_sample=False, pad_token_id=0, assistant_model=draft
+    )
     assert torch.equal(plain, assisted)
 
 
@@ -104,10 +134,22 @@ def test_batch8_accum1_equals_batch1_accum8(workspace):
     for splits in ([list(range(8))], [[i] for i in range(8)]):
         draft = truncate_layers(target, 1).train()
         optimizer = torch.optim.SGD(draft.parameters(), lr=1.0)
-        batches = [build_batch([prompts[i] for i in s], [completions[i] for i in s], 0) for s in splits]
+        batches = [
+            build_batch([prompts[i] for i in s], [completions[i] for i in s], 0) for s in splits
+        ]
         timings = dict.fromkeys(("target_forward", "draft_forward_backward"), 0.0)
-        loss = train_step(Accelerator(cpu=True), draft, target, batches, divergence, optimizer,
-                          make_scheduler(optimizer, config), config, False, timings)
+        loss = train_step(
+            Accelerator(cpu=True),
+            draft,
+            target,
+            batches,
+            divergence,
+            optimizer,
+            make_scheduler(optimizer, config),
+            config,
+            False,
+            timings,
+        )
         results.append((loss, [p.detach().clone() for p in draft.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
@@ -124,8 +166,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace):
     reference = recipe(workspace, output_dir=str(workspace / "ref"), **common)
     distill(reference)
     killed = recipe(workspace, output_dir=str(workspace / "killed"), **common)
-    process = subprocess.Popen(_cli(killed, workspace / "killed.yaml"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _cli(killed, workspace / "killed.yaml"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = workspace / "killed" / "checkpoints"
     deadline = time.time() + 240
     while time.time() < deadline and not (checkpoints / "step-000006").exists():
@@ -136,7 +181,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace):
     assert not (workspace / "killed" / "final").exists(), "the run should have been cut short"
     for folder in checkpoints.glob("step-*"):
         if ".tmp-" not in folder.name:  # every complete-looking checkpoint is really complete
-            assert (folder / "trainer_state.pt").is_file() and (folder / "model.safetensors").is_file()
+            assert (folder / "trainer_state.pt").is_file() and (
+                folder / "model.safetensors"
+            ).is_file()
     resumed = recipe(workspace, output_dir=str(workspace / "killed"), resume=True, **common)
     distill(resumed)
     assert not list(checkpoints.glob("*.tmp-*"))
@@ -145,13 +192,25 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace):
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_two_cpu_processes_train_in_lockstep(workspace):
     config = recipe(workspace, output_dir=str(workspace / "ddp"), max_steps=4, eval_tau_prompts=0)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "distillspec",
-               "distill", "--config", str(workspace / "ddp.yaml")]
+    command = [
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "distillspec",
+        "distill",
+        "--config",
+        str(workspace / "ddp.yaml"),
+    ]
     _cli(config, workspace / "ddp.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

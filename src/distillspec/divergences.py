@@ -40,7 +40,8 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from distillspec.sampling import pad_vocab
 
 LOG_PROB_FLOOR = math.log(1e-30)
 """Stand-in for log 0 wherever a probability is exactly 0 (about -69.08)."""
@@ -62,12 +63,7 @@ def align_vocab(
             "Score the same positions with both models (same batch and sequence length)."
         )
     width = max(draft_logits.shape[-1], target_logits.shape[-1])
-    return _pad_vocab(draft_logits, width), _pad_vocab(target_logits, width)
-
-
-def _pad_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - logits.shape[-1]
-    return F.pad(logits, (0, missing), value=float("-inf")) if missing else logits
+    return pad_vocab(draft_logits, width), pad_vocab(target_logits, width)
 
 
 def _check_temperature(temperature: float) -> None:

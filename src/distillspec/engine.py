@@ -23,7 +23,7 @@ from distillspec.acceptance import analytic_acceptance, verify
 from distillspec.config import SamplingConfig, SpeculationConfig
 from distillspec.kv_cache import CachedModel, ensure_croppable
 from distillspec.metrics import DecodeCounts, GenerationMetrics
-from distillspec.sampling import sample, warp
+from distillspec.sampling import pad_vocab, sample, warp
 
 
 @dataclass
@@ -145,18 +145,6 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _pad_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad logits with -inf to ``width`` columns: ids a model lacks get probability 0.
-
-    Embedding matrices are often padded to different sizes; padding the *distributions* with
-    zeros keeps the rule exactly lossless with respect to the target.
-    """
-    missing = width - logits.shape[-1]
-    if missing <= 0:
-        return logits
-    return torch.nn.functional.pad(logits, (0, missing), value=float("-inf"))
-
-
 class _Decoder:
     """Decoding state for one batch: the cached models, the active rows and their outputs."""
 
@@ -231,7 +219,7 @@ class _Decoder:
         pending = self.input_ids[:, -1:]
         while self.active.numel():
             logits = target.forward(pending, torch.ones_like(pending), logits_to_keep=1)[:, -1]
-            next_tokens = sample(warp(_pad_vocab(logits, self.vocab), sampling), generator)
+            next_tokens = sample(warp(pad_vocab(logits, self.vocab), sampling), generator)
             self.metrics.target_forward_passes += 1
             done = []
             for slot, token in enumerate(next_tokens.tolist()):
@@ -295,7 +283,7 @@ class _Decoder:
         drafted, probs = [], []
         for _ in range(gamma):
             logits = draft.forward(tokens, valid, logits_to_keep=1)[:, -1]
-            draft_probs = warp(_pad_vocab(logits, self.vocab), sampling)
+            draft_probs = warp(pad_vocab(logits, self.vocab), sampling)
             token = sample(draft_probs, generator)
             drafted.append(token)
             probs.append(draft_probs)
@@ -319,7 +307,7 @@ class _Decoder:
         """One target pass over ``[pending, x_1..x_g]``, the acceptance rule, target rollback."""
         inputs = torch.cat([pending, draft_tokens], dim=1)
         logits = target.forward(inputs, torch.ones_like(inputs))
-        target_probs = warp(_pad_vocab(logits, self.vocab), sampling)
+        target_probs = warp(pad_vocab(logits, self.vocab), sampling)
         outcome = verify(
             draft_tokens,
             draft_probs,

@@ -17,8 +17,8 @@ import torch
 from distillspec.acceptance import analytic_acceptance
 from distillspec.config import SamplingConfig
 from distillspec.engine import speculative_generate
-from distillspec.policies import SequenceBatch, build_batch, generate_completions
-from distillspec.sampling import warp
+from distillspec.policies import SequenceBatch, build_batch, generate_completions, left_pad
+from distillspec.sampling import pad_vocab, warp
 
 ALPHA_TEMPERATURES = (0.0, 1.0)
 
@@ -86,8 +86,8 @@ class SDEvaluator:
                 draft_logits = self._logits(draft, batch)
                 width = max(draft_logits.shape[-1], target_logits.shape[-1])
                 per_token = analytic_acceptance(
-                    warp(_pad(target_logits, width), sampling),
-                    warp(_pad(draft_logits, width), sampling),
+                    warp(pad_vocab(target_logits, width), sampling),
+                    warp(pad_vocab(draft_logits, width), sampling),
                 )
                 mask = batch.loss_mask.to(per_token.device)
                 total += float((per_token * mask).sum())
@@ -104,7 +104,7 @@ class SDEvaluator:
         try:
             drafted = accepted = tokens = calls = 0
             for chunk in self._chunks(self.tau_prompts):
-                input_ids, attention_mask = _left_pad(chunk, self.pad_id, self.target.device)
+                input_ids, attention_mask = left_pad(chunk, self.pad_id, self.target.device)
                 result = speculative_generate(
                     self.target,
                     draft,
@@ -126,18 +126,3 @@ class SDEvaluator:
         if with_tau:
             metrics.update(self.tau(draft))
         return metrics
-
-
-def _pad(logits: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - logits.shape[-1]
-    return torch.nn.functional.pad(logits, (0, missing), value=float("-inf")) if missing else logits
-
-
-def _left_pad(prompts, pad_id: int, device):
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    return input_ids.to(device), attention_mask.to(device)

@@ -317,7 +317,7 @@ def generate_completions(
     Prompts are left-padded on the model's device; the model runs in eval mode and every module's
     previous mode is restored afterwards. ``generator`` must live on the model's device.
     """
-    input_ids, attention_mask = _left_pad(prompts, pad_id, model.device)
+    input_ids, attention_mask = left_pad(prompts, pad_id, model.device)
     with _eval_mode(model):
         result = autoregressive_generate(
             model,
@@ -384,7 +384,7 @@ def datagen(
 # ---------------------------------------------------------------------------------------------
 
 
-def _left_pad(
+def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -33,6 +33,18 @@ def warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return probs
 
 
+def pad_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad logits with -inf to ``width`` columns: ids a model lacks get probability exactly 0.
+
+    Embedding matrices are often padded to different sizes; padding the *distributions* with
+    zeros keeps speculative decoding exactly lossless with respect to the target.
+    """
+    missing = width - logits.shape[-1]
+    if missing <= 0:
+        return logits
+    return torch.nn.functional.pad(logits, (0, missing), value=float("-inf"))
+
+
 def one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     """The greedy distribution: 1 on ``argmax`` (first index on ties, like ``torch.argmax``)."""
     probs = torch.zeros_like(logits, dtype=torch.float32)

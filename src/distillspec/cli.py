@@ -103,7 +103,7 @@ def _generate_config(args: argparse.Namespace) -> GenerateConfig:
 def run_generate(args: argparse.Namespace) -> int:
     from distillspec.data import load_prompts
     from distillspec.engine import autoregressive_generate, speculative_generate
-    from distillspec.loading import load_model, load_pair
+    from distillspec.loading import eos_token_ids, load_model, load_pair
 
     config = _generate_config(args)
     speculation = from_namespace(SpeculationConfig, args)
@@ -119,7 +119,7 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         target, draft, tokenizer = load_pair(config.target, config.draft, **load_kwargs)
     generator = torch.Generator(device=target.device).manual_seed(config.seed)
-    eos = _eos_ids(target, tokenizer)
+    eos = eos_token_ids(target, tokenizer)
     for start in range(0, len(prompts), config.batch_size):
         batch_prompts = prompts[start : start + config.batch_size]
         input_ids, attention_mask = _encode(tokenizer, batch_prompts, config.chat)
@@ -146,14 +146,6 @@ def run_generate(args: argparse.Namespace) -> int:
             )
         _print_batch(config, tokenizer, batch_prompts, result)
     return 0
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config else None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def _encode(tokenizer, prompts: list[str], chat: bool):
@@ -225,7 +217,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
 def run_datagen(args: argparse.Namespace) -> int:
     from distillspec.datasets import load_examples
-    from distillspec.loading import load_model
+    from distillspec.loading import eos_token_ids, load_model
     from distillspec.policies import datagen
 
     config = from_namespace(DatagenConfig, args)
@@ -240,7 +232,7 @@ def run_datagen(args: argparse.Namespace) -> int:
         temperature=config.temperature,
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
-        eos_token_id=_eos_ids(target, tokenizer),
+        eos_token_id=eos_token_ids(target, tokenizer),
         generator=generator,
     )
     print(f"wrote {count} target completions to {config.out}", file=sys.stderr)

@@ -33,7 +33,13 @@ from distillspec.datasets import load_examples, split_examples
 from distillspec.divergences import get_divergence, masked_sum
 from distillspec.drafts import parse_layer_spec, truncate_layers
 from distillspec.evaluate import SDEvaluator
-from distillspec.loading import check_same_vocabulary, cpu_has_native_bf16, load_model
+from distillspec.loading import (
+    check_same_vocabulary,
+    cpu_has_native_bf16,
+    eos_token_ids,
+    load_model,
+    pad_token_id,
+)
 from distillspec.policies import make_policy
 
 
@@ -97,14 +103,6 @@ def make_scheduler(optimizer, config: DistillConfig):
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _eos_ids(target, tokenizer) -> list[int]:
-    ids = target.generation_config.eos_token_id if target.generation_config else None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 # -- data order ----------------------------------------------------------------------------------
@@ -181,229 +179,236 @@ def train_step(
 # -- the run -------------------------------------------------------------------------------------
 
 
-def distill(config: DistillConfig) -> dict[str, Any]:
-    """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics."""
+@dataclasses.dataclass
+class _Run:
+    """Everything one distillation run holds, so helpers take one argument instead of twelve."""
+
+    config: DistillConfig
+    accelerator: Accelerator
+    run_dir: Path
+    target: Any
+    draft: Any
+    tokenizer: Any
+    policy: Any
+    divergence: Any
+    optimizer: Any
+    scheduler: Any
+    generator: torch.Generator
+    use_bf16: bool
+    train_examples: list
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    evaluator: SDEvaluator | None = None
+    logger: _Logger | None = None
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        return to_dict(self.config)
+
+
+def _setup(config: DistillConfig) -> tuple[_Run, list]:
+    """Load models and data, build policy, divergence, optimiser and schedule."""
     accelerator = Accelerator(cpu=config.device == "cpu")
-    device = accelerator.device
-    run_dir = Path(config.output_dir)
     torch.manual_seed(config.seed)
-    use_bf16 = _use_bf16(config, device)
+    use_bf16 = _use_bf16(config, accelerator.device)
     target, tokenizer = load_model(
-        config.target, device=device, dtype="bfloat16" if use_bf16 else "float32"
+        config.target, device=accelerator.device, dtype="bfloat16" if use_bf16 else "float32"
     )
     target.requires_grad_(False)
-    draft = build_draft(config, target, tokenizer, device)
+    draft = build_draft(config, target, tokenizer, accelerator.device)
     train_examples, eval_examples = load_data(config, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = _eos_ids(target, tokenizer)
     policy = make_policy(
         config.policy,
         temperature=config.sample_temperature,
         max_new_tokens=config.max_new_tokens,
-        eos_token_id=eos,
+        eos_token_id=eos_token_ids(target, tokenizer),
         mix=config.mix_fractions() if config.policy == "mixed" else None,
         seed=config.seed,
-        pad_id=pad_id,
+        pad_id=pad_token_id(tokenizer),
     )
-    divergence = get_divergence(
-        config.divergence,
-        temperature=config.loss_temperature,
-        **({"beta": config.jsd_beta} if config.divergence == "jsd" else {}),
-    )
-    optimizer = torch.optim.AdamW(
-        [p for p in draft.parameters() if p.requires_grad],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-    )
-    scheduler = make_scheduler(optimizer, config)
-    state = TrainState()
-    generator = torch.Generator(device=device).manual_seed(config.seed + accelerator.process_index)
-    resumed_from = checkpoint.latest_checkpoint(run_dir) if config.resume else None
-    if resumed_from is not None:
-        _restore(resumed_from, draft, optimizer, scheduler, state, policy, generator, accelerator)
-    draft, optimizer = accelerator.prepare(draft, optimizer)
-    evaluator = None
-    if accelerator.is_main_process:
-        evaluator = SDEvaluator(
-            target,
-            [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
-            max_new_tokens=config.eval_max_new_tokens,
-            tau_prompts=config.eval_tau_prompts,
-            gamma=config.eval_gamma,
-            eos_token_id=eos,
-            seed=config.seed,
-            pad_id=pad_id,
-        )
-    logger = _Logger(run_dir, accelerator.is_main_process)
-    resolved = to_dict(config)
-    if accelerator.is_main_process:
-        checkpoint.atomic_write_text(
-            run_dir / "distill_config.json", json.dumps(resolved, indent=2)
-        )
-    last_eval = _evaluate(
-        evaluator, accelerator, draft, state, logger, "start" if not resumed_from else "resume"
-    )
-    progress = tqdm(
-        total=config.max_steps,
-        initial=state.step,
-        desc="distill",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
-    while state.step < config.max_steps:
-        if config.max_minutes and state.train_seconds >= config.max_minutes * 60:
-            break
-        step_start = time.perf_counter()
-        timings = {"generation": 0.0, "target_forward": 0.0, "draft_forward_backward": 0.0}
-        unwrapped = accelerator.unwrap_model(draft)
-        batches = []
-        for _ in range(config.grad_accum):
-            chosen = next_examples(
-                train_examples,
-                state,
-                config.batch_size,
-                config.seed,
-                accelerator.process_index,
-                accelerator.num_processes,
-            )
-            start = time.perf_counter()
-            batches.append(
-                policy.sample_batch(chosen, target=target, draft=unwrapped, generator=generator)
-            )
-            timings["generation"] += time.perf_counter() - start
-        loss = train_step(
-            accelerator,
-            draft,
-            target,
-            batches,
-            divergence,
-            optimizer,
-            scheduler,
-            config,
-            use_bf16,
-            timings,
-        )
-        state.step += 1
-        state.train_seconds += time.perf_counter() - step_start
-        tokens = sum(b.num_loss_tokens for b in batches)
-        logger.log(
-            {
-                "step": state.step,
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": tokens,
-                "step_seconds": time.perf_counter() - step_start,
-                "policy": getattr(policy, "last_choice", None) or policy.name,
-                **{f"time_{k}": v for k, v in timings.items()},
-            }
-        )
-        final = state.step >= config.max_steps
-        if config.eval_every and state.step % config.eval_every == 0 and not final:
-            last_eval = _evaluate(evaluator, accelerator, draft, state, logger, "periodic")
-        progress.update(1)
-        progress.set_postfix(
-            loss=f"{loss:.3f}", alpha=f"{last_eval.get('alpha_t0', float('nan')):.3f}"
-        )
-        if config.save_every and state.step % config.save_every == 0 and not final:
-            _save(
-                accelerator,
-                run_dir,
-                draft,
-                tokenizer,
-                resolved,
-                last_eval,
-                optimizer,
-                scheduler,
-                state,
-                policy,
-                generator,
-                config,
-            )
-    progress.close()
-    last_eval = _evaluate(evaluator, accelerator, draft, state, logger, "final")
-    _save(
+    beta = {"beta": config.jsd_beta} if config.divergence == "jsd" else {}
+    divergence = get_divergence(config.divergence, temperature=config.loss_temperature, **beta)
+    trainable = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator(device=accelerator.device)
+    generator.manual_seed(config.seed + accelerator.process_index)
+    run = _Run(
+        config,
         accelerator,
-        run_dir,
+        Path(config.output_dir),
+        target,
         draft,
         tokenizer,
-        resolved,
-        last_eval,
-        optimizer,
-        scheduler,
-        state,
         policy,
+        divergence,
+        optimizer,
+        make_scheduler(optimizer, config),
         generator,
-        config,
+        use_bf16,
+        train_examples,
     )
-    _finish(accelerator, run_dir, draft, tokenizer, resolved, last_eval, state, config)
-    return last_eval
+    return run, eval_examples
+
+
+def _make_evaluator(run: _Run, eval_examples: list) -> SDEvaluator | None:
+    if not run.accelerator.is_main_process:
+        return None
+    config = run.config
+    return SDEvaluator(
+        run.target,
+        [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
+        max_new_tokens=config.eval_max_new_tokens,
+        tau_prompts=config.eval_tau_prompts,
+        gamma=config.eval_gamma,
+        eos_token_id=eos_token_ids(run.target, run.tokenizer),
+        seed=config.seed,
+        pad_id=pad_token_id(run.tokenizer),
+    )
+
+
+def distill(config: DistillConfig) -> dict[str, Any]:
+    """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics."""
+    run, eval_examples = _setup(config)
+    resumed_from = checkpoint.latest_checkpoint(run.run_dir) if config.resume else None
+    if resumed_from is not None:
+        _restore(run, resumed_from)
+    run.draft, run.optimizer = run.accelerator.prepare(run.draft, run.optimizer)
+    run.evaluator = _make_evaluator(run, eval_examples)
+    run.logger = _Logger(run.run_dir, run.accelerator.is_main_process)
+    if run.accelerator.is_main_process:
+        checkpoint.atomic_write_text(
+            run.run_dir / "distill_config.json", json.dumps(run.resolved, indent=2)
+        )
+    _evaluate(run, "resume" if resumed_from else "start")
+    progress = tqdm(
+        total=config.max_steps,
+        initial=run.state.step,
+        desc="distill",
+        disable=not run.accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+    while run.state.step < config.max_steps:
+        if config.max_minutes and run.state.train_seconds >= config.max_minutes * 60:
+            break
+        loss = _one_step(run)
+        final = run.state.step >= config.max_steps
+        if config.eval_every and run.state.step % config.eval_every == 0 and not final:
+            _evaluate(run, "periodic")
+        progress.update(1)
+        alpha = run.last_eval.get("alpha_t0", float("nan"))
+        progress.set_postfix(loss=f"{loss:.3f}", alpha=f"{alpha:.3f}")
+        if config.save_every and run.state.step % config.save_every == 0 and not final:
+            _save(run)
+    progress.close()
+    _evaluate(run, "final")
+    _save(run)
+    _finish(run)
+    return run.last_eval
+
+
+def _one_step(run: _Run) -> float:
+    """Sample the step's micro-batches, train on them, log; returns the loss."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    step_start = time.perf_counter()
+    timings = {"generation": 0.0, "target_forward": 0.0, "draft_forward_backward": 0.0}
+    unwrapped = accelerator.unwrap_model(run.draft)
+    batches = []
+    for _ in range(config.grad_accum):
+        chosen = next_examples(
+            run.train_examples,
+            state,
+            config.batch_size,
+            config.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        start = time.perf_counter()
+        batches.append(
+            run.policy.sample_batch(
+                chosen, target=run.target, draft=unwrapped, generator=run.generator
+            )
+        )
+        timings["generation"] += time.perf_counter() - start
+    loss = train_step(
+        accelerator,
+        run.draft,
+        run.target,
+        batches,
+        run.divergence,
+        run.optimizer,
+        run.scheduler,
+        config,
+        run.use_bf16,
+        timings,
+    )
+    state.step += 1
+    state.train_seconds += time.perf_counter() - step_start
+    run.logger.log(
+        {
+            "step": state.step,
+            "loss": loss,
+            "lr": run.scheduler.get_last_lr()[0],
+            "tokens": sum(b.num_loss_tokens for b in batches),
+            "step_seconds": time.perf_counter() - step_start,
+            "train_seconds": state.train_seconds,
+            "policy": getattr(run.policy, "last_choice", None) or run.policy.name,
+            **{f"time_{k}": v for k, v in timings.items()},
+        }
+    )
+    return loss
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _evaluate(evaluator, accelerator, draft, state, logger, kind) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    if evaluator is not None:
+def _evaluate(run: _Run, kind: str) -> None:
+    if run.evaluator is not None:
         start = time.perf_counter()
-        metrics = evaluator.evaluate(accelerator.unwrap_model(draft))
-        logger.log(
+        run.last_eval = run.evaluator.evaluate(run.accelerator.unwrap_model(run.draft))
+        run.logger.log(
             {
-                "step": state.step,
+                "step": run.state.step,
                 "eval": kind,
-                **metrics,
+                **run.last_eval,
+                "train_seconds": run.state.train_seconds,
                 "eval_seconds": time.perf_counter() - start,
             }
         )
-    accelerator.wait_for_everyone()
-    return metrics
+    run.accelerator.wait_for_everyone()
 
 
-def _rng_state(generator, policy) -> dict[str, Any]:
+def _rng_state(run: _Run) -> dict[str, Any]:
     state = {
         "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
+        "generator": run.generator.get_state(),
         "python": list(random.getstate()[1]),
     }
-    if hasattr(policy, "state_dict"):
-        state["policy"] = policy.state_dict()
+    if hasattr(run.policy, "state_dict"):
+        state["policy"] = run.policy.state_dict()
     return state
 
 
-def _save(
-    accelerator,
-    run_dir,
-    draft,
-    tokenizer,
-    resolved,
-    metrics,
-    optimizer,
-    scheduler,
-    state,
-    policy,
-    generator,
-    config,
-) -> None:
+def _save(run: _Run) -> None:
     """Rank 0 writes the checkpoint; every rank's RNG state goes in (per-rank entries)."""
-    rank_states = _gather_objects(accelerator, _rng_state(generator, policy))
-    if accelerator.is_main_process:
+    rank_states = _gather_objects(run.accelerator, _rng_state(run))
+    if run.accelerator.is_main_process:
         trainer_state = {
-            "train": dataclasses.asdict(state),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "train": dataclasses.asdict(run.state),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
             "rng": rank_states,
         }
         checkpoint.save_checkpoint(
-            run_dir,
-            state.step,
-            accelerator.unwrap_model(draft),
-            tokenizer,
-            resolved,
-            model_card(config, metrics, state),
+            run.run_dir,
+            run.state.step,
+            run.accelerator.unwrap_model(run.draft),
+            run.tokenizer,
+            run.resolved,
+            model_card(run.config, run.last_eval, run.state),
             trainer_state,
-            config.keep_checkpoints,
+            run.config.keep_checkpoints,
         )
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
 def _gather_objects(accelerator, obj) -> list:
@@ -414,31 +419,31 @@ def _gather_objects(accelerator, obj) -> list:
     return gathered
 
 
-def _restore(folder, draft, optimizer, scheduler, state, policy, generator, accelerator) -> None:
+def _restore(run: _Run, folder: Path) -> None:
     from safetensors.torch import load_file
 
     weights = {}
     for shard in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(shard, device=str(accelerator.device)))
-    missing, unexpected = draft.load_state_dict(weights, strict=False)
+        weights.update(load_file(shard, device=str(run.accelerator.device)))
+    missing, unexpected = run.draft.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ValueError(
             f"Checkpoint {folder} does not match the draft: missing {missing}, "
             f"unexpected {unexpected}. Resume with the same draft_init."
         )
-    if draft.config.tie_word_embeddings:
-        draft.tie_weights()
+    if run.draft.config.tie_word_embeddings:
+        run.draft.tie_weights()
     saved = checkpoint.load_trainer_state(folder)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
     for key, value in saved["train"].items():
-        setattr(state, key, value)
-    rank_rng = saved["rng"][min(accelerator.process_index, len(saved["rng"]) - 1)]
+        setattr(run.state, key, value)
+    rank_rng = saved["rng"][min(run.accelerator.process_index, len(saved["rng"]) - 1)]
     torch.set_rng_state(rank_rng["torch"])
-    generator.set_state(rank_rng["generator"])
+    run.generator.set_state(rank_rng["generator"])
     random.setstate((3, tuple(rank_rng["python"]), None))
-    if "policy" in rank_rng and hasattr(policy, "load_state_dict"):
-        policy.load_state_dict(rank_rng["policy"])
+    if "policy" in rank_rng and hasattr(run.policy, "load_state_dict"):
+        run.policy.load_state_dict(rank_rng["policy"])
 
 
 def model_card(config: DistillConfig, metrics: dict[str, float], state: TrainState) -> str:
@@ -468,28 +473,28 @@ gamma={config.eval_gamma}. The full recipe is in `distill_config.yaml`.
 """
 
 
-def _finish(accelerator, run_dir, draft, tokenizer, resolved, metrics, state, config) -> None:
+def _finish(run: _Run) -> None:
+    accelerator = run.accelerator
+    draft = accelerator.unwrap_model(run.draft)
     if accelerator.is_main_process:
         checkpoint.save_model_folder(
-            run_dir / "final",
-            accelerator.unwrap_model(draft),
-            tokenizer,
-            resolved,
-            model_card(config, metrics, state),
+            run.run_dir / "final",
+            draft,
+            run.tokenizer,
+            run.resolved,
+            model_card(run.config, run.last_eval, run.state),
         )
-    checksum = sum(
-        float(p.detach().double().sum()) for p in accelerator.unwrap_model(draft).parameters()
-    )
+    checksum = sum(float(p.detach().double().sum()) for p in draft.parameters())
     summary = {
         "rank": accelerator.process_index,
         "world_size": accelerator.num_processes,
-        "step": state.step,
-        "examples_seen": state.examples_seen,
+        "step": run.state.step,
+        "examples_seen": run.state.examples_seen,
         "parameter_checksum": checksum,
-        "metrics": metrics,
+        "metrics": run.last_eval,
     }
     checkpoint.atomic_write_text(
-        run_dir / f"rank-{accelerator.process_index}.json", json.dumps(summary, indent=2)
+        run.run_dir / f"rank-{accelerator.process_index}.json", json.dumps(summary, indent=2)
     )
     accelerator.wait_for_everyone()
 

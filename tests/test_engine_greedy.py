@@ -162,3 +162,17 @@ def test_generator_makes_sampling_reproducible(models):
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_attention_implementations_agree(attention):
+    """Our 4-D masks are built per attention implementation (bool for sdpa, additive for eager)."""
+    target = tiny_model("qwen2", seed=0, attn_implementation=attention)
+    draft = perturbed_copy(target, 0.1)
+    input_ids, attention_mask = left_padded([6, 2, 9])
+    reference = hf_greedy(target, input_ids, attention_mask, MAX_NEW).tolist()
+    result = speculative_generate(
+        target, draft, input_ids, attention_mask, gamma=3, max_new_tokens=MAX_NEW
+    )
+    assert target.config._attn_implementation == attention
+    assert result.sequences == reference

@@ -82,3 +82,20 @@ def test_dtype_policy():
     assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="Unknown dtype"):
         resolve_dtype("int8")
+
+
+def test_draft_from_chosen_layers():
+    from distillspec.drafts import parse_layer_spec
+
+    target = tiny_model("llama", layers=4)
+    draft = truncate_layers(target, parse_layer_spec("target-layers:0,3"))
+    assert draft.config.num_hidden_layers == 2
+    torch.testing.assert_close(
+        draft.model.layers[1].mlp.down_proj.weight, target.model.layers[3].mlp.down_proj.weight
+    )
+    assert parse_layer_spec("target-layers:3") == [0, 1, 2]
+    for bad in ("target-layers:3,1", "target-layers:1,1", "target-layers:", "target-layers:0"):
+        with pytest.raises(ValueError, match="target-layers"):
+            parse_layer_spec(bad)
+    with pytest.raises(ValueError, match=r"indices in 0\.\.3"):
+        truncate_layers(target, [0, 4])

@@ -9,6 +9,8 @@
   Lines written by ``policies.datagen`` also carry ``prompt_ids``/``completion_ids``, which are
   used as they are (exact token round trip) instead of re-tokenising the text.
 * A plain-text corpus: a ``.txt`` file or a directory of ``.txt`` files (see ``load_examples``).
+* A built-in dataset, ``builtin:NAME[:heldout|:all]`` (``distillspec.registry``): its text files
+  and records are read by the same rules.
 
 Token rules: completions are tokenised without special tokens and truncated from the right;
 non-chat prompts get the tokenizer's special tokens (e.g. BOS), chat prompts get exactly what the
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from distillspec.data import read_jsonl
+from distillspec.registry import BUILTIN_PREFIX, builtin_dataset_items
 
 TEXT_SUFFIX = ".txt"
 
@@ -45,7 +48,7 @@ def load_examples(
     max_prompt_tokens: int = 256,
     max_completion_tokens: int = 128,
 ) -> list[PromptExample]:
-    """Read a JSONL file, a ``.txt`` file or a directory of ``.txt`` files into examples.
+    """Read a JSONL file, a ``.txt`` file, a directory of ``.txt`` files or ``builtin:NAME``.
 
     Plain text: each file (directories: every ``*.txt`` inside, in name order, not recursive) is
     tokenised as a whole without special tokens and cut into consecutive, non-overlapping windows
@@ -61,9 +64,12 @@ def load_examples(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    spec = str(path)
     path = Path(path)
     encoder = _Encoder(tokenizer, max_prompt_tokens, max_completion_tokens)
-    if path.is_dir():
+    if spec.startswith(BUILTIN_PREFIX):
+        examples = _builtin_examples(spec, encoder)
+    elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix == TEXT_SUFFIX)
         if not files:
             raise ValueError(
@@ -198,6 +204,17 @@ def _text_windows(path: Path, encoder: _Encoder) -> list[PromptExample]:
                 source=f"{path}:tokens[{start}:{start + len(window)}]",
             )
         )
+    return examples
+
+
+def _builtin_examples(spec: str, encoder: _Encoder) -> list[PromptExample]:
+    """The registry's files and records for ``spec``, read like local text files and JSONL."""
+    examples = []
+    for item in builtin_dataset_items(spec):
+        if item.text_file is not None:
+            examples.extend(_text_windows(item.text_file, encoder))
+        else:
+            examples.append(_jsonl_example(item.record or {}, item.where, encoder))
     return examples
 
 

@@ -126,6 +126,12 @@ def next_examples(examples: list, state: TrainState, count: int, seed: int, rank
 # -- the step ------------------------------------------------------------------------------------
 
 
+def scored_columns(loss_mask: torch.Tensor) -> int:
+    """How many trailing columns hold every scored position (at least 1)."""
+    scored = loss_mask.any(dim=0).nonzero()
+    return loss_mask.shape[1] - int(scored[0]) if scored.numel() else 1
+
+
 def train_step(
     accelerator,
     draft,
@@ -148,10 +154,15 @@ def train_step(
     loss_sum = 0.0
     for index, batch in enumerate(batches):
         batch = batch.to(accelerator.device)
+        # Only columns that predict completion tokens need logits: skipping the prompt columns
+        # saves most of the LM-head and divergence cost (the full-vocabulary part of a step).
+        keep = scored_columns(batch.loss_mask)
+        loss_mask = batch.loss_mask[:, batch.loss_mask.shape[1] - keep :]
         inputs = dict(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
+            logits_to_keep=keep,
         )
         start = time.perf_counter()
         with torch.no_grad():
@@ -163,7 +174,7 @@ def train_step(
         with accelerator.no_sync(draft) if not sync else contextlib.nullcontext():
             with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 draft_logits = draft(**inputs).logits
-            summed = masked_sum(divergence(draft_logits, target_logits), batch.loss_mask)
+            summed = masked_sum(divergence(draft_logits, target_logits), loss_mask)
             accelerator.backward(summed * scale)
         loss_sum += float(summed.detach())
         timings["draft_forward_backward"] += time.perf_counter() - start

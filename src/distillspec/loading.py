@@ -7,7 +7,6 @@ loaded and ``trust_remote_code`` stays off unless asked for. Nothing is fetched 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -25,7 +24,8 @@ from transformers import (
 
 from distillspec.drafts import parse_layer_spec, truncate_layers
 from distillspec.kv_cache import ensure_croppable
-from distillspec.registry import resolve_builtin
+from distillspec.registry import cache_dir as cache_dir  # re-exported
+from distillspec.registry import converted_cache_path, resolve_builtin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,21 +73,8 @@ def resolve_dtype(
 
 
 # -- caches ------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """``$DISTILLSPEC_CACHE``, else ``$XDG_CACHE_HOME/distillspec``, else ``~/.cache/distillspec``."""
-    if os.environ.get("DISTILLSPEC_CACHE"):
-        return Path(os.environ["DISTILLSPEC_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "distillspec"
-
-
-def _gguf_cache_path(gguf_file: Path) -> Path:
-    stat = gguf_file.stat()
-    key = f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{gguf_file.stem}-{digest}"
+# cache_dir() and converted_cache_path() live in distillspec.registry (no torch import), so that
+# `distillspec models list` can report them cheaply; cache_dir is re-exported here.
 
 
 def convert_gguf(gguf_file: Path) -> Path:
@@ -95,7 +82,7 @@ def convert_gguf(gguf_file: Path) -> Path:
 
     Written to a temporary folder and renamed, so an interrupted conversion leaves nothing behind.
     """
-    target = _gguf_cache_path(gguf_file)
+    target = converted_cache_path(gguf_file)
     if (target / "config.json").is_file():
         return target
     print(

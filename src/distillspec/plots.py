@@ -1,0 +1,91 @@
+"""PNG plots for bench and demo reports (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bench(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """tokens/s against gamma per method, and measured vs predicted speed-up, per setting."""
+    plt = _pyplot()
+    settings = report["settings"]
+    figure, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 7), squeeze=False)
+    for column, setting in enumerate(settings):
+        rows = setting["by_gamma"]
+        gammas = [r["gamma"] for r in rows]
+        top, bottom = axes[0][column], axes[1][column]
+        top.plot(gammas, [r["ours_sd"]["tokens_per_s"] for r in rows], "o-", label="ours SD")
+        if rows[0]["hf_assisted"]:
+            top.plot(
+                gammas, [r["hf_assisted"]["tokens_per_s"] for r in rows], "s--", label="HF assisted"
+            )
+        top.axhline(setting["ours_plain"]["tokens_per_s"], color="grey", label="ours plain")
+        top.axhline(setting["hf_plain"]["tokens_per_s"], color="black", ls=":", label="HF plain")
+        top.set_title(f"T={setting['temperature']:g}, batch {setting['batch_size']}")
+        top.set_xlabel("gamma")
+        top.set_ylabel("tokens/s")
+        top.legend(fontsize=7)
+        bottom.plot(gammas, [r["speedup_vs_ours_plain"] for r in rows], "o-", label="measured")
+        bottom.plot(gammas, [r["predicted_speedup"] for r in rows], "x--", label="predicted")
+        bottom.axhline(1.0, color="grey", lw=0.8)
+        bottom.set_xlabel("gamma")
+        bottom.set_ylabel("speed-up vs target alone")
+        bottom.legend(fontsize=7)
+    figure.tight_layout()
+    path = out_dir / "bench.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return [path]
+
+
+def plot_alpha_over_training(evals: list[dict[str, Any]], path: Path) -> Path:
+    """alpha at T=0 and T=1 (and tau) against training minutes."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    minutes = [e.get("train_seconds", 0.0) / 60 for e in evals]
+    for key, style in (("alpha_t0", "o-"), ("alpha_t1", "s-")):
+        axis.plot(minutes, [e.get(key) for e in evals], style, label=key)
+    axis.set_xlabel("training minutes")
+    axis.set_ylabel("alpha on held-out prompts")
+    if any("tau" in e for e in evals):
+        twin = axis.twinx()
+        twin.plot(minutes, [e.get("tau") for e in evals], "^:", color="tab:green", label="tau")
+        twin.set_ylabel("tau (tokens per target call)")
+        twin.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="upper left", fontsize=8)
+    axis.set_title("DistillSpec: draft/target agreement while training")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_gamma_sweep(before: list[dict], after: list[dict], path: Path) -> Path:
+    """tau and speed-up against gamma, before and after distillation."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, rows, style in (("before", before, "o--"), ("after", after, "o-")):
+        gammas = [r["gamma"] for r in rows]
+        left.plot(gammas, [r["block_efficiency"] for r in rows], style, label=label)
+        right.plot(gammas, [r["speedup"] for r in rows], style, label=label)
+    left.set_xlabel("gamma")
+    left.set_ylabel("tau (tokens per target call)")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set_xlabel("gamma")
+    right.set_ylabel("SD tokens/s ÷ target alone")
+    for axis in (left, right):
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

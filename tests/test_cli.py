@@ -151,3 +151,17 @@ def test_python_dash_m_matches_the_command():
         "--dtype",
     ):
         assert flag in out
+
+
+def test_cli_reference_is_up_to_date(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("COLUMNS", "100")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gen_cli", root / "docs" / "gen_cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "cli.md").read_text() == module.cli_reference(), (
+        "docs/cli.md is stale: run COLUMNS=100 python docs/gen_cli.py > docs/cli.md"
+    )

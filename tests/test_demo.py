@@ -66,5 +66,9 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
     assert "reusing the distilled draft" in capsys.readouterr().out
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert again["before"] == report["before"] and again["train_steps"] == report["train_steps"]
-    assert main(args + ["--fresh"]) == 0
-    assert "distilling on-policy" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "target-greedy.jsonl").is_file()  # the default policy's data
+    assert main(args + ["--fresh", "--policy", "draft"]) == 0
+    assert "demo: distilling (draft)" in capsys.readouterr().out
+    assert not (tmp_path / "demo" / "target-greedy.jsonl").exists()
+    assert main(args + ["--fresh", "--policy", "mixed-greedy"]) == 0
+    assert "greedy answers" in capsys.readouterr().out

@@ -443,16 +443,19 @@ class DemoConfig:
     data: str = knob("builtin:chat", "Training prompts.")
     eval_data: str = knob("builtin:chat:heldout", "Held-out prompts for every measurement.")
     policy: str = knob(
-        "draft",
-        "Data policy for distillation (draft = on-policy).",
-        choices=("fixed", "teacher", "draft", "mixed"),
+        "target-greedy",
+        "Distillation data: draft (on-policy samples), target-greedy (the target's greedy "
+        "answers, generated once inside the budget) or mixed-greedy (half each).",
+        choices=("draft", "target-greedy", "mixed-greedy"),
     )
     divergence: str = knob(
         "fkl", "Divergence for distillation.", choices=("fkl", "rkl", "jsd", "tvd")
     )
-    lr: float = knob(5e-4, "Peak learning rate.")
+    lr: float = knob(1e-3, "Peak learning rate.")
     batch_size: int = knob(8, "Prompts per training step.")
-    train_new_tokens: int = knob(64, "Tokens the draft samples per prompt while training.")
+    train_new_tokens: int = knob(
+        64, "Completion tokens per training prompt (from the target or the draft)."
+    )
     max_prompt_tokens: int = knob(128, "Prompts are cut (from the left) to this many tokens.")
     max_new_tokens: int = knob(64, "Tokens generated per held-out prompt when measuring.")
     eval_prompts: int = knob(12, "Held-out prompts for alpha.")

@@ -93,13 +93,19 @@ def load_data(config: DistillConfig, tokenizer):
     return split_examples(examples, config.held_out, config.seed)
 
 
-def make_scheduler(optimizer, config: DistillConfig):
-    """Linear warm-up to the peak lr, then cosine decay to 10% of it at max_steps."""
+def make_scheduler(optimizer, config: DistillConfig, state: TrainState | None = None):
+    """Linear warm-up to the peak lr, then cosine decay to 10% of it at the end of the run.
+
+    The end is max_steps or, for a time-budgeted run (max_minutes), the budget: progress is
+    whichever fraction is larger, so a run cut by time still ends on a low learning rate.
+    """
 
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        if config.max_minutes and state is not None:
+            progress = max(progress, state.train_seconds / (config.max_minutes * 60))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -243,6 +249,7 @@ def _setup(config: DistillConfig) -> tuple[_Run, list]:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator(device=accelerator.device)
     generator.manual_seed(config.seed + accelerator.process_index)
+    state = TrainState()
     run = _Run(
         config,
         accelerator,
@@ -253,10 +260,11 @@ def _setup(config: DistillConfig) -> tuple[_Run, list]:
         policy,
         divergence,
         optimizer,
-        make_scheduler(optimizer, config),
+        make_scheduler(optimizer, config, state),
         generator,
         use_bf16,
         train_examples,
+        state,
     )
     return run, eval_examples
 
@@ -291,13 +299,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             run.run_dir / "distill_config.json", json.dumps(run.resolved, indent=2)
         )
     _evaluate(run, "resume" if resumed_from else "start")
-    progress = tqdm(
-        total=config.max_steps,
-        initial=run.state.step,
-        desc="distill",
-        disable=not run.accelerator.is_main_process,
-        dynamic_ncols=True,
-    )
+    progress = _progress_bar(run)
     while run.state.step < config.max_steps:
         if config.max_minutes and run.state.train_seconds >= config.max_minutes * 60:
             break
@@ -305,9 +307,7 @@ def distill(config: DistillConfig) -> dict[str, Any]:
         final = run.state.step >= config.max_steps
         if config.eval_every and run.state.step % config.eval_every == 0 and not final:
             _evaluate(run, "periodic")
-        progress.update(1)
-        alpha = run.last_eval.get("alpha_t0", float("nan"))
-        progress.set_postfix(loss=f"{loss:.3f}", alpha=f"{alpha:.3f}")
+        _advance(progress, run, loss)
         if config.save_every and run.state.step % config.save_every == 0 and not final:
             _save(run)
     progress.close()
@@ -315,6 +315,29 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     _save(run)
     _finish(run)
     return run.last_eval
+
+
+def _progress_bar(run: _Run) -> tqdm:
+    """Counts steps, or seconds of training when the run has a time budget."""
+    config = run.config
+    timed = bool(config.max_minutes)
+    return tqdm(
+        total=round(config.max_minutes * 60) if timed else config.max_steps,
+        initial=round(run.state.train_seconds) if timed else run.state.step,
+        unit="s" if timed else "step",
+        desc="distill",
+        disable=not run.accelerator.is_main_process,
+        dynamic_ncols=True,
+    )
+
+
+def _advance(progress: tqdm, run: _Run, loss: float) -> None:
+    if run.config.max_minutes:
+        progress.update(min(round(run.state.train_seconds), progress.total) - progress.n)
+    else:
+        progress.update(1)
+    alpha = run.last_eval.get("alpha_t0", float("nan"))
+    progress.set_postfix(step=run.state.step, loss=f"{loss:.3f}", alpha_t0=f"{alpha:.3f}")
 
 
 def _one_step(run: _Run) -> float:

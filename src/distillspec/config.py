@@ -26,6 +26,13 @@ def knob(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -
     return field(default=default, metadata=metadata, **kwargs)
 
 
+def require_at_least(config: Any, minimum: float, *names: str) -> None:
+    """Raise a ValueError naming the first field of ``names`` below ``minimum``."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}.")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How a next-token distribution is warped before sampling (shared by draft and target)."""
@@ -262,7 +269,9 @@ class DistillConfig:
     device: str = knob("auto", "Device: auto, cpu, cuda.")
 
     def __post_init__(self) -> None:
-        positive = (
+        require_at_least(
+            self,
+            1,
             "batch_size",
             "grad_accum",
             "max_steps",
@@ -273,10 +282,9 @@ class DistillConfig:
             "eval_max_new_tokens",
             "keep_checkpoints",
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in (
+        require_at_least(
+            self,
+            0,
             "warmup_steps",
             "eval_every",
             "save_every",
@@ -285,9 +293,7 @@ class DistillConfig:
             "max_minutes",
             "clip_grad_norm",
             "weight_decay",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         if not 0.0 < self.jsd_beta < 1.0:
@@ -405,9 +411,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.gamma_list(), self.batch_size_list(), self.temperature_list()
-        for name in ("num_prompts", "max_new_tokens", "repeats", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        require_at_least(self, 1, "num_prompts", "max_new_tokens", "repeats", "max_prompt_tokens")
 
     def gamma_list(self) -> list[int]:
         return _int_list(self.gammas, "gammas")
@@ -474,7 +478,9 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if not self.minutes > 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}.")
-        for name in (
+        require_at_least(
+            self,
+            1,
             "batch_size",
             "train_new_tokens",
             "max_prompt_tokens",
@@ -483,9 +489,7 @@ class DemoConfig:
             "speed_prompts",
             "repeats",
             "eval_every",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         self.gamma_list()

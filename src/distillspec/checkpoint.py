@@ -76,6 +76,8 @@ def _prune(checkpoints: Path, keep: int) -> None:
     for leftover in checkpoints.glob("*.tmp-*"):  # from a run killed mid-save
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
+        else:  # e.g. a half-written `latest` pointer
+            leftover.unlink(missing_ok=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from distillspec.config import BenchConfig, to_dict
-from distillspec.engine import autoregressive_generate, speculative_generate
-from distillspec.metrics import predicted_speedup
+from distillspec.engine import autoregressive_generate, speculative_generate, synchronize
+from distillspec.metrics import combined_counts, predicted_speedup
 from distillspec.policies import left_pad
 
 
@@ -47,20 +47,15 @@ def _batches(prompts: list[Prompt], size: int) -> list[list[Prompt]]:
     return [prompts[i : i + size] for i in range(0, len(prompts), size)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_repeats(run_once: Callable[[], Any], repeats: int, device) -> tuple[list[float], Any]:
     """Warm up once, then time ``repeats`` runs; returns the wall times and the last result."""
     run_once()
     walls, result = [], None
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         result = run_once()
-        _sync(device)
+        synchronize(device)
         walls.append(time.perf_counter() - start)
     return walls, result
 
@@ -190,22 +185,17 @@ def _throughput(walls: list[float], tokens: int) -> dict[str, float]:
 
 def _sd_metrics(results: list, plain_results: list) -> dict[str, float]:
     """alpha, tau, acceptance and the draft/target step cost ratio c from our runs."""
-    totals = [r.metrics.total for r in results]
-    drafted = sum(t.drafted_tokens for t in totals)
-    alpha_positions = sum(t.alpha_positions for t in totals)
+    total = combined_counts(results)
     draft_time = sum(r.metrics.draft_time_s for r in results)
     draft_passes = sum(r.metrics.draft_forward_passes for r in results)
     plain_time = sum(r.metrics.wall_time_s for r in plain_results)
     plain_passes = sum(r.metrics.target_forward_passes for r in plain_results)
     return {
-        "acceptance_rate": sum(t.accepted_tokens for t in totals) / max(drafted, 1),
-        "analytic_alpha": sum(t.alpha_sum for t in totals) / max(alpha_positions, 1),
-        "block_efficiency": sum(t.new_tokens for t in totals)
-        / max(sum(t.target_calls for t in totals), 1),
+        "acceptance_rate": total.acceptance_rate or 0.0,
+        "analytic_alpha": total.analytic_alpha or 0.0,
+        "block_efficiency": total.block_efficiency or 0.0,
         "cost_ratio_c": (draft_time / max(draft_passes, 1)) / (plain_time / max(plain_passes, 1)),
-        "accepted_length_histogram": [
-            sum(h) for h in zip(*[t.accepted_length_histogram for t in totals])
-        ],
+        "accepted_length_histogram": total.accepted_length_histogram,
     }
 
 

@@ -26,16 +26,20 @@ import torch
 
 from distillspec.config import DemoConfig, DistillConfig, to_dict
 from distillspec.datasets import load_examples
-from distillspec.engine import autoregressive_generate, speculative_generate
+from distillspec.engine import autoregressive_generate, speculative_generate, synchronize
 from distillspec.evaluate import SDEvaluator
 from distillspec.loading import eos_token_ids, load_model, pad_token_id, resolve_dtype
+from distillspec.metrics import combined_counts
 from distillspec.policies import left_pad
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device) -> tuple[float, object]:
+    """Wall time of ``fn()`` (CUDA synchronised before reading the clock) and its result."""
+    synchronize(device)
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
 
 
 class SpeedProbe:
@@ -71,21 +75,20 @@ class SpeedProbe:
         self._plain()  # warm-up, discarded
         plain_walls, rows = [], []
         for gamma in self.config.gamma_list():
-            plain_walls.append(_timed(self._plain))
+            plain_walls.append(_timed(self._plain, self.target.device)[0])
             walls, results = [], None
             for _ in range(self.config.repeats):
-                start = time.perf_counter()
-                results = self._speculative(draft, gamma)
-                walls.append(time.perf_counter() - start)
-            totals = [r.metrics.total for r in results]
+                wall, results = _timed(
+                    lambda g=gamma: self._speculative(draft, g), self.target.device
+                )
+                walls.append(wall)
+            total = combined_counts(results)
             rows.append(
                 {
                     "gamma": gamma,
                     "sd_tokens_per_s": self.tokens / statistics.median(walls),
-                    "block_efficiency": sum(t.new_tokens for t in totals)
-                    / sum(t.target_calls for t in totals),
-                    "acceptance_rate": sum(t.accepted_tokens for t in totals)
-                    / max(sum(t.drafted_tokens for t in totals), 1),
+                    "block_efficiency": total.block_efficiency,
+                    "acceptance_rate": total.acceptance_rate or 0.0,
                 }
             )
             print(

@@ -139,7 +139,7 @@ def _eos_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     """Timers must not read before queued GPU work is done."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -203,10 +203,10 @@ class _Decoder:
         return len(out) >= self.max_new_tokens
 
     def _timed(self, fn, *args):
-        _synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         result = fn(*args)
-        _synchronize(self.device)
+        synchronize(self.device)
         return result, time.perf_counter() - start
 
     # -- autoregressive ----------------------------------------------------------------------
@@ -228,7 +228,7 @@ class _Decoder:
                 done.append(self._emit(slot, [token]))
             pending = next_tokens.unsqueeze(1)
             pending = self._drop_finished(done, [target], pending)
-        _synchronize(self.device)
+        synchronize(self.device)
         return self._finish(counts, start)
 
     # -- speculative -------------------------------------------------------------------------
@@ -275,7 +275,7 @@ class _Decoder:
             target_pending, draft_pending, draft_valid = self._drop_finished(
                 done, [target, draft], target_pending, draft_pending, draft_valid
             )
-        _synchronize(self.device)
+        synchronize(self.device)
         return self._finish(counts, start)
 
     def _draft_block(self, draft: CachedModel, tokens, valid, gamma, sampling, generator):

@@ -17,6 +17,7 @@ import torch
 from distillspec.acceptance import analytic_acceptance
 from distillspec.config import SamplingConfig
 from distillspec.engine import speculative_generate
+from distillspec.metrics import combined_counts
 from distillspec.policies import SequenceBatch, build_batch, generate_completions, left_pad
 from distillspec.sampling import pad_vocab, warp
 
@@ -102,7 +103,7 @@ class SDEvaluator:
         was_training = draft.training
         draft.eval()
         try:
-            drafted = accepted = tokens = calls = 0
+            results = []
             for chunk in self._chunks(self.tau_prompts):
                 input_ids, attention_mask = left_pad(chunk, self.pad_id, self.target.device)
                 result = speculative_generate(
@@ -114,12 +115,11 @@ class SDEvaluator:
                     max_new_tokens=self.max_new_tokens,
                     eos_token_id=self.eos_token_id,
                 )
-                total = result.metrics.total
-                drafted, accepted = drafted + total.drafted_tokens, accepted + total.accepted_tokens
-                tokens, calls = tokens + total.new_tokens, calls + total.target_calls
+                results.append(result)
         finally:
             draft.train(was_training)
-        return {"tau": tokens / calls, "acceptance_rate": accepted / max(drafted, 1)}
+        total = combined_counts(results)
+        return {"tau": total.block_efficiency, "acceptance_rate": total.acceptance_rate or 0.0}
 
     def evaluate(self, draft, with_tau: bool = True) -> dict[str, float]:
         metrics = self.alpha(draft)

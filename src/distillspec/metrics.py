@@ -165,6 +165,14 @@ class GenerationMetrics:
         return " | ".join(parts)
 
 
+def combined_counts(results) -> DecodeCounts:
+    """The summed counts of several generation results (e.g. one per batch of prompts)."""
+    total = DecodeCounts()
+    for result in results:
+        total = total + result.metrics.total
+    return total
+
+
 def predicted_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
     """Leviathan et al. Thm 3.8: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + 1)).
 

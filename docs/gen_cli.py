@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distillspec.cli import build_parser
+from distillspec.tools.cli import build_parser
 
 COMMANDS = ["generate", "distill", "datagen", "bench", "demo", "models"]
 

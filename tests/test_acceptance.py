@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillspec.acceptance import (
+from distillspec.decoding.acceptance import (
     acceptance_probability,
     analytic_acceptance,
     f_exp,
@@ -14,7 +14,7 @@ from distillspec.acceptance import (
     residual_distribution,
     verify,
 )
-from distillspec.sampling import sample
+from distillspec.decoding.sampling import sample
 
 TRIALS = 200_000
 V = 6

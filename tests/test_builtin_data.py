@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_tokenizer
 
-from distillspec import registry
-from distillspec.datasets import PromptExample, load_examples
-from distillspec.registry import (
+from distillspec.models import registry
+from distillspec.training.datasets import PromptExample, load_examples
+from distillspec.models.registry import (
     BUILTIN_DATASETS,
     HELD_OUT_FRACTION,
     STDLIB_MODULES,
@@ -314,6 +314,6 @@ def test_unknown_builtin_lists_the_available_ones(tok):
 
 
 def test_registry_reads_the_chat_file_shipped_as_package_data():
-    path = Path(registry.__file__).parent / "data" / "chat_prompts.jsonl"
+    path = Path(registry.__file__).parents[1] / "data" / "chat_prompts.jsonl"
     assert path.is_file()
     assert builtin_dataset_items("builtin:chat:all")[0].where == f"{path}:1"

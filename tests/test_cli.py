@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import save_tiny
 
-from distillspec.cli import main
+from distillspec.tools.cli import main
 
 
 @pytest.fixture(scope="module")

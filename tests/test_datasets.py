@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_tokenizer
 from tokenizers import processors
 
-from distillspec.datasets import PromptExample, load_examples, split_examples
+from distillspec.training.datasets import PromptExample, load_examples, split_examples
 
 # tiny_tokenizer ids: <pad>=0 <s>=1 </s>=2 <unk>=3, then wK = K + 4.
 CHAT_TEMPLATE = (

@@ -6,7 +6,7 @@ import json
 
 from conftest import save_tiny
 
-from distillspec.cli import main
+from distillspec.tools.cli import main
 
 
 def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
@@ -17,38 +17,22 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
         )
     args = [
         "demo",
-        "--target",
-        str(tmp_path / "target"),
-        "--draft-init",
-        "target-layers:1",
-        "--data",
-        str(tmp_path / "train.jsonl"),
-        "--eval-data",
-        str(tmp_path / "heldout.jsonl"),
-        "--minutes",
-        "0.03",
-        "--out",
-        str(tmp_path / "demo"),
-        "--gammas",
-        "1,2",
-        "--max-new-tokens",
-        "6",
-        "--train-new-tokens",
-        "6",
-        "--eval-prompts",
-        "4",
-        "--speed-prompts",
-        "2",
-        "--eval-every",
-        "2",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        "--repeats",
-        "1",
+        "--distill.target", str(tmp_path / "target"),
+        "--distill.draft-init", "target-layers:1",
+        "--distill.data", str(tmp_path / "train.jsonl"),
+        "--distill.eval-data", str(tmp_path / "heldout.jsonl"),
+        "--minutes", "0.03",
+        "--out", str(tmp_path / "demo"),
+        "--gammas", "1,2",
+        "--max-new-tokens", "6",
+        "--distill.max-new-tokens", "6",
+        "--distill.eval-prompts", "4",
+        "--speed-prompts", "2",
+        "--distill.eval-every", "2",
+        "--distill.batch-size", "4",
+        "--device", "cpu",
+        "--dtype", "float32",
+        "--repeats", "1",
     ]
     assert main(args) == 0
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
@@ -60,15 +44,19 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
     assert report["train_steps"] >= 1 and report["evals"][0]["eval"] == "start"
     for plot in ("alpha_over_training.png", "gamma_sweep.png"):
         assert (tmp_path / "demo" / plot).stat().st_size > 1000
-    out = capsys.readouterr().out
-    assert "| alpha (greedy, T=0) |" in out and "SD speed-up vs target alone" in out
+    captured = capsys.readouterr()
+    assert "| alpha (greedy, T=0) |" in captured.out and "SD speed-up vs target alone" in captured.out
+    # the default data: the target's greedy answers, generated once
+    assert (tmp_path / "demo" / "run" / "teacher-cache.jsonl").is_file()
     assert main(args) == 0  # second run reuses the distilled draft: no new training
-    assert "reusing the distilled draft" in capsys.readouterr().out
+    assert "reusing the distilled draft" in capsys.readouterr().err
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert again["before"] == report["before"] and again["train_steps"] == report["train_steps"]
-    assert (tmp_path / "demo" / "target-greedy.jsonl").is_file()  # the default policy's data
-    assert main(args + ["--fresh", "--policy", "draft"]) == 0
-    assert "demo: distilling (draft)" in capsys.readouterr().out
-    assert not (tmp_path / "demo" / "target-greedy.jsonl").exists()
-    assert main(args + ["--fresh", "--policy", "mixed-greedy"]) == 0
-    assert "greedy answers" in capsys.readouterr().out
+    (tmp_path / "demo" / "mine.txt").write_text("a file of the user's")
+    on_policy = ["--fresh", "--distill.policy", "draft", "--no-distill.teacher-cache"]
+    assert main(args + on_policy) == 0
+    assert not (tmp_path / "demo" / "run" / "teacher-cache.jsonl").exists()
+    assert (tmp_path / "demo" / "mine.txt").read_text() == "a file of the user's"
+    mixed = ["--fresh", "--distill.policy", "mixed", "--distill.mix", "teacher=0.5,draft=0.5"]
+    assert main(args + mixed) == 0
+    assert (tmp_path / "demo" / "run" / "teacher-cache.jsonl").is_file()

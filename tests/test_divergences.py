@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from distillspec.divergences import (
+from distillspec.training.divergences import (
     DIVERGENCES,
     LOG_PROB_FLOOR,
     align_vocab,

@@ -8,8 +8,8 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 from distillspec import speculative_generate
-from distillspec.config import SamplingConfig
-from distillspec.sampling import warp
+from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.sampling import warp
 
 V = 8
 N = 4000

@@ -7,7 +7,7 @@ import torch
 from conftest import left_padded, tiny_model
 
 from distillspec import autoregressive_generate, speculative_generate
-from distillspec.config import SamplingConfig, SpeculationConfig
+from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 
 
 @pytest.fixture(scope="module")

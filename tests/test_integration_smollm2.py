@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distillspec import autoregressive_generate, load_pair, speculative_generate
-from distillspec.registry import builtin_available
+from distillspec.models.registry import builtin_available
 
 pytestmark = [
     pytest.mark.integration,
@@ -52,7 +52,7 @@ def test_greedy_sd_equals_target_greedy_fp32(smollm2):
 
 
 def test_builtin_is_cached_as_safetensors(smollm2):
-    from distillspec.loading import resolve_model_path
+    from distillspec.models.loading import resolve_model_path
 
     folder = resolve_model_path("builtin:smollm2-135m")
     assert any(folder.glob("*.safetensors")) and (folder / "config.json").is_file()

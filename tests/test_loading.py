@@ -7,8 +7,9 @@ import torch
 from conftest import left_padded, save_tiny, tiny_model, tiny_tokenizer
 
 from distillspec import autoregressive_generate, load_model, load_pair, speculative_generate
-from distillspec.drafts import truncate_layers
-from distillspec.loading import resolve_dtype, resolve_model_path
+from distillspec.models.drafts import truncate_layers
+from distillspec.common.runtime import resolve_dtype
+from distillspec.models.loading import resolve_model_path
 
 
 def test_load_folder_and_target_layers_draft(tmp_path):
@@ -85,7 +86,7 @@ def test_dtype_policy():
 
 
 def test_draft_from_chosen_layers():
-    from distillspec.drafts import parse_layer_spec
+    from distillspec.models.drafts import parse_layer_spec
 
     target = tiny_model("llama", layers=4)
     draft = truncate_layers(target, parse_layer_spec("target-layers:0,3"))

@@ -11,9 +11,10 @@ import json
 
 import pytest
 
-from distillspec import models_cli, registry
-from distillspec.cli import main
-from distillspec.registry import BUILTIN_MODELS, MODEL_GROUPS, BuiltinModel, SlicedGGUF
+from distillspec.models import install as models_cli
+from distillspec.models import registry
+from distillspec.tools.cli import main
+from distillspec.models.registry import BUILTIN_MODELS, MODEL_GROUPS, BuiltinModel, SlicedGGUF
 
 SLICE_BYTES = [b"GGUF" + bytes(range(256)) * 3, b"middle slice \x00\xff" * 50, b"tail"]
 JOINED = b"".join(SLICE_BYTES)

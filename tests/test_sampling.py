@@ -10,8 +10,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from distillspec.config import SamplingConfig
-from distillspec.sampling import sample, warp
+from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.sampling import sample, warp
 
 
 def test_greedy_is_one_hot_on_first_argmax():

@@ -19,10 +19,13 @@ from conftest import save_tiny, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distillspec.config import DistillConfig
-from distillspec.divergences import get_divergence
-from distillspec.policies import build_batch
-from distillspec.train import distill, make_scheduler, train_step
+from distillspec.common.config import from_dict, to_dict
+from distillspec.training.config import DistillConfig
+from distillspec.training.batch import build_batch
+from distillspec.training.divergences import get_divergence
+from distillspec.training.loop import distill
+from distillspec.training.setup import make_scheduler
+from distillspec.training.step import Optimisation
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +62,12 @@ def recipe(workspace: Path, **overrides) -> DistillConfig:
         eval_max_new_tokens=8,
         held_out=8,
         output_dir=str(workspace / "run"),
-        device="cpu",
+        runtime={"device": "cpu"},
         bf16="off",
         seed=0,
     )
     values.update(overrides)
-    return DistillConfig(**values)
+    return from_dict(DistillConfig, values)
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +121,7 @@ def test_batch8_accum1_equals_batch1_accum8(workspace):
     """Token-normalised accumulation: same update however the step is split."""
     from accelerate import Accelerator
 
-    from distillspec.drafts import truncate_layers
+    from distillspec.models.drafts import truncate_layers
 
     target = AutoModelForCausalLM.from_pretrained(workspace / "target").eval()
     rng = random.Random(1)
@@ -133,19 +136,16 @@ def test_batch8_accum1_equals_batch1_accum8(workspace):
         batches = [
             build_batch([prompts[i] for i in s], [completions[i] for i in s], 0) for s in splits
         ]
-        timings = dict.fromkeys(("target_forward", "draft_forward_backward"), 0.0)
-        loss = train_step(
+        step = Optimisation(
             Accelerator(cpu=True),
             draft,
             target,
-            batches,
             divergence,
             optimizer,
             make_scheduler(optimizer, config),
-            config,
-            False,
-            timings,
+            clip_grad_norm=0.0,
         )
+        loss = step.step(batches)["loss"]
         results.append((loss, [p.detach().clone() for p in draft.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
@@ -153,7 +153,7 @@ def test_batch8_accum1_equals_batch1_accum8(workspace):
 
 
 def _cli(config: DistillConfig, path: Path) -> list[str]:
-    path.write_text(yaml.safe_dump({k: v for k, v in vars(config).items()}))
+    path.write_text(yaml.safe_dump(to_dict(config)))
     return [sys.executable, "-m", "distillspec", "distill", "--config", str(path)]
 
 

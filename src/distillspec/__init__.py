@@ -1,26 +1,41 @@
-"""distillspec: lossless, batched speculative decoding and DistillSpec draft distillation."""
+"""distillspec: lossless, batched speculative decoding and DistillSpec draft distillation.
 
-from distillspec.config import DistillConfig
-from distillspec.engine import GenerationResult, autoregressive_generate, speculative_generate
-from distillspec.loading import load_model, load_pair
-from distillspec.metrics import GenerationMetrics
+The public API is imported lazily (``distillspec --help`` must not pay for torch):
 
-__all__ = [
-    "DistillConfig",
-    "distill",
-    "GenerationMetrics",
-    "GenerationResult",
-    "autoregressive_generate",
-    "load_model",
-    "load_pair",
-    "speculative_generate",
-]
-__version__ = "0.1.0"
+    from distillspec import load_pair, speculative_generate, autoregressive_generate
+    from distillspec import Decoder, Request, distill, DistillConfig
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "Decoder": "distillspec.decoding.engine",
+    "Request": "distillspec.decoding.engine",
+    "GenerationResult": "distillspec.decoding.engine",
+    "speculative_generate": "distillspec.decoding.engine",
+    "autoregressive_generate": "distillspec.decoding.engine",
+    "GenerationMetrics": "distillspec.decoding.metrics",
+    "SamplingConfig": "distillspec.decoding.params",
+    "SpeculationConfig": "distillspec.decoding.params",
+    "load_model": "distillspec.models.loading",
+    "load_pair": "distillspec.models.loading",
+    "DistillConfig": "distillspec.training.config",
+    "distill": "distillspec.training.loop",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def distill(config: DistillConfig) -> dict:
-    """Run a DistillSpec recipe (see ``distillspec.train.distill``); imported lazily because
-    the trainer pulls in ``accelerate``."""
-    from distillspec.train import distill as _distill
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'distillspec' has no attribute {name!r}")
 
-    return _distill(config)
+
+def __dir__() -> list[str]:
+    return __all__ + ["__version__"]

@@ -2,6 +2,6 @@
 
 import sys
 
-from distillspec.cli import main
+from distillspec.tools.cli import main
 
 sys.exit(main())

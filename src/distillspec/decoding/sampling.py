@@ -8,9 +8,11 @@ All probability math is float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from distillspec.config import SamplingConfig
+from distillspec.decoding.params import SamplingConfig
 
 
 def warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
@@ -30,6 +32,23 @@ def warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1.0:
         probs = _top_p_filter(probs, sampling.top_p)
+    return probs
+
+
+def warp_rows(logits: torch.Tensor, samplings: Sequence[SamplingConfig]) -> torch.Tensor:
+    """``warp`` with one SamplingConfig per row of ``logits [B, ..., V]``.
+
+    Rows that share a config are warped together (one call per distinct config).
+    """
+    if len(set(samplings)) == 1:
+        return warp(logits, samplings[0])
+    probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    groups: dict[SamplingConfig, list[int]] = {}
+    for row, sampling in enumerate(samplings):
+        groups.setdefault(sampling, []).append(row)
+    for sampling, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        probs[index] = warp(logits[index], sampling)
     return probs
 
 
@@ -65,8 +84,23 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return probs / probs.sum(dim=-1, keepdim=True)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token id per row of ``probs [..., V]``; returns ``[...]`` int64."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    tokens = torch.multinomial(flat, num_samples=1, generator=generator)
-    return tokens.reshape(probs.shape[:-1])
+def sample(
+    probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Draw one token id per row of ``probs [..., V]``; returns ``[...]`` int64.
+
+    With ``uniforms [...]`` in [0, 1) the draw is the inverse CDF at ``u * total mass``: the
+    first id whose cumulative mass exceeds it, which always has positive probability (so a
+    one-hot row gives its argmax). The engine uses this so each row can draw from its own
+    seeded generator. Without ``uniforms`` it is ``torch.multinomial`` with ``generator``.
+    """
+    if uniforms is None:
+        flat = probs.reshape(-1, probs.shape[-1])
+        tokens = torch.multinomial(flat, num_samples=1, generator=generator)
+        return tokens.reshape(probs.shape[:-1])
+    cdf = probs.float().cumsum(dim=-1)
+    point = (uniforms.unsqueeze(-1) * cdf[..., -1:]).contiguous()
+    tokens = torch.searchsorted(cdf.contiguous(), point, right=True).squeeze(-1)
+    return tokens.clamp(max=probs.shape[-1] - 1)

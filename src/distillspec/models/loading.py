@@ -1,6 +1,6 @@
 """Loading models and tokenizers: HF folders (safetensors), GGUF files, built-ins.
 
-Device and dtype policy live here and only here. Weights are read with safetensors (GGUF files
+The device and dtype policy is ``common.runtime``'s. Weights are read with safetensors (GGUF files
 are dequantised by ``transformers`` once and cached as safetensors); pickled checkpoints are never
 loaded and ``trust_remote_code`` stays off unless asked for. Nothing is fetched from a hub.
 """
@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import tempfile
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -22,59 +21,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distillspec.drafts import parse_layer_spec, truncate_layers
-from distillspec.kv_cache import ensure_croppable
-from distillspec.registry import cache_dir as cache_dir  # re-exported
-from distillspec.registry import converted_cache_path, resolve_builtin
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# -- device and dtype policy -------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"Device {device!r} was requested but CUDA is not available here; use cpu or auto."
-        )
-    return resolved
-
-
-@cache
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX (bf16 matmuls there are ~2.5x faster than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(
-    dtype: str | torch.dtype = "auto", device: torch.device | None = None
-) -> torch.dtype:
-    """``auto`` -> bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with native bf16,
-    else float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}.")
-        return DTYPES[dtype]
-    device = device or resolve_device("auto")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-
+from distillspec.common.runtime import resolve_device, resolve_dtype
+from distillspec.decoding.kv_cache import ensure_croppable
+from distillspec.models.drafts import parse_layer_spec, truncate_layers
+from distillspec.models.registry import converted_cache_path, resolve_builtin
 
 # -- caches ------------------------------------------------------------------------------------
-# cache_dir() and converted_cache_path() live in distillspec.registry (no torch import), so that
-# `distillspec models list` can report them cheaply; cache_dir is re-exported here.
+# cache_dir() and converted_cache_path() live in models.registry (no torch import), so that
+# `distillspec models list` can report them cheaply.
 
 
 def convert_gguf(gguf_file: Path) -> Path:
@@ -116,24 +70,35 @@ def convert_gguf(gguf_file: Path) -> Path:
 # -- models ------------------------------------------------------------------------------------
 
 
-def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """A local HF folder for ``spec``: a folder, a ``.gguf`` file (converted) or ``builtin:NAME``."""
+def check_model_spec(spec: str | os.PathLike) -> None:
+    """Cheap existence check of a model spec: nothing is loaded, converted or written."""
+    _locate(spec)
+
+
+def _locate(spec: str | os.PathLike) -> tuple[str, Path]:
+    """(kind, path) for a spec: ("builtin" | "gguf", the GGUF file) or ("folder", the folder)."""
     spec = str(spec)
     if spec.startswith("builtin:"):
-        return convert_gguf(resolve_builtin(spec))
+        return "gguf", resolve_builtin(spec)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return convert_gguf(path)
+        return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(
                 f"{path} is a folder but has no config.json: not a Hugging Face model folder."
             )
-        return path
+        return "folder", path
     raise ValueError(
         f"Model {spec!r} not found: expected a Hugging Face model folder, a .gguf file or "
         "builtin:NAME (see `distillspec models list`). Nothing is downloaded from a hub."
     )
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """A local HF folder for ``spec``: a folder, a ``.gguf`` file (converted) or ``builtin:NAME``."""
+    kind, path = _locate(spec)
+    return convert_gguf(path) if kind == "gguf" else path
 
 
 def load_model(
@@ -201,6 +166,31 @@ def check_same_vocabulary(
         )
 
 
+def build_draft(
+    spec: str | os.PathLike,
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The one way a draft is made from a spec: ``target-layers:N`` (or ``:i,j,...``) copies
+    those layers of ``target``; anything else is loaded like a model and must share the
+    target's tokenizer. The draft lands on the target's device, in ``dtype`` (default: the
+    target's)."""
+    dtype = dtype if dtype is not None else target.dtype
+    layers = parse_layer_spec(str(spec))
+    if layers is not None:
+        draft = truncate_layers(target, layers).to(resolve_dtype(dtype, target.device))
+    else:
+        draft, draft_tokenizer = load_model(
+            spec, device=target.device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        check_same_vocabulary(tokenizer, draft_tokenizer)
+    ensure_croppable(draft)
+    return draft
+
+
 def load_pair(
     target: str | os.PathLike,
     draft: str | os.PathLike,
@@ -216,14 +206,6 @@ def load_pair(
     target_model, tokenizer = load_model(
         target, device=device, dtype=dtype, trust_remote_code=trust_remote_code
     )
-    num_layers = parse_layer_spec(str(draft))
-    if num_layers is not None:
-        draft_model = truncate_layers(target_model, num_layers)
-    else:
-        draft_model, draft_tokenizer = load_model(
-            draft, device=device, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-        check_same_vocabulary(tokenizer, draft_tokenizer)
     ensure_croppable(target_model)
-    ensure_croppable(draft_model)
+    draft_model = build_draft(draft, target_model, tokenizer, trust_remote_code=trust_remote_code)
     return target_model, draft_model, tokenizer

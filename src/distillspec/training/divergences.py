@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import torch
 
-from distillspec.sampling import pad_vocab
+from distillspec.decoding.sampling import pad_vocab
 
 LOG_PROB_FLOOR = math.log(1e-30)
 """Stand-in for log 0 wherever a probability is exactly 0 (about -69.08)."""

@@ -113,15 +113,21 @@ class DecodeCounts:
 
 @dataclass
 class GenerationMetrics:
-    """Per-row counts, the batch's real forward passes and the wall-clock split."""
+    """Per-row counts, the batch's real forward passes and the wall-clock split.
+
+    The rates of the summed counts are available directly (``metrics.acceptance_rate``,
+    ``.block_efficiency``, ``.analytic_alpha``...); ``metrics.rows[i]`` has them per row.
+    """
 
     rows: list[DecodeCounts]
     finish_reasons: list[str]
     target_forward_passes: int = 0  # batched calls, prefill included
     draft_forward_passes: int = 0
+    prefill_passes: int = 0  # of those, prefill calls (per model)
     wall_time_s: float = 0.0
     draft_time_s: float = 0.0
-    target_time_s: float = 0.0
+    target_time_s: float = 0.0  # verify (and plain decoding) calls
+    prefill_time_s: float = 0.0  # both models' prompt prefill
 
     @property
     def total(self) -> DecodeCounts:
@@ -129,6 +135,12 @@ class GenerationMetrics:
         for row in self.rows:
             total = total + row
         return total
+
+    def __getattr__(self, name: str) -> Any:
+        # acceptance_rate, block_efficiency, analytic_alpha, new_tokens, ... of the summed counts
+        if name in _TOTAL_FIELDS:
+            return getattr(self.total, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -143,9 +155,11 @@ class GenerationMetrics:
             "batch_size": len(self.rows),
             "target_forward_passes": self.target_forward_passes,
             "draft_forward_passes": self.draft_forward_passes,
+            "prefill_passes": self.prefill_passes,
             "wall_time_s": self.wall_time_s,
             "draft_time_s": self.draft_time_s,
             "target_time_s": self.target_time_s,
+            "prefill_time_s": self.prefill_time_s,
             "tokens_per_second": self.tokens_per_second,
         }
 
@@ -165,6 +179,20 @@ class GenerationMetrics:
         return " | ".join(parts)
 
 
+_TOTAL_FIELDS = {
+    "acceptance_rate",
+    "block_efficiency",
+    "analytic_alpha",
+    "per_position_acceptance",
+    "accepted_length_histogram",
+    "new_tokens",
+    "drafted_tokens",
+    "accepted_tokens",
+    "target_calls",
+    "draft_calls",
+}
+
+
 def combined_counts(results) -> DecodeCounts:
     """The summed counts of several generation results (e.g. one per batch of prompts)."""
     total = DecodeCounts()
@@ -173,13 +201,20 @@ def combined_counts(results) -> DecodeCounts:
     return total
 
 
-def predicted_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
-    """Leviathan et al. Thm 3.8: (1 - alpha^(gamma+1)) / ((1 - alpha) (gamma c + 1)).
-
-    ``cost_ratio`` c = draft step time / target step time. alpha = 1 gives (gamma+1)/(gamma c + 1).
-    """
+def expected_tokens_per_block(alpha: float, gamma: int) -> float:
+    """E[tokens per target call] with per-token acceptance alpha: (1 - alpha^(g+1)) / (1 - alpha)."""
     if alpha >= 1.0:
-        expected_tokens = gamma + 1.0
-    else:
-        expected_tokens = (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
-    return expected_tokens / (gamma * cost_ratio + 1.0)
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def predicted_speedup(
+    alpha: float, gamma: int, cost_ratio: float, verify_cost: float = 1.0
+) -> float:
+    """Leviathan et al. Thm 3.8 with a verify cost: E[tokens/block] / (gamma c + V(gamma+1)).
+
+    ``cost_ratio`` c = draft step time / target step time; ``verify_cost`` V(gamma+1) = time of
+    one target call over gamma+1 tokens / a one-token step (1 in the paper's model; measured by
+    ``decoding.measure.CostModel``). alpha = 1 gives (gamma+1) / (gamma c + V).
+    """
+    return expected_tokens_per_block(alpha, gamma) / (gamma * cost_ratio + verify_cost)

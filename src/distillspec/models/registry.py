@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from distillspec.data import read_jsonl
+from distillspec.common.io import read_jsonl
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -165,6 +165,33 @@ def converted_cache_path(gguf_file: Path) -> Path:
     key = f"{gguf_file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / "models" / f"{gguf_file.stem}-{digest}"
+
+
+def _drafts_index() -> Path:
+    return cache_dir() / "distilled-drafts.json"
+
+
+def record_distilled_draft(target: str, folder: Path) -> None:
+    """Remember the draft a demo distilled for ``target`` (for ``generate --draft auto``)."""
+    from distillspec.common.io import atomic_write_json
+
+    index = _drafts_index()
+    try:
+        known = json.loads(index.read_text()) if index.is_file() else {}
+    except ValueError:
+        known = {}
+    known[target] = str(Path(folder).resolve())
+    atomic_write_json(index, known)
+
+
+def distilled_draft_for(target: str) -> Path | None:
+    """The recorded distilled draft for ``target``, if it still exists."""
+    try:
+        known = json.loads(_drafts_index().read_text())
+    except (OSError, ValueError):
+        return None
+    path = Path(known.get(target, "")) if isinstance(known, dict) else None
+    return path if path and (path / "config.json").is_file() else None
 
 
 def package_file(package: str, relative_path: str) -> Path | None:
@@ -327,7 +354,7 @@ def _humaneval_items(entry: BuiltinDataset) -> list[DatasetItem]:
 
 
 def _chat_items(entry: BuiltinDataset) -> list[DatasetItem]:
-    path = Path(__file__).with_name("data") / "chat_prompts.jsonl"
+    path = Path(__file__).parents[1] / "data" / "chat_prompts.jsonl"
     return [
         DatasetItem(
             key=json.dumps(record.get("messages"), sort_keys=True),
@@ -415,6 +442,11 @@ def builtin_dataset_items(spec: str) -> list[DatasetItem]:
         return items
     train, held = split_items(entry.name, items)
     return train if part == "train" else held
+
+
+def check_builtin_dataset(spec: str) -> None:
+    """A ValueError saying what to install when ``spec`` cannot be read (nothing else)."""
+    builtin_dataset_items(spec)
 
 
 def list_builtin_datasets() -> list[DatasetRow]:

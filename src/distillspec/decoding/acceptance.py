@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distillspec.sampling import sample
+from distillspec.decoding.sampling import sample
 
 
 def f_lin(target_token_probs: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -75,7 +75,7 @@ def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor)
 class Verification:
     """The outcome of verifying one block of drafted tokens, per row."""
 
-    num_accepted: torch.Tensor  # [B] int64, leading drafted tokens accepted (0..gamma)
+    num_accepted: torch.Tensor  # [B] int64, leading drafted tokens accepted (0..draft length)
     next_tokens: torch.Tensor  # [B] int64, the correction (after a rejection) or the bonus token
     accepted_mask: torch.Tensor  # [B, gamma] bool, True for the accepted prefix
 
@@ -85,9 +85,11 @@ def verify(
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     *,
+    draft_lengths: torch.Tensor | None = None,
     lenience: str | None = None,
     epsilon: float = 1.0,
     generator: torch.Generator | None = None,
+    uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Verification:
     """Apply the acceptance rule to a batch of drafted blocks.
 
@@ -95,38 +97,57 @@ def verify(
         draft_tokens: ``[B, gamma]`` the tokens the draft sampled.
         draft_probs: ``[B, gamma, V]`` q_1..q_gamma, the distributions they were sampled from.
         target_probs: ``[B, gamma + 1, V]`` p_1..p_{gamma+1} from one target forward pass.
+        draft_lengths: ``[B]`` how many of the gamma tokens each row really proposes (adaptive
+            drafting, budgets); tokens past a row's length are never accepted, and a row that
+            accepts all of its ``n`` tokens gets its bonus from p_{n+1}. Default: all gamma.
+        uniforms: ``(accept [B, gamma], final [B])`` in [0, 1) to use instead of ``generator``
+            (the engine draws them from per-row generators).
     """
-    gamma = draft_tokens.shape[1]
+    batch, gamma = draft_tokens.shape
     index = draft_tokens.unsqueeze(-1)
     target_token_probs = target_probs[:, :gamma].gather(-1, index).squeeze(-1)
     draft_token_probs = draft_probs.gather(-1, index).squeeze(-1)
     accept_prob = acceptance_probability(target_token_probs, draft_token_probs, lenience, epsilon)
-    uniforms = torch.rand(
-        accept_prob.shape, generator=generator, device=accept_prob.device, dtype=torch.float32
-    )
+    if uniforms is None:
+        accept_uniforms = torch.rand(
+            accept_prob.shape, generator=generator, device=accept_prob.device, dtype=torch.float32
+        )
+        final_uniforms = None
+    else:
+        accept_uniforms, final_uniforms = uniforms
+    accepted = accept_uniforms < accept_prob
+    if draft_lengths is not None:
+        positions = torch.arange(gamma, device=accepted.device)
+        accepted &= positions.unsqueeze(0) < draft_lengths.unsqueeze(1)
     # accepted_mask is the accepted *prefix*: everything after the first rejection is discarded.
-    accepted_mask = torch.cumprod((uniforms < accept_prob).to(torch.int64), dim=1).bool()
+    accepted_mask = torch.cumprod(accepted.to(torch.int64), dim=1).bool()
     num_accepted = accepted_mask.sum(dim=1)
-    next_tokens = _next_tokens(num_accepted, draft_probs, target_probs, generator)
+    lengths = draft_lengths if draft_lengths is not None else torch.full_like(num_accepted, gamma)
+    next_tokens = _next_tokens(
+        num_accepted, lengths, draft_probs, target_probs, generator, final_uniforms
+    )
     return Verification(num_accepted, next_tokens, accepted_mask)
 
 
 def _next_tokens(
     num_accepted: torch.Tensor,
+    draft_lengths: torch.Tensor,
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     generator: torch.Generator | None,
+    uniforms: torch.Tensor | None,
 ) -> torch.Tensor:
     """Sample the token after the accepted prefix: residual at the rejection, else the bonus."""
     batch, gamma = draft_probs.shape[0], draft_probs.shape[1]
     if gamma == 0:  # nothing was drafted: a plain target step
-        return sample(target_probs[:, 0], generator)
+        return sample(target_probs[:, 0], generator, uniforms)
     rows = torch.arange(batch, device=num_accepted.device)
     target_at_stop = target_probs[rows, num_accepted]  # [B, V]
-    # Rows that accepted everything have no q at position gamma+1: residual against zeros is p.
+    # Rows that accepted everything they drafted have no q at the stop: residual against 0 is p.
     draft_at_stop = draft_probs[rows, num_accepted.clamp(max=gamma - 1)]
-    draft_at_stop = torch.where((num_accepted < gamma).unsqueeze(-1), draft_at_stop, 0.0)
-    return sample(residual_distribution(target_at_stop, draft_at_stop), generator)
+    rejected = (num_accepted < draft_lengths).unsqueeze(-1)
+    draft_at_stop = torch.where(rejected, draft_at_stop, 0.0)
+    return sample(residual_distribution(target_at_stop, draft_at_stop), generator, uniforms)
 
 
 def analytic_acceptance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,10 @@
   ``{"messages": [{"role": str, "content": str}, ...]}``. When the last message is the
   assistant's it is the completion and the earlier ones, rendered with the tokenizer's chat
   template (``add_generation_prompt=True``), are the prompt; otherwise every message is prompt.
-  Lines written by ``policies.datagen`` also carry ``prompt_ids``/``completion_ids``, which are
+  Lines written by ``datagen`` also carry ``prompt_ids``/``completion_ids``, which are
   used as they are (exact token round trip) instead of re-tokenising the text.
 * A plain-text corpus: a ``.txt`` file or a directory of ``.txt`` files (see ``load_examples``).
-* A built-in dataset, ``builtin:NAME[:heldout|:all]`` (``distillspec.registry``): its text files
+* A built-in dataset, ``builtin:NAME[:heldout|:all]`` (``models.registry``): its text files
   and records are read by the same rules.
 
 Token rules: completions are tokenised without special tokens and truncated from the right;
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distillspec.data import read_jsonl
-from distillspec.registry import BUILTIN_PREFIX, builtin_dataset_items
+from distillspec.common.io import read_jsonl, read_text_file
+from distillspec.models.registry import BUILTIN_PREFIX, builtin_dataset_items
 
 TEXT_SUFFIX = ".txt"
 
@@ -190,7 +190,7 @@ def _special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 def _text_windows(path: Path, encoder: _Encoder) -> list[PromptExample]:
-    ids = encoder.encode(path.read_text(encoding="utf-8"))
+    ids = encoder.encode(read_text_file(path, "text file"))
     width = encoder.prompt_room + encoder.max_completion
     examples = []
     for start in range(0, len(ids), width):

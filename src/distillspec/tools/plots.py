@@ -16,27 +16,31 @@ def _pyplot():
 
 
 def plot_bench(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """tokens/s against gamma per method, and measured vs predicted speed-up, per setting."""
+    """tokens/s against gamma per method, and measured vs predicted speed-up, per setting
+    (the fixed-gamma rows, threshold 0, when several thresholds were measured)."""
     plt = _pyplot()
     settings = report["settings"]
     figure, axes = plt.subplots(2, len(settings), figsize=(4.5 * len(settings), 7), squeeze=False)
     for column, setting in enumerate(settings):
-        rows = setting["by_gamma"]
-        gammas = [r["gamma"] for r in rows]
+        thresholds = sorted({r["confidence_threshold"] for r in setting["rows"]})
         top, bottom = axes[0][column], axes[1][column]
-        top.plot(gammas, [r["ours_sd"]["tokens_per_s"] for r in rows], "o-", label="ours SD")
-        if rows[0]["hf_assisted"]:
-            top.plot(
-                gammas, [r["hf_assisted"]["tokens_per_s"] for r in rows], "s--", label="HF assisted"
-            )
-        top.axhline(setting["ours_plain"]["tokens_per_s"], color="grey", label="ours plain")
+        for threshold in thresholds:
+            rows = [r for r in setting["rows"] if r["confidence_threshold"] == threshold]
+            gammas = [r["gamma"] for r in rows]
+            label = "ours SD" + (f" (threshold {threshold:g})" if threshold else "")
+            top.plot(gammas, [r["tokens_per_s"] for r in rows], "o-", label=label)
+            bottom.plot(gammas, [r["speedup"] for r in rows], "o-", label=f"measured {label}")
+            bottom.plot(gammas, [r["predicted_speedup"] for r in rows], "x--",
+                        label=f"predicted {label}")
+            if threshold == thresholds[0] and rows[0]["hf_assisted"]:
+                top.plot(gammas, [r["hf_assisted"]["tokens_per_s"] for r in rows], "s--",
+                         label="HF assisted")
+        top.axhline(setting["ours_plain_tokens_per_s"], color="grey", label="ours plain")
         top.axhline(setting["hf_plain"]["tokens_per_s"], color="black", ls=":", label="HF plain")
         top.set_title(f"T={setting['temperature']:g}, batch {setting['batch_size']}")
         top.set_xlabel("gamma")
         top.set_ylabel("tokens/s")
         top.legend(fontsize=7)
-        bottom.plot(gammas, [r["speedup_vs_ours_plain"] for r in rows], "o-", label="measured")
-        bottom.plot(gammas, [r["predicted_speedup"] for r in rows], "x--", label="predicted")
         bottom.axhline(1.0, color="grey", lw=0.8)
         bottom.set_xlabel("gamma")
         bottom.set_ylabel("speed-up vs target alone")

@@ -14,12 +14,14 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from distillspec.acceptance import analytic_acceptance
-from distillspec.config import SamplingConfig
-from distillspec.engine import speculative_generate
-from distillspec.metrics import combined_counts
-from distillspec.policies import SequenceBatch, build_batch, generate_completions, left_pad
-from distillspec.sampling import pad_vocab, warp
+from distillspec.decoding.acceptance import analytic_acceptance
+from distillspec.decoding.batching import left_pad
+from distillspec.decoding.engine import speculative_generate
+from distillspec.decoding.metrics import combined_counts
+from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.sampling import pad_vocab, warp
+from distillspec.training.batch import SequenceBatch, build_batch
+from distillspec.training.datagen import eval_mode, generate_completions
 
 ALPHA_TEMPERATURES = (0.0, 1.0)
 
@@ -100,9 +102,7 @@ class SDEvaluator:
         """Greedy SD on a few prompts: block efficiency and acceptance rate."""
         if not self.tau_prompts:
             return {}
-        was_training = draft.training
-        draft.eval()
-        try:
+        with eval_mode(draft):
             results = []
             for chunk in self._chunks(self.tau_prompts):
                 input_ids, attention_mask = left_pad(chunk, self.pad_id, self.target.device)
@@ -116,8 +116,6 @@ class SDEvaluator:
                     eos_token_id=self.eos_token_id,
                 )
                 results.append(result)
-        finally:
-            draft.train(was_training)
         total = combined_counts(results)
         return {"tau": total.block_efficiency, "acceptance_rate": total.acceptance_rate or 0.0}
 

@@ -1,0 +1,1 @@
+"""Shared plumbing below every layer: config machinery, runtime policy, files, run folders."""

@@ -1,0 +1,514 @@
+"""The step-level speculative decoding engine, and the batch generate functions built on it.
+
+A ``Decoder`` holds a set of live rows (requests). ``add`` queues a request at any time;
+``step`` admits queued requests (one batched prefill per model), runs one speculative block
+for every live row and returns each row's new tokens; finished rows leave. One block:
+
+1. each row's draft length is ``min(gamma, its remaining budget - 1)``; the draft samples the
+   longest of them autoregressively (a row stops proposing early, with adaptive drafting, after
+   a token the draft is unsure of): tokens x_1..x_g and the warped q_1..q_g they came from;
+2. the target scores ``[pending, x_1..x_g]`` in one forward pass: p_1..p_{g+1};
+3. ``acceptance.verify`` keeps a prefix of n tokens per row and samples one more token
+   (residual after a rejection, bonus after a full acceptance);
+4. both caches forget their rejected slots; a row that accepted all g tokens feeds x_g and the
+   new token to the draft first in the next block;
+5. tokens are emitted per row, cut at the first stop id and the budget; done rows leave.
+
+Bookkeeping (budgets, pending tokens, outputs, counts) lives on the host; each block moves its
+results to the host once. Every random number a row uses comes from its own generator when its
+request has a seed (else from the decoder's), and its draft length depends only on its own state,
+so a seeded or greedy row produces exactly what it would produce alone, whatever else is in the
+batch. Plain decoding is the same block with no draft (g = 0).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from distillspec.decoding.acceptance import analytic_acceptance, verify
+from distillspec.decoding.batching import left_pad, unpad
+from distillspec.decoding.kv_cache import CachedModel, ensure_croppable
+from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
+from distillspec.decoding.params import SamplingConfig, SpeculationConfig
+from distillspec.decoding.sampling import pad_vocab, sample, warp_rows
+from distillspec.decoding.timing import synchronize, timed
+
+
+@dataclass
+class Request:
+    """One sequence to decode: its prompt ids, budget, sampling and stop ids."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_token_ids: frozenset[int] = frozenset()
+    seed: int | None = None  # own generator: reproducible whatever shares the batch
+    request_id: Any = None
+
+
+@dataclass
+class RowUpdate:
+    """What one ``step`` produced for one request."""
+
+    request_id: Any
+    new_tokens: list[int]
+    finished: bool
+    finish_reason: str | None  # "eos" (a stop id), "length" or "cancelled" when finished
+
+
+@dataclass
+class _Row:
+    request: Request
+    counts: DecodeCounts
+    generator: torch.Generator | None
+    output: list[int] = field(default_factory=list)
+    target_pending: int = 0  # the last token, not yet in the target's cache
+    draft_pending: list[int] = field(default_factory=list)  # 1 or 2 tokens for the draft
+    finish_reason: str | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.output)
+
+    def emit(self, tokens: list[int]) -> list[int]:
+        """Append tokens up to the budget and the first stop id; returns what was appended."""
+        taken = []
+        for token in tokens[: self.remaining]:
+            taken.append(token)
+            if token in self.request.stop_token_ids:
+                self.finish_reason = "eos"
+                break
+        self.output += taken
+        if self.finish_reason is None and self.remaining <= 0:
+            self.finish_reason = "length"
+        return taken
+
+
+def output_width(model: PreTrainedModel) -> int:
+    """Columns of the model's logits (its LM head rows, or a pruned head's full width)."""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+class Decoder:
+    """A set of live rows decoded together, one speculative block per ``step()``."""
+
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: PreTrainedModel | None = None,
+        speculation: SpeculationConfig | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ):
+        ensure_croppable(target)
+        if draft is not None:
+            ensure_croppable(draft)
+        self.speculation = speculation or SpeculationConfig()
+        self.device = target.device
+        self.generator = generator
+        models = [m for m in (target, draft) if m is not None]
+        self.vocab = max(output_width(m) for m in models)
+        self.context = min((c for c in map(context_length, models) if c), default=None)
+        self.target = CachedModel(target)
+        self.draft = CachedModel(draft) if draft is not None else None
+        self.rows: list[_Row] = []
+        self.queue: list[_Row] = []
+        self.finished: list[_Row] = []
+        self.metrics = GenerationMetrics(rows=[], finish_reasons=[])
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request; it joins the batch at the start of the next ``step``."""
+        self.check_request(request)
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        gamma = self.speculation.gamma if self.draft is not None else 0
+        counts = DecodeCounts(gamma=min(gamma, request.max_new_tokens))
+        self.queue.append(_Row(request, counts, generator))
+
+    def check_request(self, request: Request) -> None:
+        """Refuse impossible requests before anything is allocated for them."""
+        budget = request.max_new_tokens
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {budget!r}.")
+        if not request.prompt_ids:
+            raise ValueError("Empty prompt: every row needs at least one token.")
+        length = len(request.prompt_ids)
+        if self.context is not None:
+            if length >= self.context:
+                raise ValueError(
+                    f"Prompt of {length} tokens is longer than the context of the model "
+                    f"({self.context} positions). Shorten the prompt."
+                )
+            if length + budget > self.context:
+                raise ValueError(
+                    f"Prompt ({length} tokens) + max_new_tokens ({budget}) exceeds the "
+                    f"context ({self.context} positions). Use max_new_tokens <= "
+                    f"{self.context - length}."
+                )
+        if max(request.prompt_ids) >= self.vocab or min(request.prompt_ids) < 0:
+            raise ValueError(
+                f"Prompt token ids must be in [0, {self.vocab}) for this model; got "
+                f"{min(request.prompt_ids)}..{max(request.prompt_ids)}."
+            )
+
+    def cancel(self, request_id: Any) -> None:
+        """Stop a request (e.g. its client went away); it leaves at the next step."""
+        for row in self.rows + self.queue:
+            if row.request.request_id == request_id and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows or self.queue)
+
+    # -- one block -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RowUpdate]:
+        """Admit queued requests, run one block for all live rows, return what each emitted."""
+        updates = self._admit() + self._leave(report=True)
+        if not self.rows:
+            return updates
+        gamma_max = self.speculation.gamma if self.draft is not None else 0
+        caps = [min(gamma_max, row.remaining - 1) for row in self.rows]
+        planned = max(caps)
+        uniforms = self._uniforms(caps, planned)
+        draft_time, (draft_tokens, draft_probs, lengths) = timed(
+            self._draft_block, caps, uniforms[:, :planned], device=self.device
+        )
+        gamma = draft_tokens.shape[1]  # adaptive drafting may stop before `planned`
+        accept_uniforms = uniforms[:, planned : planned + gamma]
+        target_time, (outcome, target_probs) = timed(
+            self._verify_block,
+            draft_tokens,
+            draft_probs,
+            lengths,
+            (accept_uniforms, uniforms[:, -1]),
+            device=self.device,
+        )
+        self.metrics.draft_time_s += draft_time
+        self.metrics.target_time_s += target_time
+        self.metrics.draft_forward_passes += gamma
+        self.metrics.target_forward_passes += 1
+        alpha = analytic_acceptance(target_probs[:, :gamma], draft_probs)
+        host = self._to_host(draft_tokens, lengths, outcome, alpha)
+        self._rollback(host, gamma)
+        for row, (drafted, length, accepted, token, alpha_sum) in zip(self.rows, host):
+            row.target_pending = token
+            if self.draft is not None:
+                row.draft_pending = [drafted[-1], token] if accepted == gamma > 0 else [token]
+                row.counts.record_block(length, accepted, alpha_sum, min(accepted + 1, length))
+                row.counts.draft_calls += gamma
+            else:
+                row.counts.target_calls += 1
+            new = row.emit(drafted[:accepted] + [token])
+            done = row.finish_reason is not None
+            updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason))
+        return updates + self._leave()
+
+    def _uniforms(self, caps: list[int], gamma: int) -> torch.Tensor:
+        """``[B, 2 gamma + 1]``: draft draws, acceptance draws, then the final draw.
+
+        A seeded row draws exactly ``2 cap + 1`` numbers from its own generator, so what it
+        consumes depends on its own state only.
+        """
+        width = 2 * gamma + 1
+        uniforms = torch.rand(
+            len(self.rows), width, generator=self.generator, device=self.device
+        )
+        for index, (row, cap) in enumerate(zip(self.rows, caps)):
+            if row.generator is None:
+                continue
+            own = torch.rand(2 * cap + 1, generator=row.generator, device=self.device)
+            uniforms[index, :cap] = own[:cap]
+            uniforms[index, gamma : gamma + cap] = own[cap : 2 * cap]
+            uniforms[index, -1] = own[-1]
+        return uniforms
+
+    def _samplings(self) -> list[SamplingConfig]:
+        return [row.request.sampling for row in self.rows]
+
+    def _draft_block(self, caps: list[int], uniforms: torch.Tensor):
+        """Sample up to ``max(caps)`` tokens per row; return them, their q and each row's length.
+
+        With a confidence threshold a row proposes a token and then stops if the draft's top
+        probability for it was below the threshold; drafting ends when no row is still going.
+        """
+        batch, planned = len(self.rows), uniforms.shape[1]
+        caps_tensor = torch.tensor(caps, device=self.device)
+        if planned == 0:
+            empty = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+            return empty, torch.zeros(batch, 0, self.vocab, device=self.device), caps_tensor
+        width = max(len(row.draft_pending) for row in self.rows)
+        pads = [width - len(row.draft_pending) for row in self.rows]
+        tokens = torch.tensor(
+            [[0] * pad + row.draft_pending for row, pad in zip(self.rows, pads)],
+            device=self.device,
+        )
+        threshold = self.speculation.confidence_threshold
+        lengths, going = caps_tensor, caps_tensor > 0
+        drafted, probs = [], []
+        samplings = self._samplings()
+        for position in range(planned):
+            logits = self.draft.forward(tokens, pads, logits_to_keep=1)[:, -1]
+            logits = pad_vocab(logits, self.vocab)
+            draft_probs = warp_rows(logits, samplings)
+            token = sample(draft_probs, uniforms=uniforms[:, position])
+            drafted.append(token)
+            probs.append(draft_probs)
+            tokens, pads = token.unsqueeze(1), [0] * batch
+            if threshold > 0:
+                confident = torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= threshold
+                lengths = torch.where(going, torch.full_like(lengths, position + 1), lengths)
+                going = going & confident & (lengths < caps_tensor)
+                if position + 1 < planned and not bool(going.any()):  # one sync, adaptive only
+                    break
+        return torch.stack(drafted, dim=1), torch.stack(probs, dim=1), lengths
+
+    def _verify_block(self, draft_tokens, draft_probs, lengths, uniforms):
+        """One target pass over ``[pending, x_1..x_g]`` and the acceptance rule.
+
+        ``uniforms`` = (acceptance draws ``[B, g]``, final draws ``[B]``).
+        """
+        pending = torch.tensor([[row.target_pending] for row in self.rows], device=self.device)
+        inputs = torch.cat([pending, draft_tokens], dim=1)
+        logits = self.target.forward(inputs)
+        target_probs = warp_rows(pad_vocab(logits, self.vocab), self._samplings())
+        outcome = verify(
+            draft_tokens,
+            draft_probs,
+            target_probs,
+            draft_lengths=lengths,
+            lenience=self.speculation.lenience,
+            epsilon=self.speculation.epsilon,
+            uniforms=uniforms,
+        )
+        return outcome, target_probs
+
+    def _to_host(self, draft_tokens, lengths, outcome, alpha) -> list[tuple]:
+        """One device-to-host transfer of the block's results, unpacked per row."""
+        gamma = draft_tokens.shape[1]
+        # alpha is summed over the verified positions: 1..min(n + 1, length)
+        verified = torch.minimum(outcome.num_accepted + 1, lengths)
+        in_prefix = torch.arange(gamma, device=self.device).unsqueeze(0) < verified.unsqueeze(1)
+        alpha_sums = (alpha * in_prefix).sum(dim=1, dtype=torch.float64)
+        packed = torch.cat(
+            [
+                draft_tokens.double(),
+                lengths.double().unsqueeze(1),
+                outcome.num_accepted.double().unsqueeze(1),
+                outcome.next_tokens.double().unsqueeze(1),
+                alpha_sums.unsqueeze(1),
+            ],
+            dim=1,
+        ).tolist()
+        return [
+            ([int(t) for t in row[:gamma]], int(row[gamma]), int(row[gamma + 1]), int(row[gamma + 2]), row[gamma + 3])
+            for row in packed
+        ]
+
+    def _rollback(self, host: list[tuple], gamma: int) -> None:
+        """Target: drop the g - n rejected slots; draft: x_{n+1}..x_{g-1} (x_g was never fed)."""
+        accepted = [item[2] for item in host]
+        self.target.rollback([gamma - n for n in accepted])
+        if self.draft is not None and gamma > 0:
+            self.draft.rollback([max(gamma - 1 - n, 0) for n in accepted])
+
+    # -- joining and leaving ---------------------------------------------------------------------
+
+    def _admit(self) -> list[RowUpdate]:
+        """Prefill queued rows (every prompt token but the last) into both caches."""
+        cancelled = [row for row in self.queue if row.finish_reason is not None]
+        joining = [row for row in self.queue if row.finish_reason is None]
+        self.queue = []
+        self.finished += cancelled
+        updates = [RowUpdate(r.request.request_id, [], True, r.finish_reason) for r in cancelled]
+        if not joining:
+            return updates
+        prompts = [row.request.prompt_ids[:-1] for row in joining]
+        width = max(map(len, prompts))
+        longest = max(len(row.request.prompt_ids) + row.request.max_new_tokens for row in joining)
+        slots = self.target.length + longest + self.speculation.gamma + 2
+        models = [m for m in (self.target, self.draft) if m is not None]
+
+        def prefill() -> None:
+            for cached in models:
+                rows = cached.add_rows(len(joining))
+                cached.reserve(cached.rows, slots)
+                if width > 0:
+                    tokens = torch.tensor(
+                        [[0] * (width - len(p)) + p for p in prompts], device=self.device
+                    )
+                    pads = [width - len(p) for p in prompts]
+                    cached.forward(tokens, pads, rows=rows, right_align=True, logits_to_keep=1)
+
+        seconds, _ = timed(prefill, device=self.device)
+        self.metrics.prefill_time_s += seconds
+        passes = int(width > 0)
+        self.metrics.prefill_passes += passes
+        self.metrics.target_forward_passes += passes
+        self.metrics.draft_forward_passes += passes if self.draft is not None else 0
+        for row in joining:
+            row.target_pending = row.request.prompt_ids[-1]
+            row.draft_pending = [row.request.prompt_ids[-1]]
+        self.rows += joining
+        return updates
+
+    def _leave(self, report: bool = False) -> list[RowUpdate]:
+        """Drop finished rows from both caches (``report``: say so, for cancelled rows)."""
+        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
+        if len(keep) == len(self.rows):
+            return []
+        gone = [row for row in self.rows if row.finish_reason is not None]
+        self.finished += gone
+        for cached in (self.target, self.draft):
+            if cached is not None:
+                cached.keep_rows(keep)
+        self.rows = [self.rows[i] for i in keep]
+        if not report:
+            return []
+        return [RowUpdate(r.request.request_id, [], True, r.finish_reason) for r in gone]
+
+
+# -- batch front ends ---------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    """New token ids per row (ragged, EOS included when hit) and the run's metrics."""
+
+    sequences: list[list[int]]
+    metrics: GenerationMetrics
+
+
+def _stop_ids(eos_token_id: int | Iterable[int] | None) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, int):
+        return frozenset([eos_token_id])
+    return frozenset(int(i) for i in eos_token_id)
+
+
+def run_to_completion(
+    decoder: Decoder,
+    requests: list[Request],
+    on_update: Callable[[RowUpdate], None] | None = None,
+) -> GenerationResult:
+    """Add ``requests``, step until all are done (``on_update`` sees every row's new tokens as
+    they are accepted); outputs and counts in request order."""
+    for index, request in enumerate(requests):
+        request.request_id = index
+        decoder.add(request)
+    start = time.perf_counter()
+    while decoder.has_work:
+        for update in decoder.step():
+            if on_update is not None:
+                on_update(update)
+    synchronize(decoder.device)
+    done = sorted(decoder.finished, key=lambda row: row.request.request_id)
+    metrics = decoder.metrics
+    metrics.wall_time_s = time.perf_counter() - start
+    for row in done:
+        row.counts.new_tokens = len(row.output)
+    metrics.rows = [row.counts for row in done]
+    metrics.finish_reasons = [row.finish_reason for row in done]
+    return GenerationResult([row.output for row in done], metrics)
+
+
+def _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id) -> list[Request]:
+    stop = _stop_ids(eos_token_id)
+    return [
+        Request(prompt, max_new_tokens, sampling, stop) for prompt in unpad(input_ids, attention_mask)
+    ]
+
+
+def speculative_generate(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    gamma: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    lenience: str | None = None,
+    epsilon: float = 1.0,
+    confidence_threshold: float = 0.0,
+    eos_token_id: int | Iterable[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Speculative decoding of a (left-padded) batch: lossless unless ``lenience`` is set.
+
+    ``input_ids [B, L]`` with ``attention_mask`` 1 on real tokens (left padding). Returns the new
+    tokens per row; each row stops on its own at an EOS id or after ``max_new_tokens``.
+    ``eos_token_id=None`` means no early stop. ``generator`` seeds sampling.
+    ``confidence_threshold`` > 0 turns on adaptive drafting (see ``SpeculationConfig``).
+    """
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    speculation = SpeculationConfig(
+        gamma=gamma,
+        lenience=lenience or "none",
+        epsilon=epsilon,
+        confidence_threshold=confidence_threshold,
+    )
+    requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
+    decoder = Decoder(target, draft, speculation, generator=generator)
+    return run_to_completion(decoder, requests)
+
+
+def autoregressive_generate(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Iterable[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> GenerationResult:
+    """Plain decoding through the same cache, warp and sampling code: the fair baseline."""
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
+    return run_to_completion(Decoder(model, None, generator=generator), requests)
+
+
+def generate_ids(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_id: int | Iterable[int] | None = None,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """Plain decoding of token-id prompts (a convenience for data generation)."""
+    input_ids, attention_mask = left_pad(prompts, pad_id, model.device)
+    result = autoregressive_generate(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=eos_token_id,
+        generator=generator,
+    )
+    return result.sequences

@@ -1,0 +1,290 @@
+"""A model with its KV cache, for batched decoding where rows join, roll back and leave.
+
+The cache (``SlotCache``) preallocates per layer ``keys/values [row capacity, heads, slot
+capacity, head dim]`` and keeps a host-side write pointer ``length``: a forward writes slots
+``[start, start + W)`` of the rows in the call and returns views of slots ``[0, start + W)``, so
+nothing is reallocated or concatenated per step. Rows carry a per-row *slot mask* (which slots
+hold a real token) and a host-side count of their tokens (their next RoPE position), so:
+
+* **rollback** marks a row's rejected trailing slots invalid and moves the pointer back by the
+  number every row rejected (at batch 1 this is exactly "forget the rejected tokens");
+* **rows join** between steps: a new row's prompt is written right-aligned to end at the pointer
+  (the slots before it stay invalid), so the rows already running are not touched;
+* **rows leave**: the remaining rows are moved down (one gather per layer, on departures only);
+* **compaction**: when masked holes dominate, every row's valid slots are gathered to the left
+  (the host decides when, from its token counts: no device sync).
+
+Attention never sees an invalid slot: ``CachedModel`` builds the 4-D mask itself (valid slot,
+causal, each query also sees itself so padding queries are never all-masked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def ensure_croppable(model: PreTrainedModel) -> None:
+    """Fail early for models whose cache cannot be rolled back (sliding-window, recurrent...)."""
+    cache = DynamicCache(config=model.config)
+    if not getattr(cache, "is_croppable", True) or any(getattr(cache, "is_sliding", [])):
+        raise ValueError(
+            f"{type(model).__name__} uses sliding-window or recurrent layers, whose cache cannot "
+            "be rolled back, so rejected draft tokens cannot be forgotten. Use a model with full "
+            "attention layers for speculative decoding."
+        )
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's preallocated keys and values; the owning SlotCache says where to write."""
+
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        rows, slots = self.owner.row_capacity, self.owner.slot_capacity
+        # Zeros, not empty: masked slots are multiplied by 0 weights, and 0 * NaN would be NaN.
+        self.keys = key_states.new_zeros(rows, key_states.shape[1], slots, key_states.shape[3])
+        self.values = value_states.new_zeros(
+            rows, value_states.shape[1], slots, value_states.shape[3]
+        )
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, start = self.owner.write_rows, self.owner.write_start
+        end = start + key_states.shape[2]
+        self.keys[rows, :, start:end] = key_states
+        self.values[rows, :, start:end] = value_states
+        return self.keys[rows, :, :end], self.values[rows, :, :end]
+
+    def resize(self, rows: int, slots: int) -> None:
+        if not self.is_initialized:
+            return
+        old_rows, _, old_slots, _ = self.keys.shape
+        keep_rows, keep_slots = min(rows, old_rows), min(slots, old_slots)
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(rows, old.shape[1], slots, old.shape[3])
+            new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
+            setattr(self, name, new)
+
+    def move(self, index: torch.Tensor, slots: int | None = None) -> None:
+        """Rows ``index`` (and, with ``slots``, a per-row slot gather) become rows 0..n-1."""
+        for name in ("keys", "values"):
+            buffer = getattr(self, name)
+            if slots is None:
+                buffer[: index.shape[0]] = buffer[index]
+            else:
+                gather = index[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+                buffer[: index.shape[0], :, :slots] = buffer[: index.shape[0]].gather(2, gather)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SlotCache(Cache):
+    """A transformers ``Cache`` over ``_SlotLayer``s; ``CachedModel`` drives its write window."""
+
+    def __init__(self, num_layers: int, row_capacity: int = 1, slot_capacity: int = 64):
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        self.row_capacity, self.slot_capacity = row_capacity, slot_capacity
+        self.length = 0
+        self.write_rows: slice = slice(0, 0)
+        self.write_start = 0
+
+    def reserve(self, rows: int, slots: int) -> None:
+        """Grow the buffers (at least doubling) so ``rows`` x ``slots`` fit."""
+        if rows <= self.row_capacity and slots <= self.slot_capacity:
+            return
+        if rows > self.row_capacity:
+            self.row_capacity = max(rows, 2 * self.row_capacity)
+        if slots > self.slot_capacity:
+            self.slot_capacity = max(slots, 2 * self.slot_capacity)
+        for layer in self.layers:
+            layer.resize(self.row_capacity, self.slot_capacity)
+
+
+class CachedModel:
+    """``model`` plus a SlotCache, the valid-slot mask and each row's token count (host)."""
+
+    def __init__(self, model: PreTrainedModel, rows: int = 0, slots: int = 64):
+        self.model = model
+        self.device = model.device
+        self.cache = SlotCache(model.config.num_hidden_layers, max(rows, 1), slots)
+        self.slot_mask = torch.zeros(max(rows, 1), slots, dtype=torch.bool, device=self.device)
+        self.positions: list[int] = [0] * rows  # tokens cached per row = its next RoPE position
+        self.embedding_rows = model.get_input_embeddings().weight.shape[0]
+        self.attention_impl = getattr(model.config, "_attn_implementation", None)
+
+    @property
+    def rows(self) -> int:
+        return len(self.positions)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @torch.inference_mode()
+    def reserve(self, rows: int, slots: int) -> None:
+        self.cache.reserve(rows, slots)
+        capacity = (self.cache.row_capacity, self.cache.slot_capacity)
+        if tuple(self.slot_mask.shape) != capacity:
+            grown = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+            r, s = min(capacity[0], self.slot_mask.shape[0]), min(capacity[1], self.slot_mask.shape[1])
+            grown[:r, :s] = self.slot_mask[:r, :s]
+            self.slot_mask = grown
+
+    @torch.inference_mode()
+    def add_rows(self, count: int) -> slice:
+        """Room for ``count`` new, empty rows at the end; returns their row range."""
+        start = self.rows
+        self.reserve(start + count, self.length)
+        self.slot_mask[start : start + count] = False
+        self.positions += [0] * count
+        return slice(start, start + count)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        pad_left: Sequence[int] | None = None,
+        *,
+        rows: slice | None = None,
+        right_align: bool = False,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """Write ``tokens [n, W]`` into ``rows`` (default: all) and return their logits.
+
+        ``pad_left[i]`` leading columns of row i are padding (never attended, no position).
+        Tokens go to slots ``[length, length + W)``; with ``right_align`` (new rows' prompts)
+        they end at the pointer instead when they fit, leaving the running rows untouched.
+        ``logits_to_keep`` > 0 computes the LM head for the last that many positions only.
+        Ids beyond this model's embedding matrix (the other model's padding rows) are clamped:
+        such a drafted token has target probability 0 and is always rejected, and a context
+        token the draft cannot embed only changes q, which the rule accounts for.
+        """
+        rows = rows if rows is not None else slice(0, self.rows)
+        count, width = tokens.shape
+        pad_left = list(pad_left) if pad_left is not None else [0] * count
+        start = self._start(width, right_align)
+        end = start + width
+        if end > self.length:
+            self._compact_if_needed(width)
+            start = self._start(width, right_align)
+            end = start + width
+            self.reserve(self.rows, end)
+            self.slot_mask[: self.rows, self.length : end] = False  # other rows: no token there
+        pads = torch.tensor(pad_left, device=self.device)
+        columns = torch.arange(width, device=self.device)
+        valid = columns.unsqueeze(0) >= pads.unsqueeze(1)
+        base = torch.tensor(self.positions[rows], device=self.device)
+        positions = base.unsqueeze(1) + (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+        self.slot_mask[rows, start:end] = valid
+        self.cache.write_rows, self.cache.write_start = rows, start
+        out = self.model(
+            input_ids=tokens.clamp(max=self.embedding_rows - 1),
+            attention_mask=self._attention_mask(rows, start, width),
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+        self.cache.length = max(self.length, end)
+        for offset, pad in enumerate(pad_left):
+            self.positions[rows.start + offset] += width - pad
+        return out.logits
+
+    def _start(self, width: int, right_align: bool) -> int:
+        """First slot to write: the pointer, or (new rows) ``width`` slots before it / slot 0."""
+        if not right_align:
+            return self.length
+        return max(self.length - width, 0)
+
+    def _attention_mask(self, rows: slice, start: int, width: int) -> torch.Tensor:
+        """The 4-D mask for query slots ``[start, start + width)`` over key slots ``[0, end)``.
+
+        Built here rather than by ``transformers`` from a 2-D mask: for one-token draft steps
+        the library's mask construction costs more than the attention itself (~4 ms of a ~13 ms
+        SmolLM2 4-layer step on CPU). Key j is visible to query i when it is a valid slot at or
+        before the query. Each query also sees itself, so pad and dummy queries (whose outputs
+        are never used) never have an all-masked row, which would produce NaN.
+        """
+        end = start + width
+        slot_mask = self.slot_mask[rows, :end]
+        if self.attention_impl not in ("sdpa", "eager"):
+            return slot_mask.long()  # e.g. flash-attention kernels take the 2-D padding mask
+        query_slots = torch.arange(start, end, device=self.device)
+        key_slots = torch.arange(end, device=self.device)
+        causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [W, S]
+        visible = causal.unsqueeze(0) & slot_mask.unsqueeze(1)  # [B, W, S]
+        visible |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)
+        visible = visible.unsqueeze(1)  # [B, 1, W, S]
+        if self.attention_impl == "eager":  # eager adds the mask to the scores
+            blocked = torch.finfo(self.model.dtype).min
+            return torch.zeros(
+                visible.shape, dtype=self.model.dtype, device=visible.device
+            ).masked_fill(~visible, blocked)
+        return visible
+
+    @torch.inference_mode()
+    def rollback(self, rejected: Sequence[int]) -> None:
+        """Forget each row's last ``rejected[b]`` slots (all of them valid, written last)."""
+        most, least = max(rejected, default=0), min(rejected, default=0)
+        if most == 0:
+            return
+        first = self.length - most
+        slot_index = torch.arange(first, self.length, device=self.device)
+        cut = torch.tensor([self.length - r for r in rejected], device=self.device)
+        self.slot_mask[: self.rows, first : self.length] &= slot_index.unsqueeze(0) < cut.unsqueeze(1)
+        for row, count in enumerate(rejected):
+            self.positions[row] -= count
+        self.cache.length -= least  # slots every row rejected are free again
+
+    @torch.inference_mode()
+    def keep_rows(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (in that order), e.g. after some sequences finished."""
+        if list(keep) == list(range(self.rows)):
+            return
+        index = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.move(index)
+        self.slot_mask[: len(keep)] = self.slot_mask[index]
+        self.positions = [self.positions[i] for i in keep]
+        if not keep:
+            self.cache.length = 0
+
+    @torch.inference_mode()
+    def _compact_if_needed(self, width: int) -> None:
+        """Gather each row's valid slots to the left when holes would dominate the cache."""
+        longest = max(self.positions, default=0)
+        if self.length + width <= self.cache.slot_capacity and self.length <= 2 * longest + 64:
+            return
+        if self.rows == 0:
+            self.cache.length = 0
+            return
+        mask = self.slot_mask[: self.rows, : self.length]
+        # Stable sort puts each row's valid slots first, in order.
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.move(order, slots=self.length)
+        counts = torch.tensor(self.positions, device=self.device)
+        slots = torch.arange(self.slot_mask.shape[1], device=self.device)
+        self.slot_mask[: self.rows] = slots.unsqueeze(0) < counts.unsqueeze(1)
+        self.cache.length = longest

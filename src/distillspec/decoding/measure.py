@@ -1,0 +1,262 @@
+"""Measuring speculative decoding: one probe, one gamma sweep, one cost model.
+
+Every speed figure the bench, the demo and ``benchmarks/`` report comes from here:
+
+* ``SpeedProbe`` decodes a fixed prompt set (batches of token ids) with the target alone or
+  with SD, through the engine, timed with the one synchronised timer.
+* ``SpeedProbe.sweep`` warms up, then times each setting ``repeats`` times with the target-alone
+  run interleaved (so drift hits both), and returns typed ``SweepRow``s: tokens/s, tau, alpha,
+  acceptance, the measured cost ratio c, the predicted speed-up from the cost model and
+  measured / predicted.
+* ``CostModel`` is measured on the machine: one draft step, one target step, and the verify
+  curve V(k) = time of a k-token target call / one-token step. The predicted speed-up is
+  E[tokens per block] / (gamma c + V(gamma + 1)).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from distillspec.decoding.batching import left_pad
+from distillspec.decoding.engine import (
+    GenerationResult,
+    autoregressive_generate,
+    speculative_generate,
+)
+from distillspec.decoding.kv_cache import CachedModel
+from distillspec.decoding.metrics import combined_counts, predicted_speedup
+from distillspec.decoding.timing import timed
+
+
+@dataclass
+class CostModel:
+    """Step costs measured on this machine (seconds) and the ratios the speed-up model uses."""
+
+    target_step_s: float
+    draft_step_s: float
+    verify_s: dict[int, float]  # tokens scored in one target call -> seconds
+    context_tokens: int = 0
+
+    @property
+    def cost_ratio(self) -> float:
+        """c = one draft step / one target step."""
+        return self.draft_step_s / self.target_step_s
+
+    def verify_cost(self, tokens: int) -> float:
+        """V(k) = a k-token target call / a one-token step (interpolated, clamped at the ends)."""
+        if tokens in self.verify_s:
+            return self.verify_s[tokens] / self.target_step_s
+        known = sorted(self.verify_s)
+        if not known:
+            return 1.0
+        if tokens <= known[0] or tokens >= known[-1]:
+            nearest = known[0] if tokens <= known[0] else known[-1]
+            return self.verify_s[nearest] / self.target_step_s
+        lower = max(k for k in known if k < tokens)
+        upper = min(k for k in known if k > tokens)
+        weight = (tokens - lower) / (upper - lower)
+        seconds = (1 - weight) * self.verify_s[lower] + weight * self.verify_s[upper]
+        return seconds / self.target_step_s
+
+    def predicted_speedup(self, alpha: float, gamma: int) -> float:
+        return predicted_speedup(alpha, gamma, self.cost_ratio, self.verify_cost(gamma + 1))
+
+    def best_gamma(self, alpha: float, gammas: Iterable[int]) -> int:
+        return max(gammas, key=lambda g: self.predicted_speedup(alpha, g))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["cost_ratio"] = self.cost_ratio
+        data["verify_curve"] = {k: self.verify_cost(k) for k in sorted(self.verify_s)}
+        return data
+
+
+def _median_call(fn: Callable[[], object], repeats: int, device) -> float:
+    fn()  # warm-up
+    return statistics.median(timed(fn, device=device)[0] for _ in range(repeats))
+
+
+@torch.inference_mode()
+def measure_cost_model(
+    target,
+    draft,
+    *,
+    context_tokens: int = 96,
+    max_verify: int = 9,
+    repeats: int = 7,
+    seed: int = 0,
+) -> CostModel:
+    """Time one-token steps of both models and k-token target calls (k = 1..max_verify) after
+    a ``context_tokens`` prefill, batch 1, through the same cache the engine uses."""
+    vocab = target.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, context_tokens), generator=generator).to(target.device)
+
+    def step_timer(model, width: int) -> float:
+        cached = CachedModel(model, rows=1, slots=context_tokens + max_verify + 2)
+        cached.forward(prompt)
+        tokens = prompt[:, :width]
+
+        def once() -> None:
+            cached.forward(tokens, logits_to_keep=0 if width > 1 else 1)
+            cached.rollback([width])
+
+        return _median_call(once, repeats, target.device)
+
+    verify = {k: step_timer(target, k) for k in range(1, max_verify + 1)}
+    draft_step = step_timer(draft, 1) if draft is not None else float("nan")
+    return CostModel(verify[1], draft_step, verify, context_tokens)
+
+
+@dataclass
+class SweepRow:
+    """One SD setting, measured side by side with the target alone in the same run."""
+
+    gamma: int
+    confidence_threshold: float
+    tokens_per_s: float
+    median_wall_s: float
+    repeats_wall_s: list[float]
+    block_efficiency: float
+    acceptance_rate: float
+    analytic_alpha: float
+    cost_ratio: float  # measured in these runs: draft step / target-alone step
+    verify_cost: float  # V(gamma + 1) from the cost model (1.0 without one)
+    predicted_speedup: float
+    speedup: float  # tokens/s ÷ the target alone's
+    measured_over_predicted: float
+    accepted_length_histogram: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Sweep:
+    plain_tokens_per_s: float
+    plain_wall_s: list[float]
+    rows: list[SweepRow]
+    cost_model: CostModel | None = None
+
+    @property
+    def best(self) -> SweepRow:
+        return max(self.rows, key=lambda r: r.tokens_per_s)
+
+    def to_dict(self) -> dict:
+        return {
+            "plain_tokens_per_s": self.plain_tokens_per_s,
+            "plain_wall_s": self.plain_wall_s,
+            "rows": [asdict(r) for r in self.rows],
+            "best": asdict(self.best) if self.rows else None,
+            "cost_model": self.cost_model.to_dict() if self.cost_model else None,
+        }
+
+
+class SpeedProbe:
+    """A fixed prompt set decoded by the target alone or with SD, in batches, through the engine."""
+
+    def __init__(
+        self,
+        target,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        batch_size: int = 1,
+        temperature: float = 0.0,
+        eos_token_id: Iterable[int] | None = None,
+        pad_id: int = 0,
+        seed: int = 0,
+    ):
+        self.target, self.device = target, target.device
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.eos_token_id, self.seed = eos_token_id, seed
+        chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        self.batches = [left_pad(chunk, pad_id, self.device) for chunk in chunks]
+
+    def _common(self) -> dict:
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            eos_token_id=self.eos_token_id,
+            generator=torch.Generator(device=self.device).manual_seed(self.seed),
+        )
+
+    def plain(self) -> list[GenerationResult]:
+        common = self._common()
+        return [autoregressive_generate(self.target, i, m, **common) for i, m in self.batches]
+
+    def speculative(self, draft, gamma: int, threshold: float = 0.0) -> list[GenerationResult]:
+        common = self._common()
+        return [
+            speculative_generate(
+                self.target, draft, i, m, gamma=gamma, confidence_threshold=threshold, **common
+            )
+            for i, m in self.batches
+        ]
+
+    def sweep(
+        self,
+        draft,
+        settings: Sequence[tuple[int, float]],
+        repeats: int,
+        cost_model: CostModel | None = None,
+        progress: Callable[[SweepRow], None] | None = None,
+    ) -> Sweep:
+        """Warm-up, then per (gamma, threshold) ``repeats`` SD runs and as many target-alone runs,
+        interleaved; medians."""
+        draft.eval()
+        self.plain()  # warm-up, discarded
+        plain_walls: list[float] = []
+        plain_results: list[GenerationResult] = []
+        rows = []
+        for gamma, threshold in settings:
+            self.speculative(draft, gamma, threshold)  # warm-up of this shape
+            walls, results = [], []
+            for _ in range(repeats):
+                wall, plain_results = timed(self.plain, device=self.device)
+                plain_walls.append(wall)
+                wall, results = timed(self.speculative, draft, gamma, threshold, device=self.device)
+                walls.append(wall)
+            rows.append(self._row(gamma, threshold, walls, results, plain_results, cost_model))
+            if progress is not None:
+                progress(rows[-1])
+        tokens = sum(len(s) for r in plain_results for s in r.sequences)
+        plain_tps = tokens / statistics.median(plain_walls)
+        for row in rows:
+            row.speedup = row.tokens_per_s / plain_tps
+            row.measured_over_predicted = row.speedup / row.predicted_speedup
+        return Sweep(plain_tps, plain_walls, rows, cost_model)
+
+    def _row(self, gamma, threshold, walls, results, plain_results, cost_model) -> SweepRow:
+        total = combined_counts(results)
+        draft_time = sum(r.metrics.draft_time_s for r in results)
+        draft_passes = sum(r.metrics.draft_forward_passes - r.metrics.prefill_passes for r in results)
+        plain_time = sum(r.metrics.target_time_s for r in plain_results)
+        plain_calls = sum(
+            r.metrics.target_forward_passes - r.metrics.prefill_passes for r in plain_results
+        )
+        cost_ratio = (draft_time / max(draft_passes, 1)) / (plain_time / max(plain_calls, 1))
+        alpha = total.analytic_alpha or 0.0
+        if cost_model is not None:
+            verify = cost_model.verify_cost(gamma + 1)
+            predicted = predicted_speedup(alpha, gamma, cost_model.cost_ratio, verify)
+        else:
+            verify, predicted = 1.0, predicted_speedup(alpha, gamma, cost_ratio)
+        median = statistics.median(walls)
+        return SweepRow(
+            gamma=gamma,
+            confidence_threshold=threshold,
+            tokens_per_s=total.new_tokens / median,
+            median_wall_s=median,
+            repeats_wall_s=walls,
+            block_efficiency=total.block_efficiency or 0.0,
+            acceptance_rate=total.acceptance_rate or 0.0,
+            analytic_alpha=alpha,
+            cost_ratio=cost_ratio,
+            verify_cost=verify,
+            predicted_speedup=predicted,
+            speedup=float("nan"),
+            measured_over_predicted=float("nan"),
+            accepted_length_histogram=total.accepted_length_histogram,
+        )

@@ -1,0 +1,94 @@
+"""Decoding knobs: how a distribution is warped, and how speculation proposes and accepts.
+
+Plain dataclasses (no torch), so the CLI can build them without importing models. Each validates
+itself in ``__post_init__``; the limits are documented here and in ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from distillspec.common.config import knob
+
+LENIENCE_CHOICES = ("none", "lin", "sq", "exp")
+MAX_GAMMA = 64  # a verify of more tokens never pays; bounds every per-position allocation
+MAX_TOP_K = 1 << 20
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How a next-token distribution is warped before sampling (shared by draft and target)."""
+
+    temperature: float = knob(0.0, "Sampling temperature; 0 means greedy (argmax, one-hot).")
+    top_k: int = knob(0, "Keep only the k most likely tokens (0 disables).")
+    top_p: float = knob(
+        1.0, "Nucleus sampling: keep the smallest set with mass >= top_p (1 disables)."
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}. "
+                "Use 0 for greedy decoding or a positive value such as 1.0 for sampling."
+            )
+        if self.temperature < 0.0:
+            raise ValueError(
+                f"temperature must be >= 0, got {self.temperature}. "
+                "Use 0 for greedy decoding or a positive value such as 1.0 for sampling."
+            )
+        if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(
+                f"top_p must be in (0, 1], got {self.top_p}. Use 1.0 to disable nucleus sampling."
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """The speculative-decoding knobs: lookahead, adaptive drafting and the acceptance rule."""
+
+    gamma: int = knob(
+        4, f"Most draft tokens proposed per target call (lookahead, 1..{MAX_GAMMA})."
+    )
+    confidence_threshold: float = knob(
+        0.0,
+        "Adaptive drafting: a row stops drafting after a token whose draft probability "
+        "(max softmax of the draft's logits) is below this, in [0, 1). 0 always drafts gamma.",
+    )
+    lenience: str = knob(
+        "none",
+        "Lossy acceptance: none (lossless), lin (p/eps), sq (p/eps^2) or exp (p^eps).",
+        choices=LENIENCE_CHOICES,
+    )
+    epsilon: float = knob(1.0, "Lenience strength in (0, 1]; 1 is exactly lossless.")
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.gamma) or not 1 <= self.gamma <= MAX_GAMMA:
+            raise ValueError(
+                f"gamma must be an integer >= 1 and <= {MAX_GAMMA}, got {self.gamma!r}. It is "
+                "the number of draft tokens checked per target call; 3 to 8 is typical."
+            )
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise ValueError(
+                f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}. "
+                "0 disables adaptive drafting; 0.3 to 0.6 is typical."
+            )
+        if self.lenience not in LENIENCE_CHOICES:
+            raise ValueError(
+                f"lenience must be one of {', '.join(LENIENCE_CHOICES)}, got {self.lenience!r}."
+            )
+        if not 0.0 < self.epsilon <= 1.0:
+            raise ValueError(
+                f"epsilon must be in (0, 1], got {self.epsilon}. 1 is lossless; smaller values "
+                "accept more draft tokens at some cost in quality."
+            )

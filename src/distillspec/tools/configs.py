@@ -1,0 +1,151 @@
+"""The tools' configs: ``generate``, ``bench`` and ``demo``. No torch here (fast ``--help``).
+
+The demo's distillation recipe is a ``DistillConfig`` section whose defaults are the demo's
+overrides (``DEMO_RECIPE``): one declaration per knob, reachable as ``--distill.KNOB``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distillspec.common.config import knob, require_at_least, require_at_most, section
+from distillspec.common.runtime import RuntimeConfig
+from distillspec.decoding.params import MAX_GAMMA, SamplingConfig, SpeculationConfig
+from distillspec.training.config import DEFAULT_TARGET, MAX_BATCH, MAX_TOKENS, DistillConfig
+
+EXAMPLE_PROMPT = "Write a short poem about the sea."
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """``distillspec generate``: what to run on which prompts."""
+
+    target: str = knob(DEFAULT_TARGET, "Target model: HF folder, .gguf file or builtin:NAME.")
+    draft: str = knob(
+        "auto",
+        "Draft: HF folder, .gguf file, target-layers:N (the target's first N layers), none "
+        "(plain decoding) or auto (the draft `distillspec demo` distilled for this target, "
+        "else plain decoding).",
+    )
+    prompt: str | None = knob(None, "A single prompt text (default: an example prompt).")
+    prompts: str | None = knob(
+        None, 'A JSONL file with one {"prompt": ...} or {"messages": [...]} object per line.'
+    )
+    chat: bool | None = knob(
+        None, "Render prompts with the tokenizer's chat template (default: when it has one)."
+    )
+    max_new_tokens: int = knob(64, "New tokens to generate per prompt.")
+    batch_size: int = knob(1, "Prompts decoded together in one batch.")
+    seed: int = knob(0, "Random seed for sampling (reproducible runs).")
+    json: bool = knob(False, "Print one JSON object per prompt instead of text.")
+    stream: bool = knob(False, "Print tokens as they are accepted (batch size 1).")
+    speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
+    sampling: SamplingConfig = section(SamplingConfig, flat=True)
+    runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "max_new_tokens", "batch_size")
+        require_at_most(self, MAX_TOKENS, "max_new_tokens")
+        require_at_most(self, MAX_BATCH, "batch_size")
+        if self.prompt is not None and self.prompts is not None:
+            raise ValueError("Give at most one of --prompt TEXT or --prompts FILE.jsonl.")
+        if self.stream and (self.json or self.batch_size != 1):
+            raise ValueError("--stream prints one prompt at a time: use it with --batch-size 1 "
+                             "and without --json.")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """``distillspec bench``: our SD against transformers (plain and assisted) in one run."""
+
+    target: str = knob(DEFAULT_TARGET, "Target model: HF folder, .gguf or builtin:NAME.")
+    draft: str = knob(
+        "target-layers:4", "Draft: HF folder, .gguf, builtin:NAME or target-layers:N."
+    )
+    prompts: str = knob(
+        "builtin:chat:heldout", "Prompts: builtin:NAME[:heldout], JSONL (prompt or messages)."
+    )
+    num_prompts: int = knob(8, "Use the first N prompts.")
+    max_prompt_tokens: int = knob(256, "Prompts are cut (from the left) to this many tokens.")
+    gammas: list[int] = knob([1, 2, 4, 6], "Lookaheads to compare.")
+    confidence_thresholds: list[float] = knob(
+        [0.0], "Adaptive-drafting thresholds to compare at each gamma (0: fixed gamma)."
+    )
+    temperatures: list[float] = knob([0.0, 1.0], "Temperatures (0 = greedy).")
+    batch_sizes: list[int] = knob([1, 4], "Batch sizes.")
+    max_new_tokens: int = knob(48, "New tokens per prompt.")
+    stop_at_eos: bool = knob(
+        False, "Stop rows at EOS (off: every method generates exactly max_new_tokens)."
+    )
+    repeats: int = knob(3, "Timed repeats after one warm-up; the median is reported.")
+    seed: int = knob(0, "Sampling seed.")
+    out: str = knob("bench-results", "Output folder: bench.json, bench.md, bench.png.")
+    question_file: str | None = knob(
+        None, "Spec-Bench question.jsonl to answer with our SD and the target alone (batch 1)."
+    )
+    runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "num_prompts", "max_new_tokens", "repeats", "max_prompt_tokens")
+        require_at_most(self, MAX_TOKENS, "max_new_tokens", "max_prompt_tokens")
+        require_at_most(self, 100, "repeats")
+        for name, values in (("gammas", self.gammas), ("batch_sizes", self.batch_sizes)):
+            if not values or min(values) < 1:
+                raise ValueError(f"{name} must list integers >= 1, got {values}.")
+        if max(self.gammas) > MAX_GAMMA or max(self.batch_sizes) > MAX_BATCH:
+            raise ValueError(f"gammas must be <= {MAX_GAMMA} and batch_sizes <= {MAX_BATCH}.")
+        if not self.temperatures or min(self.temperatures) < 0:
+            raise ValueError(f"temperatures must be >= 0, got {self.temperatures}.")
+        if not self.confidence_thresholds or not all(
+            0 <= t < 1 for t in self.confidence_thresholds
+        ):
+            raise ValueError("confidence_thresholds must lie in [0, 1).")
+
+
+DEMO_RECIPE = dict(
+    data="builtin:chat",
+    eval_data="builtin:chat:heldout",
+    policy="teacher",
+    sample_temperature=0.0,
+    teacher_cache=True,
+    lr=1e-3,
+    max_steps=100_000,
+    max_new_tokens=64,
+    max_completion_tokens=64,
+    eval_every=20,
+    save_every=20,
+    eval_prompts=12,
+    eval_max_new_tokens=64,
+    resume=True,
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``distillspec demo``: measure a draft, distil it within a time budget, measure again."""
+
+    minutes: float = knob(12.0, "Training budget in minutes (the distillation's max_minutes).")
+    out: str = knob(
+        "runs/demo", "Output folder: report.json, plots, the distilled draft (run/final)."
+    )
+    fresh: bool = knob(False, "Discard the previous demo run (only files the demo wrote).")
+    speed_prompts: int = knob(4, "Held-out prompts decoded to measure tokens/s and tau.")
+    max_new_tokens: int = knob(64, "Tokens generated per held-out prompt when measuring.")
+    gammas: list[int] = knob([1, 2, 3, 4, 6], "Lookaheads measured before and after.")
+    repeats: int = knob(2, "Timed SD runs per gamma (median); target-alone runs interleaved.")
+    distill: DistillConfig = section(
+        DistillConfig, "The distillation recipe (demo defaults; --distill.KNOB).", **DEMO_RECIPE
+    )
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}.")
+        require_at_least(self, 1, "speed_prompts", "max_new_tokens", "repeats")
+        require_at_most(self, MAX_TOKENS, "max_new_tokens")
+        require_at_most(self, 100, "repeats", "speed_prompts")
+        if not self.gammas or min(self.gammas) < 1 or max(self.gammas) > MAX_GAMMA:
+            raise ValueError(f"gammas must lie in 1..{MAX_GAMMA}, got {self.gammas}.")
+
+    @property
+    def runtime(self) -> RuntimeConfig:
+        return self.distill.runtime

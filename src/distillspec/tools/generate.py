@@ -1,0 +1,201 @@
+"""``distillspec generate`` and ``distillspec datagen``: prompts in, text (or JSONL) out.
+
+Prompt files are JSONL with ``{"prompt": str}`` or ``{"messages": [...]}`` lines. Plain prompts
+get the target's chat template when it has one (``--chat`` / ``--no-chat`` decide explicitly);
+``messages`` always do. ``--stream`` prints tokens as they are accepted, through the
+step-level engine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distillspec.common.io import read_jsonl
+from distillspec.common.runtime import apply_threads
+from distillspec.decoding.engine import Decoder, GenerationResult, Request, run_to_completion
+from distillspec.models.loading import eos_token_ids, load_model, load_pair
+from distillspec.models.registry import distilled_draft_for
+from distillspec.tools.configs import EXAMPLE_PROMPT, GenerateConfig
+from distillspec.training.config import DEFAULT_TARGET, DatagenConfig
+
+
+@dataclass
+class PromptLine:
+    text: str | None = None  # a plain prompt
+    messages: list[dict] | None = None  # a chat conversation
+
+    def shown(self) -> str:
+        return self.text if self.text is not None else json.dumps(self.messages)
+
+
+def read_prompt_lines(path: str) -> list[PromptLine]:
+    """Every line's ``prompt`` or ``messages``; errors name the file and the line."""
+    lines = []
+    for number, record in read_jsonl(path):
+        if "messages" in record:
+            messages = record["messages"]
+            if not (
+                isinstance(messages, list)
+                and messages
+                and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)
+            ):
+                raise ValueError(
+                    f'{path}:{number}: "messages" must be a non-empty list of '
+                    '{"role": ..., "content": ...} objects.'
+                )
+            lines.append(PromptLine(messages=messages))
+            continue
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(
+                f'{path}:{number}: missing or empty "prompt" string; each line needs one, e.g. '
+                '{"prompt": "Once upon a time"}, or a "messages" list.'
+            )
+        lines.append(PromptLine(text=prompt))
+    if not lines:
+        raise ValueError(f"{path} contains no prompts.")
+    return lines
+
+
+def encode_prompt(tokenizer, line: PromptLine, chat: bool | None) -> list[int]:
+    """Token ids: chat template for ``messages`` (and for text when ``chat``), else plain."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use_chat = line.messages is not None or (chat if chat is not None else has_template)
+    if use_chat:
+        if not has_template:
+            raise ValueError(
+                "This prompt needs a chat template (--chat or a messages line) but the "
+                "tokenizer has none. Use --no-chat and plain prompts."
+            )
+        messages = line.messages or [{"role": "user", "content": line.text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(line.text)["input_ids"])
+
+
+def _load(config: GenerateConfig):
+    """Target, draft (or None) and tokenizer; ``auto`` picks the demo's distilled draft."""
+    runtime = config.runtime
+    load = dict(device=runtime.device, dtype=runtime.dtype, trust_remote_code=runtime.trust_remote_code)
+    draft_spec = config.draft
+    if draft_spec == "auto":
+        found = distilled_draft_for(config.target)
+        if found is not None:
+            print(f"distillspec: draft: {found} (distilled by `distillspec demo`)", file=sys.stderr)
+            draft_spec = str(found)
+        else:
+            hint = " Run `distillspec demo` to distil one." if config.target == DEFAULT_TARGET else ""
+            print(f"distillspec: no distilled draft for {config.target}: plain decoding.{hint}",
+                  file=sys.stderr)
+            draft_spec = "none"
+    if draft_spec == "none":
+        target, tokenizer = load_model(config.target, **load)
+        return target, None, tokenizer
+    return load_pair(config.target, draft_spec, **load)
+
+
+def run_generate(config: GenerateConfig) -> int:
+    apply_threads(config.runtime)
+    lines = (
+        read_prompt_lines(config.prompts)
+        if config.prompts
+        else [PromptLine(text=config.prompt or EXAMPLE_PROMPT)]
+    )
+    target, draft, tokenizer = _load(config)
+    stop = frozenset(eos_token_ids(target, tokenizer))
+    prompts = [encode_prompt(tokenizer, line, config.chat) for line in lines]
+    for start in range(0, len(prompts), config.batch_size):
+        decoder = Decoder(
+            target,
+            draft,
+            config.speculation,
+            generator=torch.Generator(device=target.device).manual_seed(config.seed + start),
+        )
+        requests = [
+            Request(ids, config.max_new_tokens, config.sampling, stop)
+            for ids in prompts[start : start + config.batch_size]
+        ]
+        if config.stream:
+            result = _stream(decoder, requests[0], tokenizer)
+        else:
+            result = run_to_completion(decoder, requests)
+        _print_batch(config, tokenizer, lines[start : start + config.batch_size], result)
+    return 0
+
+
+def _stream(decoder: Decoder, request: Request, tokenizer) -> GenerationResult:
+    """Print text as blocks are accepted; returns the same result as a plain run."""
+    tokens: list[int] = []
+    printed = ""
+
+    def show(update) -> None:
+        nonlocal printed
+        tokens.extend(update.new_tokens)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if text.startswith(printed) and not text.endswith("\ufffd"):  # whole characters only
+            sys.stdout.write(text[len(printed) :])
+            sys.stdout.flush()
+            printed = text
+
+    result = run_to_completion(decoder, [request], on_update=show)
+    sys.stdout.write("\n")
+    return result
+
+
+def _print_batch(config: GenerateConfig, tokenizer, lines, result: GenerationResult) -> None:
+    batch_info = {
+        "batch_wall_time_s": result.metrics.wall_time_s,
+        "batch_tokens_per_second": result.metrics.tokens_per_second,
+        "batch_draft_time_s": result.metrics.draft_time_s,
+        "batch_target_time_s": result.metrics.target_time_s,
+    }
+    for row, (line, tokens) in enumerate(zip(lines, result.sequences)):
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if config.json:
+            metrics = {**result.metrics.row_dict(row), **batch_info}
+            record = {"prompt": line.text, "messages": line.messages, "text": text,
+                      "token_ids": tokens, "metrics": metrics}
+            print(json.dumps({k: v for k, v in record.items() if v is not None}))
+        elif not config.stream:
+            print(text)
+            print()
+    if not config.json:
+        print(f"[{result.metrics.summary()}]")
+
+
+def run_datagen(config: DatagenConfig) -> int:
+    """Sample target completions for a prompt set and write them atomically as JSONL."""
+    from tqdm.auto import tqdm
+
+    from distillspec.models.loading import check_model_spec
+    from distillspec.training.datagen import datagen, is_datagen_file
+    from distillspec.training.datasets import load_examples
+
+    apply_threads(config.runtime)
+    out = Path(config.out)
+    if out.is_dir() or out.is_symlink():
+        raise ValueError(f"--out {out} is a folder or a link; give a .jsonl file path.")
+    if out.exists() and not (config.overwrite and is_datagen_file(out)):
+        reason = "pass --overwrite to replace it" if is_datagen_file(out) else (
+            "it is not a file datagen wrote, so it is left alone; choose another --out")
+        raise ValueError(f"{out} exists: {reason}.")
+    check_model_spec(config.target)
+    runtime = config.runtime
+    target, tokenizer = load_model(config.target, device=runtime.device, dtype=runtime.dtype,
+                                   trust_remote_code=runtime.trust_remote_code)
+    examples = load_examples(config.data, tokenizer, max_prompt_tokens=config.max_prompt_tokens)
+    generator = torch.Generator(device=target.device).manual_seed(config.seed)
+    with tqdm(total=len(examples), unit="prompt", desc="datagen", dynamic_ncols=True) as bar:
+        count = datagen(
+            target, tokenizer, examples, out, temperature=config.temperature,
+            max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+            eos_token_id=eos_token_ids(target, tokenizer), generator=generator,
+            progress=bar.update,
+        )
+    print(f"wrote {count} target completions to {out}", file=sys.stderr)
+    return 0

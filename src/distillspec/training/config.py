@@ -1,0 +1,189 @@
+"""The distillation recipe (``DistillConfig``) and the teacher-data job (``DatagenConfig``).
+
+One declaration per knob; YAML keys are the field names (``runtime:`` is a nested mapping,
+``--device``/``--dtype``/``--threads`` on the command line). No torch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distillspec.common.config import knob, require_at_least, require_at_most, section
+from distillspec.common.runtime import RuntimeConfig
+from distillspec.decoding.params import MAX_GAMMA
+
+DEFAULT_TARGET = "builtin:smollm2-135m"
+DIVERGENCE_CHOICES = ("fkl", "rkl", "jsd", "tvd")
+POLICY_CHOICES = ("fixed", "teacher", "draft", "mixed")
+MAX_BATCH = 4096
+MAX_TOKENS = 1 << 17  # per prompt, per completion: far past any context we load
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``distillspec distill``: a DistillSpec recipe. YAML keys are these field names."""
+
+    target: str = knob(DEFAULT_TARGET, "Target (teacher) model: HF folder, .gguf or builtin:NAME.")
+    draft_init: str = knob(
+        "target-layers:4",
+        "Draft initialisation: target-layers:N (the target's first N layers), "
+        "target-layers:i,j,... (those layers) or a model path with the same tokenizer.",
+    )
+    train_embeddings: bool = knob(True, "Train the draft's input embeddings (else frozen).")
+    train_lm_head: bool = knob(True, "Train the draft's output head (else frozen).")
+    data: str = knob(
+        "", "Training prompts: JSONL (prompt/completion or messages), .txt, a folder of .txt "
+        "or builtin:NAME."
+    )
+    eval_data: str | None = knob(
+        None, "Held-out prompts file; default: a held-out split of --data."
+    )
+    held_out: int = knob(
+        16, "Prompts held out of --data for evaluation when --eval-data is not set."
+    )
+    policy: str = knob(
+        "draft",
+        "Where completions come from: fixed, teacher, draft (on-policy) or mixed.",
+        choices=POLICY_CHOICES,
+    )
+    mix: str = knob(
+        "draft=0.5,teacher=0.5", "Fractions for --policy mixed, e.g. draft=0.7,fixed=0.3."
+    )
+    teacher_cache: bool = knob(
+        False,
+        "Generate the teacher's completions once, in batches, before training (cached in the "
+        "run folder) and reuse them every epoch instead of sampling the target every step. "
+        "Needs policy teacher, or a mix with teacher.",
+    )
+    divergence: str = knob(
+        "fkl", "Token-level divergence: fkl, rkl, jsd or tvd.", choices=DIVERGENCE_CHOICES
+    )
+    jsd_beta: float = knob(0.5, "beta of the generalised JSD, in (0, 1).")
+    loss_temperature: float = knob(1.0, "Temperature applied to both logits inside the divergence.")
+    sample_temperature: float = knob(1.0, "Temperature for generating teacher/draft completions.")
+    max_new_tokens: int = knob(64, "Tokens generated per completion (teacher/draft policies).")
+    max_prompt_tokens: int = knob(128, "Prompts are cut (from the left) to this many tokens.")
+    max_completion_tokens: int = knob(128, "Dataset completions are cut to this many tokens.")
+    batch_size: int = knob(8, "Sequences per micro-batch per process.")
+    grad_accum: int = knob(1, "Micro-batches per optimiser step.")
+    lr: float = knob(1e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = knob(0.0, "AdamW weight decay.")
+    warmup_steps: int = knob(10, "Linear warm-up steps before the cosine decay.")
+    max_steps: int = knob(100, "Optimiser steps.")
+    max_minutes: float = knob(0.0, "Stop after this many minutes of training (0: no limit).")
+    clip_grad_norm: float = knob(1.0, "Clip the gradient norm to this value (0 disables).")
+    bf16: str = knob(
+        "auto",
+        "bf16 autocast: auto (CUDA, or CPUs with native bf16), on, off.",
+        choices=("auto", "on", "off"),
+    )
+    eval_every: int = knob(25, "Evaluate alpha (and tau) every N steps (0: only at start and end).")
+    eval_prompts: int = knob(16, "Held-out prompts used for alpha.")
+    eval_tau_prompts: int = knob(4, "Held-out prompts decoded with SD to measure tau (0 disables).")
+    eval_gamma: int = knob(4, "Lookahead used for the tau evaluation.")
+    eval_max_new_tokens: int = knob(48, "Target-generated continuation length for evaluation.")
+    save_every: int = knob(25, "Write a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = knob(2, "Checkpoints kept on disk (oldest removed).")
+    output_dir: str = knob("runs/distill", "Run folder: checkpoints, metrics.jsonl, final draft.")
+    resume: bool = knob(False, "Continue from the last complete checkpoint in --output-dir.")
+    overwrite: bool = knob(
+        False, "Start over in an existing run folder: removes only what earlier runs wrote there."
+    )
+    log_with: list[str] = knob(
+        [], "Extra trackers for accelerate (tensorboard, wandb, trackio, ...); metrics.jsonl "
+        "is always written."
+    )
+    seed: int = knob(0, "Seed for data order, sampling and initialisation.")
+    runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        require_at_least(
+            self, 1, "batch_size", "grad_accum", "max_steps", "max_new_tokens",
+            "max_prompt_tokens", "max_completion_tokens", "eval_gamma", "eval_max_new_tokens",
+            "keep_checkpoints", "eval_prompts",
+        )
+        require_at_least(
+            self, 0, "warmup_steps", "eval_every", "save_every", "eval_tau_prompts",
+            "held_out", "max_minutes", "clip_grad_norm", "weight_decay",
+        )
+        require_at_most(self, MAX_BATCH, "batch_size", "grad_accum", "eval_prompts")
+        require_at_most(
+            self, MAX_TOKENS, "max_new_tokens", "max_prompt_tokens", "max_completion_tokens",
+            "eval_max_new_tokens",
+        )
+        require_at_most(self, MAX_GAMMA, "eval_gamma")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}.")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(
+                f"jsd_beta must be in (0, 1), got {self.jsd_beta}: at 0 and 1 the generalised JSD "
+                "is identically 0. Use divergence fkl or rkl for those limits."
+            )
+        if not self.loss_temperature > 0 or not self.sample_temperature >= 0:
+            raise ValueError("loss_temperature must be > 0 and sample_temperature >= 0.")
+        if self.policy not in POLICY_CHOICES:
+            raise ValueError(
+                f"policy must be one of {', '.join(POLICY_CHOICES)}, got {self.policy!r}."
+            )
+        if self.divergence not in DIVERGENCE_CHOICES:
+            raise ValueError(
+                f"divergence must be one of {', '.join(DIVERGENCE_CHOICES)}, got {self.divergence!r}."
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: pick one.")
+        if self.policy == "mixed":
+            self.mix_fractions()  # validates
+        if self.teacher_cache and not self.uses_teacher:
+            raise ValueError(
+                "teacher_cache caches the teacher policy's completions, but this recipe never "
+                "samples the teacher. Use policy teacher (or a mix with teacher), or drop it."
+            )
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.policy == "teacher" or (
+            self.policy == "mixed" and "teacher" in self.mix_fractions()
+        )
+
+    def mix_fractions(self) -> dict[str, float]:
+        """Parse ``mix`` ("draft=0.5,teacher=0.5") into {policy: fraction}."""
+        fractions: dict[str, float] = {}
+        for part in self.mix.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            try:
+                fractions[name] = float(value)
+            except ValueError:
+                raise ValueError(
+                    f"Bad mix entry {part!r}: expected name=fraction, e.g. draft=0.5,teacher=0.5."
+                ) from None
+            if name not in ("fixed", "teacher", "draft"):
+                raise ValueError(f"mix names must be fixed, teacher or draft; got {name!r}.")
+        return fractions
+
+
+@dataclass(frozen=True)
+class DatagenConfig:
+    """``distillspec datagen``: sample target completions once, cache them as JSONL."""
+
+    target: str = knob(DEFAULT_TARGET, "Target model: HF folder, .gguf or builtin:NAME.")
+    data: str = knob("", "Prompts: JSONL (prompt or messages), .txt, a folder of .txt or builtin:NAME.")
+    out: str = knob(
+        "teacher.jsonl", "Output JSONL (prompt, completion, prompt_ids, completion_ids)."
+    )
+    overwrite: bool = knob(False, "Replace --out if it exists (only a file datagen wrote).")
+    temperature: float = knob(1.0, "Sampling temperature (0: greedy).")
+    max_new_tokens: int = knob(64, "Tokens per completion.")
+    max_prompt_tokens: int = knob(128, "Prompts are cut (from the left) to this many tokens.")
+    batch_size: int = knob(8, "Prompts generated together.")
+    seed: int = knob(0, "Sampling seed.")
+    runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("datagen needs --data (a prompt file or builtin:NAME).")
+        require_at_least(self, 1, "max_new_tokens", "batch_size", "max_prompt_tokens")
+        require_at_most(self, MAX_BATCH, "batch_size")
+        require_at_most(self, MAX_TOKENS, "max_new_tokens", "max_prompt_tokens")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")

@@ -1,0 +1,312 @@
+"""The DistillSpec training loop, explicit and short, on ``accelerate``.
+
+Per optimiser step: sample ``grad_accum`` micro-batches from the data policy (fixed, teacher,
+on-policy draft or mixed), count their completion tokens across processes, then per micro-batch:
+target forward under no_grad, draft forward (bf16 autocast where it is native), token-level
+divergence summed over completion tokens and divided by the step's global token count (so batch
+8 x accum 1 equals batch 1 x accum 8, and 2 processes equal 1), backward; then clip, step,
+schedule, log (metrics.jsonl + accelerate's trackers), evaluate (alpha at T=0 and T=1, tau
+through the engine) and checkpoint atomically. Ctrl-C finishes the current step, saves a
+checkpoint and raises ``TrainingInterrupted``.
+
+Launch: ``distillspec distill --config recipe.yaml`` (one process), ``torchrun --nproc_per_node 2
+-m distillspec distill ...`` (2 CPU processes, gloo DDP) or ``accelerate launch -m distillspec
+distill ...`` on GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from tqdm.auto import tqdm
+
+from distillspec.common.config import to_dict
+from distillspec.common.interrupt import interruptible
+from distillspec.common.io import atomic_write_json
+from distillspec.common.rundir import RunFolder
+from distillspec.common.runtime import apply_threads, autocast_bf16
+from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
+from distillspec.training import checkpoint, setup
+from distillspec.training.config import DistillConfig
+from distillspec.training.datagen import teacher_cache
+from distillspec.training.divergences import get_divergence
+from distillspec.training.evaluate import SDEvaluator
+from distillspec.training.policies import make_policy
+from distillspec.training.setup import TrainState
+from distillspec.training.step import Optimisation
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the current step finished and a checkpoint was written; the message says how
+    to resume."""
+
+
+@dataclasses.dataclass
+class _Run:
+    """One distillation run, so helpers take one argument instead of twelve."""
+
+    config: DistillConfig
+    folder: RunFolder
+    opt: Optimisation
+    tokenizer: Any
+    policy: Any
+    generator: torch.Generator
+    train_examples: list
+    evaluator: SDEvaluator | None
+    state: TrainState
+    last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.opt.accelerator
+
+    def unwrapped_draft(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.opt.draft)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """metrics.jsonl (rank 0) and accelerate's trackers."""
+        if self.accelerator.is_main_process:
+            with self.folder.child("metrics.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(numbers, step=record["step"])
+
+
+def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
+    """Load models and data, build policy, loss, optimiser and schedule (and restore them)."""
+    accelerator = Accelerator(
+        cpu=config.runtime.device == "cpu",
+        log_with=config.log_with or None,
+        project_dir=str(folder.child("trackers")) if config.log_with else None,
+    )
+    torch.manual_seed(config.seed)
+    use_bf16 = autocast_bf16(config.bf16, accelerator.device)
+    target, tokenizer = load_model(
+        config.target, device=accelerator.device, dtype="bfloat16" if use_bf16 else "float32",
+        trust_remote_code=config.runtime.trust_remote_code,
+    )
+    target.requires_grad_(False)
+    draft = setup.trainable_draft(config, target, tokenizer)
+    train_examples, eval_examples = setup.load_data(config, tokenizer)
+    eos, pad_id = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
+    state = TrainState()
+    cached = _teacher_cache(config, folder, accelerator, target, tokenizer, train_examples, state)
+    policy = make_policy(
+        config.policy, temperature=config.sample_temperature, max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos, mix=config.mix_fractions() if config.policy == "mixed" else None,
+        seed=config.seed, pad_id=pad_id, teacher_completions=cached,
+    )
+    beta = {"beta": config.jsd_beta} if config.divergence == "jsd" else {}
+    divergence = get_divergence(config.divergence, temperature=config.loss_temperature, **beta)
+    trainable = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = setup.make_scheduler(optimizer, config, state)
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
+    if resume_from is not None:
+        saved = checkpoint.load_checkpoint(resume_from, draft, optimizer, scheduler, accelerator.device)
+        checkpoint.restore_state(saved, state, generator, policy, accelerator.process_index)
+    draft, optimizer = accelerator.prepare(draft, optimizer)
+    evaluator = None
+    if accelerator.is_main_process:
+        evaluator = SDEvaluator(
+            target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
+            max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,
+            gamma=config.eval_gamma, eos_token_id=eos, seed=config.seed, pad_id=pad_id,
+        )
+    opt = Optimisation(accelerator, draft, target, divergence, optimizer, scheduler,
+                       config.clip_grad_norm, use_bf16)
+    return _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state)
+
+
+def _teacher_cache(config, folder, accelerator, target, tokenizer, examples, state):
+    """teacher_cache: the target's completions, generated once by rank 0 (time in the budget)."""
+    if not config.teacher_cache:
+        return None
+    path = folder.child("teacher-cache.jsonl")
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
+        teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
+                      max_new_tokens=config.max_new_tokens, eos_token_id=eos_token_ids(target, tokenizer),
+                      generator=generator)
+        state.train_seconds += time.perf_counter() - start  # a resumed run restores its own
+    accelerator.wait_for_everyone()
+    return teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
+                         max_new_tokens=config.max_new_tokens, eos_token_id=None, generator=None)
+
+
+def distill(config: DistillConfig) -> dict[str, Any]:
+    """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics."""
+    apply_threads(config.runtime)
+    setup.check_inputs(config)
+    folder, resume_from = _open_folder(config)
+    run = _build(config, folder, resume_from)
+    if run.accelerator.is_main_process:
+        checkpoint.truncate_metrics(folder.child("metrics.jsonl"), run.state.step)
+        atomic_write_json(folder.child("distill_config.json"), to_dict(config))
+    if config.log_with:
+        run.accelerator.init_trackers("distillspec", config=_flat(to_dict(config)))
+    _evaluate(run, "resume" if resume_from else "start")
+    progress = _progress_bar(run)
+    with interruptible("stopping after this step and saving a checkpoint") as interrupted:
+        while run.state.step < config.max_steps:
+            if config.max_minutes and run.state.train_seconds >= config.max_minutes * 60:
+                break
+            loss = _one_step(run)
+            final = run.state.step >= config.max_steps
+            if config.eval_every and run.state.step % config.eval_every == 0 and not final:
+                _evaluate(run, "periodic")
+            _advance(progress, run, loss)
+            if _agreed(run, interrupted.is_set()):
+                progress.close()
+                _save(run)
+                raise TrainingInterrupted(
+                    f"interrupted after step {run.state.step}; checkpoint saved in "
+                    f"{folder.path / 'checkpoints'}. Resume with the same command plus --resume."
+                )
+            if config.save_every and run.state.step % config.save_every == 0 and not final:
+                _save(run)
+    progress.close()
+    _evaluate(run, "final")
+    _save(run)
+    _finish(run)
+    run.accelerator.end_training()
+    return run.last_eval
+
+
+def _open_folder(config: DistillConfig):
+    """The main process claims the folder (and may clear it); the others follow."""
+    state = PartialState(cpu=config.runtime.device == "cpu")
+    if state.is_main_process:
+        folder, resume_from = setup.open_run_folder(config)
+        ranks = [f"rank-{i}.json" for i in range(state.num_processes)]
+        folder.track(*setup.RUN_ENTRIES, *ranks)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        folder, resume_from = setup.open_run_folder(config, main_process=False)
+    return folder, resume_from
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def _agreed(run: _Run, local: bool) -> bool:
+    """Whether any process was interrupted (all processes must stop at the same step)."""
+    if run.accelerator.num_processes == 1:
+        return local
+    flag = torch.tensor(float(local), device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flag, reduction="sum") > 0)
+
+
+def _progress_bar(run: _Run) -> tqdm:
+    """Counts steps, or seconds of training when the run has a time budget."""
+    config, timed = run.config, bool(run.config.max_minutes)
+    return tqdm(
+        total=round(config.max_minutes * 60) if timed else config.max_steps,
+        initial=round(run.state.train_seconds) if timed else run.state.step,
+        unit="s" if timed else "step", desc="distill", dynamic_ncols=True,
+        disable=not run.accelerator.is_main_process,
+    )
+
+
+def _advance(progress: tqdm, run: _Run, loss: float) -> None:
+    if run.config.max_minutes:
+        progress.update(min(round(run.state.train_seconds), progress.total) - progress.n)
+    else:
+        progress.update(1)
+    alpha = run.last_eval.get("alpha_t0", float("nan"))
+    progress.set_postfix(step=run.state.step, loss=f"{loss:.3f}", alpha_t0=f"{alpha:.3f}")
+
+
+def _one_step(run: _Run) -> float:
+    """Sample the step's micro-batches, train on them, log; returns the loss."""
+    config, accelerator, state = run.config, run.accelerator, run.state
+    step_start = time.perf_counter()
+    draft = run.unwrapped_draft()
+    batches = []
+    for _ in range(config.grad_accum):
+        chosen = setup.next_examples(
+            run.train_examples, state, config.batch_size, config.seed,
+            accelerator.process_index, accelerator.num_processes,
+        )
+        batches.append(run.policy.sample_batch(chosen, target=run.opt.target, draft=draft,
+                                               generator=run.generator))
+    generation = time.perf_counter() - step_start
+    result = run.opt.step(batches)
+    state.step += 1
+    state.train_seconds += time.perf_counter() - step_start
+    run.log({
+        "step": state.step, **result, "lr": run.opt.scheduler.get_last_lr()[0],
+        "step_seconds": time.perf_counter() - step_start, "train_seconds": state.train_seconds,
+        "policy": getattr(run.policy, "last_choice", None) or run.policy.name,
+        "time_generation": generation,
+    })
+    return result["loss"]
+
+
+def _evaluate(run: _Run, kind: str) -> None:
+    if run.evaluator is not None:
+        start = time.perf_counter()
+        run.last_eval = run.evaluator.evaluate(run.unwrapped_draft())
+        run.log({"step": run.state.step, "eval": kind, **run.last_eval,
+                 "train_seconds": run.state.train_seconds,
+                 "eval_seconds": time.perf_counter() - start})
+    run.accelerator.wait_for_everyone()
+
+
+def _card(run: _Run) -> str:
+    return checkpoint.model_card(run.config, run.last_eval, run.state.step, run.state.train_seconds)
+
+
+def _save(run: _Run) -> None:
+    """Rank 0 writes the checkpoint; every rank's RNG state goes in (per-rank entries)."""
+    rank_states = _gather_objects(run.accelerator, checkpoint.rng_state(run.generator, run.policy))
+    if run.accelerator.is_main_process:
+        trainer_state = {
+            "train": dataclasses.asdict(run.state),
+            "optimizer": run.opt.optimizer.state_dict(),
+            "scheduler": run.opt.scheduler.state_dict(),
+            "rng": rank_states,
+        }
+        checkpoint.save_checkpoint(
+            run.folder.child("checkpoints"), run.state.step, run.unwrapped_draft(),
+            run.tokenizer, to_dict(run.config), _card(run), trainer_state,
+            run.config.keep_checkpoints,
+        )
+    run.accelerator.wait_for_everyone()
+
+
+def _gather_objects(accelerator, obj) -> list:
+    if accelerator.num_processes == 1:
+        return [obj]
+    gathered: list = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _finish(run: _Run) -> None:
+    accelerator, draft = run.accelerator, run.unwrapped_draft()
+    if accelerator.is_main_process:
+        checkpoint.save_model_folder(run.folder.child("final"), draft, run.tokenizer,
+                                     to_dict(run.config), _card(run))
+    checksum = sum(float(p.detach().double().sum()) for p in draft.parameters())
+    summary = {
+        "rank": accelerator.process_index, "world_size": accelerator.num_processes,
+        "step": run.state.step, "examples_seen": run.state.examples_seen,
+        "parameter_checksum": checksum, "metrics": run.last_eval,
+    }
+    name = f"rank-{accelerator.process_index}.json"
+    atomic_write_json(run.folder.child(name), summary)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,256 @@
+"""Where the training outputs y come from: small strategy objects with one ``sample_batch``.
+
+DistillSpec trains the draft on ``(x, y)`` with x from the training set and y from a data policy
+(paper §2 / GKD): ``fixed`` (dataset completions), ``teacher`` (sampled from the target),
+``draft`` (on-policy: sampled from the current draft) or ``mixed`` (a seeded choice among those,
+one per batch). Every policy returns a ``SequenceBatch`` built by ``batch.build_batch``.
+
+Teacher data "generated once and cached" is ``datagen`` (write a JSONL file of target samples)
+followed by ``FixedPolicy`` on that file: ``TeacherPolicy`` itself always generates.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from distillspec.decoding.params import SamplingConfig
+from distillspec.training.batch import SequenceBatch, build_batch
+from distillspec.training.datagen import generate_completions
+from distillspec.training.datasets import PromptExample
+
+POLICY_NAMES = ("fixed", "teacher", "draft", "mixed")
+
+
+class Policy(Protocol):
+    """The one interface: turn a list of examples into a ``SequenceBatch``."""
+
+    name: str
+
+    def sample_batch(
+        self,
+        examples: list[PromptExample],
+        *,
+        target: torch.nn.Module,
+        draft: torch.nn.Module,
+        generator: torch.Generator,
+    ) -> SequenceBatch: ...
+
+
+class FixedPolicy:
+    """y = the dataset's completions (or a ``datagen`` file's cached target samples)."""
+
+    name = "fixed"
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
+
+    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
+        for example in examples:
+            if example.completion_ids is None:
+                raise ValueError(
+                    f"{example.source}: the fixed policy needs a completion for every example "
+                    "and this one has none. Add one, or use the teacher or draft policy."
+                )
+        prompts = [e.prompt_ids for e in examples]
+        return build_batch(prompts, [e.completion_ids for e in examples], self.pad_id)
+
+
+class _SamplingPolicy:
+    """Shared by teacher and draft: sample completions from one model with our engine."""
+
+    name = ""
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        max_new_tokens: int = 64,
+        eos_token_id: int | Iterable[int] | None = None,
+        pad_id: int = 0,
+    ):
+        SamplingConfig(temperature=temperature)  # validates
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+        self.temperature = temperature
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_id = eos_token_id
+        self.pad_id = pad_id
+
+    def _sample_from(self, model, examples, generator) -> SequenceBatch:
+        prompts = [e.prompt_ids for e in examples]
+        completions = generate_completions(
+            model,
+            prompts,
+            temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos_token_id,
+            generator=generator,
+            pad_id=self.pad_id,
+        )
+        return build_batch(prompts, completions, self.pad_id)
+
+
+class TeacherPolicy(_SamplingPolicy):
+    """y ~ target(· | x), sampled afresh for every batch (batched, KV-cached engine).
+
+    Existing ``completion_ids`` are ignored. To sample once and reuse, run ``datagen`` and train
+    with ``FixedPolicy`` on the file it writes.
+    """
+
+    name = "teacher"
+
+    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
+        return self._sample_from(target, examples, generator)
+
+
+class DraftPolicy(_SamplingPolicy):
+    """On-policy: y ~ draft(· | x) from the draft's current weights (the paper's default).
+
+    The draft is sampled in eval mode (no dropout) and each module's previous train/eval mode is
+    restored afterwards. Pass the unwrapped module (e.g. ``accelerator.unwrap_model(draft)``, not
+    a DDP wrapper): generation calls the model directly and must not trigger gradient syncs.
+    """
+
+    name = "draft"
+
+    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
+        return self._sample_from(draft, examples, generator)
+
+
+class CachedTeacherPolicy:
+    """y = the target's completion generated once per prompt before training (teacher_cache):
+    the teacher policy without re-running the target every step."""
+
+    name = "teacher"
+
+    def __init__(self, completions: dict[str, list[int]], pad_id: int = 0):
+        self.completions, self.pad_id = completions, pad_id
+
+    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
+        prompts = [e.prompt_ids for e in examples]
+        return build_batch(prompts, [self.completions[e.source] for e in examples], self.pad_id)
+
+
+class MixedPolicy:
+    """Pick ONE component per batch with probability = its fraction (GKD's lambda for draft).
+
+    The choice uses its own ``random.Random(seed)``, independent of torch's RNG; save
+    ``state_dict()`` in checkpoints so a resumed run continues the same sequence of picks.
+    ``last_choice`` is the name of the most recent pick (for logging).
+    """
+
+    name = "mixed"
+
+    def __init__(self, components: Sequence[tuple[Any, float]], seed: int):
+        components = list(components)
+        if not components:
+            raise ValueError("A mixed policy needs at least one (policy, fraction) component.")
+        fractions = [float(f) for _, f in components]
+        if not all(f > 0.0 and f <= 1.0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            mix = ", ".join(f"{p.name}={f}" for p, f in components)
+            raise ValueError(
+                f"Mixed-policy fractions must each be > 0 and sum to 1, got {mix} "
+                f"(sum {sum(fractions):.6g}). Drop zero components and rescale the rest."
+            )
+        self.components = components
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self.last_choice: str | None = None
+
+    def choose(self) -> Any:
+        """Draw the policy for the next batch and record its name in ``last_choice``."""
+        u = self._rng.random()
+        cumulative = 0.0
+        chosen = self.components[-1][0]  # guards against float round-off at the top end
+        for policy, fraction in self.components:
+            cumulative += fraction
+            if u < cumulative:
+                chosen = policy
+                break
+        self.last_choice = chosen.name
+        return chosen
+
+    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
+        policy = self.choose()
+        return policy.sample_batch(examples, target=target, draft=draft, generator=generator)
+
+    def _mix(self) -> list[list[Any]]:
+        return [[policy.name, float(fraction)] for policy, fraction in self.components]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rng_state": self._rng.getstate(),
+            "mix": self._mix(),
+            "last_choice": self.last_choice,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the RNG (accepts a JSON round trip, where tuples became lists)."""
+        saved_mix = [list(item) for item in state["mix"]]
+        if saved_mix != self._mix():
+            raise ValueError(
+                f"The checkpoint's mixed policy was {saved_mix}, this run's is {self._mix()}. "
+                "Resume with the same mix, or start a fresh run."
+            )
+        version, internal, gauss_next = state["rng_state"]
+        self._rng.setstate((version, tuple(internal), gauss_next))
+        self.last_choice = state.get("last_choice")
+
+
+def make_policy(
+    name: str,
+    *,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    eos_token_id: int | Iterable[int] | None = None,
+    mix: dict[str, float] | None = None,
+    seed: int = 0,
+    pad_id: int = 0,
+    teacher_completions: dict[str, list[int]] | None = None,
+) -> Any:
+    """Build a policy by name; ``mix`` (e.g. ``{"draft": 0.5, "teacher": 0.5}``) is for "mixed".
+
+    With ``teacher_completions`` (source -> ids, see ``datagen.teacher_cache``) the teacher
+    component replays them instead of sampling the target.
+    """
+    if name not in POLICY_NAMES:
+        raise ValueError(f"Unknown data policy {name!r}; choose one of {', '.join(POLICY_NAMES)}.")
+    sampling = dict(
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        pad_id=pad_id,
+    )
+    if name != "mixed":
+        if mix is not None:
+            raise ValueError(
+                f"mix={mix} is only used by the 'mixed' policy, not {name!r}. Use "
+                "policy 'mixed' or drop the mix."
+            )
+        if name == "fixed":
+            return FixedPolicy(pad_id=pad_id)
+        if name == "teacher" and teacher_completions is not None:
+            return CachedTeacherPolicy(teacher_completions, pad_id)
+        return (TeacherPolicy if name == "teacher" else DraftPolicy)(**sampling)
+    if not mix:
+        raise ValueError(
+            "The 'mixed' policy needs mix fractions, e.g. {'draft': 0.5, 'teacher': 0.5}."
+        )
+    bad = [key for key in mix if key not in POLICY_NAMES[:-1]]
+    if bad:
+        raise ValueError(
+            f"Unknown policies {bad} in mix; components must be among "
+            f"{', '.join(POLICY_NAMES[:-1])}."
+        )
+    cached = dict(teacher_completions=teacher_completions)
+    components = [
+        (make_policy(key, **sampling, **cached), fraction) for key, fraction in mix.items()
+    ]
+    return MixedPolicy(components, seed=seed)

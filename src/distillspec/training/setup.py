@@ -1,0 +1,157 @@
+"""Everything a distillation run needs before its first step, checked in the safe order.
+
+1. ``check_inputs``: the target and data exist and the requested trackers are installed
+   (cheap checks, nothing loaded, nothing written);
+2. ``open_run_folder``: the output folder is ours or refused; the start / resume / overwrite
+   decision is made here, before any model loads;
+3. models, data, policy, optimiser and schedule (``trainable_draft``, ``load_data``,
+   ``make_scheduler``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distillspec.common.rundir import RunFolder, claim
+from distillspec.models.loading import build_draft, check_model_spec
+from distillspec.models.registry import BUILTIN_PREFIX, check_builtin_dataset
+from distillspec.training import checkpoint
+from distillspec.training.config import DistillConfig
+from distillspec.training.datasets import load_examples, split_examples
+
+RUN_ENTRIES = (
+    "checkpoints", "final", "metrics.jsonl", "distill_config.json", "trackers",
+    "teacher-cache.jsonl",
+)
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimiser that a resumed run needs."""
+
+    step: int = 0
+    examples_seen: int = 0  # position in the (seeded, per-epoch shuffled) training order
+    train_seconds: float = 0.0
+
+
+def _check_data(spec: str, what: str) -> None:
+    if spec.startswith(BUILTIN_PREFIX):
+        check_builtin_dataset(spec)
+    elif not Path(spec).exists():
+        raise ValueError(f"The {what} {spec} does not exist.")
+
+
+def check_inputs(config: DistillConfig) -> None:
+    """Fail before anything is loaded or written: models, data and trackers must exist."""
+    check_model_spec(config.target)
+    if not config.draft_init.startswith("target-layers:"):
+        check_model_spec(config.draft_init)
+    if not config.data:
+        raise ValueError("No training data: set data (a JSONL file, a .txt file, a folder or builtin:NAME).")
+    _check_data(config.data, "training data")
+    if config.eval_data:
+        _check_data(config.eval_data, "evaluation data")
+    if config.log_with:
+        from accelerate.tracking import get_available_trackers
+
+        available = {str(t) for t in get_available_trackers()}
+        missing = [t for t in config.log_with if t not in available and t != "all"]
+        if missing:
+            raise ValueError(
+                f"log_with names {', '.join(missing)}, which is not installed here (available: "
+                f"{', '.join(sorted(available)) or 'none'}). Install it or drop it from log_with."
+            )
+
+
+def open_run_folder(config: DistillConfig, main_process: bool = True) -> tuple[RunFolder, Path | None]:
+    """Claim the output folder and decide: a fresh start, or the checkpoint to resume from."""
+    folder = claim(config.output_dir, "distill", fresh=config.overwrite and main_process)
+    checkpoints = folder.path / "checkpoints"
+    if checkpoints.is_symlink():
+        raise ValueError(f"{checkpoints} is a symbolic link; distillspec never writes through one.")
+    if not config.resume:
+        if checkpoint.has_run_state(folder.path):
+            raise ValueError(
+                f"{folder.path} holds an earlier distillation run. Pass --resume to continue it, "
+                "--overwrite to start over (only the files runs wrote there are removed), or "
+                "choose another --output-dir."
+            )
+        return folder, None
+    found = checkpoint.find_resumable(checkpoints)
+    for problem in found.skipped:
+        print(f"distillspec: warning: skipping damaged checkpoint {problem}", file=sys.stderr)
+    if found.folder is None:
+        if checkpoint.has_run_state(folder.path):
+            raise ValueError(
+                f"--resume: {folder.path} holds run state but no complete checkpoint to resume "
+                "from. Use --overwrite to start over or choose another --output-dir."
+            )
+        print(f"distillspec: --resume: nothing to resume in {folder.path}; starting at step 0.",
+              file=sys.stderr)
+        return folder, None
+    if found.skipped:
+        print(f"distillspec: resuming from the previous complete checkpoint {found.folder.name}.",
+              file=sys.stderr)
+    return folder, found.folder
+
+
+def trainable_draft(config: DistillConfig, target, tokenizer):
+    """The draft to train, in float32, with the chosen parameters trainable."""
+    draft = build_draft(config.draft_init, target, tokenizer, dtype=torch.float32)
+    draft.get_input_embeddings().weight.requires_grad_(config.train_embeddings)
+    draft.get_output_embeddings().weight.requires_grad_(config.train_lm_head)
+    if draft.config.tie_word_embeddings and config.train_embeddings != config.train_lm_head:
+        raise ValueError(
+            "This draft ties its input embeddings and output head, so train_embeddings and "
+            "train_lm_head must be equal. Set both to true or both to false."
+        )
+    return draft.train()
+
+
+def load_data(config: DistillConfig, tokenizer) -> tuple[list, list]:
+    limits = dict(
+        max_prompt_tokens=config.max_prompt_tokens,
+        max_completion_tokens=config.max_completion_tokens,
+    )
+    examples = load_examples(config.data, tokenizer, **limits)
+    if config.eval_data:
+        return examples, load_examples(config.eval_data, tokenizer, **limits)
+    return split_examples(examples, config.held_out, config.seed)
+
+
+def make_scheduler(optimizer, config: DistillConfig, state: TrainState | None = None):
+    """Linear warm-up to the peak lr, then cosine decay to 10% of it at the end of the run.
+
+    The end is max_steps or, for a time-budgeted run (max_minutes), the budget: progress is
+    whichever fraction is larger, so a run cut by time still ends on a low learning rate.
+    """
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        if config.max_minutes and state is not None:
+            progress = max(progress, state.train_seconds / (config.max_minutes * 60))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def next_examples(examples: list, state: TrainState, count: int, seed: int, rank: int, world: int):
+    """The next ``count`` examples for this rank in a seeded per-epoch permutation.
+
+    Deterministic from (seed, examples_seen): a resumed run continues with the same data.
+    """
+    chosen = []
+    for offset in range(count):
+        index = state.examples_seen + rank * count + offset
+        epoch, within = divmod(index, len(examples))
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
+        chosen.append(examples[int(order[within])])
+    state.examples_seen += count * world
+    return chosen

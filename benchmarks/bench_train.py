@@ -19,8 +19,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from distillspec.config import DistillConfig
-from distillspec.train import distill
+from distillspec.common.config import to_dict
+from distillspec.common.io import atomic_write_json
+from distillspec.training.config import DistillConfig
+from distillspec.training.loop import distill
 
 STDLIB_FILES = [
     "json/decoder.py",
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
     }
     report = {
         "command": "python benchmarks/bench_train.py " + " ".join(argv or sys.argv[1:]),
-        "config": vars(config),
+        "config": to_dict(config),
         "median_step_seconds": statistics.median(r["step_seconds"] for r in steps),
         "training_tokens_per_second": sum(r["tokens"] for r in steps) / total,
         "time_share": shares,
@@ -98,8 +100,7 @@ def main(argv=None) -> int:
         "alpha_after": final,
         "train_minutes": total / 60,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(args.out, report)
     print(json.dumps({k: report[k] for k in report if k not in ("config",)}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_tokenizer
 
-from distillspec.models import registry
-from distillspec.training.datasets import PromptExample, load_examples
-from distillspec.models.registry import (
+from distillspec.training import builtin_data as registry
+from distillspec.training.builtin_data import (
     BUILTIN_DATASETS,
     HELD_OUT_FRACTION,
     STDLIB_MODULES,
@@ -23,6 +22,7 @@ from distillspec.models.registry import (
     list_builtin_datasets,
     split_items,
 )
+from distillspec.training.datasets import PromptExample, load_examples
 
 # tiny_tokenizer ids: <pad>=0 <s>=1 </s>=2 <unk>=3, then wK = K + 4.
 CHAT_TEMPLATE = (

@@ -28,7 +28,7 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
         "--distill.max-new-tokens", "6",
         "--distill.eval-prompts", "4",
         "--speed-prompts", "2",
-        "--distill.eval-every", "2",
+        "--distill.eval-every", "6",
         "--distill.batch-size", "4",
         "--device", "cpu",
         "--dtype", "float32",

@@ -36,13 +36,14 @@ def tv(a, b):
 
 
 @pytest.mark.parametrize(
-    "sampling,gamma",
+    "sampling,gamma,threshold",
     [
-        (SamplingConfig(temperature=1.0), 3),
-        (SamplingConfig(temperature=0.8, top_k=5, top_p=0.9), 2),
+        (SamplingConfig(temperature=1.0), 3, 0.0),
+        (SamplingConfig(temperature=0.8, top_k=5, top_p=0.9), 2, 0.0),
+        (SamplingConfig(temperature=1.0), 3, 0.35),  # adaptive drafting
     ],
 )
-def test_sampled_sd_matches_target_joint(sampling, gamma):
+def test_sampled_sd_matches_target_joint(sampling, gamma, threshold):
     target = tiny_model("llama", seed=0, vocab_size=V)
     with torch.no_grad():
         target.lm_head.weight.mul_(0.1)  # soften: many cells with mass
@@ -59,6 +60,7 @@ def test_sampled_sd_matches_target_joint(sampling, gamma):
         temperature=sampling.temperature,
         top_k=sampling.top_k,
         top_p=sampling.top_p,
+        confidence_threshold=threshold,
         generator=torch.Generator().manual_seed(0),
     )
     observed = empirical_joint(result.sequences)

@@ -7,8 +7,8 @@ import torch
 from conftest import left_padded, save_tiny, tiny_model, tiny_tokenizer
 
 from distillspec import autoregressive_generate, load_model, load_pair, speculative_generate
-from distillspec.models.drafts import truncate_layers
 from distillspec.common.runtime import resolve_dtype
+from distillspec.models.drafts import truncate_layers
 from distillspec.models.loading import resolve_model_path
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from distillspec.models import install as models_cli
 from distillspec.models import registry
-from distillspec.tools.cli import main
 from distillspec.models.registry import BUILTIN_MODELS, MODEL_GROUPS, BuiltinModel, SlicedGGUF
+from distillspec.tools.cli import main
 
 SLICE_BYTES = [b"GGUF" + bytes(range(256)) * 3, b"middle slice \x00\xff" * 50, b"tail"]
 JOINED = b"".join(SLICE_BYTES)

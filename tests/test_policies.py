@@ -11,9 +11,9 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 
 from distillspec import autoregressive_generate
-from distillspec.training.datasets import PromptExample, load_examples
 from distillspec.training.batch import build_batch
 from distillspec.training.datagen import datagen
+from distillspec.training.datasets import PromptExample, load_examples
 from distillspec.training.policies import (
     DraftPolicy,
     FixedPolicy,

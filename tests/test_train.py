@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from distillspec.common.config import from_dict, to_dict
-from distillspec.training.config import DistillConfig
 from distillspec.training.batch import build_batch
+from distillspec.training.config import DistillConfig
 from distillspec.training.divergences import get_divergence
 from distillspec.training.loop import distill
 from distillspec.training.setup import make_scheduler

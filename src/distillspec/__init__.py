@@ -15,10 +15,10 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "Decoder": "distillspec.decoding.engine",
-    "Request": "distillspec.decoding.engine",
-    "GenerationResult": "distillspec.decoding.engine",
-    "speculative_generate": "distillspec.decoding.engine",
-    "autoregressive_generate": "distillspec.decoding.engine",
+    "Request": "distillspec.decoding.requests",
+    "GenerationResult": "distillspec.decoding.generate",
+    "speculative_generate": "distillspec.decoding.generate",
+    "autoregressive_generate": "distillspec.decoding.generate",
     "GenerationMetrics": "distillspec.decoding.metrics",
     "SamplingConfig": "distillspec.decoding.params",
     "SpeculationConfig": "distillspec.decoding.params",

@@ -23,81 +23,18 @@ batch. Plain decoding is the same block with no draft (g = 0).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from distillspec.decoding.acceptance import analytic_acceptance, verify
-from distillspec.decoding.batching import left_pad, unpad
 from distillspec.decoding.kv_cache import CachedModel, ensure_croppable
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
+from distillspec.decoding.requests import Request, RowUpdate, _Row, context_length, output_width
 from distillspec.decoding.sampling import pad_vocab, sample, warp_rows
-from distillspec.decoding.timing import synchronize, timed
-
-
-@dataclass
-class Request:
-    """One sequence to decode: its prompt ids, budget, sampling and stop ids."""
-
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    stop_token_ids: frozenset[int] = frozenset()
-    seed: int | None = None  # own generator: reproducible whatever shares the batch
-    request_id: Any = None
-
-
-@dataclass
-class RowUpdate:
-    """What one ``step`` produced for one request."""
-
-    request_id: Any
-    new_tokens: list[int]
-    finished: bool
-    finish_reason: str | None  # "eos" (a stop id), "length" or "cancelled" when finished
-
-
-@dataclass
-class _Row:
-    request: Request
-    counts: DecodeCounts
-    generator: torch.Generator | None
-    output: list[int] = field(default_factory=list)
-    target_pending: int = 0  # the last token, not yet in the target's cache
-    draft_pending: list[int] = field(default_factory=list)  # 1 or 2 tokens for the draft
-    finish_reason: str | None = None
-
-    @property
-    def remaining(self) -> int:
-        return self.request.max_new_tokens - len(self.output)
-
-    def emit(self, tokens: list[int]) -> list[int]:
-        """Append tokens up to the budget and the first stop id; returns what was appended."""
-        taken = []
-        for token in tokens[: self.remaining]:
-            taken.append(token)
-            if token in self.request.stop_token_ids:
-                self.finish_reason = "eos"
-                break
-        self.output += taken
-        if self.finish_reason is None and self.remaining <= 0:
-            self.finish_reason = "length"
-        return taken
-
-
-def output_width(model: PreTrainedModel) -> int:
-    """Columns of the model's logits (its LM head rows, or a pruned head's full width)."""
-    head = model.get_output_embeddings()
-    return int(getattr(head, "out_features", None) or head.weight.shape[0])
-
-
-def context_length(model: PreTrainedModel) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
+from distillspec.decoding.timing import timed
 
 
 class Decoder:
@@ -382,133 +319,3 @@ class Decoder:
         if not report:
             return []
         return [RowUpdate(r.request.request_id, [], True, r.finish_reason) for r in gone]
-
-
-# -- batch front ends ---------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationResult:
-    """New token ids per row (ragged, EOS included when hit) and the run's metrics."""
-
-    sequences: list[list[int]]
-    metrics: GenerationMetrics
-
-
-def _stop_ids(eos_token_id: int | Iterable[int] | None) -> frozenset[int]:
-    if eos_token_id is None:
-        return frozenset()
-    if isinstance(eos_token_id, int):
-        return frozenset([eos_token_id])
-    return frozenset(int(i) for i in eos_token_id)
-
-
-def run_to_completion(
-    decoder: Decoder,
-    requests: list[Request],
-    on_update: Callable[[RowUpdate], None] | None = None,
-) -> GenerationResult:
-    """Add ``requests``, step until all are done (``on_update`` sees every row's new tokens as
-    they are accepted); outputs and counts in request order."""
-    for index, request in enumerate(requests):
-        request.request_id = index
-        decoder.add(request)
-    start = time.perf_counter()
-    while decoder.has_work:
-        for update in decoder.step():
-            if on_update is not None:
-                on_update(update)
-    synchronize(decoder.device)
-    done = sorted(decoder.finished, key=lambda row: row.request.request_id)
-    metrics = decoder.metrics
-    metrics.wall_time_s = time.perf_counter() - start
-    for row in done:
-        row.counts.new_tokens = len(row.output)
-    metrics.rows = [row.counts for row in done]
-    metrics.finish_reasons = [row.finish_reason for row in done]
-    return GenerationResult([row.output for row in done], metrics)
-
-
-def _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id) -> list[Request]:
-    stop = _stop_ids(eos_token_id)
-    return [
-        Request(prompt, max_new_tokens, sampling, stop) for prompt in unpad(input_ids, attention_mask)
-    ]
-
-
-def speculative_generate(
-    target: PreTrainedModel,
-    draft: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    gamma: int,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    lenience: str | None = None,
-    epsilon: float = 1.0,
-    confidence_threshold: float = 0.0,
-    eos_token_id: int | Iterable[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> GenerationResult:
-    """Speculative decoding of a (left-padded) batch: lossless unless ``lenience`` is set.
-
-    ``input_ids [B, L]`` with ``attention_mask`` 1 on real tokens (left padding). Returns the new
-    tokens per row; each row stops on its own at an EOS id or after ``max_new_tokens``.
-    ``eos_token_id=None`` means no early stop. ``generator`` seeds sampling.
-    ``confidence_threshold`` > 0 turns on adaptive drafting (see ``SpeculationConfig``).
-    """
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    speculation = SpeculationConfig(
-        gamma=gamma,
-        lenience=lenience or "none",
-        epsilon=epsilon,
-        confidence_threshold=confidence_threshold,
-    )
-    requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
-    decoder = Decoder(target, draft, speculation, generator=generator)
-    return run_to_completion(decoder, requests)
-
-
-def autoregressive_generate(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | Iterable[int] | None = None,
-    generator: torch.Generator | None = None,
-) -> GenerationResult:
-    """Plain decoding through the same cache, warp and sampling code: the fair baseline."""
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
-    return run_to_completion(Decoder(model, None, generator=generator), requests)
-
-
-def generate_ids(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    eos_token_id: int | Iterable[int] | None = None,
-    generator: torch.Generator | None = None,
-    pad_id: int = 0,
-) -> list[list[int]]:
-    """Plain decoding of token-id prompts (a convenience for data generation)."""
-    input_ids, attention_mask = left_pad(prompts, pad_id, model.device)
-    result = autoregressive_generate(
-        model,
-        input_ids,
-        attention_mask,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        eos_token_id=eos_token_id,
-        generator=generator,
-    )
-    return result.sequences

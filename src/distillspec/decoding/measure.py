@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from distillspec.decoding.batching import left_pad
-from distillspec.decoding.engine import (
+from distillspec.decoding.generate import (
     GenerationResult,
     autoregressive_generate,
     speculative_generate,

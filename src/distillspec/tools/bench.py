@@ -32,7 +32,7 @@ from distillspec.common.config import to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads
-from distillspec.decoding.engine import autoregressive_generate, speculative_generate
+from distillspec.decoding.generate import autoregressive_generate, speculative_generate
 from distillspec.decoding.measure import SpeedProbe, measure_cost_model
 from distillspec.decoding.timing import timed
 from distillspec.tools.configs import BenchConfig

@@ -17,7 +17,9 @@ import torch
 
 from distillspec.common.io import read_jsonl
 from distillspec.common.runtime import apply_threads
-from distillspec.decoding.engine import Decoder, GenerationResult, Request, run_to_completion
+from distillspec.decoding.engine import Decoder
+from distillspec.decoding.generate import GenerationResult, run_to_completion
+from distillspec.decoding.requests import Request
 from distillspec.models.loading import eos_token_ids, load_model, load_pair
 from distillspec.models.registry import distilled_draft_for
 from distillspec.tools.configs import EXAMPLE_PROMPT, GenerateConfig

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from distillspec.common.io import atomic_writer, read_jsonl
-from distillspec.decoding.engine import generate_ids
+from distillspec.decoding.generate import generate_ids
 from distillspec.training.datasets import PromptExample
 
 DATAGEN_KEYS = ("prompt", "completion", "prompt_ids", "completion_ids")

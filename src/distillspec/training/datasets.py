@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from distillspec.common.io import read_jsonl, read_text_file
-from distillspec.models.registry import BUILTIN_PREFIX, builtin_dataset_items
+from distillspec.models.registry import BUILTIN_PREFIX
+from distillspec.training.builtin_data import builtin_dataset_items
 
 TEXT_SUFFIX = ".txt"
 

@@ -16,7 +16,7 @@ import torch
 
 from distillspec.decoding.acceptance import analytic_acceptance
 from distillspec.decoding.batching import left_pad
-from distillspec.decoding.engine import speculative_generate
+from distillspec.decoding.generate import speculative_generate
 from distillspec.decoding.metrics import combined_counts
 from distillspec.decoding.params import SamplingConfig
 from distillspec.decoding.sampling import pad_vocab, warp

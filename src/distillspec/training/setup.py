@@ -19,8 +19,9 @@ import torch
 
 from distillspec.common.rundir import RunFolder, claim
 from distillspec.models.loading import build_draft, check_model_spec
-from distillspec.models.registry import BUILTIN_PREFIX, check_builtin_dataset
+from distillspec.models.registry import BUILTIN_PREFIX
 from distillspec.training import checkpoint
+from distillspec.training.builtin_data import check_builtin_dataset
 from distillspec.training.config import DistillConfig
 from distillspec.training.datasets import load_examples, split_examples
 

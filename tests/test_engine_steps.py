@@ -1,0 +1,137 @@
+"""The step-level engine: rows join mid-run, leave, carry their own sampling and seeds, and each
+produces exactly what it produces alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded, perturbed_copy, tiny_model
+
+from distillspec import Decoder, Request, autoregressive_generate, speculative_generate
+from distillspec.decoding.generate import run_to_completion
+from distillspec.decoding.params import SamplingConfig, SpeculationConfig
+
+GREEDY, SAMPLED = SamplingConfig(), SamplingConfig(temperature=1.0, top_p=0.9)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("llama", seed=0)
+    return target, perturbed_copy(target, 0.1)
+
+
+def prompts(count, seed=0):
+    ids, mask = left_padded([3 + (5 * i) % 9 for i in range(count)], seed=seed)
+    return [ids[r][mask[r].bool()].tolist() for r in range(count)]
+
+
+def alone(pair, request, gamma=3, threshold=0.0):
+    target, draft = pair
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=gamma, confidence_threshold=threshold))
+    return run_to_completion(decoder, [request]).sequences[0]
+
+
+def request(prompt, budget, sampling=GREEDY, seed=None, name=None):
+    return Request(list(prompt), budget, sampling, seed=seed, request_id=name)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_rows_joining_mid_run_produce_exactly_what_they_produce_alone(pair, threshold):
+    target, draft = pair
+    texts = prompts(6)
+    plan = [  # (step at which it joins, budget, sampling, seed)
+        (0, 20, GREEDY, None), (0, 9, SAMPLED, 11), (2, 15, GREEDY, None),
+        (3, 12, SAMPLED, 5), (3, 1, GREEDY, None), (7, 18, SAMPLED, 2),
+    ]
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3, confidence_threshold=threshold),
+                      generator=torch.Generator().manual_seed(0))
+    outputs = {i: [] for i in range(len(plan))}
+    finished = {}
+    step = 0
+    while step < 100 and (step <= max(p[0] for p in plan) or decoder.has_work):
+        for index, (join, budget, sampling, seed) in enumerate(plan):
+            if join == step:
+                decoder.add(request(texts[index], budget, sampling, seed, name=index))
+        for update in decoder.step():
+            outputs[update.request_id] += update.new_tokens
+            if update.finished:
+                finished[update.request_id] = update.finish_reason
+        step += 1
+    assert set(finished) == set(range(len(plan)))
+    for index, (_, budget, sampling, seed) in enumerate(plan):
+        expected = alone(pair, request(texts[index], budget, sampling, seed), threshold=threshold)
+        assert outputs[index] == expected, f"row {index}"
+        assert len(outputs[index]) == budget and finished[index] == "length"
+
+
+def test_greedy_rows_equal_the_target_whatever_shares_the_batch(pair):
+    target, _ = pair
+    texts = prompts(4, seed=3)
+    requests = [request(t, 16, GREEDY if i % 2 == 0 else SAMPLED, seed=i) for i, t in enumerate(texts)]
+    decoder = Decoder(target, pair[1], SpeculationConfig(gamma=4))
+    result = run_to_completion(decoder, requests)
+    for index in (0, 2):
+        plain = autoregressive_generate(target, torch.tensor([texts[index]]), max_new_tokens=16)
+        assert result.sequences[index] == plain.sequences[0]
+
+
+def test_cancel_and_stop_ids(pair):
+    target, draft = pair
+    texts = prompts(2, seed=5)
+    first = alone(pair, request(texts[0], 20))
+    stop = first[6]
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3))
+    decoder.add(Request(texts[0], 20, GREEDY, frozenset([stop]), request_id="a"))
+    decoder.add(request(texts[1], 50, name="b"))
+    updates = decoder.step()
+    decoder.cancel("b")
+    reasons = {}
+    while decoder.has_work:
+        for update in decoder.step():
+            if update.finished:
+                reasons[update.request_id] = update.finish_reason
+    for update in updates:
+        if update.finished:
+            reasons[update.request_id] = update.finish_reason
+    assert reasons == {"a": "eos", "b": "cancelled"}
+    assert next(r for r in decoder.finished if r.request.request_id == "a").output == first[
+        : first.index(stop) + 1
+    ]
+
+
+@pytest.mark.parametrize("gamma", [2, 5])
+def test_adaptive_drafting_is_lossless_and_drafts_less(pair, gamma):
+    target, draft = pair
+    ids, mask = left_padded([4, 9, 6])
+    fixed = speculative_generate(target, draft, ids, mask, gamma=gamma, max_new_tokens=24)
+    adaptive = speculative_generate(target, draft, ids, mask, gamma=gamma, max_new_tokens=24,
+                                    confidence_threshold=0.6)
+    plain = autoregressive_generate(target, ids, mask, max_new_tokens=24)
+    assert adaptive.sequences == fixed.sequences == plain.sequences
+    assert adaptive.metrics.drafted_tokens < fixed.metrics.drafted_tokens
+    assert adaptive.metrics.acceptance_rate >= fixed.metrics.acceptance_rate
+
+
+def test_metrics_expose_the_rates_directly(pair):
+    target, draft = pair
+    ids, mask = left_padded([5, 7])
+    metrics = speculative_generate(target, draft, ids, mask, gamma=3, max_new_tokens=10).metrics
+    assert metrics.acceptance_rate == metrics.total.acceptance_rate
+    assert metrics.block_efficiency == metrics.total.block_efficiency
+    assert metrics.analytic_alpha == metrics.total.analytic_alpha
+    with pytest.raises(AttributeError):
+        metrics.no_such_metric  # noqa: B018
+
+
+def test_impossible_requests_are_refused_before_anything_runs(pair):
+    target, draft = pair
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        decoder.add(request([5, 6], 0))
+    with pytest.raises(ValueError, match="context"):
+        decoder.add(request([5] * 200, 100))
+    with pytest.raises(ValueError, match="token ids"):
+        decoder.add(request([5, 10_000], 4))
+    with pytest.raises(ValueError, match="gamma must be an integer >= 1 and <= 64"):
+        SpeculationConfig(gamma=1_000_000_000)
+    assert not decoder.has_work

@@ -48,6 +48,12 @@ class RunFolder:
             )
         return target
 
+    def refuse_links(self, *names: str) -> None:
+        """Refuse to run at all when any of these entries is a symbolic link."""
+        for name in names:
+            if (self.path / name).is_symlink():
+                self.child(name)  # raises with the message
+
     def _write_marker(self) -> None:
         atomic_write_json(
             self.path / MARKER,
@@ -75,6 +81,8 @@ def _read_marker(folder: Path) -> dict | None:
 
 def check_writable(folder: Path) -> None:
     """The folder (or its nearest existing parent) must be a writable directory."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file; the output must be a folder.")
     probe = folder
     while not probe.exists():
         probe = probe.parent
@@ -88,8 +96,6 @@ def claim(folder: str | Path, kind: str, *, fresh: bool = False) -> RunFolder:
     """Take ``folder`` for a run of ``kind`` (see the module docstring); returns its RunFolder."""
     folder = Path(folder)
     check_writable(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; the output must be a folder.")
     marker = _read_marker(folder) if folder.is_dir() else None
     if marker is None:
         others = [p.name for p in folder.iterdir()] if folder.is_dir() else []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig
 from distillspec.decoding.params import MAX_GAMMA, SamplingConfig, SpeculationConfig
-from distillspec.training.config import DEFAULT_TARGET, MAX_BATCH, MAX_TOKENS, DistillConfig
+from distillspec.training.config import MAX_BATCH, MAX_TOKENS, DistillConfig, target_knob
 
 EXAMPLE_PROMPT = "Write a short poem about the sea."
 
@@ -20,7 +20,7 @@ EXAMPLE_PROMPT = "Write a short poem about the sea."
 class GenerateConfig:
     """``distillspec generate``: what to run on which prompts."""
 
-    target: str = knob(DEFAULT_TARGET, "Target model: HF folder, .gguf file or builtin:NAME.")
+    target: str = target_knob()
     draft: str = knob(
         "auto",
         "Draft: HF folder, .gguf file, target-layers:N (the target's first N layers), none "
@@ -58,7 +58,7 @@ class GenerateConfig:
 class BenchConfig:
     """``distillspec bench``: our SD against transformers (plain and assisted) in one run."""
 
-    target: str = knob(DEFAULT_TARGET, "Target model: HF folder, .gguf or builtin:NAME.")
+    target: str = target_knob()
     draft: str = knob(
         "target-layers:4", "Draft: HF folder, .gguf, builtin:NAME or target-layers:N."
     )

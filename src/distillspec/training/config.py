@@ -17,13 +17,19 @@ DIVERGENCE_CHOICES = ("fkl", "rkl", "jsd", "tvd")
 POLICY_CHOICES = ("fixed", "teacher", "draft", "mixed")
 MAX_BATCH = 4096
 MAX_TOKENS = 1 << 17  # per prompt, per completion: far past any context we load
+MODEL_SPECS = "an HF folder, a .gguf file or builtin:NAME"
+
+
+def target_knob(role: str = "Target model") -> str:
+    """The one declaration of the target-model knob (every command has one)."""
+    return knob(DEFAULT_TARGET, f"{role}: {MODEL_SPECS}.")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """``distillspec distill``: a DistillSpec recipe. YAML keys are these field names."""
 
-    target: str = knob(DEFAULT_TARGET, "Target (teacher) model: HF folder, .gguf or builtin:NAME.")
+    target: str = target_knob("Target (teacher) model")
     draft_init: str = knob(
         "target-layers:4",
         "Draft initialisation: target-layers:N (the target's first N layers), "
@@ -166,7 +172,7 @@ class DistillConfig:
 class DatagenConfig:
     """``distillspec datagen``: sample target completions once, cache them as JSONL."""
 
-    target: str = knob(DEFAULT_TARGET, "Target model: HF folder, .gguf or builtin:NAME.")
+    target: str = target_knob()
     data: str = knob("", "Prompts: JSONL (prompt or messages), .txt, a folder of .txt or builtin:NAME.")
     out: str = knob(
         "teacher.jsonl", "Output JSONL (prompt, completion, prompt_ids, completion_ids)."

@@ -60,6 +60,7 @@ class _Run:
     evaluator: SDEvaluator | None
     state: TrainState
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
+    saved_step: int = -1  # the step of the newest checkpoint on disk (loaded or written)
 
     @property
     def accelerator(self) -> Accelerator:
@@ -120,7 +121,9 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
         )
     opt = Optimisation(accelerator, draft, target, divergence, optimizer, scheduler,
                        config.clip_grad_norm, use_bf16)
-    return _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state)
+    run = _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state)
+    run.saved_step = state.step if resume_from is not None else -1
+    return run
 
 
 def _teacher_cache(config, folder, accelerator, target, tokenizer, examples, state):
@@ -272,6 +275,9 @@ def _card(run: _Run) -> str:
 
 def _save(run: _Run) -> None:
     """Rank 0 writes the checkpoint; every rank's RNG state goes in (per-rank entries)."""
+    if run.state.step == run.saved_step:  # e.g. resumed at the last step: nothing new to save
+        return
+    run.saved_step = run.state.step
     rank_states = _gather_objects(run.accelerator, checkpoint.rng_state(run.generator, run.policy))
     if run.accelerator.is_main_process:
         trainer_state = {

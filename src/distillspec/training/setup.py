@@ -72,9 +72,8 @@ def check_inputs(config: DistillConfig) -> None:
 def open_run_folder(config: DistillConfig, main_process: bool = True) -> tuple[RunFolder, Path | None]:
     """Claim the output folder and decide: a fresh start, or the checkpoint to resume from."""
     folder = claim(config.output_dir, "distill", fresh=config.overwrite and main_process)
+    folder.refuse_links(*RUN_ENTRIES)
     checkpoints = folder.path / "checkpoints"
-    if checkpoints.is_symlink():
-        raise ValueError(f"{checkpoints} is a symbolic link; distillspec never writes through one.")
     if not config.resume:
         if checkpoint.has_run_state(folder.path):
             raise ValueError(

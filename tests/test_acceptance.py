@@ -128,3 +128,25 @@ def test_epsilon_one_is_exactly_lossless(lenience):
     lenient = run_trials(target, draft, trials=5000, lenience=lenience, epsilon=1.0)[1]
     assert torch.equal(lossless.num_accepted, lenient.num_accepted)
     assert torch.equal(lossless.next_tokens, lenient.next_tokens)
+
+
+def test_greedy_fast_path_equals_the_rule_on_one_hot_distributions():
+    from distillspec.decoding.acceptance import verify_greedy
+
+    generator = torch.Generator().manual_seed(5)
+    batch, gamma, vocab = 64, 4, 7
+    target_tokens = torch.randint(0, vocab, (batch, gamma + 1), generator=generator)
+    # drafts that agree with the target for a random prefix, then diverge (or not)
+    draft_tokens = torch.where(
+        torch.rand(batch, gamma, generator=generator) < 0.7,
+        target_tokens[:, :gamma],
+        torch.randint(0, vocab, (batch, gamma), generator=generator),
+    )
+    lengths = torch.randint(0, gamma + 1, (batch,), generator=generator)
+    one_hot = lambda t: torch.nn.functional.one_hot(t, vocab).float()  # noqa: E731
+    full = verify(draft_tokens, one_hot(draft_tokens), one_hot(target_tokens),
+                  draft_lengths=lengths, generator=generator)
+    fast = verify_greedy(draft_tokens, target_tokens, lengths)
+    assert torch.equal(full.num_accepted, fast.num_accepted)
+    assert torch.equal(full.next_tokens, fast.next_tokens)
+    assert torch.equal(full.accepted_mask, fast.accepted_mask)

@@ -1,4 +1,4 @@
-"""The demo pipeline end to end on a tiny local model (seconds): measure, distil, measure."""
+"""The demo pipeline end to end on a tiny local model (seconds): choose, measure, distil, measure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from conftest import save_tiny
 from distillspec.tools.cli import main
 
 
-def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
+def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "cache"))
     save_tiny(tmp_path / "target", layers=3, lm_scale=10.0)
     for name, count in (("train.jsonl", 24), ("heldout.jsonl", 4)):
         (tmp_path / name).write_text(
@@ -18,12 +19,14 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
     args = [
         "demo",
         "--distill.target", str(tmp_path / "target"),
-        "--distill.draft-init", "target-layers:1",
+        "--prompt-pool", "0",  # the tiny tokenizer has no chat template to write prompts with
         "--distill.data", str(tmp_path / "train.jsonl"),
         "--distill.eval-data", str(tmp_path / "heldout.jsonl"),
+        "--draft-layers", "1,2", "--draft-vocab", "40",
         "--minutes", "0.03",
         "--out", str(tmp_path / "demo"),
         "--gammas", "1,2",
+        "--confidence-thresholds", "0,0.5",
         "--max-new-tokens", "6",
         "--distill.max-new-tokens", "6",
         "--distill.eval-prompts", "4",
@@ -41,22 +44,29 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys):
             report[side]
         )
         assert [row["gamma"] for row in report[side]["by_gamma"]] == [1, 2]
+    assert {(r["gamma"], r["confidence_threshold"]) for r in report["after"]["all"]} == {
+        (1, 0.0), (2, 0.0), (1, 0.5), (2, 0.5)
+    }
+    assert report["draft"]["rule"] == "auto" and report["draft"]["spec"].endswith(":vocab=40")
+    assert [c["layers"] for c in report["draft"]["candidates"]] == [1, 2]
     assert report["train_steps"] >= 1 and report["evals"][0]["eval"] == "start"
     for plot in ("alpha_over_training.png", "gamma_sweep.png"):
         assert (tmp_path / "demo" / plot).stat().st_size > 1000
     captured = capsys.readouterr()
     assert "| alpha (greedy, T=0) |" in captured.out and "SD speed-up vs target alone" in captured.out
-    # the default data: the target's greedy answers, generated once
-    assert (tmp_path / "demo" / "run" / "teacher-cache.jsonl").is_file()
+    assert "Draft chosen by measured cost" in captured.out
+    cached = list((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"))
+    assert len(cached) == 1  # the target's greedy answers, generated once
     assert main(args) == 0  # second run reuses the distilled draft: no new training
     assert "reusing the distilled draft" in capsys.readouterr().err
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert again["before"] == report["before"] and again["train_steps"] == report["train_steps"]
     (tmp_path / "demo" / "mine.txt").write_text("a file of the user's")
-    on_policy = ["--fresh", "--distill.policy", "draft", "--no-distill.teacher-cache"]
-    assert main(args + on_policy) == 0
-    assert not (tmp_path / "demo" / "run" / "teacher-cache.jsonl").exists()
+    assert main(args + ["--fresh", "--draft", "target-layers:1"]) == 0
+    assert "training data: " in capsys.readouterr().err and "(cached)"
     assert (tmp_path / "demo" / "mine.txt").read_text() == "a file of the user's"
-    mixed = ["--fresh", "--distill.policy", "mixed", "--distill.mix", "teacher=0.5,draft=0.5"]
-    assert main(args + mixed) == 0
-    assert (tmp_path / "demo" / "run" / "teacher-cache.jsonl").is_file()
+    assert json.loads((tmp_path / "demo" / "report.json").read_text())["draft"]["spec"] == (
+        "target-layers:1"
+    )
+    on_policy = ["--fresh", "--distill.policy", "draft"]
+    assert main(args + on_policy) == 0

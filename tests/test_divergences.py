@@ -417,3 +417,29 @@ def test_bad_temperature_raises(name, temperature):
         DIVERGENCES[name](logits_of(Q), logits_of(P), temperature=temperature)
     with pytest.raises(ValueError, match="temperature"):
         get_divergence(name, temperature=temperature)
+
+
+def test_sparse_forward_kl_equals_forward_kl_with_the_full_vocabulary():
+    from distillspec.training.divergences import forward_kl, sparse_forward_kl
+
+    generator = torch.Generator().manual_seed(0)
+    draft = torch.randn(3, 5, 11, generator=generator)
+    target = torch.randn(3, 5, 11, generator=generator)
+    log_p = torch.log_softmax(target, dim=-1)
+    values, ids = log_p.topk(11)
+    for temperature in (1.0, 0.7):
+        torch.testing.assert_close(
+            sparse_forward_kl(draft, ids, values, temperature=temperature),
+            forward_kl(draft, target, temperature=temperature),
+        )
+    # top-k: the target renormalised over k ids; absent (-inf) entries weigh nothing
+    top_values, top_ids = log_p.topk(3)
+    sparse = sparse_forward_kl(draft, top_ids, top_values)
+    masked = torch.full_like(target, float("-inf")).scatter(-1, top_ids, top_values)
+    torch.testing.assert_close(sparse, forward_kl(draft, masked))
+    padded_ids = torch.cat([top_ids, torch.full_like(top_ids[..., :1], -1)], dim=-1)
+    padded = torch.cat([top_values, torch.full_like(top_values[..., :1], float("-inf"))], dim=-1)
+    torch.testing.assert_close(sparse_forward_kl(draft, padded_ids, padded), sparse)
+    draft.requires_grad_(True)
+    sparse_forward_kl(draft, padded_ids, padded).sum().backward()
+    assert torch.isfinite(draft.grad).all()

@@ -50,12 +50,12 @@ def test_per_row_rollback_with_holes_and_left_padding():
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_keep_rows_drops_finished_sequences():
+def test_remove_rows_drops_finished_sequences():
     model = tiny_model("llama")
     input_ids, attention_mask = left_padded([4, 2, 5])
     cached = CachedModel(model, rows=3)
     cached.forward(input_ids, pads_of(attention_mask))
-    cached.keep_rows([0, 2])
+    assert cached.remove_rows([1]) == [0, 2]
     logits = cached.forward(torch.tensor([[7], [8]]))[:, -1]
     expected = uncached_last_logits(
         model, [input_ids[0, 1:].tolist() + [7], input_ids[2].tolist() + [8]]

@@ -218,3 +218,24 @@ def test_two_cpu_processes_train_in_lockstep(workspace):
     assert ranks[0]["parameter_checksum"] == pytest.approx(ranks[1]["parameter_checksum"], rel=1e-9)
     tokenizer_ok = tiny_tokenizer()  # the saved draft reloads with its tokenizer
     assert tokenizer_ok is not None and (workspace / "ddp" / "final" / "tokenizer.json").is_file()
+
+
+def test_teacher_topk_trains_without_target_forwards_and_matches_exact_at_full_k(workspace):
+    """k = V reproduces the exact path; a small k still learns; the cache is reused."""
+    common = dict(policy="fixed", divergence="fkl", max_steps=6, eval_tau_prompts=0)
+    exact = workspace / "topk-exact"
+    distill(recipe(workspace, output_dir=str(exact), **common))
+    full = workspace / "topk-full"
+    distill(recipe(workspace, output_dir=str(full), teacher_topk=96, **common))
+    expected, actual = final_weights(exact), final_weights(full)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=2e-3, rtol=1e-2)
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time_target_forward"] < 0.05 for r in records if "loss" in r)
+    small = workspace / "topk-8"
+    metrics = distill(recipe(workspace, output_dir=str(small), teacher_topk=8, max_steps=30,
+                             policy="fixed", divergence="fkl", eval_tau_prompts=0))
+    start = initial_eval(small)
+    assert metrics["alpha_t0"] + metrics["alpha_t1"] > start["alpha_t0"] + start["alpha_t1"]
+    with pytest.raises(ValueError, match="teacher_topk"):
+        recipe(workspace, teacher_topk=8, policy="draft")

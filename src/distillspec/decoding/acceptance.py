@@ -129,6 +129,29 @@ def verify(
     return Verification(num_accepted, next_tokens, accepted_mask)
 
 
+def verify_greedy(
+    draft_tokens: torch.Tensor,
+    target_tokens: torch.Tensor,
+    draft_lengths: torch.Tensor | None = None,
+) -> Verification:
+    """``verify`` at temperature 0 without distributions: p and q are one-hot, so a drafted
+    token is accepted iff it is the target's argmax, and the token after the accepted prefix is
+    the target's argmax there. ``target_tokens [B, gamma + 1]`` = argmax of p_1..p_{gamma+1}.
+
+    Identical to ``verify`` on one-hot ``draft_probs`` / ``target_probs`` (tested), without
+    materialising ``[B, gamma + 1, V]`` tensors.
+    """
+    batch, gamma = draft_tokens.shape
+    accepted = draft_tokens == target_tokens[:, :gamma]
+    if draft_lengths is not None:
+        positions = torch.arange(gamma, device=accepted.device)
+        accepted &= positions.unsqueeze(0) < draft_lengths.unsqueeze(1)
+    accepted_mask = torch.cumprod(accepted.to(torch.int64), dim=1).bool()
+    num_accepted = accepted_mask.sum(dim=1)
+    rows = torch.arange(batch, device=draft_tokens.device)
+    return Verification(num_accepted, target_tokens[rows, num_accepted], accepted_mask)
+
+
 def _next_tokens(
     num_accepted: torch.Tensor,
     draft_lengths: torch.Tensor,

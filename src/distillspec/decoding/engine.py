@@ -28,12 +28,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from distillspec.decoding.acceptance import analytic_acceptance, verify
+from distillspec.decoding.acceptance import analytic_acceptance, verify, verify_greedy
 from distillspec.decoding.kv_cache import CachedModel, ensure_croppable
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate, _Row, context_length, output_width
-from distillspec.decoding.sampling import pad_vocab, sample, warp_rows
+from distillspec.decoding.sampling import greedy_tokens, pad_vocab, sample, warp_rows
 from distillspec.decoding.timing import timed
 
 
@@ -63,6 +63,7 @@ class Decoder:
         self.queue: list[_Row] = []
         self.finished: list[_Row] = []
         self.metrics = GenerationMetrics(rows=[], finish_reasons=[])
+        self.greedy = False  # every live row greedy: argmax fast path (set per step)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -120,16 +121,21 @@ class Decoder:
         updates = self._admit() + self._leave(report=True)
         if not self.rows:
             return updates
+        self.greedy = all(row.request.sampling.greedy for row in self.rows)
         gamma_max = self.speculation.gamma if self.draft is not None else 0
         caps = [min(gamma_max, row.remaining - 1) for row in self.rows]
         planned = max(caps)
-        uniforms = self._uniforms(caps, planned)
+        uniforms = (
+            torch.zeros(len(self.rows), 2 * planned + 1, device=self.device)
+            if self.greedy
+            else self._uniforms(caps, planned)
+        )
         draft_time, (draft_tokens, draft_probs, lengths) = timed(
             self._draft_block, caps, uniforms[:, :planned], device=self.device
         )
         gamma = draft_tokens.shape[1]  # adaptive drafting may stop before `planned`
         accept_uniforms = uniforms[:, planned : planned + gamma]
-        target_time, (outcome, target_probs) = timed(
+        target_time, (outcome, alpha) = timed(
             self._verify_block,
             draft_tokens,
             draft_probs,
@@ -141,7 +147,6 @@ class Decoder:
         self.metrics.target_time_s += target_time
         self.metrics.draft_forward_passes += gamma
         self.metrics.target_forward_passes += 1
-        alpha = analytic_acceptance(target_probs[:, :gamma], draft_probs)
         host = self._to_host(draft_tokens, lengths, outcome, alpha)
         self._rollback(host, gamma)
         for row, (drafted, length, accepted, token, alpha_sum) in zip(self.rows, host):
@@ -189,7 +194,8 @@ class Decoder:
         caps_tensor = torch.tensor(caps, device=self.device)
         if planned == 0:
             empty = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-            return empty, torch.zeros(batch, 0, self.vocab, device=self.device), caps_tensor
+            no_probs = None if self.greedy else torch.zeros(batch, 0, self.vocab, device=self.device)
+            return empty, no_probs, caps_tensor
         width = max(len(row.draft_pending) for row in self.rows)
         pads = [width - len(row.draft_pending) for row in self.rows]
         tokens = torch.tensor(
@@ -202,11 +208,14 @@ class Decoder:
         samplings = self._samplings()
         for position in range(planned):
             logits = self.draft.forward(tokens, pads, logits_to_keep=1)[:, -1]
-            logits = pad_vocab(logits, self.vocab)
-            draft_probs = warp_rows(logits, samplings)
-            token = sample(draft_probs, uniforms=uniforms[:, position])
+            if self.greedy:  # one-hot q: the argmax is all we need
+                token = greedy_tokens(logits)
+            else:
+                logits = pad_vocab(logits, self.vocab)
+                draft_probs = warp_rows(logits, samplings)
+                token = sample(draft_probs, uniforms=uniforms[:, position])
+                probs.append(draft_probs)
             drafted.append(token)
-            probs.append(draft_probs)
             tokens, pads = token.unsqueeze(1), [0] * batch
             if threshold > 0:
                 confident = torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= threshold
@@ -214,16 +223,23 @@ class Decoder:
                 going = going & confident & (lengths < caps_tensor)
                 if position + 1 < planned and not bool(going.any()):  # one sync, adaptive only
                     break
-        return torch.stack(drafted, dim=1), torch.stack(probs, dim=1), lengths
+        draft_probs = torch.stack(probs, dim=1) if probs else None
+        return torch.stack(drafted, dim=1), draft_probs, lengths
 
     def _verify_block(self, draft_tokens, draft_probs, lengths, uniforms):
-        """One target pass over ``[pending, x_1..x_g]`` and the acceptance rule.
+        """One target pass over ``[pending, x_1..x_g]`` and the acceptance rule; returns the
+        outcome and the per-position acceptance sum_v min(p, q) ``[B, g]`` (for alpha).
 
         ``uniforms`` = (acceptance draws ``[B, g]``, final draws ``[B]``).
         """
         pending = torch.tensor([[row.target_pending] for row in self.rows], device=self.device)
         inputs = torch.cat([pending, draft_tokens], dim=1)
         logits = self.target.forward(inputs)
+        gamma = draft_tokens.shape[1]
+        if self.greedy:  # p and q one-hot: acceptance is argmax equality
+            target_tokens = greedy_tokens(logits)
+            outcome = verify_greedy(draft_tokens, target_tokens, lengths)
+            return outcome, (draft_tokens == target_tokens[:, :gamma]).float()
         target_probs = warp_rows(pad_vocab(logits, self.vocab), self._samplings())
         outcome = verify(
             draft_tokens,
@@ -234,7 +250,7 @@ class Decoder:
             epsilon=self.speculation.epsilon,
             uniforms=uniforms,
         )
-        return outcome, target_probs
+        return outcome, analytic_acceptance(target_probs[:, :gamma], draft_probs)
 
     def _to_host(self, draft_tokens, lengths, outcome, alpha) -> list[tuple]:
         """One device-to-host transfer of the block's results, unpacked per row."""
@@ -307,15 +323,15 @@ class Decoder:
 
     def _leave(self, report: bool = False) -> list[RowUpdate]:
         """Drop finished rows from both caches (``report``: say so, for cancelled rows)."""
-        keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
-        if len(keep) == len(self.rows):
+        leaving = [i for i, row in enumerate(self.rows) if row.finish_reason is not None]
+        if not leaving:
             return []
-        gone = [row for row in self.rows if row.finish_reason is not None]
+        gone = [self.rows[i] for i in leaving]
         self.finished += gone
         for cached in (self.target, self.draft):
             if cached is not None:
-                cached.keep_rows(keep)
-        self.rows = [self.rows[i] for i in keep]
+                order = cached.remove_rows(leaving)  # the same order for both caches
+        self.rows = [self.rows[i] for i in order]
         if not report:
             return []
         return [RowUpdate(r.request.request_id, [], True, r.finish_reason) for r in gone]

@@ -124,6 +124,58 @@ def autoregressive_generate(
     return run_to_completion(Decoder(model, None, generator=generator), requests)
 
 
+def generate_many(
+    model: PreTrainedModel,
+    prompts: Iterable[list[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
+    batch_size: int = 64,
+    seed: int | None = None,
+    on_done: Callable[[int, list[int]], bool | None] | None = None,
+) -> dict[int, list[int]]:
+    """Plain decoding of many prompts with continuous batching: up to ``batch_size`` rows are
+    live, and a finished row's place is taken by the next prompt at the next step, so the batch
+    stays full (much faster than fixed batches whose rows finish at different times).
+
+    Prompt i samples from its own generator seeded ``seed + i`` (greedy ignores it), so its
+    output does not depend on what shares the batch. ``on_done(i, tokens)`` is called as each
+    prompt finishes; returning True stops the run (live rows are cancelled). Returns
+    {prompt index: new tokens} for the finished prompts.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    sampling = sampling or SamplingConfig()
+    stop = _stop_ids(eos_token_id)
+    decoder = Decoder(model, None)
+    source = iter(enumerate(prompts))
+    outputs: dict[int, list[int]] = {}
+    partial: dict[int, list[int]] = {}
+    exhausted = stopping = False
+    while True:
+        while not (exhausted or stopping) and len(decoder.rows) + len(decoder.queue) < batch_size:
+            item = next(source, None)
+            if item is None:
+                exhausted = True
+                break
+            index, prompt = item
+            partial[index] = []
+            row_seed = None if seed is None else seed + index
+            decoder.add(Request(list(prompt), max_new_tokens, sampling, stop, row_seed, index))
+        if not decoder.has_work:
+            return outputs
+        for update in decoder.step():
+            partial[update.request_id] += update.new_tokens
+            if update.finished and update.finish_reason != "cancelled":
+                outputs[update.request_id] = partial.pop(update.request_id)
+                if on_done is not None and on_done(update.request_id, outputs[update.request_id]):
+                    stopping = True
+        if stopping:
+            for index in list(partial):
+                decoder.cancel(index)
+
+
 def generate_ids(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -133,8 +185,17 @@ def generate_ids(
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    batch_size: int | None = None,
 ) -> list[list[int]]:
-    """Plain decoding of token-id prompts (a convenience for data generation)."""
+    """Plain decoding of token-id prompts (data generation): one batch, or with ``batch_size``
+    continuous batching (then sampling is seeded from ``generator``)."""
+    if batch_size is not None:
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**31, (1,), generator=generator, device=device))
+        done = generate_many(model, prompts, max_new_tokens=max_new_tokens,
+                             sampling=SamplingConfig(temperature=temperature),
+                             eos_token_id=eos_token_id, batch_size=batch_size, seed=seed)
+        return [done[i] for i in range(len(prompts))]
     input_ids, attention_mask = left_pad(prompts, pad_id, model.device)
     result = autoregressive_generate(
         model,

@@ -10,7 +10,7 @@ hold a real token) and a host-side count of their tokens (their next RoPE positi
   number every row rejected (at batch 1 this is exactly "forget the rejected tokens");
 * **rows join** between steps: a new row's prompt is written right-aligned to end at the pointer
   (the slots before it stay invalid), so the rows already running are not touched;
-* **rows leave**: the remaining rows are moved down (one gather per layer, on departures only);
+* **rows leave**: live rows from the end move into the freed places (only they are copied);
 * **compaction**: when masked holes dominate, every row's valid slots are gathered to the left
   (the host decides when, from its token counts: no device sync).
 
@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from distillspec.decoding.attention import gqa_attention
 
 
 def ensure_croppable(model: PreTrainedModel) -> None:
@@ -77,15 +79,17 @@ class _SlotLayer(CacheLayerMixin):
             new[:keep_rows, :, :keep_slots] = old[:keep_rows, :, :keep_slots]
             setattr(self, name, new)
 
-    def move(self, index: torch.Tensor, slots: int | None = None) -> None:
-        """Rows ``index`` (and, with ``slots``, a per-row slot gather) become rows 0..n-1."""
-        for name in ("keys", "values"):
-            buffer = getattr(self, name)
-            if slots is None:
-                buffer[: index.shape[0]] = buffer[index]
-            else:
-                gather = index[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
-                buffer[: index.shape[0], :, :slots] = buffer[: index.shape[0]].gather(2, gather)
+    def copy_rows(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        """Rows ``source`` overwrite rows ``target`` (swap-remove of finished rows)."""
+        for buffer in (self.keys, self.values):
+            buffer[target] = buffer[source]
+
+    def gather_slots(self, order: torch.Tensor) -> None:
+        """Row b's slot j becomes its slot ``order[b, j]`` (compaction), for the first rows."""
+        rows, slots = order.shape
+        for buffer in (self.keys, self.values):
+            index = order[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+            buffer[:rows, :, :slots] = buffer[:rows].gather(2, index)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.length + query_length, 0
@@ -196,14 +200,15 @@ class CachedModel:
         positions = base.unsqueeze(1) + (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
         self.slot_mask[rows, start:end] = valid
         self.cache.write_rows, self.cache.write_start = rows, start
-        out = self.model(
-            input_ids=tokens.clamp(max=self.embedding_rows - 1),
-            attention_mask=self._attention_mask(rows, start, width),
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
+        with gqa_attention(self.model):
+            out = self.model(
+                input_ids=tokens.clamp(max=self.embedding_rows - 1),
+                attention_mask=self._attention_mask(rows, start, width),
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+            )
         self.cache.length = max(self.length, end)
         for offset, pad in enumerate(pad_left):
             self.positions[rows.start + offset] += width - pad
@@ -256,24 +261,37 @@ class CachedModel:
         self.cache.length -= least  # slots every row rejected are free again
 
     @torch.inference_mode()
-    def keep_rows(self, keep: Sequence[int]) -> None:
-        """Keep only rows ``keep`` (in that order), e.g. after some sequences finished."""
-        if list(keep) == list(range(self.rows)):
-            return
-        index = torch.tensor(list(keep), dtype=torch.long, device=self.device)
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                layer.move(index)
-        self.slot_mask[: len(keep)] = self.slot_mask[index]
-        self.positions = [self.positions[i] for i in keep]
-        if not keep:
+    def remove_rows(self, gone: Sequence[int]) -> list[int]:
+        """Drop rows ``gone`` (e.g. finished sequences); returns the new order as old indices.
+
+        Live rows from the end move into the freed places (swap-remove), so only as many rows
+        are copied as left, never the whole cache.
+        """
+        gone = set(gone)
+        count = self.rows - len(gone)
+        holes = [i for i in sorted(gone) if i < count]  # freed places that must be refilled
+        movers = [i for i in range(count, self.rows) if i not in gone]  # as many live rows
+        order = list(range(count))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if holes:
+            source = torch.tensor(movers, device=self.device)
+            target = torch.tensor(holes, device=self.device)
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.copy_rows(source, target)
+            self.slot_mask[target] = self.slot_mask[source]
+        self.positions = [self.positions[i] for i in order]
+        if count == 0:
             self.cache.length = 0
+        return order
 
     @torch.inference_mode()
     def _compact_if_needed(self, width: int) -> None:
         """Gather each row's valid slots to the left when holes would dominate the cache."""
         longest = max(self.positions, default=0)
-        if self.length + width <= self.cache.slot_capacity and self.length <= 2 * longest + 64:
+        # Attention reads every slot up to the pointer: keep it within 1.5x the longest row.
+        if self.length + width <= self.cache.slot_capacity and self.length <= 1.5 * longest + 32:
             return
         if self.rows == 0:
             self.cache.length = 0
@@ -283,7 +301,7 @@ class CachedModel:
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
         for layer in self.cache.layers:
             if layer.is_initialized:
-                layer.move(order, slots=self.length)
+                layer.gather_slots(order)
         counts = torch.tensor(self.positions, device=self.device)
         slots = torch.arange(self.slot_mask.shape[1], device=self.device)
         self.slot_mask[: self.rows] = slots.unsqueeze(0) < counts.unsqueeze(1)

@@ -16,11 +16,13 @@ Every speed figure the bench, the demo and ``benchmarks/`` report comes from her
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from distillspec.decoding.acceptance import verify
 from distillspec.decoding.batching import left_pad
 from distillspec.decoding.generate import (
     GenerationResult,
@@ -29,6 +31,8 @@ from distillspec.decoding.generate import (
 )
 from distillspec.decoding.kv_cache import CachedModel
 from distillspec.decoding.metrics import combined_counts, predicted_speedup
+from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.sampling import sample, warp
 from distillspec.decoding.timing import timed
 
 
@@ -90,26 +94,40 @@ def measure_cost_model(
     repeats: int = 7,
     seed: int = 0,
 ) -> CostModel:
-    """Time one-token steps of both models and k-token target calls (k = 1..max_verify) after
-    a ``context_tokens`` prefill, batch 1, through the same cache the engine uses."""
+    """Time, batch 1 after a ``context_tokens`` prefill, through the engine's own code paths:
+
+    * a step of each model as decoding runs it: a one-token forward, ``warp`` and a draw;
+    * a k-token target call as the verify runs it (k = 1..max_verify): the forward over k
+      tokens, ``warp`` of all k distributions and the acceptance rule.
+    Greedy warping; each figure is the median of ``repeats`` calls after a warm-up.
+    """
     vocab = target.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (1, context_tokens), generator=generator).to(target.device)
+    greedy = SamplingConfig()
 
     def step_timer(model, width: int) -> float:
         cached = CachedModel(model, rows=1, slots=context_tokens + max_verify + 2)
         cached.forward(prompt)
         tokens = prompt[:, :width]
+        drafted = tokens[:, 1:]
 
         def once() -> None:
-            cached.forward(tokens, logits_to_keep=0 if width > 1 else 1)
+            logits = cached.forward(tokens, logits_to_keep=0 if width > 1 else 1)
+            probs = warp(logits, greedy)
+            if width == 1:
+                sample(probs, uniforms=torch.zeros(1, device=probs.device))
+            else:
+                verify(drafted, probs[:, 1:], probs, uniforms=(
+                    torch.zeros(drafted.shape, device=probs.device),
+                    torch.zeros(1, device=probs.device)))
             cached.rollback([width])
 
         return _median_call(once, repeats, target.device)
 
-    verify = {k: step_timer(target, k) for k in range(1, max_verify + 1)}
+    verify_s = {k: step_timer(target, k) for k in range(1, max_verify + 1)}
     draft_step = step_timer(draft, 1) if draft is not None else float("nan")
-    return CostModel(verify[1], draft_step, verify, context_tokens)
+    return CostModel(verify_s[1], draft_step, verify_s, context_tokens)
 
 
 @dataclass
@@ -201,26 +219,35 @@ class SpeedProbe:
         settings: Sequence[tuple[int, float]],
         repeats: int,
         cost_model: CostModel | None = None,
-        progress: Callable[[SweepRow], None] | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> Sweep:
-        """Warm-up, then per (gamma, threshold) ``repeats`` SD runs and as many target-alone runs,
-        interleaved; medians."""
+        """A warm-up of every method, then ``repeats`` rounds; each round runs the target alone
+        once and SD once per (gamma, threshold), so drift hits every method alike; medians."""
         draft.eval()
-        self.plain()  # warm-up, discarded
-        plain_walls: list[float] = []
-        plain_results: list[GenerationResult] = []
-        rows = []
+        self.plain()  # warm-ups, discarded
         for gamma, threshold in settings:
-            self.speculative(draft, gamma, threshold)  # warm-up of this shape
-            walls, results = [], []
-            for _ in range(repeats):
-                wall, plain_results = timed(self.plain, device=self.device)
-                plain_walls.append(wall)
-                wall, results = timed(self.speculative, draft, gamma, threshold, device=self.device)
-                walls.append(wall)
-            rows.append(self._row(gamma, threshold, walls, results, plain_results, cost_model))
+            self.speculative(draft, gamma, threshold)
+        plain_walls: list[float] = []
+        walls: dict[int, list[float]] = {i: [] for i in range(len(settings))}
+        results: dict[int, list[GenerationResult]] = {}
+        plain_results: list[GenerationResult] = []
+        started = time.perf_counter()
+        for round_index in range(repeats):
+            wall, plain_results = timed(self.plain, device=self.device)
+            plain_walls.append(wall)
+            for index, (gamma, threshold) in enumerate(settings):
+                wall, results[index] = timed(
+                    self.speculative, draft, gamma, threshold, device=self.device
+                )
+                walls[index].append(wall)
             if progress is not None:
-                progress(rows[-1])
+                done = round_index + 1
+                left = (time.perf_counter() - started) / done * (repeats - done)
+                progress(f"round {done}/{repeats} done, ~{left:.0f} s left")
+        rows = [
+            self._row(gamma, threshold, walls[i], results[i], plain_results, cost_model)
+            for i, (gamma, threshold) in enumerate(settings)
+        ]
         tokens = sum(len(s) for r in plain_results for s in r.sequences)
         plain_tps = tokens / statistics.median(plain_walls)
         for row in rows:

@@ -64,10 +64,19 @@ def pad_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(logits, (0, missing), value=float("-inf"))
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax over the last dim, first index on ties (like ``torch.argmax``).
+
+    ``max(...).indices`` is the same index and several times faster on CPU (bf16 argmax is not
+    vectorised): on a 49k vocabulary it is a visible part of a small draft's step.
+    """
+    return logits.max(dim=-1).indices
+
+
 def one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """The greedy distribution: 1 on ``argmax`` (first index on ties, like ``torch.argmax``)."""
+    """The greedy distribution: 1 on the argmax (first index on ties, like ``torch.argmax``)."""
     probs = torch.zeros_like(logits, dtype=torch.float32)
-    return probs.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return probs.scatter_(-1, greedy_tokens(logits).unsqueeze(-1), 1.0)
 
 
 def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

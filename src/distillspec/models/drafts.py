@@ -9,6 +9,22 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 _LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+_VOCAB_SUFFIX = re.compile(r"^(?P<base>.+):vocab=(?P<size>\d+)$")
+
+
+def split_vocab_option(spec: str) -> tuple[str, int | None]:
+    """``target-layers:4:vocab=8192`` -> ("target-layers:4", 8192); no suffix -> (spec, None).
+
+    The suffix asks for a pruned-vocabulary head over the K tokens the target emits most on the
+    training data (``models.pruned_head``), so only a trainer, which has the data, can build it.
+    """
+    match = _VOCAB_SUFFIX.match(str(spec))
+    if match is None:
+        return str(spec), None
+    size = int(match.group("size"))
+    if size < 1:
+        raise ValueError(f"Bad draft spec {spec!r}: vocab=K needs K >= 1.")
+    return match.group("base"), size
 
 
 def parse_layer_spec(spec: str) -> list[int] | None:

@@ -23,7 +23,8 @@ from transformers import (
 
 from distillspec.common.runtime import resolve_device, resolve_dtype
 from distillspec.decoding.kv_cache import ensure_croppable
-from distillspec.models.drafts import parse_layer_spec, truncate_layers
+from distillspec.models.drafts import parse_layer_spec, split_vocab_option, truncate_layers
+from distillspec.models.pruned_head import load_pruned_head, prune_head
 from distillspec.models.registry import converted_cache_path, resolve_builtin
 
 # -- caches ------------------------------------------------------------------------------------
@@ -71,8 +72,10 @@ def convert_gguf(gguf_file: Path) -> Path:
 
 
 def check_model_spec(spec: str | os.PathLike) -> None:
-    """Cheap existence check of a model spec: nothing is loaded, converted or written."""
-    _locate(spec)
+    """Cheap existence check of a model (or draft) spec: nothing is loaded or written."""
+    base = split_vocab_option(str(spec))[0]
+    if parse_layer_spec(base) is None:
+        _locate(base)
 
 
 def _locate(spec: str | os.PathLike) -> tuple[str, Path]:
@@ -126,6 +129,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, local_files_only=True
     )
+    load_pruned_head(model, path)  # a pruned-vocabulary draft gets its pruned head back
     return model.to(resolved_device).eval(), tokenizer
 
 
@@ -173,20 +177,31 @@ def build_draft(
     *,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
+    token_ids: torch.Tensor | None = None,
 ) -> PreTrainedModel:
     """The one way a draft is made from a spec: ``target-layers:N`` (or ``:i,j,...``) copies
     those layers of ``target``; anything else is loaded like a model and must share the
-    target's tokenizer. The draft lands on the target's device, in ``dtype`` (default: the
-    target's)."""
+    target's tokenizer. A ``:vocab=K`` suffix prunes its head to ``token_ids`` (K ids, chosen
+    by the trainer from the training data). The draft lands on the target's device, in
+    ``dtype`` (default: the target's)."""
+    base, vocab = split_vocab_option(str(spec))
+    if vocab is not None and (token_ids is None or len(token_ids) != vocab):
+        raise ValueError(
+            f"Draft {spec!r} asks for a {vocab}-token head, whose tokens are chosen from the "
+            "training data: use it as distill's draft_init (the trained draft then loads by "
+            "path), or drop the :vocab= suffix."
+        )
     dtype = dtype if dtype is not None else target.dtype
-    layers = parse_layer_spec(str(spec))
+    layers = parse_layer_spec(base)
     if layers is not None:
         draft = truncate_layers(target, layers).to(resolve_dtype(dtype, target.device))
     else:
         draft, draft_tokenizer = load_model(
-            spec, device=target.device, dtype=dtype, trust_remote_code=trust_remote_code
+            base, device=target.device, dtype=dtype, trust_remote_code=trust_remote_code
         )
         check_same_vocabulary(tokenizer, draft_tokenizer)
+    if token_ids is not None:
+        prune_head(draft, token_ids)
     ensure_croppable(draft)
     return draft
 

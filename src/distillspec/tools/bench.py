@@ -106,10 +106,7 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
     settings = [(g, t) for g in config.gammas for t in config.confidence_thresholds]
     sweep = probe.sweep(
         hf.draft, settings, config.repeats, cost_model,
-        progress=lambda r: progress(
-            f"  gamma {r.gamma} threshold {r.confidence_threshold:g}: "
-            f"{r.tokens_per_s:.1f} tok/s, tau {r.block_efficiency:.2f}"
-        ),
+        progress=lambda message: progress(f"  {message}"),
     )
     hf_plain = _throughput(hf.plain, config.repeats, probe.device)
     rows = []

@@ -1,47 +1,158 @@
-"""``distillspec demo``: measure a draft, distil it, measure again, on the embedded default.
+"""``distillspec demo``: choose a draft, measure it, distil it, measure again, on the embedded default.
 
 1. Validate the inputs and claim the output folder (``--fresh`` removes only what a demo wrote).
-2. Build the draft (``--distill.draft-init``) and measure speculative decoding on held-out chat
-   prompts: alpha (T=0 and T=1), and a greedy batch-1 gamma sweep against the target alone,
-   side by side (``decoding.measure``).
-3. Distil (``training.loop.distill``) within ``--minutes``, with a live progress bar and
-   alpha/tau evaluated along the way. The default data are the target's greedy answers to the
-   training prompts, generated once inside the budget (``teacher_cache``): greedy SD is verified
-   along exactly those trajectories.
-4. Measure again, print a before/after table, write ``report.json`` and PNG plots, and record the
-   draft so that ``distillspec generate`` uses it.
+2. Training data: the target writes its own user prompts (Magpie) and answers them greedily;
+   both are generated once, in batches, and cached (``DemoData``). Greedy SD is verified along
+   exactly such trajectories. The held-out prompts stay the hand-written ``builtin:chat:heldout``.
+3. The draft: ``--draft auto`` measures the cost ratio c of each candidate (the target's first
+   N layers with a pruned K-token head) and takes the most layers whose c still allows 1.3x at
+   alpha 0.55 with the measured verify curve (``choose_draft``); the report says why.
+4. Measure before, distil within ``--minutes`` (``training.loop.distill``), measure after:
+   alpha (T=0, T=1) and a greedy batch-1 sweep of gamma and adaptive thresholds against the
+   target alone, side by side (``decoding.measure``). Report, plots, and ``distillspec
+   generate`` uses the new draft from then on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distillspec.common.config import changed_flags, replace, to_dict
-from distillspec.common.io import atomic_write_json
+from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads, resolve_dtype
-from distillspec.decoding.measure import SpeedProbe, Sweep
-from distillspec.models.loading import build_draft, eos_token_ids, load_model, pad_token_id
-from distillspec.models.registry import record_distilled_draft
+from distillspec.common.runtime import apply_threads
+from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
+from distillspec.decoding.metrics import predicted_speedup
+from distillspec.models.drafts import split_vocab_option, truncate_layers
+from distillspec.models.loading import (
+    build_draft,
+    eos_token_ids,
+    load_model,
+    pad_token_id,
+    resolve_model_path,
+)
+from distillspec.models.pruned_head import frequent_tokens, prune_head
+from distillspec.models.registry import cache_dir, record_distilled_draft
 from distillspec.tools.configs import DemoConfig
+from distillspec.training.datagen import datagen, self_prompts, write_prompt_pool
 from distillspec.training.datasets import load_examples
 from distillspec.training.evaluate import SDEvaluator
 
 ENTRIES = ("run", "report.json", "alpha_over_training.png", "gamma_sweep.png")
+PLANNING_ALPHA, PLANNING_SPEEDUP = 0.55, 1.3
 
 
 def _say(message: str) -> None:
     print(f"demo: {message}", file=sys.stderr, flush=True)
 
 
+# -- training data ---------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoData:
+    """The demo's training data, cached by what determines it (target, dtype, sizes, seed)."""
+
+    prompts: Path  # JSONL prompts (the Magpie pool, or --distill.data)
+    answers: Path  # the target's greedy answers (datagen format: the fixed policy's data)
+    seconds: float  # spent generating now (0 when cached)
+
+
+def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
+    recipe = config.distill
+    source = f"pool{config.prompt_pool}" if config.prompt_pool else recipe.data
+    key = "|".join(map(str, (resolve_model_path(recipe.target), target.dtype, source, recipe.seed,
+                             recipe.max_new_tokens, recipe.max_prompt_tokens)))
+    folder = cache_dir() / "demo-data" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    prompts = folder / "prompts.jsonl" if config.prompt_pool else Path(recipe.data)
+    answers = folder / "answers.jsonl"
+    if answers.is_file():
+        _say(f"training data: {answers} (cached)")
+        return DemoData(prompts, answers, 0.0)
+    start = time.perf_counter()
+    eos = eos_token_ids(target, tokenizer)
+    if config.prompt_pool and not prompts.is_file():
+        _say(f"training data: the target writes {config.prompt_pool} prompts (once, cached) ...")
+        from tqdm.auto import tqdm
+
+        with tqdm(total=config.prompt_pool, unit="prompt", desc="self-prompts") as bar:
+            pool = self_prompts(target, tokenizer, config.prompt_pool, seed=recipe.seed,
+                                eos_token_id=eos, progress=bar.update)
+        write_prompt_pool(pool, prompts)
+    examples = load_examples(str(prompts), tokenizer, max_prompt_tokens=recipe.max_prompt_tokens)
+    _say(f"training data: the target answers {len(examples)} prompts greedily (once, cached) ...")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(examples), unit="prompt", desc="greedy answers") as bar:
+        datagen(target, tokenizer, examples, answers, temperature=0.0,
+                max_new_tokens=recipe.max_new_tokens, batch_size=64, eos_token_id=eos,
+                generator=None, progress=bar.update)
+    return DemoData(prompts, answers, time.perf_counter() - start)
+
+
+def answer_vocabulary(data: DemoData, keep: int, eos: list[int], vocab_size: int) -> torch.Tensor:
+    """The ids the trainer will keep for a :vocab=K draft (same rule, same data)."""
+    completions = [record["completion_ids"] for _, record in read_jsonl(data.answers)]
+    return frequent_tokens(completions, keep, vocab_size, always=eos)
+
+
+# -- choosing the draft ----------------------------------------------------------------------------
+
+
+def largest_affordable_cost(cost: CostModel, gammas: list[int]) -> float:
+    """The c at which the best gamma reaches PLANNING_SPEEDUP at PLANNING_ALPHA (bisection)."""
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        best = max(predicted_speedup(PLANNING_ALPHA, g, middle, cost.verify_cost(g + 1))
+                   for g in gammas)
+        low, high = (middle, high) if best >= PLANNING_SPEEDUP else (low, middle)
+    return low
+
+
+def choose_draft(config: DemoConfig, target) -> tuple[str, dict[str, Any]]:
+    """``--draft auto``: measured c per candidate; the most layers within the affordable c."""
+    if config.draft != "auto":
+        return config.draft, {"rule": "given with --draft", "spec": config.draft}
+    vocab_size = target.get_input_embeddings().weight.shape[0]
+    keep = config.draft_vocab if 0 < config.draft_vocab < vocab_size else 0
+    layers = sorted(n for n in config.draft_layers if n < target.config.num_hidden_layers)
+    target_cost = measure_cost_model(target, None, max_verify=max(config.gammas) + 1)
+    candidates = []
+    for count in layers:
+        draft = truncate_layers(target, count)
+        if keep:
+            prune_head(draft, torch.arange(keep))  # timing does not depend on which ids
+        draft_step = measure_cost_model(draft, None, max_verify=1).target_step_s
+        candidates.append({"layers": count, "draft_step_ms": 1000 * draft_step,
+                           "cost_ratio": draft_step / target_cost.target_step_s})
+        del draft
+    limit = largest_affordable_cost(target_cost, config.gammas)
+    fitting = [c for c in candidates if c["cost_ratio"] <= limit] or candidates[:1]
+    chosen = fitting[-1]
+    spec = f"target-layers:{chosen['layers']}" + (f":vocab={keep}" if keep else "")
+    why = (f"{chosen['layers']} layers{f' + a {keep}-token head' if keep else ''}: measured c = "
+           f"{chosen['cost_ratio']:.3f}, the most layers with c <= {limit:.3f}, the cost at which "
+           f"alpha {PLANNING_ALPHA} reaches {PLANNING_SPEEDUP}x at the best gamma (verify curve "
+           f"measured here)")
+    return spec, {"rule": "auto", "spec": spec, "why": why, "affordable_cost_ratio": limit,
+                  "candidates": candidates, "target_step_ms": 1000 * target_cost.target_step_s,
+                  "verify_curve": target_cost.to_dict()["verify_curve"]}
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+
 class Measurement:
-    """alpha on held-out prompts and a greedy batch-1 gamma sweep, for any draft."""
+    """alpha on held-out prompts and a greedy batch-1 sweep, for any draft."""
 
     def __init__(self, config: DemoConfig, target, tokenizer):
         recipe = config.distill
@@ -57,82 +168,107 @@ class Measurement:
         )
         self.probe = SpeedProbe(target, prompts[: config.speed_prompts],
                                 max_new_tokens=config.max_new_tokens, pad_id=pad_id)
+        self.cost = measure_cost_model(target, None, max_verify=max(config.gammas) + 1)
 
-    def measure(self, draft, label: str) -> dict[str, Any]:
+    def measure(self, draft, label: str, thresholds: list[float]) -> dict[str, Any]:
         start = time.perf_counter()
         alpha = self.evaluator.alpha(draft)
-        settings = [(gamma, 0.0) for gamma in self.config.gammas]
-        done = []
-
-        def progress(row) -> None:
-            done.append(row)
-            elapsed = time.perf_counter() - start
-            left = elapsed / len(done) * (len(settings) - len(done))
-            _say(f"  {label}: gamma {row.gamma}: {row.tokens_per_s:.1f} tok/s, tau "
-                 f"{row.block_efficiency:.2f} ({len(done)}/{len(settings)}, ~{left:.0f}s left)")
-
-        sweep = self.probe.sweep(draft, settings, self.config.repeats, progress=progress)
+        self.cost.draft_step_s = measure_cost_model(draft, None, max_verify=1).target_step_s
+        settings = [(g, t) for t in thresholds for g in self.config.gammas]
+        _say(f"{label}: alpha_t0 {alpha['alpha_t0']:.3f}; timing {len(settings)} settings x "
+             f"{self.config.repeats} rounds against the target alone ...")
+        sweep = self.probe.sweep(draft, settings, self.config.repeats, self.cost,
+                                 progress=lambda message: _say(f"  {label}: {message}"))
         return {**alpha, **_summary(sweep), "measure_seconds": time.perf_counter() - start}
 
 
 def _summary(sweep: Sweep) -> dict[str, Any]:
     rows = [
-        {"gamma": r.gamma, "sd_tokens_per_s": r.tokens_per_s, "block_efficiency": r.block_efficiency,
-         "acceptance_rate": r.acceptance_rate, "speedup": r.speedup, "cost_ratio": r.cost_ratio}
+        {"gamma": r.gamma, "confidence_threshold": r.confidence_threshold,
+         "sd_tokens_per_s": r.tokens_per_s, "block_efficiency": r.block_efficiency,
+         "acceptance_rate": r.acceptance_rate, "analytic_alpha": r.analytic_alpha,
+         "speedup": r.speedup, "cost_ratio": r.cost_ratio, "verify_cost": r.verify_cost,
+         "predicted_speedup": r.predicted_speedup,
+         "measured_over_predicted": r.measured_over_predicted}
         for r in sweep.rows
     ]
+    fixed = [r for r in rows if r["confidence_threshold"] == 0] or rows
     best = max(rows, key=lambda r: r["sd_tokens_per_s"])
-    return {"target_tokens_per_s": sweep.plain_tokens_per_s, "by_gamma": rows, "best": best}
+    return {"target_tokens_per_s": sweep.plain_tokens_per_s, "by_gamma": fixed, "all": rows,
+            "best": best, "best_fixed": max(fixed, key=lambda r: r["sd_tokens_per_s"]),
+            "cost_model": sweep.cost_model.to_dict() if sweep.cost_model else None}
+
+
+# -- the run ---------------------------------------------------------------------------------------
 
 
 def _check_inputs(config: DemoConfig) -> None:
+    from distillspec.models.loading import check_model_spec
     from distillspec.training.setup import check_inputs
 
-    check_inputs(config.distill)
+    check_inputs(replace(config.distill, draft_init="target-layers:1"))
+    if config.draft != "auto":
+        check_model_spec(config.draft)
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     from distillspec.tools.plots import plot_alpha_over_training, plot_gamma_sweep
     from distillspec.training.loop import distill
 
+    started = time.perf_counter()
     apply_threads(config.runtime)
     _check_inputs(config)  # before anything is written or removed
     out = claim(config.out, "demo", fresh=config.fresh)
     out.track(*ENTRIES)
-    recipe = replace(config.distill, output_dir=str(out.child("run")), max_minutes=config.minutes)
-    run_dir = Path(recipe.output_dir)
+    runtime, recipe = config.runtime, config.distill
     torch.manual_seed(recipe.seed)
-    runtime = config.runtime
     target, tokenizer = load_model(recipe.target, device=runtime.device, dtype=runtime.dtype,
                                    trust_remote_code=runtime.trust_remote_code)
-    measurement = Measurement(config, target, tokenizer)
+    run_dir = out.child("run")
     report_path = out.child("report.json")
     previous = json.loads(report_path.read_text()) if report_path.is_file() else None
-    if previous and (run_dir / "final").is_dir():
+    reuse = previous is not None and (run_dir / "final").is_dir()
+    measurement = Measurement(config, target, tokenizer)
+    if reuse:
         _say("reusing the distilled draft from the last run (--fresh starts over)")
-        before = previous["before"]
+        before, choice, data_info = previous["before"], previous["draft"], previous["data"]
     else:
-        _say(f"measuring the undistilled draft ({recipe.draft_init}) ...")
-        initial = build_draft(recipe.draft_init, target, tokenizer)
-        before = measurement.measure(initial, "before")
-        del initial
+        data = demo_data(config, target, tokenizer)
+        data_info = {"prompts": str(data.prompts), "answers": str(data.answers),
+                     "generation_minutes": data.seconds / 60}
+        spec, choice = choose_draft(config, target)
+        _say(f"draft: {choice.get('why', spec)}")
+        _say(f"plan: measure the undistilled draft, distil for {config.minutes:g} min, measure "
+             "the distilled one; each measurement says how long it has left")
+        keep = split_vocab_option(spec)[1]
+        eos = eos_token_ids(target, tokenizer)
+        vocab = target.get_input_embeddings().weight.shape[0]
+        ids = answer_vocabulary(data, keep, eos, vocab) if keep else None
+        before = measurement.measure(build_draft(spec, target, tokenizer, token_ids=ids),
+                                     "before", [0.0])
         _say(f"distilling for {config.minutes:g} minutes, then measuring again "
-             f"(~{before['measure_seconds'] / 60:.1f} min) ...")
-        distill(recipe)
+             f"(~{before['measure_seconds'] / 60 * (1 + len(config.confidence_thresholds)):.1f} "
+             "min) ...")
+        policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)
+        distill(replace(recipe, data=policy_data, draft_init=spec, max_minutes=config.minutes,
+                        output_dir=str(run_dir)))
     distilled, _ = load_model(run_dir / "final", device=target.device, dtype=target.dtype)
-    _say("measuring the distilled draft ...")
-    after = measurement.measure(distilled, "after")
+    after = measurement.measure(distilled, "after", [0.0, *[t for t in config.confidence_thresholds
+                                                            if t > 0]])
     record_distilled_draft(recipe.target, run_dir / "final")
     evals = _evals(run_dir)
     report = {
         "command": ("distillspec demo " + changed_flags(config)).strip(),
         "config": to_dict(config),
         "target": recipe.target,
-        "draft_init": recipe.draft_init,
-        "dtype": str(resolve_dtype(runtime.dtype, target.device)),
+        "draft": choice,
+        "data": data_info,
+        "dtype": str(target.dtype),
         "device": str(target.device),
+        "cpu": _cpu(),
         "train_minutes": evals[-1].get("train_seconds", 0) / 60 if evals else None,
         "train_steps": evals[-1]["step"] if evals else None,
+        "wall_minutes": (time.perf_counter() - started) / 60,
         "before": before,
         "after": after,
         "evals": evals,
@@ -141,9 +277,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     plot_alpha_over_training(evals, out.child("alpha_over_training.png"))
     plot_gamma_sweep(before["by_gamma"], after["by_gamma"], out.child("gamma_sweep.png"))
     print(before_after_table(report))
-    _say(f"wrote {report_path}, {out.path / 'alpha_over_training.png'}, "
-         f"{out.path / 'gamma_sweep.png'}; `distillspec generate` now uses this draft")
+    _say(f"wrote {report_path} and plots in {out.path} after {report['wall_minutes']:.1f} min; "
+         "`distillspec generate` now uses this draft")
     return report
+
+
+def _cpu() -> str:
+    from distillspec.tools.bench import _cpu_name
+
+    return _cpu_name()
 
 
 def _evals(run_dir: Path) -> list[dict[str, Any]]:
@@ -154,24 +296,35 @@ def _evals(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in records if "eval" in r]
 
 
+def _setting(row: dict[str, Any]) -> str:
+    threshold = row.get("confidence_threshold", 0.0)
+    return f"γ {row['gamma']}" + (f", threshold {threshold:g}" if threshold else "")
+
+
 def before_after_table(report: dict[str, Any]) -> str:
     before, after = report["before"], report["after"]
+    best_b, best_a = before["best"], after["best"]
     rows = [
+        ("draft", report["draft"]["spec"], report["draft"]["spec"]),
         ("alpha (greedy, T=0)", f"{before['alpha_t0']:.3f}", f"{after['alpha_t0']:.3f}"),
         ("alpha (sampled, T=1)", f"{before['alpha_t1']:.3f}", f"{after['alpha_t1']:.3f}"),
-        ("best gamma", str(before["best"]["gamma"]), str(after["best"]["gamma"])),
-        ("tau at best gamma", f"{before['best']['block_efficiency']:.2f}",
-         f"{after['best']['block_efficiency']:.2f}"),
+        ("best setting (measured)", _setting(best_b), _setting(best_a)),
+        ("tau at best setting", f"{best_b['block_efficiency']:.2f}",
+         f"{best_a['block_efficiency']:.2f}"),
         ("target alone tok/s", f"{before['target_tokens_per_s']:.1f}",
          f"{after['target_tokens_per_s']:.1f}"),
-        ("SD tok/s at best gamma", f"{before['best']['sd_tokens_per_s']:.1f}",
-         f"{after['best']['sd_tokens_per_s']:.1f}"),
-        ("SD speed-up vs target alone", f"{before['best']['speedup']:.2f}×",
-         f"{after['best']['speedup']:.2f}×"),
+        ("SD tok/s at best setting", f"{best_b['sd_tokens_per_s']:.1f}",
+         f"{best_a['sd_tokens_per_s']:.1f}"),
+        ("SD speed-up vs target alone", f"{best_b['speedup']:.2f}×", f"{best_a['speedup']:.2f}×"),
+        ("best fixed γ: speed-up (predicted)",
+         f"{before['best_fixed']['speedup']:.2f}× ({before['best_fixed']['predicted_speedup']:.2f}×)",
+         f"{after['best_fixed']['speedup']:.2f}× ({after['best_fixed']['predicted_speedup']:.2f}×)"),
     ]
     lines = [
         "| held-out chat prompts, greedy, batch 1 | before | after distillation |",
         "|---|---|---|",
     ]
     lines += [f"| {name} | {b} | {a} |" for name, b, a in rows]
+    if "why" in report["draft"]:
+        lines += ["", f"Draft chosen by measured cost: {report['draft']['why']}."]
     return "\n".join(lines)

@@ -175,7 +175,12 @@ def run_datagen(config: DatagenConfig) -> int:
     from tqdm.auto import tqdm
 
     from distillspec.models.loading import check_model_spec
-    from distillspec.training.datagen import datagen, is_datagen_file
+    from distillspec.training.datagen import (
+        datagen,
+        is_datagen_file,
+        self_prompts,
+        write_prompt_pool,
+    )
     from distillspec.training.datasets import load_examples
 
     apply_threads(config.runtime)
@@ -190,14 +195,23 @@ def run_datagen(config: DatagenConfig) -> int:
     runtime = config.runtime
     target, tokenizer = load_model(config.target, device=runtime.device, dtype=runtime.dtype,
                                    trust_remote_code=runtime.trust_remote_code)
+    eos = eos_token_ids(target, tokenizer)
+    if config.self_prompts:
+        with tqdm(total=config.self_prompts, unit="prompt", desc="self-prompts") as bar:
+            prompts = self_prompts(target, tokenizer, config.self_prompts, seed=config.seed,
+                                   eos_token_id=eos, batch_size=config.batch_size,
+                                   max_new_tokens=config.max_new_tokens,
+                                   temperature=config.temperature or 1.0, progress=bar.update)
+        write_prompt_pool(prompts, out)
+        print(f"wrote {len(prompts)} self-generated prompts to {out}", file=sys.stderr)
+        return 0
     examples = load_examples(config.data, tokenizer, max_prompt_tokens=config.max_prompt_tokens)
     generator = torch.Generator(device=target.device).manual_seed(config.seed)
     with tqdm(total=len(examples), unit="prompt", desc="datagen", dynamic_ncols=True) as bar:
         count = datagen(
             target, tokenizer, examples, out, temperature=config.temperature,
             max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-            eos_token_id=eos_token_ids(target, tokenizer), generator=generator,
-            progress=bar.update,
+            eos_token_id=eos, generator=generator, progress=bar.update,
         )
     print(f"wrote {count} target completions to {out}", file=sys.stderr)
     return 0

@@ -6,6 +6,7 @@ stop ids, no eos and an EOS inside a completion all just work.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ class SequenceBatch:
     attention_mask: torch.Tensor  # [B, L] long, 1 on prompt and completion tokens
     position_ids: torch.Tensor  # [B, L] long
     loss_mask: torch.Tensor  # [B, L] float32
+    # The target's cached top-k at each logits column (teacher_topk), else None:
+    topk_ids: torch.Tensor | None = None  # [B, L, k] int32, -1 where nothing is cached
+    topk_log_probs: torch.Tensor | None = None  # [B, L, k] float16
 
     @property
     def num_loss_tokens(self) -> int:
@@ -39,21 +43,21 @@ class SequenceBatch:
         return self.loss_mask.shape[1] - int(scored[0]) if scored.numel() else 1
 
     def to(self, device: torch.device | str) -> SequenceBatch:
-        return SequenceBatch(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            position_ids=self.position_ids.to(device),
-            loss_mask=self.loss_mask.to(device),
-        )
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SequenceBatch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
 
 def build_batch(
-    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    pad_id: int,
+    topk: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> SequenceBatch:
     """Lay out prompts (left-padded) and completions (right-padded); masks from lengths only.
 
     ``pad_id`` only fills masked slots, so any id the models can embed works (even the EOS id).
-    Rows with an empty completion get no loss tokens.
+    Rows with an empty completion get no loss tokens. ``topk`` (per row: the target's cached
+    ids and log-probs for each completion token) is laid out on the same columns as the mask.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
@@ -77,4 +81,14 @@ def build_batch(
         # Logits at column j predict token j + 1: completion tokens sit at [P, end).
         loss_mask[row, prompt_width - 1 : end - 1] = 1.0
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) * attention_mask
-    return SequenceBatch(input_ids, attention_mask, position_ids, loss_mask)
+    if topk is None:
+        return SequenceBatch(input_ids, attention_mask, position_ids, loss_mask)
+    k = topk[0][0].shape[-1]
+    topk_ids = torch.full((batch, width, k), -1, dtype=torch.int32)
+    topk_log_probs = torch.full((batch, width, k), float("-inf"), dtype=torch.float16)
+    for row, ((ids, log_probs), completion) in enumerate(zip(topk, completions)):
+        if len(ids) != len(completion):
+            raise ValueError("the cached top-k does not match the completion it belongs to.")
+        topk_ids[row, prompt_width - 1 : prompt_width - 1 + len(ids)] = ids
+        topk_log_probs[row, prompt_width - 1 : prompt_width - 1 + len(ids)] = log_probs
+    return SequenceBatch(input_ids, attention_mask, position_ids, loss_mask, topk_ids, topk_log_probs)

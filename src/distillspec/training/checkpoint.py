@@ -30,6 +30,12 @@ import torch
 import yaml
 
 from distillspec.common.io import atomic_write_text
+from distillspec.models.pruned_head import (
+    full_vocabulary,
+    is_pruned,
+    load_pruned_head,
+    save_pruned_head,
+)
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
@@ -79,7 +85,9 @@ def save_model_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
+        with full_vocabulary(model):  # plain transformers/vLLM/llama.cpp load this folder
+            model.save_pretrained(staging, safe_serialization=True)
+        save_pruned_head(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / "distill_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "README.md").write_text(card)
@@ -175,8 +183,11 @@ def load_checkpoint(folder: Path, draft, optimizer, scheduler, device) -> dict[s
     from safetensors.torch import load_file
 
     weights = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    for shard in sorted(folder.glob("model*.safetensors")):
         weights.update(load_file(shard, device=str(device)))
+    if is_pruned(draft):  # the pruned head comes from its own file
+        weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        load_pruned_head(draft, folder, require_same=True)
     missing, unexpected = draft.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise ValueError(

@@ -61,6 +61,13 @@ class DistillConfig:
         "run folder) and reuse them every epoch instead of sampling the target every step. "
         "Needs policy teacher, or a mix with teacher.",
     )
+    teacher_topk: int = knob(
+        0,
+        "Score the fixed training data with the target once and keep its top-k log-probs per "
+        "completion token; steps then run no target forward (forward KL against the target "
+        "renormalised over those k ids). Needs policy fixed, or teacher with teacher_cache, "
+        "and divergence fkl. 0: the exact full-softmax target forward every step.",
+    )
     divergence: str = knob(
         "fkl", "Token-level divergence: fkl, rkl, jsd or tvd.", choices=DIVERGENCE_CHOICES
     )
@@ -139,6 +146,14 @@ class DistillConfig:
             raise ValueError("resume and overwrite exclude each other: pick one.")
         if self.policy == "mixed":
             self.mix_fractions()  # validates
+        require_at_least(self, 0, "teacher_topk")
+        require_at_most(self, 4096, "teacher_topk")
+        fixed_data = self.policy == "fixed" or (self.policy == "teacher" and self.teacher_cache)
+        if self.teacher_topk and not (fixed_data and self.divergence == "fkl"):
+            raise ValueError(
+                "teacher_topk caches the target's distribution on fixed completions, so it needs "
+                "policy fixed (or teacher with teacher_cache) and divergence fkl."
+            )
         if self.teacher_cache and not self.uses_teacher:
             raise ValueError(
                 "teacher_cache caches the teacher policy's completions, but this recipe never "
@@ -178,6 +193,11 @@ class DatagenConfig:
         "teacher.jsonl", "Output JSONL (prompt, completion, prompt_ids, completion_ids)."
     )
     overwrite: bool = knob(False, "Replace --out if it exists (only a file datagen wrote).")
+    self_prompts: int = knob(
+        0,
+        "Instead of completions, write N user prompts the target generates itself from its "
+        "chat template (Magpie): de-duplicated, seeded; --data is not needed.",
+    )
     temperature: float = knob(1.0, "Sampling temperature (0: greedy).")
     max_new_tokens: int = knob(64, "Tokens per completion.")
     max_prompt_tokens: int = knob(128, "Prompts are cut (from the left) to this many tokens.")
@@ -186,9 +206,13 @@ class DatagenConfig:
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
     def __post_init__(self) -> None:
-        if not self.data:
-            raise ValueError("datagen needs --data (a prompt file or builtin:NAME).")
+        if not self.data and not self.self_prompts:
+            raise ValueError(
+                "datagen needs --data (a prompt file or builtin:NAME), or --self-prompts N."
+            )
         require_at_least(self, 1, "max_new_tokens", "batch_size", "max_prompt_tokens")
+        require_at_least(self, 0, "self_prompts")
+        require_at_most(self, 1_000_000, "self_prompts")
         require_at_most(self, MAX_BATCH, "batch_size")
         require_at_most(self, MAX_TOKENS, "max_new_tokens", "max_prompt_tokens")
         if self.temperature < 0:

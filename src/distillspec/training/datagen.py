@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from distillspec.common.io import atomic_writer, read_jsonl
-from distillspec.decoding.generate import generate_ids
+from distillspec.decoding.generate import generate_ids, generate_many
+from distillspec.decoding.params import SamplingConfig
 from distillspec.training.datasets import PromptExample
 
 DATAGEN_KEYS = ("prompt", "completion", "prompt_ids", "completion_ids")
@@ -43,8 +44,10 @@ def generate_completions(
     eos_token_id: int | Iterable[int] | None,
     generator: torch.Generator | None,
     pad_id: int = 0,
+    batch_size: int | None = None,
 ) -> list[list[int]]:
-    """New tokens per prompt (EOS included when hit), decoded by the engine in eval mode.
+    """New tokens per prompt (EOS included when hit), decoded by the engine in eval mode:
+    one batch, or with ``batch_size`` continuous batching (a finished row's place is refilled).
 
     ``generator`` must live on the model's device.
     """
@@ -57,6 +60,7 @@ def generate_completions(
             eos_token_id=eos_token_id,
             generator=generator,
             pad_id=pad_id,
+            batch_size=batch_size,
         )
 
 
@@ -78,46 +82,56 @@ def datagen(
     Each line is ``{"prompt", "completion", "prompt_ids", "completion_ids"}`` (texts decoded with
     special tokens kept, for reading; the ids are what ``load_examples`` uses). The file appears
     atomically. Load it with ``max_completion_tokens >= max_new_tokens`` or completions are
-    truncated. ``progress(n)`` is called after each batch. Returns the number of lines written.
+    truncated. ``progress(1)`` is called as each prompt finishes. Returns the lines written.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     if not examples:
         raise ValueError("datagen got no examples; nothing to generate.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    done = _generate_all(target, [e.prompt_ids for e in examples], temperature=temperature,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                         generator=generator, batch_size=batch_size, progress=progress)
     with atomic_writer(out_path) as handle:
-        for start in range(0, len(examples), batch_size):
-            prompts = [e.prompt_ids for e in examples[start : start + batch_size]]
-            completions = generate_completions(
-                target,
-                prompts,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id,
-                generator=generator,
-                pad_id=pad_id,
-            )
-            for prompt, completion in zip(prompts, completions):
-                record = {
-                    "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
-                    "completion": tokenizer.decode(completion, skip_special_tokens=False),
-                    "prompt_ids": list(prompt),
-                    "completion_ids": list(completion),
-                }
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            if progress is not None:
-                progress(len(prompts))
+        for example, completion in zip(examples, done):
+            record = {
+                "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=False),
+                "completion": tokenizer.decode(completion, skip_special_tokens=False),
+                "prompt_ids": list(example.prompt_ids),
+                "completion_ids": list(completion),
+            }
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return len(examples)
 
 
+def _generate_all(model, prompts, *, temperature, max_new_tokens, eos_token_id, generator,
+                  batch_size, progress=None) -> list[list[int]]:
+    """Every prompt's completion through continuous batching (eval mode, seeded)."""
+    device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**31, (1,), generator=generator, device=device))
+
+    def finished(index: int, tokens: list[int]) -> None:
+        if progress is not None:
+            progress(1)
+
+    with eval_mode(model):
+        done = generate_many(model, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                             sampling=SamplingConfig(temperature=temperature),
+                             eos_token_id=eos_token_id, batch_size=batch_size, seed=seed,
+                             on_done=finished)
+    return [done[i] for i in range(len(prompts))]
+
+
 def is_datagen_file(path: Path) -> bool:
-    """True when ``path``'s first line has the keys ``datagen`` writes (safe to replace)."""
+    """True when ``path``'s first line is one datagen writes (completions or a prompt pool)."""
     try:
         with path.open(encoding="utf-8") as handle:
             first = json.loads(handle.readline() or "{}")
     except (OSError, ValueError):
         return False
-    return isinstance(first, dict) and set(DATAGEN_KEYS) <= set(first)
+    if not isinstance(first, dict):
+        return False
+    pool_line = list(first) == ["messages"] and len(first["messages"]) == 1
+    return set(DATAGEN_KEYS) <= set(first) or pool_line
 
 
 def teacher_cache(
@@ -130,7 +144,7 @@ def teacher_cache(
     max_new_tokens: int,
     eos_token_id: int | Iterable[int] | None,
     generator: torch.Generator | None,
-    batch_size: int = 16,
+    batch_size: int = 128,
 ) -> dict[str, list[int]]:
     """The target's completion of every example (source -> ids), generated once into ``path``.
 
@@ -144,19 +158,93 @@ def teacher_cache(
             cached[record.get("source")] = (record.get("prompt_ids"), record.get("completion_ids"))
         if set(cached) == set(expected) and all(cached[s][0] == p for s, p in expected.items()):
             return {source: ids for source, (_, ids) in cached.items()}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(examples), unit="prompt", desc="teacher completions",
+              dynamic_ncols=True) as bar:
+        done = _generate_all(target, [e.prompt_ids for e in examples], temperature=temperature,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                             generator=generator, batch_size=batch_size, progress=bar.update)
     with atomic_writer(path) as handle:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            completions = generate_completions(
-                target, [e.prompt_ids for e in chunk], temperature=temperature,
-                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                generator=generator, pad_id=pad_id,
-            )
-            for example, completion in zip(chunk, completions):
-                record = {"source": example.source, "prompt_ids": list(example.prompt_ids),
-                          "completion_ids": completion}
-                handle.write(json.dumps(record) + "\n")
-    return teacher_cache(target, tokenizer, examples, path, temperature=temperature,
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                         generator=generator, batch_size=batch_size)
+        for example, completion in zip(examples, done):
+            record = {"source": example.source, "prompt_ids": list(example.prompt_ids),
+                      "completion_ids": completion}
+            handle.write(json.dumps(record) + "\n")
+    return {e.source: completion for e, completion in zip(examples, done)}
+
+
+def pre_query_template(tokenizer) -> list[int]:
+    """The chat template up to where a user's message starts (Magpie's pre-query template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "Self-generated prompts need an instruction-tuned target with a chat template; "
+            "this tokenizer has none. Give a prompt file with --data instead."
+        )
+    marker = "\u2063distillspec-marker\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in text:
+        raise ValueError("Cannot find where the user's message starts in this chat template.")
+    return list(tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"])
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def self_prompts(
+    target: torch.nn.Module,
+    tokenizer: Any,
+    count: int,
+    *,
+    seed: int,
+    eos_token_id: Iterable[int],
+    batch_size: int = 128,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """``count`` user prompts written by the target itself (Magpie, Xu et al. 2024).
+
+    The target continues its pre-query template at ``temperature``; a sample is kept when it
+    ends the user turn (an EOS id) within ``max_new_tokens``, has 3 to 80 words and is not a
+    case/space-insensitive duplicate of one already kept. Seeded: the same call gives the same
+    prompts. Raises if too few usable prompts come out of 8x as many samples.
+    """
+    prefix = pre_query_template(tokenizer)
+    stops = set(eos_token_id)
+    kept, seen, tried = [], set(), [0]
+
+    def finished(index: int, row: list[int]) -> bool:
+        tried[0] += 1
+        if row and row[-1] in stops:  # the target finished its message
+            text = tokenizer.decode(row[:-1], skip_special_tokens=True).strip()
+            key = _normalise(text)
+            if 3 <= len(key.split()) <= 80 and key not in seen:
+                seen.add(key)
+                kept.append(text)
+                if progress is not None:
+                    progress(1)
+        return len(kept) >= count
+
+    def prefixes():
+        while tried[0] < 8 * count:
+            yield prefix
+
+    with eval_mode(target):
+        generate_many(target, prefixes(), max_new_tokens=max_new_tokens,
+                      sampling=SamplingConfig(temperature=temperature), eos_token_id=sorted(stops),
+                      batch_size=batch_size, seed=seed, on_done=finished)
+    if len(kept) < count:
+        raise ValueError(
+            f"The target wrote only {len(kept)} usable prompts in {tried[0]} samples; ask for "
+            "fewer, or give a prompt file."
+        )
+    return kept[:count]
+
+
+def write_prompt_pool(prompts: Sequence[str], path: str | Path) -> None:
+    """One ``{"messages": [{"role": "user", ...}]}`` line per prompt, atomically."""
+    with atomic_writer(path) as handle:
+        for prompt in prompts:
+            handle.write(json.dumps({"messages": [{"role": "user", "content": prompt}]},
+                                    ensure_ascii=False) + "\n")

@@ -192,6 +192,31 @@ def tvd(
     return 0.5 * (target_log_probs.exp() - draft_log_probs.exp()).abs().sum(dim=-1)
 
 
+def sparse_forward_kl(
+    draft_logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_log_probs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Forward KL(P_k || Q) against a *cached top-k* of the target: ``[..., V], [..., k] -> [...]``.
+
+    P is known on k ids per position (``target_ids``, with log-probabilities at temperature 1)
+    and renormalised over them at ``temperature``: P_k = softmax(log p / T) over the k entries;
+    an entry with log-probability -inf is absent (it weighs ~1e-30; a position with no entry
+    at all gets a meaningless value and must be masked by the caller). Q = softmax(draft_logits
+    / T) over the whole (draft) vocabulary, so mass the draft puts outside the top-k is still
+    penalised through the normaliser. With k = V this is ``forward_kl`` exactly.
+    """
+    _check_temperature(temperature)
+    draft_log_probs = torch.log_softmax(draft_logits.float() / temperature, dim=-1)
+    cached = _floor_log(target_log_probs.float())  # absent entries: ~0 weight, never NaN
+    target_log_probs = torch.log_softmax(cached / temperature, dim=-1)
+    draft_at_ids = draft_log_probs.gather(-1, target_ids.clamp(min=0).long())
+    probs = target_log_probs.exp()
+    return (probs * (_floor_log(target_log_probs) - _floor_log(draft_at_ids))).sum(dim=-1)
+
+
 DIVERGENCES: dict[str, Divergence] = {
     "fkl": forward_kl,
     "rkl": reverse_kl,

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from distillspec.common.config import to_dict
@@ -33,7 +33,6 @@ from distillspec.common.runtime import apply_threads, autocast_bf16
 from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
 from distillspec.training import checkpoint, setup
 from distillspec.training.config import DistillConfig
-from distillspec.training.datagen import teacher_cache
 from distillspec.training.divergences import get_divergence
 from distillspec.training.evaluate import SDEvaluator
 from distillspec.training.policies import make_policy
@@ -92,16 +91,22 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
         trust_remote_code=config.runtime.trust_remote_code,
     )
     target.requires_grad_(False)
-    draft = setup.trainable_draft(config, target, tokenizer)
     train_examples, eval_examples = setup.load_data(config, tokenizer)
     eos, pad_id = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
     state = TrainState()
-    cached = _teacher_cache(config, folder, accelerator, target, tokenizer, train_examples, state)
+    cached = setup.target_outputs(config, folder, accelerator, target, tokenizer, train_examples, state)
+    vocabulary = setup.draft_vocabulary(config, (cached or {}).values(), eos,
+                                        target.get_input_embeddings().weight.shape[0])
+    draft = setup.trainable_draft(config, target, tokenizer, vocabulary)
+    cached = cached if config.teacher_cache else None
     policy = make_policy(
         config.policy, temperature=config.sample_temperature, max_new_tokens=config.max_new_tokens,
         eos_token_id=eos, mix=config.mix_fractions() if config.policy == "mixed" else None,
         seed=config.seed, pad_id=pad_id, teacher_completions=cached,
     )
+    if config.teacher_topk:
+        policy.topk = setup.cached_topk(config, folder, accelerator, target, policy, train_examples,
+                                    pad_id, state)
     beta = {"beta": config.jsd_beta} if config.divergence == "jsd" else {}
     divergence = get_divergence(config.divergence, temperature=config.loss_temperature, **beta)
     trainable = [p for p in draft.parameters() if p.requires_grad]
@@ -126,28 +131,11 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
     return run
 
 
-def _teacher_cache(config, folder, accelerator, target, tokenizer, examples, state):
-    """teacher_cache: the target's completions, generated once by rank 0 (time in the budget)."""
-    if not config.teacher_cache:
-        return None
-    path = folder.child("teacher-cache.jsonl")
-    if accelerator.is_main_process:
-        start = time.perf_counter()
-        generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-        teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
-                      max_new_tokens=config.max_new_tokens, eos_token_id=eos_token_ids(target, tokenizer),
-                      generator=generator)
-        state.train_seconds += time.perf_counter() - start  # a resumed run restores its own
-    accelerator.wait_for_everyone()
-    return teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
-                         max_new_tokens=config.max_new_tokens, eos_token_id=None, generator=None)
-
-
 def distill(config: DistillConfig) -> dict[str, Any]:
     """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics."""
     apply_threads(config.runtime)
     setup.check_inputs(config)
-    folder, resume_from = _open_folder(config)
+    folder, resume_from = setup.open_folders(config)
     run = _build(config, folder, resume_from)
     if run.accelerator.is_main_process:
         checkpoint.truncate_metrics(folder.child("metrics.jsonl"), run.state.step)
@@ -180,19 +168,6 @@ def distill(config: DistillConfig) -> dict[str, Any]:
     _finish(run)
     run.accelerator.end_training()
     return run.last_eval
-
-
-def _open_folder(config: DistillConfig):
-    """The main process claims the folder (and may clear it); the others follow."""
-    state = PartialState(cpu=config.runtime.device == "cpu")
-    if state.is_main_process:
-        folder, resume_from = setup.open_run_folder(config)
-        ranks = [f"rank-{i}.json" for i in range(state.num_processes)]
-        folder.track(*setup.RUN_ENTRIES, *ranks)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        folder, resume_from = setup.open_run_folder(config, main_process=False)
-    return folder, resume_from
 
 
 def _flat(values: dict, prefix: str = "") -> dict:
@@ -253,6 +228,7 @@ def _one_step(run: _Run) -> float:
     run.log({
         "step": state.step, **result, "lr": run.opt.scheduler.get_last_lr()[0],
         "step_seconds": time.perf_counter() - step_start, "train_seconds": state.train_seconds,
+        "data_seconds": state.data_seconds,
         "policy": getattr(run.policy, "last_choice", None) or run.policy.name,
         "time_generation": generation,
     })

@@ -45,8 +45,8 @@ class FixedPolicy:
 
     name = "fixed"
 
-    def __init__(self, pad_id: int = 0):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int = 0, topk: dict | None = None):
+        self.pad_id, self.topk = pad_id, topk  # topk: source -> the target's cached top-k
 
     def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
         for example in examples:
@@ -56,7 +56,12 @@ class FixedPolicy:
                     "and this one has none. Add one, or use the teacher or draft policy."
                 )
         prompts = [e.prompt_ids for e in examples]
-        return build_batch(prompts, [e.completion_ids for e in examples], self.pad_id)
+        topk = [self.topk[e.source] for e in examples] if self.topk else None
+        return build_batch(prompts, [e.completion_ids for e in examples], self.pad_id, topk)
+
+    def completions(self, examples) -> dict[str, list[int]]:
+        """The fixed completion of every example (what a top-k cache scores)."""
+        return {e.source: e.completion_ids for e in examples if e.completion_ids is not None}
 
 
 class _SamplingPolicy:
@@ -130,12 +135,16 @@ class CachedTeacherPolicy:
 
     name = "teacher"
 
-    def __init__(self, completions: dict[str, list[int]], pad_id: int = 0):
-        self.completions, self.pad_id = completions, pad_id
+    def __init__(self, completions: dict[str, list[int]], pad_id: int = 0, topk: dict | None = None):
+        self.cached, self.pad_id, self.topk = completions, pad_id, topk
 
     def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
         prompts = [e.prompt_ids for e in examples]
-        return build_batch(prompts, [self.completions[e.source] for e in examples], self.pad_id)
+        topk = [self.topk[e.source] for e in examples] if self.topk else None
+        return build_batch(prompts, [self.cached[e.source] for e in examples], self.pad_id, topk)
+
+    def completions(self, examples) -> dict[str, list[int]]:
+        return dict(self.cached)
 
 
 class MixedPolicy:

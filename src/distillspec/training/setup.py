@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from distillspec.common.rundir import RunFolder, claim
-from distillspec.models.loading import build_draft, check_model_spec
+from distillspec.models.drafts import split_vocab_option
+from distillspec.models.loading import build_draft, check_model_spec, eos_token_ids
+from distillspec.models.pruned_head import frequent_tokens
 from distillspec.models.registry import BUILTIN_PREFIX
-from distillspec.training import checkpoint
+from distillspec.training import checkpoint, teacher_topk
 from distillspec.training.builtin_data import check_builtin_dataset
 from distillspec.training.config import DistillConfig
+from distillspec.training.datagen import teacher_cache
 from distillspec.training.datasets import load_examples, split_examples
 
 RUN_ENTRIES = (
     "checkpoints", "final", "metrics.jsonl", "distill_config.json", "trackers",
-    "teacher-cache.jsonl",
+    "teacher-cache.jsonl", "vocab-sample.jsonl", "teacher-topk.safetensors", "teacher-topk.json",
 )
 
 
@@ -38,6 +42,7 @@ class TrainState:
     step: int = 0
     examples_seen: int = 0  # position in the (seeded, per-epoch shuffled) training order
     train_seconds: float = 0.0
+    data_seconds: float = 0.0  # generating the target's completions once (teacher_cache)
 
 
 def _check_data(spec: str, what: str) -> None:
@@ -50,8 +55,7 @@ def _check_data(spec: str, what: str) -> None:
 def check_inputs(config: DistillConfig) -> None:
     """Fail before anything is loaded or written: models, data and trackers must exist."""
     check_model_spec(config.target)
-    if not config.draft_init.startswith("target-layers:"):
-        check_model_spec(config.draft_init)
+    check_model_spec(config.draft_init)
     if not config.data:
         raise ValueError("No training data: set data (a JSONL file, a .txt file, a folder or builtin:NAME).")
     _check_data(config.data, "training data")
@@ -100,9 +104,11 @@ def open_run_folder(config: DistillConfig, main_process: bool = True) -> tuple[R
     return folder, found.folder
 
 
-def trainable_draft(config: DistillConfig, target, tokenizer):
-    """The draft to train, in float32, with the chosen parameters trainable."""
-    draft = build_draft(config.draft_init, target, tokenizer, dtype=torch.float32)
+def trainable_draft(config: DistillConfig, target, tokenizer, token_ids=None):
+    """The draft to train, in float32, with the chosen parameters trainable (``token_ids``:
+    the kept vocabulary of a ``:vocab=K`` draft)."""
+    draft = build_draft(config.draft_init, target, tokenizer, dtype=torch.float32,
+                        token_ids=token_ids)
     draft.get_input_embeddings().weight.requires_grad_(config.train_embeddings)
     draft.get_output_embeddings().weight.requires_grad_(config.train_lm_head)
     if draft.config.tie_word_embeddings and config.train_embeddings != config.train_lm_head:
@@ -111,6 +117,15 @@ def trainable_draft(config: DistillConfig, target, tokenizer):
             "train_lm_head must be equal. Set both to true or both to false."
         )
     return draft.train()
+
+
+def draft_vocabulary(config: DistillConfig, completions, eos_ids, vocab_size: int):
+    """The kept ids of a ``:vocab=K`` draft: the K tokens the target emits most in
+    ``completions`` (its own outputs on training prompts), EOS ids always included."""
+    keep = split_vocab_option(config.draft_init)[1]
+    if keep is None:
+        return None
+    return frequent_tokens(completions, keep, vocab_size, always=eos_ids)
 
 
 def load_data(config: DistillConfig, tokenizer) -> tuple[list, list]:
@@ -155,3 +170,51 @@ def next_examples(examples: list, state: TrainState, count: int, seed: int, rank
         chosen.append(examples[int(order[within])])
     state.examples_seen += count * world
     return chosen
+
+
+def open_folders(config: DistillConfig):
+    """The main process claims the folder (and may clear it); the others follow."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=config.runtime.device == "cpu")
+    if state.is_main_process:
+        folder, resume_from = open_run_folder(config)
+        ranks = [f"rank-{i}.json" for i in range(state.num_processes)]
+        folder.track(*RUN_ENTRIES, *ranks)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        folder, resume_from = open_run_folder(config, main_process=False)
+    return folder, resume_from
+
+
+def target_outputs(config, folder, accelerator, target, tokenizer, examples, state):
+    """The target's completions, generated once by rank 0 (time counted in the budget): all
+    training prompts for teacher_cache, else up to 256 of them to choose a :vocab=K head."""
+    wants_vocab = split_vocab_option(config.draft_init)[1] is not None
+    if not (config.teacher_cache or wants_vocab):
+        return None
+    name = "teacher-cache.jsonl" if config.teacher_cache else "vocab-sample.jsonl"
+    examples = examples if config.teacher_cache else examples[:256]
+    path = folder.child(name)
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
+        teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
+                      max_new_tokens=config.max_new_tokens, eos_token_id=eos_token_ids(target, tokenizer),
+                      generator=generator)
+        state.data_seconds += time.perf_counter() - start  # reported, not in the training budget
+    accelerator.wait_for_everyone()
+    return teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
+                         max_new_tokens=config.max_new_tokens, eos_token_id=None, generator=None)
+
+
+def cached_topk(config, folder, accelerator, target, policy, examples, pad_id, state):
+    """teacher_topk: the target's top-k on the fixed data, scored once by rank 0."""
+    path = folder.child("teacher-topk.safetensors")
+    completions = policy.completions(examples)
+    if accelerator.is_main_process:
+        start = time.perf_counter()
+        teacher_topk.build(target, examples, completions, config.teacher_topk, path, pad_id=pad_id)
+        state.data_seconds += time.perf_counter() - start
+    accelerator.wait_for_everyone()
+    return teacher_topk.build(target, examples, completions, config.teacher_topk, path, pad_id=pad_id)

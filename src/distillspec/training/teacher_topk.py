@@ -1,0 +1,75 @@
+"""The target's top-k log-probabilities on fixed training data, computed once and reused.
+
+With fixed completions (a ``datagen`` file, or ``teacher_cache``) the target's distribution at
+every completion position never changes, so a step need not run the target at all: ``build``
+scores every example once (batched, no_grad) and keeps, per completion token, the k most
+likely ids and their log-probabilities (temperature 1). Training then uses
+``divergences.sparse_forward_kl``: the target renormalised over those k ids. That is an
+approximation of the full softmax (exact as k -> V); ``teacher_topk: 0`` keeps the exact path.
+The cache lives in the run folder (``teacher-topk.safetensors``) and is rebuilt when the data
+or k change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from distillspec.common.io import atomic_write_text
+from distillspec.training.batch import build_batch
+
+TopK = tuple[torch.Tensor, torch.Tensor]  # ids [T, k] int32, log-probs [T, k] float16
+
+
+def _fingerprint(examples, completions: dict[str, list[int]], k: int) -> str:
+    digest = hashlib.sha256(str(k).encode())
+    for example in examples:
+        digest.update(json.dumps([example.source, example.prompt_ids,
+                                  completions[example.source]]).encode())
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def build(target, examples: Sequence, completions: dict[str, list[int]], k: int, path: Path,
+          *, pad_id: int = 0, batch_size: int = 32) -> dict[str, TopK]:
+    """Score every example with the target once; cache per-token top-k (reused when current)."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    fingerprint = _fingerprint(examples, completions, k)
+    index_path = path.with_suffix(".json")
+    if path.is_file() and index_path.is_file():
+        index = json.loads(index_path.read_text())
+        if index.get("fingerprint") == fingerprint:
+            tensors = load_file(str(path))
+            return {s: (tensors[f"ids.{i}"], tensors[f"logp.{i}"]) for i, s in enumerate(index["sources"])}
+    result: dict[str, TopK] = {}
+    with tqdm(total=len(examples), unit="prompt", desc="teacher top-k", dynamic_ncols=True) as bar:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = build_batch([e.prompt_ids for e in chunk],
+                                [completions[e.source] for e in chunk], pad_id).to(target.device)
+            keep = batch.scored_columns()
+            logits = target(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            position_ids=batch.position_ids, logits_to_keep=keep).logits
+            values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]))
+            mask = batch.loss_mask[:, -keep:].bool()
+            for row, example in enumerate(chunk):
+                result[example.source] = (ids[row][mask[row]].int().cpu(),
+                                          values[row][mask[row]].half().cpu())
+            bar.update(len(chunk))
+    sources = list(result)
+    tensors = {}
+    for i, source in enumerate(sources):
+        tensors[f"ids.{i}"], tensors[f"logp.{i}"] = result[source]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(staging))
+    os.replace(staging, path)  # then the index that vouches for it, atomically
+    atomic_write_text(index_path, json.dumps({"fingerprint": fingerprint, "sources": sources}))
+    return result

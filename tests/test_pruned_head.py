@@ -1,0 +1,113 @@
+"""Pruned-vocabulary draft heads: exact logits, lossless SD, saving, loading and training."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import VOCAB, left_padded, perturbed_copy, save_tiny, tiny_model
+from transformers import AutoModelForCausalLM
+
+from distillspec import autoregressive_generate, speculative_generate
+from distillspec.common.config import from_dict
+from distillspec.models.loading import load_model
+from distillspec.models.pruned_head import PrunedHead, frequent_tokens, full_vocabulary, prune_head
+from distillspec.training.config import DistillConfig
+from distillspec.training.loop import distill
+
+
+def test_pruned_logits_are_the_kept_rows_and_minus_inf_elsewhere():
+    model = tiny_model("llama", seed=0)
+    hidden = torch.randn(2, 3, model.config.hidden_size)
+    full = model.lm_head(hidden)
+    kept = torch.tensor([2, 5, 7, 40, 95])
+    prune_head(model, kept)
+    head = model.get_output_embeddings()
+    assert isinstance(head, PrunedHead) and head.out_features == VOCAB
+    logits = head(hidden)
+    torch.testing.assert_close(logits[..., kept], full[..., kept])
+    others = torch.ones(VOCAB, dtype=torch.bool)
+    others[kept] = False
+    assert torch.isneginf(logits[..., others]).all()
+    with full_vocabulary(model):
+        torch.testing.assert_close(model.get_output_embeddings()(hidden), full)
+    assert model.get_output_embeddings() is head
+
+
+def test_frequent_tokens_counts_ties_and_forced_ids():
+    ids = frequent_tokens([[5, 5, 7], [7, 9, 5]], keep=3, vocab_size=20, always=[2])
+    assert ids.tolist() == [2, 5, 7]
+    assert frequent_tokens([[1]], keep=4, vocab_size=20).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="draft_vocab"):
+        frequent_tokens([], keep=0, vocab_size=20)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_greedy_sd_with_a_pruned_draft_equals_the_target(gamma):
+    target = tiny_model("llama", seed=0)
+    ids, mask = left_padded([5, 9, 3])
+    plain = autoregressive_generate(target, ids, mask, max_new_tokens=20)
+    used = sorted({t for row in plain.sequences for t in row})
+    kept = torch.tensor(sorted(set(used[: len(used) // 2]) | {0, 1, 2, 3}))  # a strict subset
+    draft = prune_head(perturbed_copy(target, 0.05), kept)
+    result = speculative_generate(target, draft, ids, mask, gamma=gamma, max_new_tokens=20)
+    assert result.sequences == plain.sequences
+    assert 0 < result.metrics.acceptance_rate < 1
+
+
+def test_sampled_sd_with_a_strict_subset_support_matches_the_target():
+    """Two-token joint distribution, enumerated exactly, vs 4000 SD samples."""
+    from test_engine_sampled import N, V, empirical_joint, exact_two_token_joint, tv
+
+    from distillspec.decoding.params import SamplingConfig
+
+    target = tiny_model("llama", seed=0, vocab_size=V)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.1)
+    draft = prune_head(perturbed_copy(target, 0.3, seed=4), torch.tensor([0, 2, 3, 5, 6]))
+    prompt = torch.tensor([5, 3, 6, 4])
+    sampling = SamplingConfig(temperature=1.0)
+    expected = exact_two_token_joint(target, prompt, sampling)
+    result = speculative_generate(target, draft, prompt.expand(N, -1), gamma=3, max_new_tokens=2,
+                                  temperature=1.0, generator=torch.Generator().manual_seed(0))
+    drafted = {t for row in result.sequences for t in row}
+    assert {1, 4, 7} & drafted, "ids the draft cannot propose still come out (from the residual)"
+    assert tv(empirical_joint(result.sequences), expected) < 0.07
+
+
+def test_distilled_pruned_draft_saves_full_loads_pruned_and_assists_transformers(tmp_path):
+    save_tiny(tmp_path / "target", layers=3, lm_scale=10.0)
+    rng = random.Random(0)
+    with (tmp_path / "data.jsonl").open("w") as handle:
+        for _ in range(24):
+            words = " ".join(f"w{rng.randrange(0, 60)}" for _ in range(rng.randrange(2, 5)))
+            handle.write(json.dumps({"prompt": words}) + "\n")
+    out = tmp_path / "run"
+    config = from_dict(DistillConfig, dict(
+        target=str(tmp_path / "target"), draft_init="target-layers:1:vocab=24",
+        data=str(tmp_path / "data.jsonl"), policy="teacher", teacher_cache=True,
+        sample_temperature=0.0, max_steps=6, batch_size=4, max_new_tokens=6, lr=1e-3,
+        warmup_steps=1, eval_every=0, save_every=3, eval_prompts=4, eval_tau_prompts=2,
+        eval_max_new_tokens=6, held_out=4, output_dir=str(out), runtime={"device": "cpu"},
+        bf16="off",
+    ))
+    distill(config)
+    draft, _ = load_model(out / "final", device="cpu", dtype="float32")
+    head = draft.get_output_embeddings()
+    assert isinstance(head, PrunedHead) and head.weight.shape[0] == 24
+    plain_draft = AutoModelForCausalLM.from_pretrained(out / "final")  # full head, no warnings
+    assert plain_draft.lm_head.weight.shape[0] == VOCAB
+    target = AutoModelForCausalLM.from_pretrained(tmp_path / "target")
+    ids = torch.tensor([[5, 9, 13, 40]])
+    reference = target.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assisted = target.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                               assistant_model=plain_draft)
+    assert torch.equal(reference, assisted)
+    ours = speculative_generate(target, draft, ids, gamma=3, max_new_tokens=10)
+    assert ours.sequences[0] == reference[0, 4:].tolist()
+    # resume from a pruned checkpoint keeps training the same head
+    distill(from_dict(DistillConfig, {**config.__dict__, "runtime": {"device": "cpu"},
+                                      "max_steps": 8, "resume": True}))
+    assert json.loads((out / "rank-0.json").read_text())["step"] == 8

@@ -33,6 +33,14 @@ class RuntimeConfig:
     trust_remote_code: bool = knob(
         False, "Allow model repositories to run their own Python code (off by default)."
     )
+    allow_download: bool = knob(
+        False,
+        "Let a Hub id (org/name) that is not in the local Hugging Face cache be downloaded "
+        "(off: only the cache is read; HF_HUB_OFFLINE=1 always wins).",
+    )
+    device_map: str = knob(
+        "", "Spread a model over several devices (transformers' device_map, e.g. auto); empty: one device."
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.threads <= MAX_THREADS:
@@ -41,6 +49,13 @@ class RuntimeConfig:
             raise ValueError(
                 f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}."
             )
+
+
+def load_options(runtime: RuntimeConfig) -> dict:
+    """The keyword arguments ``models.loading.load_model`` takes from the runtime settings."""
+    return dict(device=runtime.device, dtype=runtime.dtype,
+                trust_remote_code=runtime.trust_remote_code,
+                allow_download=runtime.allow_download, device_map=runtime.device_map or None)
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:

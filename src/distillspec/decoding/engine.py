@@ -159,8 +159,34 @@ class Decoder:
                 row.counts.target_calls += 1
             new = row.emit(drafted[:accepted] + [token])
             done = row.finish_reason is not None
-            updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason))
+            updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason,
+                                     length if self.draft is not None else 0, accepted))
         return updates + self._leave()
+
+    @torch.inference_mode()
+    def replace_draft(self, draft: PreTrainedModel | None) -> None:
+        """Swap the draft between steps (e.g. a better one distilled online): live rows keep
+        going; the new draft's cache is filled with each row's context in one batched prefill.
+        Lossless whatever the draft, so in-flight outputs are unchanged for greedy rows."""
+        if draft is None:
+            self.draft = None
+            return
+        ensure_croppable(draft)
+        cached = CachedModel(draft)
+        if self.rows:
+            contexts = [row.request.prompt_ids + row.output for row in self.rows]
+            known = [c[: len(c) - len(row.draft_pending)] for c, row in zip(contexts, self.rows)]
+            width = max(map(len, known))
+            rows = cached.add_rows(len(known))
+            longest = max(len(c) + row.remaining for c, row in zip(contexts, self.rows))
+            cached.reserve(cached.rows, longest + self.speculation.gamma + 2)
+            if width > 0:
+                tokens = torch.tensor([[0] * (width - len(k)) + k for k in known], device=self.device)
+                cached.forward(tokens, [width - len(k) for k in known], rows=rows,
+                               right_align=True, logits_to_keep=1)
+        self.draft = cached
+        models = [self.target.model, draft]
+        self.vocab = max(output_width(m) for m in models)
 
     def _uniforms(self, caps: list[int], gamma: int) -> torch.Tensor:
         """``[B, 2 gamma + 1]``: draft draws, acceptance draws, then the final draw.

@@ -32,6 +32,8 @@ class RowUpdate:
     new_tokens: list[int]
     finished: bool
     finish_reason: str | None  # "eos" (a stop id), "length" or "cancelled" when finished
+    drafted: int = 0  # draft tokens this row proposed in the step
+    accepted: int = 0  # of which the target accepted
 
 
 @dataclass

@@ -8,6 +8,7 @@ loaded and ``trust_remote_code`` stays off unless asked for. Nothing is fetched 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -71,21 +72,59 @@ def convert_gguf(gguf_file: Path) -> Path:
 # -- models ------------------------------------------------------------------------------------
 
 
-def check_model_spec(spec: str | os.PathLike) -> None:
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def check_model_spec(spec: str | os.PathLike, allow_download: bool = False) -> None:
     """Cheap existence check of a model (or draft) spec: nothing is loaded or written."""
     base = split_vocab_option(str(spec))[0]
     if parse_layer_spec(base) is None:
-        _locate(base)
+        _locate(base, allow_download, check_only=True)
 
 
-def _locate(spec: str | os.PathLike) -> tuple[str, Path]:
-    """(kind, path) for a spec: ("builtin" | "gguf", the GGUF file) or ("folder", the folder)."""
+def _hub_snapshot(spec: str, allow_download: bool, check_only: bool = False) -> Path | None:
+    """A Hub id (``org/name`` or ``org/name@revision``) from the local Hugging Face cache.
+
+    Offline unless ``allow_download`` (and ``HF_HUB_OFFLINE`` is not set): the cache is read,
+    never the network. None when ``spec`` does not look like a Hub id.
+    """
+    if not _HUB_ID.match(spec) or Path(spec).exists():
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    repo, _, revision = spec.partition("@")
+    offline = not allow_download or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+    try:
+        folder = snapshot_download(repo, revision=revision or None, local_files_only=offline,
+                                   allow_patterns=_HUB_FILES)
+    except LocalEntryNotFoundError:
+        if check_only and allow_download and not offline:
+            return None  # it will be downloaded when loaded
+        hint = ("downloads are off (HF_HUB_OFFLINE is set)" if allow_download else
+                "pass --allow-download to fetch it, or `hf download " + repo + "`")
+        raise ValueError(
+            f"{repo} is not in the Hugging Face cache ({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}): "
+            f"{hint}."
+        ) from None
+    return Path(folder)
+
+
+def _locate(spec: str | os.PathLike, allow_download: bool = False,
+            check_only: bool = False) -> tuple[str, Path]:
+    """(kind, path) for a spec: ("gguf", the GGUF file) or ("folder", the HF folder)."""
     spec = str(spec)
     if spec.startswith("builtin:"):
         return "gguf", resolve_builtin(spec)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
+    snapshot = None if path.exists() else _hub_snapshot(spec, allow_download, check_only)
+    if snapshot is not None:
+        path = snapshot
+    elif check_only and _HUB_ID.match(spec) and not path.exists():
+        return "folder", path  # a Hub id that a permitted download will fetch
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(
@@ -93,14 +132,16 @@ def _locate(spec: str | os.PathLike) -> tuple[str, Path]:
             )
         return "folder", path
     raise ValueError(
-        f"Model {spec!r} not found: expected a Hugging Face model folder, a .gguf file or "
-        "builtin:NAME (see `distillspec models list`). Nothing is downloaded from a hub."
+        f"Model {spec!r} not found: expected a Hugging Face model folder, a .gguf file, a Hub id "
+        "in the local Hugging Face cache (org/name) or builtin:NAME (see `distillspec models "
+        "list`). Nothing is downloaded unless you pass --allow-download."
     )
 
 
-def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """A local HF folder for ``spec``: a folder, a ``.gguf`` file (converted) or ``builtin:NAME``."""
-    kind, path = _locate(spec)
+def resolve_model_path(spec: str | os.PathLike, allow_download: bool = False) -> Path:
+    """A local HF folder for ``spec``: a folder, a Hub id from the HF cache, a ``.gguf`` file
+    (converted) or ``builtin:NAME``."""
+    kind, path = _locate(spec, allow_download)
     return convert_gguf(path) if kind == "gguf" else path
 
 
@@ -110,9 +151,14 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
+    allow_download: bool = False,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)`` in eval mode on the resolved device and dtype."""
-    path = resolve_model_path(spec)
+    """Load ``(model, tokenizer)`` in eval mode on the resolved device and dtype.
+
+    ``device_map`` (e.g. "auto") spreads a target that does not fit one device over several.
+    """
+    path = resolve_model_path(spec, allow_download)
     resolved_device = resolve_device(device)
     if not any(path.glob("*.safetensors")):
         raise ValueError(
@@ -125,11 +171,14 @@ def load_model(
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
         local_files_only=True,
+        **({"device_map": device_map} if device_map else {}),
     )
     tokenizer = AutoTokenizer.from_pretrained(
         str(path), trust_remote_code=trust_remote_code, local_files_only=True
     )
     load_pruned_head(model, path)  # a pruned-vocabulary draft gets its pruned head back
+    if device_map:
+        return model.eval(), tokenizer
     return model.to(resolved_device).eval(), tokenizer
 
 
@@ -178,6 +227,7 @@ def build_draft(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     token_ids: torch.Tensor | None = None,
+    allow_download: bool = False,
 ) -> PreTrainedModel:
     """The one way a draft is made from a spec: ``target-layers:N`` (or ``:i,j,...``) copies
     those layers of ``target``; anything else is loaded like a model and must share the
@@ -197,7 +247,8 @@ def build_draft(
         draft = truncate_layers(target, layers).to(resolve_dtype(dtype, target.device))
     else:
         draft, draft_tokenizer = load_model(
-            base, device=target.device, dtype=dtype, trust_remote_code=trust_remote_code
+            base, device=target.device, dtype=dtype, trust_remote_code=trust_remote_code,
+            allow_download=allow_download,
         )
         check_same_vocabulary(tokenizer, draft_tokenizer)
     if token_ids is not None:
@@ -213,14 +264,18 @@ def load_pair(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
+    allow_download: bool = False,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(target, draft, tokenizer)``; ``draft`` may be ``target-layers:N``.
 
     Checks that the tokenizers agree and that both caches can be rolled back.
     """
     target_model, tokenizer = load_model(
-        target, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        target, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        allow_download=allow_download, device_map=device_map,
     )
     ensure_croppable(target_model)
-    draft_model = build_draft(draft, target_model, tokenizer, trust_remote_code=trust_remote_code)
+    draft_model = build_draft(draft, target_model, tokenizer, trust_remote_code=trust_remote_code,
+                              allow_download=allow_download)
     return target_model, draft_model, tokenizer

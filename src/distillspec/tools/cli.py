@@ -20,7 +20,14 @@ EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distillspec.tools.configs import BenchConfig, DemoConfig, GenerateConfig
+    from distillspec.tools.configs import (
+        BenchConfig,
+        BenchServeConfig,
+        DemoConfig,
+        ExportConfig,
+        GenerateConfig,
+        ServeConfig,
+    )
 
     parser = argparse.ArgumentParser(
         prog="distillspec",
@@ -72,6 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
         "reused by the next run (--fresh starts over).",
     )
     add_arguments(demo, DemoConfig)
+    export = commands.add_parser(
+        "export",
+        help="Export a draft for transformers/vLLM (hf, vllm) or llama.cpp (gguf).",
+        description="Write a draft with a full-vocabulary head and a model card carrying the "
+        "target as base_model, its licence, the measured alpha/tau and usage lines; gguf is "
+        "checked by reloading it with transformers' GGUF loader.",
+    )
+    serve = commands.add_parser(
+        "serve",
+        help="An OpenAI-compatible server with speculative decoding (and online distillation).",
+        description="POST /v1/completions and /v1/chat/completions (stream too), GET /v1/models, "
+        "/health and /metrics (Prometheus). Requests join the running batch between "
+        "speculative steps. --online-distill DIR distils the draft on the served traffic and "
+        "swaps in a better one without stopping.",
+    )
+    add_arguments(serve, ServeConfig)
+    bench_serve = commands.add_parser(
+        "bench-serve",
+        help="Drive the server with concurrent clients: throughput, TTFT, per-token latency.",
+        description="Starts a server without SD and one with SD on loopback (or drives --url), "
+        "sends --num-requests streaming requests at each --concurrency, and writes JSON, "
+        "Markdown and a plot of p50/p99 latencies and throughput.",
+    )
+    add_arguments(bench_serve, BenchServeConfig)
+    export.add_argument("model_argument", nargs="?", metavar="MODEL",
+                        help="The draft to export (same as --model).")
+    add_arguments(export, ExportConfig)
     _add_models(commands)
     return parser
 
@@ -171,6 +205,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distillspec.tools.demo import run_demo
 
         run_demo(build(DemoConfig, namespace=args))
+        return 0
+    if args.command == "export":
+        from distillspec.tools.configs import ExportConfig
+        from distillspec.tools.export import run_export
+
+        given = {"model": args.model_argument} if args.model_argument else {}
+        run_export(build(ExportConfig, given, args))
+        return 0
+    if args.command == "serve":
+        from distillspec.tools.configs import ServeConfig
+        from distillspec.tools.serve import run_serve
+
+        return run_serve(build(ServeConfig, namespace=args))
+    if args.command == "bench-serve":
+        from distillspec.tools.bench_serve import run_bench_serve
+        from distillspec.tools.configs import BenchServeConfig
+
+        run_bench_serve(build(BenchServeConfig, namespace=args))
         return 0
     if args.command == "models":
         return _run_models(args)

@@ -172,3 +172,89 @@ class DemoConfig:
     @property
     def runtime(self) -> RuntimeConfig:
         return self.distill.runtime
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``distillspec export``: write a (distilled) draft for another engine."""
+
+    model: str = knob("", "The draft: an HF folder (e.g. runs/demo/run/final), .gguf or builtin:NAME.")
+    to: str = knob("hf", "Format: hf, gguf or vllm.", choices=("hf", "gguf", "vllm"))
+    out: str = knob("", "Output folder (created; refused if it holds files that are not an export).")
+    target: str | None = knob(
+        None, "The target the draft serves (default: the draft's recipe, distill_config.yaml)."
+    )
+    precision: str = knob(
+        "bfloat16", "hf/vllm weights: bfloat16, float16 or float32.",
+        choices=("bfloat16", "float16", "float32"),
+    )
+    gguf_type: str = knob("f16", "gguf weights: f16, q8_0 or f32.", choices=("f16", "q8_0", "f32"))
+    gamma: int = knob(4, "num_speculative_tokens in the printed vLLM / llama.cpp commands.")
+    runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.out:
+            raise ValueError("export needs a model and --out.")
+        require_at_least(self, 1, "gamma")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``distillspec serve``: an OpenAI-compatible server with speculative decoding."""
+
+    target: str = target_knob()
+    draft: str = knob(
+        "auto", "Draft: a spec as for generate; auto = the demo's distilled draft, else none."
+    )
+    host: str = knob("127.0.0.1", "Address to bind (loopback by default).")
+    port: int = knob(8000, "Port (0: any free port).")
+    api_key: str | None = knob(None, "Require 'Authorization: Bearer KEY' on every /v1 request.")
+    model_name: str | None = knob(None, "The model id clients use (default: the target spec).")
+    max_batch: int = knob(16, "Requests decoded together; more wait in a queue.")
+    max_waiting: int = knob(256, "Queued requests beyond which new ones get 503.")
+    chat_template: bool = knob(True, "Apply the tokenizer's chat template in /v1/chat/completions.")
+    online_distill: str | None = knob(
+        None, "Folder for online distillation: served traffic is buffered there, a separate "
+        "trainer distils candidates, and a candidate replaces the draft when its alpha on "
+        "held-back traffic beats the current draft's. Off (nothing kept) when unset."
+    )
+    buffer_size: int = knob(2000, "Most served prompts kept in the online-distillation buffer.")
+    distill_every: int = knob(64, "Start a distillation round after this many new prompts.")
+    distill_minutes: float = knob(2.0, "Training budget of each online round.")
+    distill_threads: int = knob(1, "CPU threads of the trainer process (the server keeps the rest).")
+    speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
+    runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 0, "port")
+        require_at_most(self, 65535, "port")
+        require_at_least(self, 1, "max_batch", "max_waiting", "buffer_size", "distill_every",
+                         "distill_threads")
+        require_at_most(self, MAX_BATCH, "max_batch")
+        if not self.distill_minutes > 0:
+            raise ValueError(f"distill_minutes must be > 0, got {self.distill_minutes}.")
+
+
+@dataclass(frozen=True)
+class BenchServeConfig:
+    """``distillspec bench-serve``: throughput and latency of the server, with SD and without."""
+
+    target: str = target_knob()
+    draft: str = knob("auto", "Draft for the SD server (auto: the demo's distilled draft).")
+    url: str | None = knob(
+        None, "Drive this running server instead (one mode only); default: start a server "
+        "without SD and one with SD on loopback, one after the other."
+    )
+    prompts: str = knob("builtin:chat:heldout", "Prompts: builtin:NAME, or JSONL with prompt/messages.")
+    num_requests: int = knob(32, "Requests per concurrency level.")
+    concurrency: list[int] = knob([1, 4, 16], "Concurrent clients.")
+    max_tokens: int = knob(48, "max_tokens of every request (temperature 0).")
+    out: str = knob("bench-serve", "Output folder: bench-serve.json, .md, .png.")
+    speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
+    runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 1, "num_requests", "max_tokens")
+        require_at_most(self, 10_000, "num_requests")
+        if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:
+            raise ValueError(f"concurrency must list values in 1..256, got {self.concurrency}.")

@@ -28,7 +28,7 @@ import torch
 from distillspec.common.config import changed_flags, replace, to_dict
 from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads
+from distillspec.common.runtime import apply_threads, load_options
 from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
 from distillspec.decoding.metrics import predicted_speedup
 from distillspec.models.drafts import split_vocab_option, truncate_layers
@@ -64,6 +64,7 @@ class DemoData:
     prompts: Path  # JSONL prompts (the Magpie pool, or --distill.data)
     answers: Path  # the target's greedy answers (datagen format: the fixed policy's data)
     seconds: float  # spent generating now (0 when cached)
+    generation_minutes: float | None = None  # what generating it took, now or when cached
 
 
 def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
@@ -74,9 +75,12 @@ def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
     folder = cache_dir() / "demo-data" / hashlib.sha256(key.encode()).hexdigest()[:16]
     prompts = folder / "prompts.jsonl" if config.prompt_pool else Path(recipe.data)
     answers = folder / "answers.jsonl"
+    info = folder / "info.json"
     if answers.is_file():
-        _say(f"training data: {answers} (cached)")
-        return DemoData(prompts, answers, 0.0)
+        made = json.loads(info.read_text()).get("generation_minutes") if info.is_file() else None
+        note = f", generated in {made:.1f} min" if made is not None else ""
+        _say(f"training data: {answers} (cached{note})")
+        return DemoData(prompts, answers, 0.0, made)
     start = time.perf_counter()
     eos = eos_token_ids(target, tokenizer)
     if config.prompt_pool and not prompts.is_file():
@@ -85,7 +89,7 @@ def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
 
         with tqdm(total=config.prompt_pool, unit="prompt", desc="self-prompts") as bar:
             pool = self_prompts(target, tokenizer, config.prompt_pool, seed=recipe.seed,
-                                eos_token_id=eos, progress=bar.update)
+                                eos_token_id=eos, batch_size=128, progress=bar.update)
         write_prompt_pool(pool, prompts)
     examples = load_examples(str(prompts), tokenizer, max_prompt_tokens=recipe.max_prompt_tokens)
     _say(f"training data: the target answers {len(examples)} prompts greedily (once, cached) ...")
@@ -93,9 +97,12 @@ def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
 
     with tqdm(total=len(examples), unit="prompt", desc="greedy answers") as bar:
         datagen(target, tokenizer, examples, answers, temperature=0.0,
-                max_new_tokens=recipe.max_new_tokens, batch_size=64, eos_token_id=eos,
+                max_new_tokens=recipe.max_new_tokens, batch_size=128, eos_token_id=eos,
                 generator=None, progress=bar.update)
-    return DemoData(prompts, answers, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    atomic_write_json(info, {"generation_minutes": seconds / 60, "examples": len(examples),
+                             "source": source, "target": recipe.target})
+    return DemoData(prompts, answers, seconds, seconds / 60)
 
 
 def answer_vocabulary(data: DemoData, keep: int, eos: list[int], vocab_size: int) -> torch.Tensor:
@@ -222,8 +229,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     out.track(*ENTRIES)
     runtime, recipe = config.runtime, config.distill
     torch.manual_seed(recipe.seed)
-    target, tokenizer = load_model(recipe.target, device=runtime.device, dtype=runtime.dtype,
-                                   trust_remote_code=runtime.trust_remote_code)
+    target, tokenizer = load_model(recipe.target, **load_options(runtime))
     run_dir = out.child("run")
     report_path = out.child("report.json")
     previous = json.loads(report_path.read_text()) if report_path.is_file() else None
@@ -235,7 +241,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     else:
         data = demo_data(config, target, tokenizer)
         data_info = {"prompts": str(data.prompts), "answers": str(data.answers),
-                     "generation_minutes": data.seconds / 60}
+                     "generated_now_minutes": data.seconds / 60,
+                     "generation_minutes": data.generation_minutes}
         spec, choice = choose_draft(config, target)
         _say(f"draft: {choice.get('why', spec)}")
         _say(f"plan: measure the undistilled draft, distil for {config.minutes:g} min, measure "

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from distillspec.common.io import read_jsonl
-from distillspec.common.runtime import apply_threads
+from distillspec.common.runtime import apply_threads, load_options
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
 from distillspec.decoding.requests import Request
@@ -83,7 +83,7 @@ def encode_prompt(tokenizer, line: PromptLine, chat: bool | None) -> list[int]:
 def _load(config: GenerateConfig):
     """Target, draft (or None) and tokenizer; ``auto`` picks the demo's distilled draft."""
     runtime = config.runtime
-    load = dict(device=runtime.device, dtype=runtime.dtype, trust_remote_code=runtime.trust_remote_code)
+    load = load_options(runtime)
     draft_spec = config.draft
     if draft_spec == "auto":
         found = distilled_draft_for(config.target)
@@ -191,10 +191,9 @@ def run_datagen(config: DatagenConfig) -> int:
         reason = "pass --overwrite to replace it" if is_datagen_file(out) else (
             "it is not a file datagen wrote, so it is left alone; choose another --out")
         raise ValueError(f"{out} exists: {reason}.")
-    check_model_spec(config.target)
+    check_model_spec(config.target, config.runtime.allow_download)
     runtime = config.runtime
-    target, tokenizer = load_model(config.target, device=runtime.device, dtype=runtime.dtype,
-                                   trust_remote_code=runtime.trust_remote_code)
+    target, tokenizer = load_model(config.target, **load_options(runtime))
     eos = eos_token_ids(target, tokenizer)
     if config.self_prompts:
         with tqdm(total=config.self_prompts, unit="prompt", desc="self-prompts") as bar:

@@ -79,7 +79,8 @@ def verify_folder(folder: Path) -> str | None:
 
 
 def save_model_folder(
-    folder: Path, model, tokenizer, config: dict, card: str, state: dict[str, Any] | None = None
+    folder: Path, model, tokenizer, config: dict, card: str, state: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> None:
     """Save an HF model folder (+ manifest) atomically: temporary sibling folder, then rename."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,8 @@ def save_model_folder(
         tokenizer.save_pretrained(staging)
         (staging / "distill_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "README.md").write_text(card)
+        if metrics is not None:  # what exports put on their model cards
+            (staging / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
         if state is not None:
             torch.save(state, staging / STATE)
         _write_manifest(staging)

@@ -29,7 +29,7 @@ from distillspec.common.config import to_dict
 from distillspec.common.interrupt import interruptible
 from distillspec.common.io import atomic_write_json
 from distillspec.common.rundir import RunFolder
-from distillspec.common.runtime import apply_threads, autocast_bf16
+from distillspec.common.runtime import apply_threads, autocast_bf16, load_options
 from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
 from distillspec.training import checkpoint, setup
 from distillspec.training.config import DistillConfig
@@ -86,10 +86,9 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
     )
     torch.manual_seed(config.seed)
     use_bf16 = autocast_bf16(config.bf16, accelerator.device)
-    target, tokenizer = load_model(
-        config.target, device=accelerator.device, dtype="bfloat16" if use_bf16 else "float32",
-        trust_remote_code=config.runtime.trust_remote_code,
-    )
+    options = {**load_options(config.runtime), "device": accelerator.device,
+               "dtype": "bfloat16" if use_bf16 else "float32"}
+    target, tokenizer = load_model(config.target, **options)
     target.requires_grad_(False)
     train_examples, eval_examples = setup.load_data(config, tokenizer)
     eos, pad_id = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
@@ -282,7 +281,7 @@ def _finish(run: _Run) -> None:
     accelerator, draft = run.accelerator, run.unwrapped_draft()
     if accelerator.is_main_process:
         checkpoint.save_model_folder(run.folder.child("final"), draft, run.tokenizer,
-                                     to_dict(run.config), _card(run))
+                                     to_dict(run.config), _card(run), metrics=run.last_eval)
     checksum = sum(float(p.detach().double().sum()) for p in draft.parameters())
     summary = {
         "rank": accelerator.process_index, "world_size": accelerator.num_processes,

@@ -54,8 +54,8 @@ def _check_data(spec: str, what: str) -> None:
 
 def check_inputs(config: DistillConfig) -> None:
     """Fail before anything is loaded or written: models, data and trackers must exist."""
-    check_model_spec(config.target)
-    check_model_spec(config.draft_init)
+    check_model_spec(config.target, config.runtime.allow_download)
+    check_model_spec(config.draft_init, config.runtime.allow_download)
     if not config.data:
         raise ValueError("No training data: set data (a JSONL file, a .txt file, a folder or builtin:NAME).")
     _check_data(config.data, "training data")
@@ -188,11 +188,16 @@ def open_folders(config: DistillConfig):
 
 
 def target_outputs(config, folder, accelerator, target, tokenizer, examples, state):
-    """The target's completions, generated once by rank 0 (time counted in the budget): all
-    training prompts for teacher_cache, else up to 256 of them to choose a :vocab=K head."""
+    """The target's completions, generated once by rank 0 (reported, not in the training
+    budget): every training prompt's for teacher_cache; for a :vocab=K head, the fixed data's own
+    completions when there are some (a datagen file holds the target's outputs), else up to 256
+    generated ones."""
     wants_vocab = split_vocab_option(config.draft_init)[1] is not None
     if not (config.teacher_cache or wants_vocab):
         return None
+    fixed = [e for e in examples if e.completion_ids is not None]
+    if not config.teacher_cache and config.policy == "fixed" and len(fixed) == len(examples):
+        return {e.source: e.completion_ids for e in examples}
     name = "teacher-cache.jsonl" if config.teacher_cache else "vocab-sample.jsonl"
     examples = examples if config.teacher_cache else examples[:256]
     path = folder.child(name)

@@ -1,0 +1,210 @@
+"""``distillspec bench-serve``: drive the server with concurrent streaming clients.
+
+For each mode (the target alone, then SD; or the one server at ``--url``) and each concurrency
+C, ``--num-requests`` greedy requests are sent by C client threads through the official
+``openai`` client, streaming, so each request's time to first token and per-output-token time
+are measured where a user sees them. Reported per (mode, C): requests/s, output tokens/s,
+TTFT and per-token latency p50 and p99, and the server's acceptance counters. JSON, Markdown
+and a PNG.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from distillspec.common.config import replace, to_dict
+from distillspec.common.io import atomic_write_json, atomic_write_text
+from distillspec.common.rundir import claim
+from distillspec.tools.configs import BenchServeConfig, ServeConfig
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def one_request(client, model: str, prompt: dict, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first, pieces = None, 0
+    kwargs = dict(model=model, max_tokens=max_tokens, temperature=0.0, stream=True)
+    if "messages" in prompt:
+        stream = client.chat.completions.create(messages=prompt["messages"], **kwargs)
+        text_of = lambda c: c.choices[0].delta.content if c.choices else None  # noqa: E731
+    else:
+        stream = client.completions.create(prompt=prompt["prompt"], **kwargs)
+        text_of = lambda c: c.choices[0].text if c.choices else None  # noqa: E731
+    text = ""
+    for chunk in stream:
+        piece = text_of(chunk)
+        if piece:
+            first = first or time.perf_counter()
+            pieces += 1
+            text += piece
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "latency": end - start, "text": text}
+
+
+def drive(url: str, model: str, prompts: list[dict], concurrency: int, count: int,
+          max_tokens: int, tokenizer) -> dict[str, Any]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    jobs = [prompts[i % len(prompts)] for i in range(count)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: one_request(client, model, p, max_tokens), jobs))
+    wall = time.perf_counter() - start
+    tokens = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in results]
+    per_token = [(r["latency"] - r["ttft"]) / (n - 1) for r, n in zip(results, tokens) if n > 1]
+    ttft = [r["ttft"] for r in results]
+    return {
+        "concurrency": concurrency, "requests": count, "wall_s": wall,
+        "requests_per_s": count / wall, "output_tokens_per_s": sum(tokens) / wall,
+        "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
+        "per_token_p50_s": _percentile(per_token, 0.5),
+        "per_token_p99_s": _percentile(per_token, 0.99),
+        "mean_ttft_s": statistics.mean(ttft),
+    }
+
+
+def _acceptance(metrics_text: str) -> dict[str, float]:
+    values = {}
+    for line in metrics_text.splitlines():
+        for name in ("num_draft_tokens_total", "num_accepted_tokens_total", "num_emitted_tokens_total"):
+            if line.startswith(f"distillspec_spec_decode_{name}"):
+                values[name] = float(line.split()[-1])
+    drafted = values.get("num_draft_tokens_total", 0.0)
+    return {**values, "acceptance_rate": values.get("num_accepted_tokens_total", 0.0) / drafted
+            if drafted else None}
+
+
+class LocalServer:
+    """A ``distillspec serve`` app on a free loopback port, in a background thread."""
+
+    def __init__(self, config: ServeConfig):
+        import uvicorn
+
+        from distillspec.tools.serve import build_app, load_server
+
+        self.server = load_server(config)
+        self.uvicorn = uvicorn.Server(uvicorn.Config(build_app(self.server), host="127.0.0.1",
+                                                     port=config.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 120
+        while not self.uvicorn.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _prompts(config: BenchServeConfig, tokenizer) -> list[dict]:
+    from distillspec.common.io import read_jsonl
+    from distillspec.training.builtin_data import builtin_dataset_items
+
+    if config.prompts.startswith("builtin:"):
+        records = [item.record for item in builtin_dataset_items(config.prompts) if item.record]
+    else:
+        records = [record for _, record in read_jsonl(config.prompts)]
+    prompts = [r for r in records if "messages" in r or isinstance(r.get("prompt"), str)]
+    if not prompts:
+        raise ValueError(f"{config.prompts} has no prompt or messages records.")
+    return [{"messages": r["messages"]} if "messages" in r else {"prompt": r["prompt"]}
+            for r in prompts]
+
+
+def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
+    from distillspec.models.loading import load_model
+
+    out = claim(config.out, "bench-serve")
+    out.track("bench-serve.json", "bench-serve.md", "bench-serve.png")
+    serve = ServeConfig(target=config.target, draft=config.draft, port=0,
+                        max_batch=max(config.concurrency), speculation=config.speculation,
+                        runtime=config.runtime)
+    _, tokenizer = load_model(config.target, device="cpu")
+    prompts = _prompts(config, tokenizer)
+    modes = {"url": config.url} if config.url else {"target alone": replace(serve, draft="none"),
+                                                     "speculative": serve}
+    report = {"command": "distillspec bench-serve", "config": to_dict(config), "modes": {}}
+    for name, mode in modes.items():
+        rows = []
+        if isinstance(mode, str):
+            rows = [drive(mode, config.target, prompts, c, config.num_requests, config.max_tokens,
+                          tokenizer) for c in config.concurrency]
+            report["modes"][name] = {"rows": rows}
+            continue
+        with LocalServer(mode) as url:
+            model = mode.model_name or mode.target
+            drive(url, model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
+            for concurrency in config.concurrency:
+                print(f"bench-serve: {name}, concurrency {concurrency} ...", file=sys.stderr,
+                      flush=True)
+                rows.append(drive(url, model, prompts, concurrency, config.num_requests,
+                                  config.max_tokens, tokenizer))
+            import urllib.request
+
+            metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
+        report["modes"][name] = {"rows": rows, "server": _acceptance(metrics)}
+    atomic_write_json(out.child("bench-serve.json"), report)
+    atomic_write_text(out.child("bench-serve.md"), markdown(report))
+    plot(report, out.child("bench-serve.png"))
+    print(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["| mode | concurrency | req/s | output tok/s | TTFT p50 | TTFT p99 | per-token p50 "
+             "| per-token p99 |", "|---|---|---|---|---|---|---|---|"]
+    for name, mode in report["modes"].items():
+        for r in mode["rows"]:
+            lines.append(
+                f"| {name} | {r['concurrency']} | {r['requests_per_s']:.2f} "
+                f"| {r['output_tokens_per_s']:.1f} | {r['ttft_p50_s'] * 1000:.0f} ms "
+                f"| {r['ttft_p99_s'] * 1000:.0f} ms | {r['per_token_p50_s'] * 1000:.1f} ms "
+                f"| {r['per_token_p99_s'] * 1000:.1f} ms |")
+    server = report["modes"].get("speculative", {}).get("server")
+    if server and server.get("acceptance_rate") is not None:
+        lines += ["", f"Server-side acceptance rate (SD): {server['acceptance_rate']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    from distillspec.tools.plots import _pyplot
+
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, mode in report["modes"].items():
+        rows = mode["rows"]
+        concurrency = [r["concurrency"] for r in rows]
+        left.plot(concurrency, [r["output_tokens_per_s"] for r in rows], "o-", label=name)
+        right.plot(concurrency, [r["per_token_p50_s"] * 1000 for r in rows], "o-",
+                   label=f"{name} p50")
+        right.plot(concurrency, [r["per_token_p99_s"] * 1000 for r in rows], "x--",
+                   label=f"{name} p99")
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("output tokens/s")
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("per-output-token latency (ms)")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+

@@ -1,0 +1,189 @@
+"""``distillspec serve`` on loopback, talked to with the official openai client (and raw HTTP)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from conftest import save_tiny, tiny_tokenizer
+
+from distillspec import autoregressive_generate
+from distillspec.common.config import from_dict
+from distillspec.models.loading import load_model
+from distillspec.tools.bench_serve import LocalServer
+from distillspec.tools.configs import ServeConfig
+
+openai = pytest.importorskip("openai")
+KEY = "test-key"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    save_tiny(root / "target", layers=3, lm_scale=10.0, tokenizer=tokenizer)
+    config = from_dict(ServeConfig, dict(
+        target=str(root / "target"), draft="target-layers:1", port=0, api_key=KEY,
+        model_name="tiny", max_batch=8, speculation={"gamma": 3},
+        runtime={"device": "cpu", "dtype": "float32"}))
+    local = LocalServer(config)
+    url = local.__enter__()
+    target, tok = load_model(root / "target", device="cpu", dtype="float32")
+    yield {"url": url, "local": local, "target": target, "tokenizer": tok,
+           "client": openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)}
+    local.__exit__(None, None, None)
+
+
+def greedy_text(served, prompt: str, max_tokens: int) -> str:
+    tokenizer = served["tokenizer"]
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    result = autoregressive_generate(served["target"], ids, max_new_tokens=max_tokens,
+                                     eos_token_id=served["target"].generation_config.eos_token_id)
+    return tokenizer.decode(result.sequences[0], skip_special_tokens=True)
+
+
+def prompt_of(i: int) -> str:
+    return " ".join(f"w{(i * 7 + j * 3) % 90}" for j in range(3 + i % 5))
+
+
+def test_completions_streaming_and_not_equal_the_target_greedy(served):
+    client = served["client"]
+    prompt = prompt_of(1)
+    expected = greedy_text(served, prompt, 12)
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert reply.choices[0].text == expected and reply.object == "text_completion"
+    assert reply.usage.prompt_tokens == len(served["tokenizer"](prompt)["input_ids"])
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True))
+    assert streamed == expected
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_chat_completions_apply_the_template(served):
+    client = served["client"]
+    messages = [{"role": "user", "content": prompt_of(2)}]
+    expected = greedy_text(served, served["tokenizer"].apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True), 10)
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                           temperature=0)
+    assert reply.choices[0].message.content == expected
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+
+
+def test_sixteen_simultaneous_streams_each_equal_their_batch1_answer(served):
+    client = served["client"]
+    prompts = [prompt_of(i) for i in range(16)]
+    expected = [greedy_text(served, p, 10) for p in prompts]
+    results, errors = [None] * 16, []
+
+    def ask(i: int) -> None:
+        try:
+            stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=10,
+                                               temperature=0, stream=True)
+            results[i] = "".join(c.choices[0].text for c in stream)
+        except Exception as error:  # noqa: BLE001 - collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and results == expected
+
+
+def test_seeded_sampling_and_stop_strings(served):
+    client = served["client"]
+    prompt = prompt_of(3)
+    a, b = (client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=1.0,
+                                      seed=7).choices[0].text for _ in range(2))
+    assert a == b
+    full = greedy_text(served, prompt, 12)
+    stop = full.split()[3]
+    reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                      stop=[stop])
+    assert reply.choices[0].text == full[: full.find(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def raw(served, path: str, body, key: str | None = KEY, method: str = "POST"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(served["url"].removesuffix("/v1") + path, data=data,
+                                     method=method, headers={"Content-Type": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize(
+    "body,key,status,needle",
+    [
+        (b"{not json", KEY, 400, "not valid JSON"),
+        ({"model": "nope", "prompt": "w1"}, KEY, 404, "does not exist"),
+        ({"model": "tiny", "prompt": "w1", "max_tokens": -3}, KEY, 400, "max_tokens"),
+        ({"model": "tiny", "prompt": "w1", "max_tokens": 10**9}, KEY, 400, "context"),
+        ({"model": "tiny", "prompt": " ".join(["w5"] * 300)}, KEY, 400, "context"),
+        ({"model": "tiny", "prompt": "w1", "temperature": 9}, KEY, 400, "temperature"),
+        ({"model": "tiny", "prompt": "w1", "n": 3}, KEY, 400, "n=1"),
+        ({"model": "tiny", "prompt": "w1"}, None, 401, "API key"),
+        ({"model": "tiny", "prompt": "w1"}, "wrong", 401, "API key"),
+    ],
+)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(served, body, key, status,
+                                                                     needle):
+    code, payload = raw(served, "/v1/completions", body, key)
+    assert code == status and needle in payload["error"]["message"]
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    ok, reply = raw(served, "/v1/completions", {"model": "tiny", "prompt": "w1", "max_tokens": 2})
+    assert ok == 200 and reply["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_client_that_disconnects_mid_stream_is_cleaned_up(served):
+    import http.client
+
+    host = served["url"].removeprefix("http://").removesuffix("/v1")
+    connection = http.client.HTTPConnection(host, timeout=30)
+    body = json.dumps({"model": "tiny", "prompt": prompt_of(4), "max_tokens": 200,
+                       "stream": True})
+    connection.request("POST", "/v1/completions", body, {
+        "Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    assert response.status == 200
+    response.read(64)  # the first chunk or so, then hang up
+    connection.close()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        health = json.loads(urllib.request.urlopen(
+            served["url"].removesuffix("/v1") + "/health").read())
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert raw(served, "/v1/completions", {"model": "tiny", "prompt": "w1", "max_tokens": 2})[0] == 200
+
+
+def test_metrics_in_prometheus_format(served):
+    text = urllib.request.urlopen(served["url"].removesuffix("/v1") + "/metrics").read().decode()
+    for name in ("distillspec_spec_decode_num_draft_tokens_total",
+                 "distillspec_spec_decode_num_accepted_tokens_total",
+                 "distillspec_spec_decode_num_emitted_tokens_total",
+                 "distillspec_time_to_first_token_seconds_bucket",
+                 "distillspec_time_per_output_token_seconds_bucket",
+                 "distillspec_num_requests_running", "distillspec_draft_version",
+                 'distillspec_spec_decode_position_accepted_total{position="0"}',
+                 'distillspec_requests_total{endpoint="/v1/completions",status="200"}'):
+        assert name in text, name

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_model
+from conftest import save_tiny
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 

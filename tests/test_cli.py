@@ -165,3 +165,27 @@ def test_cli_reference_is_up_to_date(monkeypatch):
     assert (root / "docs" / "cli.md").read_text() == module.cli_reference(), (
         "docs/cli.md is stale: run COLUMNS=100 python docs/gen_cli.py > docs/cli.md"
     )
+
+
+def test_generate_uses_the_setting_measured_for_the_draft(model_folder, tmp_path, capsys):
+    """A draft folder's saved fastest setting applies on the machine kind it was measured on,
+    unless the user gives --gamma; a setting measured elsewhere is ignored."""
+    import torch
+
+    from distillspec.models.recommended import FILE, recommended_for, save_recommended
+
+    draft = save_tiny(tmp_path / "draft", layers=1)
+    cpu = torch.device("cpu")
+    save_recommended(draft, gamma=2, confidence_threshold=0.3, device=cpu, dtype=torch.float32,
+                     measured={"speedup": 1.4})
+    assert recommended_for(draft, cpu, torch.bfloat16) is None  # another dtype: not valid
+    base = ["generate", "--target", str(model_folder), "--draft", str(draft), "--prompt", "w1 w2",
+            "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu"]
+    assert main(base) == 0
+    assert "gamma 2, confidence threshold 0.3 (measured fastest" in capsys.readouterr().err
+    assert main([*base, "--gamma", "3"]) == 0
+    assert "measured fastest" not in capsys.readouterr().err
+    saved = json.loads((draft / FILE).read_text())
+    (draft / FILE).write_text(json.dumps({**saved, "machine": "cpu:another CPU:2 threads"}))
+    assert main(base) == 0
+    assert "measured fastest" not in capsys.readouterr().err

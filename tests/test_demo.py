@@ -6,6 +6,7 @@ import json
 
 from conftest import save_tiny
 
+from distillspec.models.recommended import FILE
 from distillspec.tools.cli import main
 
 
@@ -55,6 +56,11 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "| alpha (greedy, T=0) |" in captured.out and "SD speed-up vs target alone" in captured.out
     assert "Draft chosen by measured cost" in captured.out
+    saved = json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())
+    best = report["after"]["best"]
+    assert (saved["gamma"], saved["confidence_threshold"]) == (
+        best["gamma"], best["confidence_threshold"])
+    assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
     cached = list((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"))
     assert len(cached) == 1  # the target's greedy answers, generated once
     assert main(args) == 0  # second run reuses the distilled draft: no new training
@@ -63,7 +69,8 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert again["before"] == report["before"] and again["train_steps"] == report["train_steps"]
     (tmp_path / "demo" / "mine.txt").write_text("a file of the user's")
     assert main(args + ["--fresh", "--draft", "target-layers:1"]) == 0
-    assert "training data: " in capsys.readouterr().err and "(cached)"
+    err = capsys.readouterr().err
+    assert "training data: " in err and "(cached" in err
     assert (tmp_path / "demo" / "mine.txt").read_text() == "a file of the user's"
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["draft"]["spec"] == (
         "target-layers:1"

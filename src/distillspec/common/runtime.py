@@ -81,6 +81,29 @@ def resolve_device(device: Any = "auto"):
 
 
 @cache
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine_kind(device) -> str:
+    """What a speed measurement is only valid on: the GPU's name, or the CPU's and its threads."""
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{cpu_name()}:{torch.get_num_threads()} threads"
+
+
+@cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX (bf16 matmuls there are ~2.5x faster than fp32)."""
     try:

@@ -31,7 +31,7 @@ import torch
 from distillspec.common.config import to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads, load_options
+from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
 from distillspec.decoding.measure import SpeedProbe, measure_cost_model
 from distillspec.decoding.timing import timed
@@ -158,7 +158,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
         "config": to_dict(config),
         "device": str(target.device),
         "dtype": str(target.dtype),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "num_prompts": len(prompts),
         "cost_model": cost_model.to_dict(),
         "settings": settings,
@@ -169,18 +169,6 @@ def _flags(config: BenchConfig) -> str:
     from distillspec.common.config import changed_flags
 
     return changed_flags(config)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -336,3 +324,4 @@ def bench_main(config: BenchConfig, progress: Callable[[str], None] | None = Non
     print(markdown_table(report))
     progress(f"bench: wrote {out.path}/bench.json, bench.md, bench.png")
     return report
+

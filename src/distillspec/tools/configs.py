@@ -144,7 +144,7 @@ class DemoConfig:
     draft_vocab: int = knob(8192, "Head size of auto's drafts (0: the full vocabulary).")
     speed_prompts: int = knob(3, "Held-out prompts decoded to measure tokens/s and tau.")
     max_new_tokens: int = knob(64, "Tokens generated per held-out prompt when measuring.")
-    gammas: list[int] = knob([1, 2, 3, 4, 5], "Lookaheads measured before and after.")
+    gammas: list[int] = knob([1, 2, 3, 4], "Lookaheads measured before and after.")
     confidence_thresholds: list[float] = knob(
         [0.0, 0.4], "Adaptive-drafting thresholds measured after distillation (0: fixed gamma)."
     )

@@ -28,7 +28,7 @@ import torch
 from distillspec.common.config import changed_flags, replace, to_dict
 from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads, load_options
+from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
 from distillspec.decoding.metrics import predicted_speedup
 from distillspec.models.drafts import split_vocab_option, truncate_layers
@@ -40,6 +40,7 @@ from distillspec.models.loading import (
     resolve_model_path,
 )
 from distillspec.models.pruned_head import frequent_tokens, prune_head
+from distillspec.models.recommended import save_recommended
 from distillspec.models.registry import cache_dir, record_distilled_draft
 from distillspec.tools.configs import DemoConfig
 from distillspec.training.datagen import datagen, self_prompts, write_prompt_pool
@@ -263,6 +264,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     after = measurement.measure(distilled, "after", [0.0, *[t for t in config.confidence_thresholds
                                                             if t > 0]])
     record_distilled_draft(recipe.target, run_dir / "final")
+    best = after["best"]
+    save_recommended(
+        run_dir / "final", gamma=best["gamma"],
+        confidence_threshold=best.get("confidence_threshold", 0.0), device=target.device,
+        dtype=target.dtype, measured={"speedup": best["speedup"], "alpha_t0": after["alpha_t0"],
+                                      "cost_model": measurement.cost.to_dict()},
+    )
     evals = _evals(run_dir)
     report = {
         "command": ("distillspec demo " + changed_flags(config)).strip(),
@@ -272,7 +280,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "data": data_info,
         "dtype": str(target.dtype),
         "device": str(target.device),
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "train_minutes": evals[-1].get("train_seconds", 0) / 60 if evals else None,
         "train_steps": evals[-1]["step"] if evals else None,
         "wall_minutes": (time.perf_counter() - started) / 60,
@@ -287,12 +295,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _say(f"wrote {report_path} and plots in {out.path} after {report['wall_minutes']:.1f} min; "
          "`distillspec generate` now uses this draft")
     return report
-
-
-def _cpu() -> str:
-    from distillspec.tools.bench import _cpu_name
-
-    return _cpu_name()
 
 
 def _evals(run_dir: Path) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,8 +19,10 @@ from distillspec.common.io import read_jsonl
 from distillspec.common.runtime import apply_threads, load_options
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
+from distillspec.decoding.params import SpeculationConfig
 from distillspec.decoding.requests import Request
 from distillspec.models.loading import eos_token_ids, load_model, load_pair
+from distillspec.models.recommended import recommended_for
 from distillspec.models.registry import distilled_draft_for
 from distillspec.tools.configs import EXAMPLE_PROMPT, GenerateConfig
 from distillspec.training.config import DEFAULT_TARGET, DatagenConfig
@@ -80,8 +82,29 @@ def encode_prompt(tokenizer, line: PromptLine, chat: bool | None) -> list[int]:
     return list(tokenizer(line.text)["input_ids"])
 
 
+def speculation_for(
+    speculation: SpeculationConfig, draft_spec: str, target
+) -> SpeculationConfig:
+    """The user's setting, or the one the demo measured fastest for this draft folder on this
+    machine kind and dtype when the user left gamma and the threshold at their defaults."""
+    defaults = SpeculationConfig()
+    untouched = (speculation.gamma, speculation.confidence_threshold) == (
+        defaults.gamma, defaults.confidence_threshold)
+    if not untouched or not Path(draft_spec).is_dir():
+        return speculation
+    saved = recommended_for(draft_spec, target.device, target.dtype)
+    if saved is None:
+        return speculation
+    print(f"distillspec: gamma {saved['gamma']}, confidence threshold "
+          f"{saved['confidence_threshold']:g} (measured fastest for this draft on this machine; "
+          "--gamma / --confidence-threshold override)", file=sys.stderr)
+    return replace(speculation, gamma=saved["gamma"],
+                   confidence_threshold=saved["confidence_threshold"])
+
+
 def _load(config: GenerateConfig):
-    """Target, draft (or None) and tokenizer; ``auto`` picks the demo's distilled draft."""
+    """Target, draft (or None), tokenizer and the draft spec used; ``auto`` picks the demo's
+    distilled draft."""
     runtime = config.runtime
     load = load_options(runtime)
     draft_spec = config.draft
@@ -97,8 +120,8 @@ def _load(config: GenerateConfig):
             draft_spec = "none"
     if draft_spec == "none":
         target, tokenizer = load_model(config.target, **load)
-        return target, None, tokenizer
-    return load_pair(config.target, draft_spec, **load)
+        return target, None, tokenizer, draft_spec
+    return (*load_pair(config.target, draft_spec, **load), draft_spec)
 
 
 def run_generate(config: GenerateConfig) -> int:
@@ -108,14 +131,15 @@ def run_generate(config: GenerateConfig) -> int:
         if config.prompts
         else [PromptLine(text=config.prompt or EXAMPLE_PROMPT)]
     )
-    target, draft, tokenizer = _load(config)
+    target, draft, tokenizer, draft_spec = _load(config)
+    speculation = speculation_for(config.speculation, draft_spec, target)
     stop = frozenset(eos_token_ids(target, tokenizer))
     prompts = [encode_prompt(tokenizer, line, config.chat) for line in lines]
     for start in range(0, len(prompts), config.batch_size):
         decoder = Decoder(
             target,
             draft,
-            config.speculation,
+            speculation,
             generator=torch.Generator(device=target.device).manual_seed(config.seed + start),
         )
         requests = [

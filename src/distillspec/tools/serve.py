@@ -8,6 +8,9 @@ join the running batch between speculative steps (``serve_engine.EngineWorker``)
 request returns exactly the target's greedy output whatever else is in the batch. Errors are
 OpenAI-style JSON with a 4xx status. Binds to 127.0.0.1 unless told otherwise; ``--api-key``
 requires a bearer token.
+
+Over 350 lines because the OpenAI request validation, the two endpoints and their streaming
+share one error vocabulary; the decoding worker lives in ``serve_engine``, OSD in ``osd``.
 """
 
 from __future__ import annotations
@@ -168,8 +171,13 @@ class Server:
             from distillspec.tools.osd import OnlineDistiller
 
             self.distiller = OnlineDistiller(config, draft_spec, tokenizer, self)
+        speculation = config.speculation
+        if draft is not None:
+            from distillspec.tools.generate import speculation_for
+
+            speculation = speculation_for(speculation, draft_spec, target)
         self.engine = EngineWorker(
-            target, draft, config.speculation, max_batch=config.max_batch, metrics=self.metrics,
+            target, draft, speculation, max_batch=config.max_batch, metrics=self.metrics,
             on_finished=self.distiller.record if self.distiller else None,
         )
 

@@ -24,6 +24,21 @@ from distillspec.models.loading import load_model
 from distillspec.models.pruned_head import prune_head
 
 
+def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
+    """Bytes/s of a large tensor copy (read + write counted once each), median of ``repeats``."""
+    import statistics
+    import time
+
+    source = torch.empty(megabytes * 2**20, dtype=torch.uint8).fill_(1)
+    target = torch.empty_like(source)
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        target.copy_(source)
+        seconds.append(time.perf_counter() - start)
+    return 2 * source.numel() / statistics.median(seconds[1:])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="1,2,3,4,6")
@@ -47,7 +62,13 @@ def main(argv=None) -> int:
             print(f"{layers} layers, head {head}: {step * 1000:.2f} ms, c = "
                   f"{step / cost.target_step_s:.3f}", flush=True)
             del draft
+    bandwidth = copy_bandwidth()
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+    weight_floor_s = weight_bytes / bandwidth  # a step must read every weight once
     report = {
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weight_bytes,
+        "step_over_weight_floor": cost.target_step_s / weight_floor_s,
         "command": "python benchmarks/bench_draft_cost.py " + " ".join(argv or sys.argv[1:]),
         "machine": {"processor": platform.processor(), "threads": torch.get_num_threads(),
                     "dtype": str(target.dtype), "torch": torch.__version__},
@@ -65,7 +86,10 @@ def main(argv=None) -> int:
         lines.append(f"| {layers} | " + " | ".join(cells) + " |")
     curve = ", ".join(f"V({k}) = {v:.2f}" for k, v in report["verify_curve"].items())
     lines += ["", f"Target step {report['target_step_ms']:.1f} ms ({report['machine']['dtype']}); "
-              f"verify curve: {curve}."]
+              f"verify curve: {curve}.",
+              f"Weights {report['weight_bytes'] / 1e6:.0f} MB at a measured copy bandwidth of "
+              f"{report['copy_bandwidth_gb_s']:.1f} GB/s: target step / weight-read floor = "
+              f"{report['step_over_weight_floor']:.2f}."]
     atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -189,3 +189,31 @@ def test_generate_uses_the_setting_measured_for_the_draft(model_folder, tmp_path
     (draft / FILE).write_text(json.dumps({**saved, "machine": "cpu:another CPU:2 threads"}))
     assert main(base) == 0
     assert "measured fastest" not in capsys.readouterr().err
+
+
+def test_auto_draft_falls_back_to_plain_decoding_where_it_measured_slower(
+        model_folder, tmp_path, capsys, monkeypatch):
+    """--draft auto uses the demo's draft, except where the demo measured SD slower than the
+    target alone on this machine kind: there plain decoding is the faster choice."""
+    import torch
+
+    from distillspec.models.recommended import save_recommended
+    from distillspec.models.registry import record_distilled_draft
+
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "cache"))
+    draft = save_tiny(tmp_path / "draft", layers=1)
+    record_distilled_draft(str(model_folder), draft)
+    base = ["generate", "--target", str(model_folder), "--prompt", "w1 w2", "--max-new-tokens",
+            "4", "--dtype", "float32", "--device", "cpu", "--json"]
+    save_recommended(draft, gamma=2, confidence_threshold=0.0, device=torch.device("cpu"),
+                     dtype=torch.float32, measured={"speedup": 1.25})
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    assert f"draft: {draft} (distilled by `distillspec demo`, measured 1.25x here)" in captured.err
+    assert json.loads(captured.out)["metrics"]["draft_calls"] > 0
+    save_recommended(draft, gamma=1, confidence_threshold=0.0, device=torch.device("cpu"),
+                     dtype=torch.float32, measured={"speedup": 0.9})
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    assert "measured 0.90x the target alone" in captured.err and "plain decoding" in captured.err
+    assert json.loads(captured.out)["metrics"]["draft_calls"] == 0

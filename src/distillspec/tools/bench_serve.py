@@ -149,7 +149,10 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
                           tokenizer) for c in config.concurrency]
             report["modes"][name] = {"rows": rows}
             continue
-        with LocalServer(mode) as url:
+        local = LocalServer(mode)
+        decoder = local.server.engine.decoder  # the setting it really runs (may be the draft's)
+        speculation = to_dict(decoder.speculation) if decoder.draft is not None else None
+        with local as url:
             model = mode.model_name or mode.target
             drive(url, model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
             for concurrency in config.concurrency:
@@ -160,7 +163,8 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
             import urllib.request
 
             metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
-        report["modes"][name] = {"rows": rows, "server": _acceptance(metrics)}
+        report["modes"][name] = {"rows": rows, "server": _acceptance(metrics),
+                                 "speculation": speculation}
     atomic_write_json(out.child("bench-serve.json"), report)
     atomic_write_text(out.child("bench-serve.md"), markdown(report))
     plot(report, out.child("bench-serve.png"))
@@ -181,6 +185,10 @@ def markdown(report: dict) -> str:
     server = report["modes"].get("speculative", {}).get("server")
     if server and server.get("acceptance_rate") is not None:
         lines += ["", f"Server-side acceptance rate (SD): {server['acceptance_rate']:.3f}."]
+    setting = report["modes"].get("speculative", {}).get("speculation")
+    if setting:
+        lines += [f"SD setting: gamma {setting['gamma']}, confidence threshold "
+                  f"{setting['confidence_threshold']:g}."]
     return "\n".join(lines) + "\n"
 
 

@@ -292,8 +292,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     plot_alpha_over_training(evals, out.child("alpha_over_training.png"))
     plot_gamma_sweep(before["by_gamma"], after["by_gamma"], out.child("gamma_sweep.png"))
     print(before_after_table(report))
+    if best["speedup"] >= 1.0:
+        use = "`distillspec generate` now uses this draft"
+    else:  # auto_draft reads the saved setting and keeps plain decoding here
+        use = (f"SD measured {best['speedup']:.2f}x the target alone here, so `distillspec "
+               f"generate` keeps plain decoding on this machine (--draft {run_dir / 'final'} "
+               "uses the draft anyway)")
     _say(f"wrote {report_path} and plots in {out.path} after {report['wall_minutes']:.1f} min; "
-         "`distillspec generate` now uses this draft")
+         f"{use}")
     return report
 
 

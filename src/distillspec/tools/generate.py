@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from distillspec.common.io import read_jsonl
-from distillspec.common.runtime import apply_threads, load_options
+from distillspec.common.runtime import apply_threads, load_options, resolve_device, resolve_dtype
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
 from distillspec.decoding.params import SpeculationConfig
@@ -102,22 +102,36 @@ def speculation_for(
                    confidence_threshold=saved["confidence_threshold"])
 
 
+def auto_draft(target: str, runtime) -> str:
+    """``--draft auto``: the draft ``distillspec demo`` distilled for ``target``, unless the demo
+    measured it slower than the target alone on this machine kind and dtype; else ``none``."""
+    found = distilled_draft_for(target)
+    if found is None:
+        hint = " Run `distillspec demo` to distil one." if target == DEFAULT_TARGET else ""
+        print(f"distillspec: no distilled draft for {target}: plain decoding.{hint}",
+              file=sys.stderr)
+        return "none"
+    device = resolve_device(runtime.device)
+    saved = recommended_for(found, device, resolve_dtype(runtime.dtype, device))
+    speedup = saved["measured"].get("speedup") if saved else None
+    if isinstance(speedup, int | float) and speedup < 1.0:
+        print(f"distillspec: the distilled draft {found} measured {speedup:.2f}x the target "
+              "alone on this machine at its best setting, so plain decoding is faster here "
+              f"(--draft {found} uses it anyway; a longer `distillspec demo --minutes N` may "
+              "make it pay).", file=sys.stderr)
+        return "none"
+    measured = f", measured {speedup:.2f}x here" if speedup else ""
+    print(f"distillspec: draft: {found} (distilled by `distillspec demo`{measured})",
+          file=sys.stderr)
+    return str(found)
+
+
 def _load(config: GenerateConfig):
     """Target, draft (or None), tokenizer and the draft spec used; ``auto`` picks the demo's
     distilled draft."""
     runtime = config.runtime
     load = load_options(runtime)
-    draft_spec = config.draft
-    if draft_spec == "auto":
-        found = distilled_draft_for(config.target)
-        if found is not None:
-            print(f"distillspec: draft: {found} (distilled by `distillspec demo`)", file=sys.stderr)
-            draft_spec = str(found)
-        else:
-            hint = " Run `distillspec demo` to distil one." if config.target == DEFAULT_TARGET else ""
-            print(f"distillspec: no distilled draft for {config.target}: plain decoding.{hint}",
-                  file=sys.stderr)
-            draft_spec = "none"
+    draft_spec = auto_draft(config.target, runtime) if config.draft == "auto" else config.draft
     if draft_spec == "none":
         target, tokenizer = load_model(config.target, **load)
         return target, None, tokenizer, draft_spec

@@ -373,13 +373,13 @@ async def _sse(server: Server, request_id, job, params, chat, uid, created, requ
 def load_server(config: ServeConfig) -> Server:
     from distillspec.common.runtime import apply_threads, load_options
     from distillspec.models.loading import load_model, load_pair
-    from distillspec.models.registry import distilled_draft_for
 
     apply_threads(config.runtime)
     draft_spec = config.draft
     if draft_spec == "auto":
-        found = distilled_draft_for(config.target)
-        draft_spec = str(found) if found is not None else "none"
+        from distillspec.tools.generate import auto_draft
+
+        draft_spec = auto_draft(config.target, config.runtime)
     options = load_options(config.runtime)
     if draft_spec == "none":
         if config.online_distill:

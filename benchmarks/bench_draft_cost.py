@@ -25,7 +25,11 @@ from distillspec.models.pruned_head import prune_head
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 7) -> float:
-    """Bytes/s of a large tensor copy (read + write counted once each), median of ``repeats``."""
+    """Bytes/s of a large tensor copy (read + write counted once each), median of ``repeats``.
+
+    A write may also cost a read of the destination line (write-allocate), so the real traffic
+    can be up to 1.5x this figure: the weight-read floor derived from it is an upper bound and
+    step / floor a lower bound."""
     import statistics
     import time
 

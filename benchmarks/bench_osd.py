@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/osd-bench"))
     parser.add_argument("--out", type=Path, default=Path("docs/results/osd"))
     args = parser.parse_args(argv)
+    if args.work.exists():  # an old buffer or verdict would leak into this measurement
+        raise SystemExit(f"{args.work} exists: remove it or pass a new --work folder.")
     _, tokenizer = load_model(args.target, device="cpu")
     traffic = _prompts(BenchServeConfig(prompts=args.traffic), tokenizer)
     heldout = _prompts(BenchServeConfig(prompts=args.heldout), tokenizer)

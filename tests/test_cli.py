@@ -168,27 +168,39 @@ def test_cli_reference_is_up_to_date(monkeypatch):
 
 
 def test_generate_uses_the_setting_measured_for_the_draft(model_folder, tmp_path, capsys):
-    """A draft folder's saved fastest setting applies on the machine kind it was measured on,
-    unless the user gives --gamma; a setting measured elsewhere is ignored."""
+    """A draft folder's saved fastest setting applies with the target and on the machine kind it
+    was measured with, unless the user gives --gamma (even the default value); a setting
+    measured elsewhere, or with another target, is ignored."""
     import torch
 
     from distillspec.models.recommended import FILE, recommended_for, save_recommended
 
     draft = save_tiny(tmp_path / "draft", layers=1)
     cpu = torch.device("cpu")
-    save_recommended(draft, gamma=2, confidence_threshold=0.3, device=cpu, dtype=torch.float32,
-                     measured={"speedup": 1.4})
-    assert recommended_for(draft, cpu, torch.bfloat16) is None  # another dtype: not valid
+    save_recommended(draft, target=str(model_folder), gamma=2, confidence_threshold=0.3,
+                     device=cpu, dtype=torch.float32, measured={"speedup": 1.4})
+    assert recommended_for(draft, str(model_folder), cpu, torch.bfloat16) is None  # other dtype
+    assert recommended_for(draft, "another-target", cpu, torch.float32) is None
     base = ["generate", "--target", str(model_folder), "--draft", str(draft), "--prompt", "w1 w2",
-            "--max-new-tokens", "4", "--dtype", "float32", "--device", "cpu"]
-    assert main(base) == 0
-    assert "gamma 2, confidence threshold 0.3 (measured fastest" in capsys.readouterr().err
-    assert main([*base, "--gamma", "3"]) == 0
-    assert "measured fastest" not in capsys.readouterr().err
+            "--max-new-tokens", "8", "--dtype", "float32", "--device", "cpu", "--json"]
+
+    def run(*extra) -> tuple[str, int]:
+        assert main([*base, *extra]) == 0
+        captured = capsys.readouterr()
+        histogram = json.loads(captured.out)["metrics"]["accepted_length_histogram"]
+        return captured.err, len(histogram) - 1  # the gamma the decoder ran with
+
+    err, gamma = run()
+    assert "gamma 2, confidence threshold 0.3 (measured fastest" in err and gamma == 2
+    err, gamma = run("--gamma", "4")  # the default value, given explicitly: the user's choice
+    assert "measured fastest" not in err and gamma == 4
     saved = json.loads((draft / FILE).read_text())
     (draft / FILE).write_text(json.dumps({**saved, "machine": "cpu:another CPU:2 threads"}))
-    assert main(base) == 0
-    assert "measured fastest" not in capsys.readouterr().err
+    err, gamma = run()
+    assert "measured fastest" not in err and gamma == 4
+    (draft / FILE).write_text(json.dumps({**saved, "gamma": 0}))  # not a valid setting: ignored
+    err, gamma = run()
+    assert "measured fastest" not in err and gamma == 4
 
 
 def test_auto_draft_falls_back_to_plain_decoding_where_it_measured_slower(
@@ -205,14 +217,15 @@ def test_auto_draft_falls_back_to_plain_decoding_where_it_measured_slower(
     record_distilled_draft(str(model_folder), draft)
     base = ["generate", "--target", str(model_folder), "--prompt", "w1 w2", "--max-new-tokens",
             "4", "--dtype", "float32", "--device", "cpu", "--json"]
-    save_recommended(draft, gamma=2, confidence_threshold=0.0, device=torch.device("cpu"),
-                     dtype=torch.float32, measured={"speedup": 1.25})
+    cpu = torch.device("cpu")
+    save_recommended(draft, target=str(model_folder), gamma=2, confidence_threshold=0.0,
+                     device=cpu, dtype=torch.float32, measured={"speedup": 1.25})
     assert main(base) == 0
     captured = capsys.readouterr()
     assert f"draft: {draft} (distilled by `distillspec demo`, measured 1.25x here)" in captured.err
     assert json.loads(captured.out)["metrics"]["draft_calls"] > 0
-    save_recommended(draft, gamma=1, confidence_threshold=0.0, device=torch.device("cpu"),
-                     dtype=torch.float32, measured={"speedup": 0.9})
+    save_recommended(draft, target=str(model_folder), gamma=1, confidence_threshold=0.0,
+                     device=cpu, dtype=torch.float32, measured={"speedup": 0.9})
     assert main(base) == 0
     captured = capsys.readouterr()
     assert "measured 0.90x the target alone" in captured.err and "plain decoding" in captured.err

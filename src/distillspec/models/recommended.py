@@ -3,7 +3,7 @@
 ``distillspec demo`` measures its distilled draft at several (gamma, threshold) settings side by
 side with the target alone, together with the machine's cost model (draft step, verify curve).
 It writes the fastest setting and that cost model to ``FILE`` in the draft folder, tagged with
-the machine kind (CPU model and threads, or GPU name) and dtype it was measured on. ``generate``
+the machine kind (CPU model and threads, or GPU name), target and dtype it was measured with. ``generate``
 and ``serve`` use it when the user left gamma and the threshold at their defaults and runs on
 the same kind of machine: a speed figure measured elsewhere says nothing here.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 from distillspec.common.io import atomic_write_json
 from distillspec.common.runtime import machine_kind
+from distillspec.decoding.params import MAX_GAMMA
 
 FILE = "distillspec_speculation.json"
 
@@ -23,6 +24,7 @@ FILE = "distillspec_speculation.json"
 def save_recommended(
     folder: Path,
     *,
+    target: str,
     gamma: int,
     confidence_threshold: float,
     device,
@@ -32,6 +34,7 @@ def save_recommended(
     """Write the fastest measured setting (and what it was measured with) to ``folder/FILE``."""
     path = Path(folder) / FILE
     atomic_write_json(path, {
+        "target": str(target),
         "gamma": int(gamma),
         "confidence_threshold": float(confidence_threshold),
         "machine": machine_kind(device),
@@ -41,8 +44,9 @@ def save_recommended(
     return path
 
 
-def recommended_for(folder: Path | str, device, dtype) -> dict[str, Any] | None:
-    """The saved setting of a draft folder if it was measured on this machine kind and dtype."""
+def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str, Any] | None:
+    """The saved setting of a draft folder if it was measured with ``target`` on this machine
+    kind and dtype (and is a valid setting), else None."""
     path = Path(folder) / FILE
     try:
         saved = json.loads(path.read_text())
@@ -50,9 +54,13 @@ def recommended_for(folder: Path | str, device, dtype) -> dict[str, Any] | None:
         return None
     if not isinstance(saved, dict):
         return None
-    if saved.get("machine") != machine_kind(device) or saved.get("dtype") != str(dtype):
-        return None
+    same = (saved.get("target"), saved.get("machine"), saved.get("dtype")) == (
+        str(target), machine_kind(device), str(dtype))
     gamma, threshold = saved.get("gamma"), saved.get("confidence_threshold")
-    if not isinstance(gamma, int) or not isinstance(threshold, int | float):
+    valid = (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA
+             and isinstance(threshold, int | float) and 0 <= threshold < 1)
+    if not same or not valid:
         return None
-    return saved
+    measured = saved.get("measured")
+    speedup = measured.get("speedup") if isinstance(measured, dict) else None
+    return {**saved, "speedup": speedup if isinstance(speedup, int | float) else None}

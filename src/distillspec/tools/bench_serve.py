@@ -134,9 +134,19 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
 
     out = claim(config.out, "bench-serve")
     out.track("bench-serve.json", "bench-serve.md", "bench-serve.png")
-    serve = ServeConfig(target=config.target, draft=config.draft, port=0,
+    draft = config.draft
+    if draft == "auto" and not config.url:  # the demo's draft, measured here whatever its speed
+        from distillspec.models.registry import distilled_draft_for
+
+        found = distilled_draft_for(config.target)
+        if found is None:
+            raise ValueError(f"bench-serve compares serving with and without a draft, and no "
+                             f"distilled draft is recorded for {config.target}: pass --draft "
+                             "PATH (or run `distillspec demo` first).")
+        draft = str(found)
+    serve = ServeConfig(target=config.target, draft=draft, port=0,
                         max_batch=max(config.concurrency), speculation=config.speculation,
-                        runtime=config.runtime)
+                        measured_setting=config.measured_setting, runtime=config.runtime)
     _, tokenizer = load_model(config.target, device="cpu")
     prompts = _prompts(config, tokenizer)
     modes = {"url": config.url} if config.url else {"target alone": replace(serve, draft="none"),
@@ -152,6 +162,8 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
         local = LocalServer(mode)
         decoder = local.server.engine.decoder  # the setting it really runs (may be the draft's)
         speculation = to_dict(decoder.speculation) if decoder.draft is not None else None
+        if name == "speculative" and speculation is None:
+            raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
         with local as url:
             model = mode.model_name or mode.target
             drive(url, model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
@@ -165,6 +177,7 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
             metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
         report["modes"][name] = {"rows": rows, "server": _acceptance(metrics),
                                  "speculation": speculation}
+        del local, decoder  # free this server's models before the next one loads
     atomic_write_json(out.child("bench-serve.json"), report)
     atomic_write_text(out.child("bench-serve.md"), markdown(report))
     plot(report, out.child("bench-serve.png"))

@@ -182,7 +182,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distillspec.tools.configs import GenerateConfig
         from distillspec.tools.generate import run_generate
 
-        return run_generate(build(GenerateConfig, namespace=args))
+        return run_generate(build(GenerateConfig, _explicit_setting(args), args))
     if args.command == "distill":
         from distillspec.training.loop import distill
 
@@ -217,12 +217,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distillspec.tools.configs import ServeConfig
         from distillspec.tools.serve import run_serve
 
-        return run_serve(build(ServeConfig, namespace=args))
+        return run_serve(build(ServeConfig, _explicit_setting(args), args))
     if args.command == "bench-serve":
         from distillspec.tools.bench_serve import run_bench_serve
         from distillspec.tools.configs import BenchServeConfig
 
-        run_bench_serve(build(BenchServeConfig, namespace=args))
+        run_bench_serve(build(BenchServeConfig, _explicit_setting(args), args))
         return 0
     if args.command == "models":
         return _run_models(args)
@@ -233,6 +233,13 @@ def _json(data) -> str:
     import json
 
     return json.dumps(data)
+
+
+def _explicit_setting(args) -> dict:
+    """A --gamma or --confidence-threshold given on the command line wins over the setting the
+    demo measured for the draft (``measured_setting``), even when it equals the default."""
+    given = {"speculation.gamma", "speculation.confidence_threshold"} & set(vars(args))
+    return {"measured_setting": False} if given else {}
 
 
 def _quiet_transformers() -> None:

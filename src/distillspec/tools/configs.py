@@ -40,6 +40,11 @@ class GenerateConfig:
     seed: int = knob(0, "Random seed for sampling (reproducible runs).")
     json: bool = knob(False, "Print one JSON object per prompt instead of text.")
     stream: bool = knob(False, "Print tokens as they are accepted (batch size 1).")
+    measured_setting: bool = knob(
+        True,
+        "Use the gamma and threshold `distillspec demo` measured fastest for this draft, target "
+        "and machine kind (off when --gamma or --confidence-threshold is given).",
+    )
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     sampling: SamplingConfig = section(SamplingConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
@@ -215,6 +220,11 @@ class ServeConfig:
     max_batch: int = knob(16, "Requests decoded together; more wait in a queue.")
     max_waiting: int = knob(256, "Queued requests beyond which new ones get 503.")
     chat_template: bool = knob(True, "Apply the tokenizer's chat template in /v1/chat/completions.")
+    measured_setting: bool = knob(
+        True,
+        "Use the gamma and threshold `distillspec demo` measured fastest for this draft, target "
+        "and machine kind (off when --gamma or --confidence-threshold is given).",
+    )
     online_distill: str | None = knob(
         None, "Folder for online distillation: served traffic is buffered there, a separate "
         "trainer distils candidates, and a candidate replaces the draft when its alpha on "
@@ -252,6 +262,11 @@ class BenchServeConfig:
     concurrency: list[int] = knob([1, 4, 16], "Concurrent clients.")
     max_tokens: int = knob(48, "max_tokens of every request (temperature 0).")
     out: str = knob("bench-serve", "Output folder: bench-serve.json, .md, .png.")
+    measured_setting: bool = knob(
+        True,
+        "Serve the draft at the gamma and threshold `distillspec demo` measured fastest for it "
+        "on this machine kind (off when --gamma or --confidence-threshold is given).",
+    )
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 

@@ -266,7 +266,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     record_distilled_draft(recipe.target, run_dir / "final")
     best = after["best"]
     save_recommended(
-        run_dir / "final", gamma=best["gamma"],
+        run_dir / "final", target=recipe.target, gamma=best["gamma"],
         confidence_threshold=best.get("confidence_threshold", 0.0), device=target.device,
         dtype=target.dtype, measured={"speedup": best["speedup"], "alpha_t0": after["alpha_t0"],
                                       "cost_model": measurement.cost.to_dict()},

@@ -83,16 +83,13 @@ def encode_prompt(tokenizer, line: PromptLine, chat: bool | None) -> list[int]:
 
 
 def speculation_for(
-    speculation: SpeculationConfig, draft_spec: str, target
+    speculation: SpeculationConfig, draft_spec: str, target_spec: str, target, use_measured: bool
 ) -> SpeculationConfig:
-    """The user's setting, or the one the demo measured fastest for this draft folder on this
-    machine kind and dtype when the user left gamma and the threshold at their defaults."""
-    defaults = SpeculationConfig()
-    untouched = (speculation.gamma, speculation.confidence_threshold) == (
-        defaults.gamma, defaults.confidence_threshold)
-    if not untouched or not Path(draft_spec).is_dir():
+    """The user's setting, or (``use_measured``) the one the demo measured fastest for this
+    draft folder with this target on this machine kind and dtype."""
+    if not use_measured or not Path(draft_spec).is_dir():
         return speculation
-    saved = recommended_for(draft_spec, target.device, target.dtype)
+    saved = recommended_for(draft_spec, target_spec, target.device, target.dtype)
     if saved is None:
         return speculation
     print(f"distillspec: gamma {saved['gamma']}, confidence threshold "
@@ -112,15 +109,15 @@ def auto_draft(target: str, runtime) -> str:
               file=sys.stderr)
         return "none"
     device = resolve_device(runtime.device)
-    saved = recommended_for(found, device, resolve_dtype(runtime.dtype, device))
-    speedup = saved["measured"].get("speedup") if saved else None
-    if isinstance(speedup, int | float) and speedup < 1.0:
+    saved = recommended_for(found, target, device, resolve_dtype(runtime.dtype, device))
+    speedup = saved["speedup"] if saved else None
+    if speedup is not None and speedup < 1.0:
         print(f"distillspec: the distilled draft {found} measured {speedup:.2f}x the target "
               "alone on this machine at its best setting, so plain decoding is faster here "
               f"(--draft {found} uses it anyway; a longer `distillspec demo --minutes N` may "
               "make it pay).", file=sys.stderr)
         return "none"
-    measured = f", measured {speedup:.2f}x here" if speedup else ""
+    measured = f", measured {speedup:.2f}x here" if speedup is not None else ""
     print(f"distillspec: draft: {found} (distilled by `distillspec demo`{measured})",
           file=sys.stderr)
     return str(found)
@@ -146,7 +143,8 @@ def run_generate(config: GenerateConfig) -> int:
         else [PromptLine(text=config.prompt or EXAMPLE_PROMPT)]
     )
     target, draft, tokenizer, draft_spec = _load(config)
-    speculation = speculation_for(config.speculation, draft_spec, target)
+    speculation = speculation_for(config.speculation, draft_spec, config.target, target,
+                                  config.measured_setting)
     stop = frozenset(eos_token_ids(target, tokenizer))
     prompts = [encode_prompt(tokenizer, line, config.chat) for line in lines]
     for start in range(0, len(prompts), config.batch_size):

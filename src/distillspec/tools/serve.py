@@ -175,7 +175,8 @@ class Server:
         if draft is not None:
             from distillspec.tools.generate import speculation_for
 
-            speculation = speculation_for(speculation, draft_spec, target)
+            speculation = speculation_for(speculation, draft_spec, config.target, target,
+                                          config.measured_setting)
         self.engine = EngineWorker(
             target, draft, speculation, max_batch=config.max_batch, metrics=self.metrics,
             on_finished=self.distiller.record if self.distiller else None,

@@ -79,6 +79,17 @@ class CostModel:
         return data
 
 
+def median_cost_model(models: Sequence[CostModel]) -> CostModel:
+    """Per-figure medians of several measurements of the same cost model."""
+    keys = set.intersection(*(set(m.verify_s) for m in models))
+    return CostModel(
+        target_step_s=statistics.median(m.target_step_s for m in models),
+        draft_step_s=statistics.median(m.draft_step_s for m in models),
+        verify_s={k: statistics.median(m.verify_s[k] for m in models) for k in sorted(keys)},
+        context_tokens=models[0].context_tokens,
+    )
+
+
 def _median_call(fn: Callable[[], object], repeats: int, device) -> float:
     fn()  # warm-up
     return statistics.median(timed(fn, device=device)[0] for _ in range(repeats))
@@ -222,7 +233,12 @@ class SpeedProbe:
         progress: Callable[[str], None] | None = None,
     ) -> Sweep:
         """A warm-up of every method, then ``repeats`` rounds; each round runs the target alone
-        once and SD once per (gamma, threshold), so drift hits every method alike; medians."""
+        once and SD once per (gamma, threshold), so drift hits every method alike; medians.
+
+        With a ``cost_model`` (its context and verify range), the cost model is measured again
+        in every round, beside the decoding it predicts, and the predictions use the per-figure
+        medians of those in-sweep measurements: on a busy or throttling machine a cost model
+        timed minutes earlier describes another machine state."""
         draft.eval()
         self.plain()  # warm-ups, discarded
         for gamma, threshold in settings:
@@ -232,6 +248,7 @@ class SpeedProbe:
         results: dict[int, list[GenerationResult]] = {}
         plain_results: list[GenerationResult] = []
         started = time.perf_counter()
+        in_sweep: list[CostModel] = []
         for round_index in range(repeats):
             wall, plain_results = timed(self.plain, device=self.device)
             plain_walls.append(wall)
@@ -240,10 +257,16 @@ class SpeedProbe:
                     self.speculative, draft, gamma, threshold, device=self.device
                 )
                 walls[index].append(wall)
+            if cost_model is not None:
+                in_sweep.append(measure_cost_model(
+                    self.target, draft, context_tokens=cost_model.context_tokens or 96,
+                    max_verify=max(cost_model.verify_s, default=1), repeats=3))
             if progress is not None:
                 done = round_index + 1
                 left = (time.perf_counter() - started) / done * (repeats - done)
                 progress(f"round {done}/{repeats} done, ~{left:.0f} s left")
+        if in_sweep:
+            cost_model = median_cost_model(in_sweep)
         rows = [
             self._row(gamma, threshold, walls[i], results[i], plain_results, cost_model)
             for i, (gamma, threshold) in enumerate(settings)

@@ -282,7 +282,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         run_dir / "final", target=recipe.target, gamma=best["gamma"],
         confidence_threshold=best.get("confidence_threshold", 0.0), device=target.device,
         dtype=target.dtype, measured={"speedup": best["speedup"], "alpha_t0": after["alpha_t0"],
-                                      "cost_model": measurement.cost.to_dict()},
+                                      "cost_model": after["cost_model"]},
     )
     evals = _evals(run_dir)
     report = {

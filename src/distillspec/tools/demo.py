@@ -195,7 +195,9 @@ class Measurement:
         start = time.perf_counter()
         alpha = self.evaluator.alpha(draft)
         self.cost.draft_step_s = measure_cost_model(draft, None, max_verify=1).target_step_s
-        settings = [(g, t) for t in thresholds for g in self.config.gammas]
+        # A threshold cannot change a 1-token draft (it stops after that token anyway): at
+        # gamma 1 it would only add a second sample of the same computation.
+        settings = [(g, t) for t in thresholds for g in self.config.gammas if t == 0 or g > 1]
         _say(f"{label}: alpha_t0 {alpha['alpha_t0']:.3f}; timing {len(settings)} settings x "
              f"{self.config.repeats} rounds against the target alone ...")
         sweep = self.probe.sweep(draft, settings, self.config.repeats, self.cost,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from distillspec.tools.cli import build_parser
 
-COMMANDS = ["generate", "distill", "datagen", "bench", "demo", "models"]
+COMMANDS = ["generate", "distill", "datagen", "bench", "demo", "export", "serve", "bench-serve", "models"]
 
 
 def cli_reference() -> str:

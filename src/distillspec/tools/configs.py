@@ -16,6 +16,15 @@ from distillspec.training.config import MAX_BATCH, MAX_TOKENS, DistillConfig, ta
 EXAMPLE_PROMPT = "Write a short poem about the sea."
 
 
+def measured_setting_knob() -> bool:
+    """The one declaration of the knob that follows a draft's saved fastest setting."""
+    return knob(
+        True,
+        "Use the gamma and threshold `distillspec demo` measured fastest for this draft, target "
+        "and machine kind (off when --gamma or --confidence-threshold is given).",
+    )
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """``distillspec generate``: what to run on which prompts."""
@@ -40,11 +49,7 @@ class GenerateConfig:
     seed: int = knob(0, "Random seed for sampling (reproducible runs).")
     json: bool = knob(False, "Print one JSON object per prompt instead of text.")
     stream: bool = knob(False, "Print tokens as they are accepted (batch size 1).")
-    measured_setting: bool = knob(
-        True,
-        "Use the gamma and threshold `distillspec demo` measured fastest for this draft, target "
-        "and machine kind (off when --gamma or --confidence-threshold is given).",
-    )
+    measured_setting: bool = measured_setting_knob()
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     sampling: SamplingConfig = section(SamplingConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
@@ -220,11 +225,7 @@ class ServeConfig:
     max_batch: int = knob(16, "Requests decoded together; more wait in a queue.")
     max_waiting: int = knob(256, "Queued requests beyond which new ones get 503.")
     chat_template: bool = knob(True, "Apply the tokenizer's chat template in /v1/chat/completions.")
-    measured_setting: bool = knob(
-        True,
-        "Use the gamma and threshold `distillspec demo` measured fastest for this draft, target "
-        "and machine kind (off when --gamma or --confidence-threshold is given).",
-    )
+    measured_setting: bool = measured_setting_knob()
     online_distill: str | None = knob(
         None, "Folder for online distillation: served traffic is buffered there, a separate "
         "trainer distils candidates, and a candidate replaces the draft when its alpha on "
@@ -262,11 +263,7 @@ class BenchServeConfig:
     concurrency: list[int] = knob([1, 4, 16], "Concurrent clients.")
     max_tokens: int = knob(48, "max_tokens of every request (temperature 0).")
     out: str = knob("bench-serve", "Output folder: bench-serve.json, .md, .png.")
-    measured_setting: bool = knob(
-        True,
-        "Serve the draft at the gamma and threshold `distillspec demo` measured fastest for it "
-        "on this machine kind (off when --gamma or --confidence-threshold is given).",
-    )
+    measured_setting: bool = measured_setting_knob()
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 

@@ -185,17 +185,8 @@ def generate_ids(
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
     pad_id: int = 0,
-    batch_size: int | None = None,
 ) -> list[list[int]]:
-    """Plain decoding of token-id prompts (data generation): one batch, or with ``batch_size``
-    continuous batching (then sampling is seeded from ``generator``)."""
-    if batch_size is not None:
-        device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**31, (1,), generator=generator, device=device))
-        done = generate_many(model, prompts, max_new_tokens=max_new_tokens,
-                             sampling=SamplingConfig(temperature=temperature),
-                             eos_token_id=eos_token_id, batch_size=batch_size, seed=seed)
-        return [done[i] for i in range(len(prompts))]
+    """Plain decoding of token-id prompts as one batch (continuous batching: ``generate_many``)."""
     input_ids, attention_mask = left_pad(prompts, pad_id, model.device)
     result = autoregressive_generate(
         model,

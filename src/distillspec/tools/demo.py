@@ -133,14 +133,17 @@ def largest_affordable_cost(cost: CostModel, gammas: list[int]) -> float:
     return low
 
 
-def choose_draft(config: DemoConfig, target) -> tuple[str, dict[str, Any]]:
+def choose_draft(
+    config: DemoConfig, target, target_cost: CostModel | None = None
+) -> tuple[str, dict[str, Any]]:
     """``--draft auto``: measured c per candidate; the most layers within the affordable c."""
     if config.draft != "auto":
         return config.draft, {"rule": "given with --draft", "spec": config.draft}
     vocab_size = target.get_input_embeddings().weight.shape[0]
     keep = config.draft_vocab if 0 < config.draft_vocab < vocab_size else 0
     layers = sorted(n for n in config.draft_layers if n < target.config.num_hidden_layers)
-    target_cost = measure_cost_model(target, None, max_verify=max(config.gammas) + 1)
+    if target_cost is None:  # the demo passes the one it measured already
+        target_cost = measure_cost_model(target, None, max_verify=max(config.gammas) + 1)
     drafts = {}
     for count in layers:
         drafts[count] = truncate_layers(target, count)
@@ -197,7 +200,6 @@ class Measurement:
     def measure(self, draft, label: str, thresholds: list[float]) -> dict[str, Any]:
         start = time.perf_counter()
         alpha = self.evaluator.alpha(draft)
-        self.cost.draft_step_s = measure_cost_model(draft, None, max_verify=1).target_step_s
         # A threshold cannot change a 1-token draft (it stops after that token anyway): at
         # gamma 1 it would only add a second sample of the same computation.
         settings = [(g, t) for t in thresholds for g in self.config.gammas if t == 0 or g > 1]
@@ -262,7 +264,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         data_info = {"prompts": str(data.prompts), "answers": str(data.answers),
                      "generated_now_minutes": data.seconds / 60,
                      "generation_minutes": data.generation_minutes}
-        spec, choice = choose_draft(config, target)
+        spec, choice = choose_draft(config, target, measurement.cost)
         _say(f"draft: {choice.get('why', spec)}")
         _say(f"plan: measure the undistilled draft, distil for {config.minutes:g} min, measure "
              "the distilled one; each measurement says how long it has left")

@@ -44,10 +44,9 @@ def generate_completions(
     eos_token_id: int | Iterable[int] | None,
     generator: torch.Generator | None,
     pad_id: int = 0,
-    batch_size: int | None = None,
 ) -> list[list[int]]:
-    """New tokens per prompt (EOS included when hit), decoded by the engine in eval mode:
-    one batch, or with ``batch_size`` continuous batching (a finished row's place is refilled).
+    """New tokens per prompt (EOS included when hit), decoded by the engine in eval mode as one
+    batch (``datagen`` uses continuous batching instead).
 
     ``generator`` must live on the model's device.
     """
@@ -60,7 +59,6 @@ def generate_completions(
             eos_token_id=eos_token_id,
             generator=generator,
             pad_id=pad_id,
-            batch_size=batch_size,
         )
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from distillspec.common.io import atomic_write_text
+from distillspec.common.io import atomic_write_text, atomic_writer
 from distillspec.training.batch import build_batch
 
 TopK = tuple[torch.Tensor, torch.Tensor]  # ids [T, k] int32, log-probs [T, k] float16
@@ -38,7 +37,7 @@ def _fingerprint(examples, completions: dict[str, list[int]], k: int) -> str:
 def build(target, examples: Sequence, completions: dict[str, list[int]], k: int, path: Path,
           *, pad_id: int = 0, batch_size: int = 32) -> dict[str, TopK]:
     """Score every example with the target once; cache per-token top-k (reused when current)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     from tqdm.auto import tqdm
 
     fingerprint = _fingerprint(examples, completions, k)
@@ -67,9 +66,7 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
     tensors = {}
     for i, source in enumerate(sources):
         tensors[f"ids.{i}"], tensors[f"logp.{i}"] = result[source]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(staging))
-    os.replace(staging, path)  # then the index that vouches for it, atomically
+    with atomic_writer(path, "wb") as handle:  # then the index that vouches for it
+        handle.write(save(tensors))
     atomic_write_text(index_path, json.dumps({"fingerprint": fingerprint, "sources": sources}))
     return result

@@ -43,6 +43,7 @@ class OnlineDistiller:
         self.version = 0
         self.seen = self.since_round = 0
         self.lock = threading.Lock()
+        self.line_counts: dict[Path, int] = {}  # lines in the buffer / held-back files
         self.process: subprocess.Popen | None = None
         self.closed = False
 
@@ -68,9 +69,16 @@ class OnlineDistiller:
             self._start_round()
 
     def _bound(self, path: Path, limit: int) -> None:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if len(lines) > limit * 1.25:
+        """Keep the newest ``limit`` lines once there are 25 % more; the file is only read
+        then (the line count is kept in memory, from one read of a pre-existing file)."""
+        if path not in self.line_counts:
+            self.line_counts[path] = len(path.read_text(encoding="utf-8").splitlines())
+        else:
+            self.line_counts[path] += 1
+        if self.line_counts[path] > limit * 1.25:
+            lines = path.read_text(encoding="utf-8").splitlines()
             atomic_write_text(path, "".join(line + "\n" for line in lines[-limit:]))
+            self.line_counts[path] = min(len(lines), limit)
 
     # -- rounds ------------------------------------------------------------------------------------
 

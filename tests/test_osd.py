@@ -108,7 +108,9 @@ def test_served_acceptance_rises_after_an_online_swap_under_load(shifted, tmp_pa
     rate_after = (after[1] - swapped[1]) / max(after[0] - swapped[0], 1)
     assert rate_after > rate_before + 0.05, (rate_before, rate_after)
     swaps = [json.loads(line) for line in (tmp_path / "osd" / "swaps.jsonl").read_text().splitlines()]
-    assert swaps[0]["swap"] and swaps[0]["candidate_alpha"] > swaps[0]["current_alpha"]
+    # A round may lose on the small held-back slice (kept, not swapped); every swap must win.
+    assert [s["round"] for s in swaps] == list(range(1, len(swaps) + 1))  # each round numbered
+    assert all(s["candidate_alpha"] > s["current_alpha"] for s in swaps if s["swap"])
 
 
 def health_version(folder) -> int:

@@ -40,7 +40,8 @@ class OnlineDistiller:
         self.buffer = self.folder.child("buffer.jsonl")
         self.heldout = self.folder.child("heldout.jsonl")
         self.current = draft_spec
-        self.version = 0
+        self.version = 0  # swaps so far: the served draft's version
+        self.rounds = 0  # rounds started (a rejected candidate still counts)
         self.seen = self.since_round = 0
         self.lock = threading.Lock()
         self.line_counts: dict[Path, int] = {}  # lines in the buffer / held-back files
@@ -88,7 +89,8 @@ class OnlineDistiller:
             return  # nothing to judge a candidate on yet
         with self.lock:
             self.since_round = 0
-            number = self.version + 1
+            self.rounds += 1
+            number = self.rounds
             out = self.folder.child("rounds") / f"round-{number:04d}-{int(time.time())}"
             recipe = {
                 "target": self.config.target, "draft_init": self.current,
@@ -118,7 +120,7 @@ class OnlineDistiller:
             verdict = self._judge(code, out)
             self._log({"round": number, "folder": str(out), **verdict})
             if verdict.get("swap"):
-                self._swap(out / "final", number, verdict["candidate_alpha"])
+                self._swap(out / "final", verdict["candidate_alpha"])
         finally:
             with self.lock:
                 self.process = None
@@ -138,15 +140,16 @@ class OnlineDistiller:
         return {"swap": after > before, "current_alpha": before, "candidate_alpha": after,
                 "why": "better on held-back traffic" if after > before else "not better"}
 
-    def _swap(self, folder: Path, number: int, alpha: float) -> None:
+    def _swap(self, folder: Path, alpha: float) -> None:
         from distillspec.models.loading import load_model
 
         engine = self.server.engine
         draft, _ = load_model(folder, device=engine.decoder.device,
                               dtype=engine.decoder.target.model.dtype)
-        engine.swap_draft(draft, number)
+        version = self.version + 1
+        engine.swap_draft(draft, version)
         with self.lock:
-            self.current, self.version = str(folder), number
+            self.current, self.version = str(folder), version
         self.server.metrics.swaps.inc()
         self.server.metrics.draft_alpha.set(alpha)
 

@@ -20,6 +20,15 @@ VOCAB = 96
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_compile_verdicts(tmp_path_factory):
+    """Tests (and the CLIs they start) neither read nor write the user's compile verdicts."""
+    import os
+
+    os.environ["DISTILLSPEC_COMPILE_VERDICTS"] = str(
+        tmp_path_factory.mktemp("verdicts") / "compile-verdicts.json")
+
+
 def tiny_config(arch: str = "llama", vocab_size: int = VOCAB, layers: int = 2, **overrides):
     common = dict(
         vocab_size=vocab_size,

@@ -38,9 +38,11 @@ def test_bench_reports_every_method_and_metric(setup):
         max_new_tokens=6,
         repeats=1,
         out=str(setup / "out"),
+        compile="off",
         runtime=RuntimeConfig(device="cpu", dtype="float32"),
     )
     report = bench_main(config)
+    assert report["step_paths"] == [] and "--compile off" in report["compile"][0]
     assert [(s["temperature"], s["batch_size"]) for s in report["settings"]] == [
         (0.0, 1),
         (0.0, 2),
@@ -98,3 +100,29 @@ def test_bench_config_validation():
     with pytest.raises(ValueError, match="temperatures"):
         from_dict(BenchConfig, {"temperatures": "-1"})
     assert from_dict(BenchConfig, {"gammas": "1, 3"}).gammas == [1, 3]
+
+
+def test_bench_compares_eager_and_compiled_steps_and_records_verdicts(setup, tmp_path,
+                                                                     monkeypatch):
+    from distillspec.models.compilation import load_verdicts
+
+    monkeypatch.setenv("DISTILLSPEC_COMPILE_VERDICTS", str(tmp_path / "verdicts.json"))
+    config = BenchConfig(
+        target=str(setup / "target"), draft="target-layers:1", prompts=str(setup / "prompts.jsonl"),
+        num_prompts=2, gammas=[2], temperatures=[0.0], batch_sizes=[1], max_new_tokens=6,
+        repeats=1, out=str(tmp_path / "out"), compile="on",
+        runtime=RuntimeConfig(device="cpu", dtype="float32"),
+    )
+    report = bench_main(config)
+    roles = [path["role"] for path in report["step_paths"]]
+    assert roles == ["target", "draft"]
+    target_path = report["step_paths"][0]
+    assert sorted(target_path["eager_ms"]) == [1, 2, 3] == sorted(target_path["compiled_ms"])
+    assert all(path["gain"] > 0 and path["compile_s"] > 0 for path in report["step_paths"])
+    verdicts = load_verdicts()
+    assert len(verdicts) == 2 and {v["role"] for v in verdicts.values()} == {"target", "draft"}
+    assert all("compiled" in line for line in report["compile"])  # --compile on
+    setting = report["settings"][0]
+    static = setting["hf_static_compiled_plain"]
+    assert static.get("new_tokens") == 2 * 6 or "error" in static
+    assert "eager ÷ compiled" in markdown_table(report)

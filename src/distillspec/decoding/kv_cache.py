@@ -20,6 +20,7 @@ causal, each query also sees itself so padding queries are never all-masked).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +39,20 @@ def ensure_croppable(model: PreTrainedModel) -> None:
             "be rolled back, so rejected draft tokens cannot be forgotten. Use a model with full "
             "attention layers for speculative decoding."
         )
+
+
+SLOT_BUCKET = 256  # compiled steps: the slot capacity grows in these steps (one graph each)
+MAX_COMPILED_WIDTH = 16  # wider calls (prefills) stay eager: one graph per prompt length won't pay
+GRAPHS_PER_MODEL = 64  # torch's default recompile limit (8) is below rows x widths x capacities
+
+
+def _static_shapes_supported(model: PreTrainedModel) -> bool:
+    """Compiled steps need our own 4-D mask (sdpa or eager attention)."""
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def _bucket(slots: int) -> int:
+    return -(-max(slots, 1) // SLOT_BUCKET) * SLOT_BUCKET
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -62,6 +77,14 @@ class _SlotLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.owner.write_index is not None:
+            # Static shapes (compiled steps): write at a tensor position, attend over the whole
+            # slot capacity; the mask hides every slot that holds no token of the row.
+            count = self.owner.write_count
+            keys, values = self.keys[:count], self.values[:count]
+            keys.index_copy_(2, self.owner.write_index, key_states)
+            values.index_copy_(2, self.owner.write_index, value_states)
+            return keys, values
         rows, start = self.owner.write_rows, self.owner.write_start
         end = start + key_states.shape[2]
         self.keys[rows, :, start:end] = key_states
@@ -110,6 +133,8 @@ class SlotCache(Cache):
         self.length = 0
         self.write_rows: slice = slice(0, 0)
         self.write_start = 0
+        self.write_index: torch.Tensor | None = None  # set during a static-shape forward
+        self.write_count = 0
 
     def reserve(self, rows: int, slots: int) -> None:
         """Grow the buffers (at least doubling) so ``rows`` x ``slots`` fit."""
@@ -123,11 +148,53 @@ class SlotCache(Cache):
             layer.resize(self.row_capacity, self.slot_capacity)
 
 
+def _logits(model, input_ids, attention_mask, position_ids, cache, logits_to_keep):
+    """The forward a compiled step runs (every argument that changes per step is a tensor)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 cache=cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+
+
+_compiled_by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compile_steps(model: PreTrainedModel, enabled: bool = True) -> None:
+    """Decoding steps of ``model`` (through any ``CachedModel``) run ``torch.compile``d.
+
+    One compiled function per model, shared by all its caches, so a new Decoder reuses the
+    graphs an earlier one compiled (one per rows x width x slot capacity). Where to turn it on is
+    a measured decision (``models.compilation``); this only says how.
+    """
+    if not enabled:
+        _compiled_by_model.pop(model, None)
+    elif model not in _compiled_by_model:
+        if not _static_shapes_supported(model):
+            raise ValueError(
+                f"Compiled steps need sdpa or eager attention; this model uses "
+                f"{model.config._attn_implementation!r}. Use --compile off."
+            )
+        # The limit is torch's, global: past it a frame silently runs eager again.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   GRAPHS_PER_MODEL)
+        _compiled_by_model[model] = torch.compile(_logits, dynamic=False)
+
+
+def steps_compiled(model: PreTrainedModel) -> bool:
+    return model in _compiled_by_model
+
+
 class CachedModel:
-    """``model`` plus a SlotCache, the valid-slot mask and each row's token count (host)."""
+    """``model`` plus a SlotCache, the valid-slot mask and each row's token count (host).
+
+    For a model marked by ``compile_steps``, decoding steps over all rows (not prefills) run
+    ``torch.compile``d with static shapes: they write at a tensor position and attend over the whole slot capacity,
+    which grows in ``SLOT_BUCKET`` steps, so a run needs one graph per (rows, width, capacity).
+    """
 
     def __init__(self, model: PreTrainedModel, rows: int = 0, slots: int = 64):
         self.model = model
+        self.compiled = steps_compiled(model)
+        if self.compiled:
+            slots = _bucket(slots)
         self.device = model.device
         self.cache = SlotCache(model.config.num_hidden_layers, max(rows, 1), slots)
         self.slot_mask = torch.zeros(max(rows, 1), slots, dtype=torch.bool, device=self.device)
@@ -145,7 +212,7 @@ class CachedModel:
 
     @torch.inference_mode()
     def reserve(self, rows: int, slots: int) -> None:
-        self.cache.reserve(rows, slots)
+        self.cache.reserve(rows, _bucket(slots) if self.compiled else slots)
         capacity = (self.cache.row_capacity, self.cache.slot_capacity)
         if tuple(self.slot_mask.shape) != capacity:
             grown = torch.zeros(capacity, dtype=torch.bool, device=self.device)
@@ -200,19 +267,34 @@ class CachedModel:
         positions = base.unsqueeze(1) + (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
         self.slot_mask[rows, start:end] = valid
         self.cache.write_rows, self.cache.write_start = rows, start
+        input_ids = tokens.clamp(max=self.embedding_rows - 1)
+        static = (self.compiled and not right_align and rows == slice(0, self.rows)
+                  and width <= MAX_COMPILED_WIDTH and self.cache.layers[0].is_initialized)
         with gqa_attention(self.model):
-            out = self.model(
-                input_ids=tokens.clamp(max=self.embedding_rows - 1),
-                attention_mask=self._attention_mask(rows, start, width),
-                position_ids=positions,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-            )
+            if static:
+                logits = self._static_forward(input_ids, positions, start, logits_to_keep)
+            else:
+                logits = _logits(self.model, input_ids, self._attention_mask(rows, start, width),
+                                 positions, self.cache, logits_to_keep)
         self.cache.length = max(self.length, end)
         for offset, pad in enumerate(pad_left):
             self.positions[rows.start + offset] += width - pad
-        return out.logits
+        return logits
+
+    def _static_forward(self, input_ids, positions, start: int, logits_to_keep: int):
+        """A compiled forward of every row: the write position is a tensor, keys are the whole
+        capacity (the mask hides what no row holds), so the shapes repeat step after step."""
+        count, width = input_ids.shape
+        capacity = self.cache.slot_capacity
+        mask = self._attention_mask(slice(0, count), start, width, capacity=capacity)
+        self.cache.write_index = torch.arange(start, start + width, device=self.device)
+        self.cache.write_count = count
+        try:
+            return _compiled_by_model[self.model](
+                self.model, input_ids, mask, positions, self.cache, logits_to_keep
+            )
+        finally:
+            self.cache.write_index = None
 
     def _start(self, width: int, right_align: bool) -> int:
         """First slot to write: the pointer, or (new rows) ``width`` slots before it / slot 0."""
@@ -220,8 +302,10 @@ class CachedModel:
             return self.length
         return max(self.length - width, 0)
 
-    def _attention_mask(self, rows: slice, start: int, width: int) -> torch.Tensor:
-        """The 4-D mask for query slots ``[start, start + width)`` over key slots ``[0, end)``.
+    def _attention_mask(self, rows: slice, start: int, width: int,
+                        capacity: int | None = None) -> torch.Tensor:
+        """The 4-D mask for query slots ``[start, start + width)`` over key slots ``[0, end)``
+        (``[0, capacity)`` for static shapes).
 
         Built here rather than by ``transformers`` from a 2-D mask: for one-token draft steps
         the library's mask construction costs more than the attention itself (~4 ms of a ~13 ms
@@ -230,11 +314,11 @@ class CachedModel:
         are never used) never have an all-masked row, which would produce NaN.
         """
         end = start + width
-        slot_mask = self.slot_mask[rows, :end]
+        slot_mask = self.slot_mask[rows, : capacity or end]
         if self.attention_impl not in ("sdpa", "eager"):
             return slot_mask.long()  # e.g. flash-attention kernels take the 2-D padding mask
         query_slots = torch.arange(start, end, device=self.device)
-        key_slots = torch.arange(end, device=self.device)
+        key_slots = torch.arange(capacity or end, device=self.device)
         causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [W, S]
         visible = causal.unsqueeze(0) & slot_mask.unsqueeze(1)  # [B, W, S]
         visible |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)

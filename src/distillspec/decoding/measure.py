@@ -29,7 +29,7 @@ from distillspec.decoding.generate import (
     autoregressive_generate,
     speculative_generate,
 )
-from distillspec.decoding.kv_cache import CachedModel
+from distillspec.decoding.kv_cache import CachedModel, compile_steps, steps_compiled
 from distillspec.decoding.metrics import combined_counts, predicted_speedup
 from distillspec.decoding.params import SamplingConfig
 from distillspec.decoding.sampling import sample, warp
@@ -310,3 +310,70 @@ class SpeedProbe:
             measured_over_predicted=float("nan"),
             accepted_length_histogram=total.accepted_length_histogram,
         )
+
+
+@dataclass
+class StepPaths:
+    """One model's steps timed eager and compiled side by side (``compare_step_paths``)."""
+
+    role: str
+    eager_s: dict[int, float]  # tokens per call -> median seconds
+    compiled_s: dict[int, float]
+    compile_s: float  # the first calls, which trace and compile every width (cache-dependent)
+
+    @property
+    def gain(self) -> float:
+        """Eager time / compiled time, geometric mean over the widths decoding uses."""
+        ratios = [self.eager_s[k] / self.compiled_s[k] for k in self.eager_s]
+        return statistics.geometric_mean(ratios)
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "eager_ms": {k: v * 1e3 for k, v in self.eager_s.items()},
+                "compiled_ms": {k: v * 1e3 for k, v in self.compiled_s.items()},
+                "compile_s": self.compile_s, "gain": self.gain}
+
+
+def _widths(cost_model: CostModel, role: str) -> dict[int, float]:
+    if role == "draft":
+        return {1: cost_model.draft_step_s}
+    return dict(cost_model.verify_s)
+
+
+@torch.inference_mode()
+def compare_step_paths(target, draft, *, context_tokens: int = 96, max_verify: int = 9,
+                       repeats: int = 7, rounds: int = 3) -> tuple[list[StepPaths], CostModel]:
+    """Each model's decoding steps eager vs compiled (``kv_cache.compile_steps``), in one run.
+
+    The first compiled calls are timed as the compile time. Then ``rounds`` rounds each time
+    the eager and the compiled cost model (draft step, verify curve V(k)) back to back, so
+    drift hits both; per-figure medians. Returns both models' paths and the compiled cost
+    model; the models are left as they were (compiled or not).
+    """
+    models = {"target": target, "draft": draft}
+    before = {role: steps_compiled(m) for role, m in models.items() if m is not None}
+
+    def mark(on: bool) -> None:
+        for model in models.values():
+            if model is not None:
+                compile_steps(model, on)
+
+    mark(True)
+    compile_s = {}
+    for role, model in models.items():
+        if model is not None:  # the draft also runs 2-token steps (after a full acceptance)
+            widths = max_verify if role == "target" else 2
+            compile_s[role], _ = timed(lambda m=model, w=widths: measure_cost_model(
+                m, None, context_tokens=context_tokens, max_verify=w, repeats=1))
+    eager, compiled = [], []
+    for _ in range(rounds):
+        for on, store in ((False, eager), (True, compiled)):
+            mark(on)
+            store.append(measure_cost_model(target, draft, context_tokens=context_tokens,
+                                            max_verify=max_verify, repeats=repeats))
+    for role, model in models.items():
+        if model is not None:
+            compile_steps(model, before[role])
+    eager_model, compiled_model = median_cost_model(eager), median_cost_model(compiled)
+    paths = [StepPaths(role, _widths(eager_model, role), _widths(compiled_model, role),
+                       compile_s[role]) for role in compile_s]
+    return paths, compiled_model

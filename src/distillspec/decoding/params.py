@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from distillspec.common.config import knob
 
 LENIENCE_CHOICES = ("none", "lin", "sq", "exp")
+COMPILE_CHOICES = ("auto", "on", "off")  # compiled decoding steps (models.compilation)
 MAX_GAMMA = 64  # a verify of more tokens never pays; bounds every per-position allocation
 MAX_TOP_K = 1 << 20
 

@@ -33,8 +33,9 @@ from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
-from distillspec.decoding.measure import SpeedProbe, measure_cost_model
+from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
 from distillspec.decoding.timing import timed
+from distillspec.models.compilation import apply_compile, record_verdict
 from distillspec.tools.configs import BenchConfig
 
 REPORTS = ("bench.json", "bench.md", "bench.png", "answers-sd.jsonl", "answers-baseline.jsonl")
@@ -61,6 +62,20 @@ class HFRunner:
     def plain(self) -> int:
         torch.manual_seed(self.seed)
         outputs = [self.target.generate(input_ids=i, attention_mask=m, **self._kwargs())
+                   for i, m in self.probe.batches]
+        return self._count(outputs)
+
+    def static_compiled(self) -> int:
+        """The target alone through ``generate`` with a static cache and its own compilation
+        (transformers compiles on CPU only when asked: ``_compile_all_devices``)."""
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(
+            mode="reduce-overhead" if self.target.device.type == "cuda" else "default")
+        compile_config._compile_all_devices = True
+        torch.manual_seed(self.seed)
+        outputs = [self.target.generate(input_ids=i, attention_mask=m, cache_implementation="static",
+                                        compile_config=compile_config, **self._kwargs())
                    for i, m in self.probe.batches]
         return self._count(outputs)
 
@@ -109,6 +124,13 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
         progress=lambda message: progress(f"  {message}"),
     )
     hf_plain = _throughput(hf.plain, config.repeats, probe.device)
+    hf_static = None
+    if config.compile != "off" and batch_size == 1:
+        progress("  transformers static cache + torch.compile (its first call compiles) ...")
+        try:
+            hf_static = _throughput(hf.static_compiled, config.repeats, probe.device)
+        except Exception as error:  # noqa: BLE001 - reported, not fatal: "where it runs"
+            hf_static = {"error": f"{type(error).__name__}: {error}"[:300]}
     rows = []
     for row in sweep.to_dict()["rows"]:
         row["speedup_vs_hf_plain"] = row["tokens_per_s"] / hf_plain["tokens_per_s"]
@@ -128,6 +150,7 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
         "temperature": probe.temperature,
         "ours_plain_tokens_per_s": sweep.plain_tokens_per_s,
         "hf_plain": hf_plain,
+        "hf_static_compiled_plain": hf_static,
         "rows": rows,
         "recommended": {"gamma": best["gamma"], "confidence_threshold": best["confidence_threshold"]},
     }
@@ -139,6 +162,19 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
 
     eos = eos_token_ids(target, tokenizer) if config.stop_at_eos else None
     pad_id = pad_token_id(tokenizer)
+    step_paths = []
+    if config.compile != "off":
+        progress("bench: timing each model's steps eager and compiled; the first compiled calls "
+                 "compile every width (seconds per width for a small model, up to a minute for a "
+                 "30-layer one on a 2-core CPU with a cold cache) ...")
+        paths, _ = compare_step_paths(target, draft, max_verify=max(config.gammas) + 1)
+        for path in paths:
+            model = target if path.role == "target" else draft
+            record_verdict(model, {**path.to_dict(), "command": "distillspec bench " + _flags(config)})
+        step_paths = [path.to_dict() for path in paths]
+    decisions = apply_compile(config.compile, target=target, draft=draft)
+    for decision in decisions:
+        progress(f"bench: {decision.describe()}")
     progress("bench: measuring the cost model (draft step, verify curve) ...")
     cost_model = measure_cost_model(target, draft, max_verify=max(config.gammas) + 1)
     settings = []
@@ -161,6 +197,8 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
         "cpu": cpu_name(),
         "num_prompts": len(prompts),
         "cost_model": cost_model.to_dict(),
+        "step_paths": step_paths,
+        "compile": [decision.describe() for decision in decisions],
         "settings": settings,
     }
 
@@ -200,7 +238,29 @@ def markdown_table(report: dict[str, Any]) -> str:
             )
     lines += ["", "★ = recommended setting (highest measured tokens/s) for that temperature and "
               "batch. V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + step_path_table(report)) + "\n"
+
+
+def step_path_table(report: dict[str, Any]) -> list[str]:
+    """Eager vs compiled step times per model and width, and what the run then used."""
+    if not report.get("step_paths"):
+        return []
+    lines = ["", "| model | tokens per call | eager ms | compiled ms | eager ÷ compiled |",
+             "|---|---|---|---|---|"]
+    for path in report["step_paths"]:
+        for width, eager in path["eager_ms"].items():
+            compiled = path["compiled_ms"][width]
+            lines.append(f"| {path['role']} | {width} | {eager:.1f} | {compiled:.1f} "
+                         f"| {eager / compiled:.2f} |")
+        lines.append(f"| {path['role']}: geometric mean | | | | **{path['gain']:.2f}** "
+                     f"(first calls: {path['compile_s']:.0f} s) |")
+    static = [s["hf_static_compiled_plain"] for s in report["settings"]
+              if s.get("hf_static_compiled_plain")]
+    for entry in static:
+        figure = (f"{entry['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in entry
+                  else entry.get("error", "?"))
+        lines.append(f"\ntransformers static cache + compile, target alone, batch 1: {figure}")
+    return lines + ["", "This run: " + "; ".join(report.get("compile", []))]
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:

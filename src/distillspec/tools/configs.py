@@ -10,7 +10,12 @@ from dataclasses import dataclass
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig
-from distillspec.decoding.params import MAX_GAMMA, SamplingConfig, SpeculationConfig
+from distillspec.decoding.params import (
+    COMPILE_CHOICES,
+    MAX_GAMMA,
+    SamplingConfig,
+    SpeculationConfig,
+)
 from distillspec.training.config import MAX_BATCH, MAX_TOKENS, DistillConfig, target_knob
 
 EXAMPLE_PROMPT = "Write a short poem about the sea."
@@ -22,6 +27,17 @@ def measured_setting_knob() -> bool:
         True,
         "Use the gamma and threshold `distillspec demo` measured fastest for this draft, target "
         "and machine kind (off when --gamma or --confidence-threshold is given).",
+    )
+
+
+def compile_knob() -> str:
+    """The one declaration of ``--compile`` (generate, bench, serve)."""
+    return knob(
+        "auto",
+        "Compiled decoding steps (torch.compile, static shapes; the first steps compile): auto "
+        "(only models `distillspec bench` measured faster compiled on this machine kind and "
+        "dtype), on, or off.",
+        choices=COMPILE_CHOICES,
     )
 
 
@@ -50,6 +66,7 @@ class GenerateConfig:
     json: bool = knob(False, "Print one JSON object per prompt instead of text.")
     stream: bool = knob(False, "Print tokens as they are accepted (batch size 1).")
     measured_setting: bool = measured_setting_knob()
+    compile: str = compile_knob()
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     sampling: SamplingConfig = section(SamplingConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
@@ -93,6 +110,14 @@ class BenchConfig:
     out: str = knob("bench-results", "Output folder: bench.json, bench.md, bench.png.")
     question_file: str | None = knob(
         None, "Spec-Bench question.jsonl to answer with our SD and the target alone (batch 1)."
+    )
+    compile: str = knob(
+        "auto",
+        "Compiled decoding steps: auto and on time every model's steps eager and compiled side "
+        "by side first, record the verdicts for --compile auto elsewhere, and run the sweep "
+        "compiled for models where compiling measured faster (on: compiled regardless); off "
+        "skips the comparison.",
+        choices=COMPILE_CHOICES,
     )
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
@@ -226,6 +251,7 @@ class ServeConfig:
     max_waiting: int = knob(256, "Queued requests beyond which new ones get 503.")
     chat_template: bool = knob(True, "Apply the tokenizer's chat template in /v1/chat/completions.")
     measured_setting: bool = measured_setting_knob()
+    compile: str = compile_knob()
     online_distill: str | None = knob(
         None, "Folder for online distillation: served traffic is buffered there, a separate "
         "trainer distils candidates, and a candidate replaces the draft when its alpha on "

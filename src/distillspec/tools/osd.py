@@ -141,11 +141,15 @@ class OnlineDistiller:
                 "why": "better on held-back traffic" if after > before else "not better"}
 
     def _swap(self, folder: Path, alpha: float) -> None:
+        from distillspec.decoding.kv_cache import compile_steps, steps_compiled
         from distillspec.models.loading import load_model
 
         engine = self.server.engine
         draft, _ = load_model(folder, device=engine.decoder.device,
                               dtype=engine.decoder.target.model.dtype)
+        current = engine.decoder.draft
+        # Same architecture as the draft it replaces: it runs the way --compile chose for that one.
+        compile_steps(draft, current is not None and steps_compiled(current.model))
         version = self.version + 1
         engine.swap_draft(draft, version)
         with self.lock:

@@ -372,7 +372,10 @@ async def _sse(server: Server, request_id, job, params, chat, uid, created, requ
 
 
 def load_server(config: ServeConfig) -> Server:
+    import sys
+
     from distillspec.common.runtime import apply_threads, load_options
+    from distillspec.models.compilation import apply_compile
     from distillspec.models.loading import load_model, load_pair
 
     apply_threads(config.runtime)
@@ -386,8 +389,11 @@ def load_server(config: ServeConfig) -> Server:
         if config.online_distill:
             raise ValueError("--online-distill needs a draft to improve: give --draft.")
         target, tokenizer = load_model(config.target, **options)
-        return Server(config, target, None, tokenizer, draft_spec)
-    target, draft, tokenizer = load_pair(config.target, draft_spec, **options)
+        draft = None
+    else:
+        target, draft, tokenizer = load_pair(config.target, draft_spec, **options)
+    for decision in apply_compile(config.compile, target=target, draft=draft):
+        print(f"distillspec: {decision.describe()}", file=sys.stderr)
     return Server(config, target, draft, tokenizer, draft_spec)
 
 

@@ -1,0 +1,111 @@
+"""Whether a model's decoding steps run compiled: ``--compile auto|on|off``, decided by measurement.
+
+``decoding.kv_cache.compile_steps`` says *how* (static shapes, ``torch.compile``); this module
+says *where*. ``distillspec bench`` times every model's steps eager and compiled side by side
+(``decoding.measure.compare_step_paths``) and records a verdict per model kind, machine kind,
+dtype and torch version in ``verdicts_path()``. ``auto`` compiles a model only
+where such a verdict measured a gain of at least ``MIN_GAIN``: on a machine or model nobody
+measured, it stays eager, so ``auto`` is never slower than eager by assumption. ``on`` compiles
+whatever was measured; ``off`` never does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillspec.common.io import atomic_write_json
+from distillspec.common.runtime import machine_kind
+from distillspec.decoding.kv_cache import compile_steps
+from distillspec.decoding.params import COMPILE_CHOICES
+from distillspec.models.registry import cache_dir
+
+MIN_GAIN = 1.05  # compiled steps must be this much faster: below it is within the noise here
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``apply_compile`` chose for one model, and why (printed by the tools)."""
+
+    role: str
+    compiled: bool
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.role} steps {'compiled' if self.compiled else 'eager'} ({self.reason})"
+
+
+def verdicts_path() -> Path:
+    """``$DISTILLSPEC_COMPILE_VERDICTS``, else ``cache_dir()/compile-verdicts.json``."""
+    override = os.environ.get("DISTILLSPEC_COMPILE_VERDICTS")
+    return Path(override) if override else cache_dir() / "compile-verdicts.json"
+
+
+def model_kind(model: torch.nn.Module) -> str:
+    """What a step time depends on: architecture, depth, width, vocabulary (pruned or not)."""
+    config = model.config
+    head = model.get_output_embeddings()
+    outputs = head.weight.shape[0] if hasattr(head, "weight") else config.vocab_size
+    return (f"{config.model_type}:{config.num_hidden_layers}x{config.hidden_size}:"
+            f"vocab {outputs}")
+
+
+def verdict_key(model: torch.nn.Module) -> str:
+    return (f"{machine_kind(model.device)} | {model.dtype} | torch {torch.__version__} | "
+            f"{model_kind(model)}")
+
+
+def load_verdicts(path: Path | None = None) -> dict[str, Any]:
+    path = path or verdicts_path()
+    try:
+        verdicts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return verdicts if isinstance(verdicts, dict) else {}
+
+
+def record_verdict(model: torch.nn.Module, measured: dict[str, Any],
+                   path: Path | None = None) -> dict[str, Any]:
+    """Save what the bench measured for ``model`` here: ``measured`` holds ``gain`` (eager
+    step time / compiled step time), ``compile_s`` and the figures behind them."""
+    path = path or verdicts_path()
+    verdicts = load_verdicts(path)
+    verdicts[verdict_key(model)] = measured
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, verdicts)
+    return measured
+
+
+def decide(mode: str, model: torch.nn.Module, role: str) -> Decision:
+    if mode not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {mode!r}.")
+    if mode == "off":
+        return Decision(role, False, "--compile off")
+    if mode == "on":
+        return Decision(role, True, "--compile on")
+    measured = load_verdicts().get(verdict_key(model))
+    if not isinstance(measured, dict) or not isinstance(measured.get("gain"), (int, float)):
+        return Decision(role, False, "auto: not measured on this machine kind; "
+                                     "`distillspec bench` measures it")
+    gain = float(measured["gain"])
+    if gain >= MIN_GAIN:
+        return Decision(role, True, f"auto: the bench measured {gain:.2f}x here")
+    return Decision(role, False, f"auto: the bench measured {gain:.2f}x here, "
+                                 f"below {MIN_GAIN:.2f}x")
+
+
+def apply_compile(mode: str, **models: torch.nn.Module | None) -> list[Decision]:
+    """Decide for each model (keyword = its role) and mark or unmark its steps accordingly."""
+    decisions = []
+    for role, model in models.items():
+        if model is None:
+            continue
+        decision = decide(mode, model, role)
+        compile_steps(model, decision.compiled)
+        decisions.append(decision)
+    return decisions

@@ -1,0 +1,114 @@
+"""Compiled decoding steps (static shapes, ``torch.compile``) give what the eager path gives.
+
+Kept cheap: 2-layer models, few shapes (every new rows x width x capacity is one more graph).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded, perturbed_copy, tiny_model
+from test_kv_cache import pads_of, uncached_last_logits
+
+from distillspec import autoregressive_generate, speculative_generate
+from distillspec.decoding.kv_cache import CachedModel, compile_steps, steps_compiled
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def compiled_pair():
+    target = tiny_model("llama", seed=0)
+    draft = perturbed_copy(target, 0.3)
+    compile_steps(target)
+    compile_steps(draft)
+    yield target, draft
+    compile_steps(target, False)
+    compile_steps(draft, False)
+
+
+def test_compiled_cache_rollback_join_leave_equal_an_uncached_forward(compiled_pair):
+    model, _ = compiled_pair
+    graphs = compiled_graphs()
+    input_ids, attention_mask = left_padded([3, 6])
+    prompts = [input_ids[0, 3:].tolist(), input_ids[1].tolist()]
+    cached = CachedModel(model, rows=2)
+    assert cached.compiled
+    cached.forward(input_ids, pads_of(attention_mask))
+    cached.forward(torch.tensor([[20, 21, 22], [30, 31, 32]]))  # compiled (all rows)
+    cached.rollback([2, 0])  # row 0 keeps 20 (two holes), row 1 keeps all
+    cached.forward(torch.tensor([[40, 41], [0, 50]]), [0, 1])
+    cached.rollback([1, 1])
+    joined = cached.add_rows(1)  # a row joins: prefill is eager, right-aligned to the pointer
+    cached.forward(torch.tensor([[7, 8, 9]]), rows=joined, right_align=True)
+    logits = cached.forward(torch.tensor([[60], [70], [10]]))[:, -1]
+    expected = uncached_last_logits(
+        model, [prompts[0] + [20, 40, 60], prompts[1] + [30, 31, 32, 70], [7, 8, 9, 10]]
+    )
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert compiled_graphs() > graphs  # the steps did run compiled
+    assert cached.remove_rows([0]) == [2, 1]  # leaves: the last row moves into its place
+    logits = cached.forward(torch.tensor([[11], [71]]))[:, -1]
+    expected = uncached_last_logits(
+        model, [[7, 8, 9, 10, 11], prompts[1] + [30, 31, 32, 70, 71]]
+    )
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_greedy_sd_equals_eager_target(compiled_pair):
+    target, draft = compiled_pair
+    input_ids, attention_mask = left_padded([4, 9])
+    compiled = speculative_generate(target, draft, input_ids, attention_mask, gamma=3,
+                                    max_new_tokens=20)
+    compile_steps(target, False)
+    try:
+        plain = autoregressive_generate(target, input_ids, attention_mask, max_new_tokens=20)
+    finally:
+        compile_steps(target)
+    assert compiled.sequences == plain.sequences
+    assert compiled.metrics.acceptance_rate > 0  # the draft's compiled steps took part
+
+
+def test_compiled_sampled_sd_draws_what_eager_draws(compiled_pair):
+    """Same seed, same uniforms: the compiled path must sample the very same tokens."""
+    target, draft = compiled_pair
+    input_ids, attention_mask = left_padded([5])
+    common = dict(gamma=3, max_new_tokens=24, temperature=1.0)
+    compiled = speculative_generate(target, draft, input_ids, attention_mask,
+                                    generator=torch.Generator().manual_seed(7), **common)
+    for model in compiled_pair:
+        compile_steps(model, False)
+    try:
+        assert not steps_compiled(target)
+        eager = speculative_generate(target, draft, input_ids, attention_mask,
+                                     generator=torch.Generator().manual_seed(7), **common)
+    finally:
+        for model in compiled_pair:
+            compile_steps(model)
+    assert compiled.sequences == eager.sequences
+
+
+def test_auto_compiles_only_where_the_bench_measured_a_gain(tmp_path, monkeypatch):
+    from distillspec.models.compilation import apply_compile, record_verdict
+
+    monkeypatch.setenv("DISTILLSPEC_COMPILE_VERDICTS", str(tmp_path / "verdicts.json"))
+    target, draft = tiny_model("llama", seed=1), tiny_model("llama", seed=2, layers=1)
+    unmeasured = apply_compile("auto", target=target, draft=draft)
+    assert [d.compiled for d in unmeasured] == [False, False]
+    assert "not measured" in unmeasured[0].reason and not steps_compiled(target)
+    record_verdict(target, {"gain": 1.3})
+    record_verdict(draft, {"gain": 1.01})  # within the noise: stays eager
+    measured = apply_compile("auto", target=target, draft=draft)
+    assert [d.compiled for d in measured] == [True, False]
+    assert steps_compiled(target) and not steps_compiled(draft)
+    assert "1.30x" in measured[0].describe() and "below" in measured[1].reason
+    apply_compile("off", target=target, draft=None)
+    assert not steps_compiled(target)
+    assert [d.compiled for d in apply_compile("on", draft=draft)] == [True]
+    compile_steps(draft, False)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        apply_compile("sometimes", target=target)

@@ -1,13 +1,12 @@
-"""Does ``torch.compile`` pay for a one-token decoding step on this machine?
+"""Our engine's decoding steps, eager vs compiled (``--compile``), per dtype, in one run.
 
-Not a test, and not yet an engine path: it measures the question issue 9 asks before the
-engine grows a compiled path. For SmolLM2-135M (the target) and its first N layers (a draft), a
-one-token forward with transformers' ``StaticCache`` (fixed shapes, a tensor write position),
-eager and under ``torch.compile`` (inductor, default mode), side by side in one run: medians of
-``--repeats`` steps after warm-up, the compile time of the first call reported separately.
-Also our engine's own eager step (``measure_cost_model``) for reference; it includes the
-warp and the draw of a decoding step, which the static step does not, so
-``compiled_speedup_vs_ours`` slightly flatters compilation.
+Not a test. For SmolLM2-135M (the target) and a draft of its first N layers with a pruned
+head, in each ``--dtypes`` entry: ``decoding.measure.compare_step_paths`` (the first compiled
+calls timed as compile time, then rounds of the eager and the compiled cost model back to back,
+medians): the verify curve (a k-token target call, k = 1..``--max-verify``), V(k) = that ÷ a
+one-token step, the draft step, and the one-token target step ÷ the weight-read floor
+(parameter bytes ÷ measured copy bandwidth). Also transformers' own ``StaticCache`` one-token
+step under ``torch.compile`` at batch 1 for reference (what transformers' compiled path costs).
 
     python benchmarks/bench_compile.py --out docs/results/compile.json
 """
@@ -21,79 +20,95 @@ import time
 from pathlib import Path
 
 import torch
+from bench_draft_cost import copy_bandwidth
 from transformers import StaticCache
 
-from distillspec.common.io import atomic_write_json
+from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.runtime import cpu_name
-from distillspec.decoding.measure import measure_cost_model
+from distillspec.decoding.measure import compare_step_paths
 from distillspec.models.drafts import truncate_layers
 from distillspec.models.loading import load_model
+from distillspec.models.pruned_head import prune_head
 
 
-def static_step(model, context: int, slots: int):
-    """A one-token step function over a prefilled StaticCache, and the state it advances."""
-    cache = StaticCache(config=model.config, max_cache_len=slots)
+def hf_static_compiled_step(model, context: int, repeats: int) -> dict:
+    """transformers' StaticCache one-token step, compiled: (first call s, median step ms)."""
+    cache = StaticCache(config=model.config, max_cache_len=context + repeats + 8)
     prompt = torch.randint(0, model.config.vocab_size, (1, context))
     with torch.inference_mode():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True,
+        model(input_ids=prompt, cache=cache, use_cache=True,
               cache_position=torch.arange(context))
-    token = prompt[:, -1:]
-    position = torch.tensor([context])
 
-    def forward(input_ids, cache_position):
-        return model(input_ids=input_ids, past_key_values=cache, use_cache=True,
-                     cache_position=cache_position, logits_to_keep=1).logits
+        def forward(input_ids, cache_position):
+            return model(input_ids=input_ids, cache=cache, use_cache=True,
+                         cache_position=cache_position, logits_to_keep=1).logits
 
-    return forward, token, position
-
-
-def time_steps(step, token, position, repeats: int) -> tuple[float, float]:
-    """(first call seconds, median step seconds); the position advances, shapes stay fixed."""
-    times = []
-    with torch.inference_mode():
+        compiled = torch.compile(forward, dynamic=False)
+        times = []
         for index in range(repeats + 3):
             start = time.perf_counter()
-            step(token, position + index)
+            compiled(prompt[:, -1:], torch.tensor([context + index]))
             times.append(time.perf_counter() - start)
-    return times[0], statistics.median(times[3:])
+    return {"first_call_s": times[0], "step_ms": statistics.median(times[3:]) * 1e3}
 
 
-def measure(model, name: str, repeats: int, context: int) -> dict:
-    slots = context + repeats + 8
-    eager, token, position = static_step(model, context, slots)
-    _, eager_s = time_steps(eager, token, position, repeats)
-    forward, token, position = static_step(model, context, slots)
-    compiled = torch.compile(forward, dynamic=False)
-    first_s, compiled_s = time_steps(compiled, token, position, repeats)
-    ours_s = measure_cost_model(model, None, context_tokens=context, max_verify=1,
-                                repeats=repeats).target_step_s
-    row = {"model": name, "static_eager_ms": eager_s * 1e3, "static_compiled_ms": compiled_s * 1e3,
-           "compile_first_call_s": first_s, "ours_eager_ms": ours_s * 1e3,
-           "compiled_speedup_vs_static_eager": eager_s / compiled_s,
-           "compiled_speedup_vs_ours": ours_s / compiled_s}
-    print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
-    return row
+def measure_dtype(dtype: str, args, bandwidth: float) -> dict:
+    target, _ = load_model("builtin:smollm2-135m", device="cpu", dtype=dtype)
+    vocab = target.get_input_embeddings().weight.shape[0]
+    draft = prune_head(truncate_layers(target, args.draft_layers),
+                       torch.arange(min(args.draft_vocab, vocab)))
+    paths, _ = compare_step_paths(target, draft, max_verify=args.max_verify,
+                                  repeats=args.repeats, rounds=args.rounds)
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
+    floor_ms = weight_bytes / bandwidth * 1e3
+    target_path = next(p for p in paths if p.role == "target")
+    result = {"dtype": str(target.dtype), "paths": [p.to_dict() for p in paths],
+              "weight_floor_ms": floor_ms}
+    for name, times in (("eager", target_path.eager_s), ("compiled", target_path.compiled_s)):
+        result[f"{name}_verify_curve"] = {k: times[k] / times[1] for k in sorted(times)}
+        result[f"{name}_step_over_floor"] = times[1] * 1e3 / floor_ms
+    result["hf_static_compiled"] = hf_static_compiled_step(target, 96, args.repeats)
+    print({k: v for k, v in result.items() if k != "paths"}, flush=True)
+    return result
+
+
+def markdown(report: dict) -> str:
+    lines = ["| dtype | path | target step ms | V(2) | V(3) | V(4) | V(5) | draft step ms "
+             "| step ÷ weight floor |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        target, draft = row["paths"]
+        for name in ("eager", "compiled"):
+            curve = row[f"{name}_verify_curve"]
+            cells = " | ".join(f"{curve.get(k, float('nan')):.2f}" for k in (2, 3, 4, 5))
+            lines.append(f"| {row['dtype']} | {name} | {target[f'{name}_ms'][1]:.1f} | {cells} "
+                         f"| {draft[f'{name}_ms'][1]:.1f} | {row[f'{name}_step_over_floor']:.2f} |")
+        hf = row["hf_static_compiled"]
+        lines.append(f"| {row['dtype']} | transformers StaticCache, compiled | {hf['step_ms']:.1f} "
+                     "| | | | | | |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--draft-layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--context", type=int, default=96)
+    parser.add_argument("--draft-vocab", type=int, default=8192)
+    parser.add_argument("--max-verify", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs/results/compile.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    target, _ = load_model("builtin:smollm2-135m", device="cpu", dtype=args.dtype)
-    draft = truncate_layers(target, args.draft_layers)
-    rows = [measure(target, "target (30 layers)", args.repeats, args.context),
-            measure(draft, f"draft ({args.draft_layers} layers, full head)", args.repeats,
-                    args.context)]
-    atomic_write_json(args.out, {
+    bandwidth = copy_bandwidth()
+    rows = [measure_dtype(dtype, args, bandwidth) for dtype in args.dtypes.split(",")]
+    report = {
         "command": "python benchmarks/bench_compile.py " + " ".join(argv or sys.argv[1:]),
-        "cpu": cpu_name(), "threads": torch.get_num_threads(), "dtype": str(target.dtype),
-        "torch": torch.__version__, "rows": rows,
-    })
+        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows,
+    }
+    atomic_write_json(args.out, report)
+    atomic_write_text(args.out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
     return 0
 
 

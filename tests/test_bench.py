@@ -104,12 +104,21 @@ def test_bench_config_validation():
 
 def test_bench_compares_eager_and_compiled_steps_and_records_verdicts(setup, tmp_path,
                                                                      monkeypatch):
+    import torch
+
     from distillspec.models.compilation import load_verdicts
+    from distillspec.models.drafts import truncate_layers
+    from distillspec.models.loading import load_model
+    from distillspec.models.pruned_head import prune_head
+    from distillspec.training.checkpoint import save_model_folder
 
     monkeypatch.setenv("DISTILLSPEC_COMPILE_VERDICTS", str(tmp_path / "verdicts.json"))
+    target, tokenizer = load_model(setup / "target", device="cpu", dtype="float32")
+    pruned = prune_head(truncate_layers(target, 1), torch.arange(48))  # a pruned-head draft
+    save_model_folder(tmp_path / "draft", pruned, tokenizer, {}, "a test draft")
     config = BenchConfig(
-        target=str(setup / "target"), draft="target-layers:1", prompts=str(setup / "prompts.jsonl"),
-        num_prompts=2, gammas=[2], temperatures=[0.0], batch_sizes=[1], max_new_tokens=6,
+        target=str(setup / "target"), draft=str(tmp_path / "draft"),
+        prompts=str(setup / "prompts.jsonl"), num_prompts=2, gammas=[2], temperatures=[0.0], batch_sizes=[1], max_new_tokens=6,
         repeats=1, out=str(tmp_path / "out"), compile="on",
         runtime=RuntimeConfig(device="cpu", dtype="float32"),
     )
@@ -125,4 +134,8 @@ def test_bench_compares_eager_and_compiled_steps_and_records_verdicts(setup, tmp
     setting = report["settings"][0]
     static = setting["hf_static_compiled_plain"]
     assert static.get("new_tokens") == 2 * 6 or "error" in static
+    row = setting["rows"][0]  # a pruned draft: transformers also gets its full-vocabulary export
+    assert row["hf_assisted_full_vocab_export"]["new_tokens"] == 2 * 6
+    assert row["ours_over_hf_assisted_export"] > 0
     assert "eager ÷ compiled" in markdown_table(report)
+    assert "full-vocabulary export" in markdown_table(report)

@@ -106,9 +106,29 @@ def test_auto_compiles_only_where_the_bench_measured_a_gain(tmp_path, monkeypatc
     assert [d.compiled for d in measured] == [True, False]
     assert steps_compiled(target) and not steps_compiled(draft)
     assert "1.30x" in measured[0].describe() and "below" in measured[1].reason
+    batched = apply_compile("auto", 4, target=target)  # verdicts are for batch 1
+    assert not batched[0].compiled and not steps_compiled(target)
     apply_compile("off", target=target, draft=None)
     assert not steps_compiled(target)
     assert [d.compiled for d in apply_compile("on", draft=draft)] == [True]
     compile_steps(draft, False)
     with pytest.raises(ValueError, match="compile must be one of"):
         apply_compile("sometimes", target=target)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_greedy_sd_equals_eager_target_on_cuda():
+    target = tiny_model("llama", seed=0).cuda()
+    draft = perturbed_copy(target, 0.3)
+    input_ids, attention_mask = (t.cuda() for t in left_padded([4, 9]))
+    plain = autoregressive_generate(target, input_ids, attention_mask, max_new_tokens=20)
+    compile_steps(target)
+    compile_steps(draft)
+    try:
+        compiled = speculative_generate(target, draft, input_ids, attention_mask, gamma=3,
+                                        max_new_tokens=20)
+    finally:
+        compile_steps(target, False)
+        compile_steps(draft, False)
+    assert compiled.sequences == plain.sequences

@@ -22,6 +22,8 @@ _EXPORTS = {
     "GenerationMetrics": "distillspec.decoding.metrics",
     "SamplingConfig": "distillspec.decoding.params",
     "SpeculationConfig": "distillspec.decoding.params",
+    "compile_steps": "distillspec.decoding.kv_cache",
+    "apply_compile": "distillspec.models.compilation",
     "load_model": "distillspec.models.loading",
     "load_pair": "distillspec.models.loading",
     "DistillConfig": "distillspec.training.config",

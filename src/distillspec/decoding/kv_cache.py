@@ -43,7 +43,7 @@ def ensure_croppable(model: PreTrainedModel) -> None:
 
 SLOT_BUCKET = 256  # compiled steps: the slot capacity grows in these steps (one graph each)
 MAX_COMPILED_WIDTH = 16  # wider calls (prefills) stay eager: one graph per prompt length won't pay
-GRAPHS_PER_MODEL = 64  # torch's default recompile limit (8) is below rows x widths x capacities
+MAX_GRAPHS = 64  # torch's default recompile limit (8) is below rows x widths x capacities
 
 
 def _static_shapes_supported(model: PreTrainedModel) -> bool:
@@ -172,9 +172,10 @@ def compile_steps(model: PreTrainedModel, enabled: bool = True) -> None:
                 f"Compiled steps need sdpa or eager attention; this model uses "
                 f"{model.config._attn_implementation!r}. Use --compile off."
             )
-        # The limit is torch's, global: past it a frame silently runs eager again.
+        # torch's limit counts the graphs of `_logits` for all models together (and is global);
+        # past it a call silently runs eager again: slower, never wrong.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                   GRAPHS_PER_MODEL)
+                                                   MAX_GRAPHS)
         _compiled_by_model[model] = torch.compile(_logits, dynamic=False)
 
 
@@ -186,8 +187,9 @@ class CachedModel:
     """``model`` plus a SlotCache, the valid-slot mask and each row's token count (host).
 
     For a model marked by ``compile_steps``, decoding steps over all rows (not prefills) run
-    ``torch.compile``d with static shapes: they write at a tensor position and attend over the whole slot capacity,
-    which grows in ``SLOT_BUCKET`` steps, so a run needs one graph per (rows, width, capacity).
+    ``torch.compile``d with static shapes: they write at a tensor position and attend over the
+    whole slot capacity, which grows in ``SLOT_BUCKET`` steps, so a run needs one graph per
+    (rows, width, capacity).
     """
 
     def __init__(self, model: PreTrainedModel, rows: int = 0, slots: int = 64):
@@ -293,6 +295,12 @@ class CachedModel:
             return _compiled_by_model[self.model](
                 self.model, input_ids, mask, positions, self.cache, logits_to_keep
             )
+        except torch._dynamo.exc.TorchDynamoException as error:
+            raise RuntimeError(
+                f"Compiling the decoding step of {type(self.model).__name__} failed "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). torch.compile "
+                "needs a working C++ compiler on CPU; run with --compile off."
+            ) from error
         finally:
             self.cache.write_index = None
 

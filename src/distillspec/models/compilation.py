@@ -81,13 +81,16 @@ def record_verdict(model: torch.nn.Module, measured: dict[str, Any],
     return measured
 
 
-def decide(mode: str, model: torch.nn.Module, role: str) -> Decision:
+def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1) -> Decision:
     if mode not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {mode!r}.")
     if mode == "off":
         return Decision(role, False, "--compile off")
     if mode == "on":
         return Decision(role, True, "--compile on")
+    if batch_size > 1:
+        return Decision(role, False, "auto: verdicts are measured at batch 1, and a batch "
+                                     "compiles a new graph for every row count as rows finish")
     measured = load_verdicts().get(verdict_key(model))
     if not isinstance(measured, dict) or not isinstance(measured.get("gain"), (int, float)):
         return Decision(role, False, "auto: not measured on this machine kind; "
@@ -99,13 +102,23 @@ def decide(mode: str, model: torch.nn.Module, role: str) -> Decision:
                                  f"below {MIN_GAIN:.2f}x")
 
 
-def apply_compile(mode: str, **models: torch.nn.Module | None) -> list[Decision]:
+def apply_compile(mode: str, batch_size: int = 1,
+                  **models: torch.nn.Module | None) -> list[Decision]:
     """Decide for each model (keyword = its role) and mark or unmark its steps accordingly."""
     decisions = []
     for role, model in models.items():
         if model is None:
             continue
-        decision = decide(mode, model, role)
+        decision = decide(mode, model, role, batch_size)
         compile_steps(model, decision.compiled)
         decisions.append(decision)
     return decisions
+
+
+def summary(decisions: list[Decision]) -> str:
+    """One line for the user: what runs compiled, and that the first steps pay for it."""
+    line = "; ".join(decision.describe() for decision in decisions)
+    if any(decision.compiled for decision in decisions):
+        line += (". The first steps of each new shape compile (seconds for a small draft, up to "
+                 "minutes for a large target with a cold cache; torch caches the kernels)")
+    return line

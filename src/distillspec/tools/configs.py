@@ -30,13 +30,13 @@ def measured_setting_knob() -> bool:
     )
 
 
-def compile_knob() -> str:
-    """The one declaration of ``--compile`` (generate, bench, serve)."""
+def compile_knob(default: str = "auto", note: str = "") -> str:
+    """The one declaration of ``--compile`` (generate, serve)."""
     return knob(
-        "auto",
-        "Compiled decoding steps (torch.compile, static shapes; the first steps compile): auto "
-        "(only models `distillspec bench` measured faster compiled on this machine kind and "
-        "dtype), on, or off.",
+        default,
+        "Compiled decoding steps (torch.compile, static shapes; the first steps of each shape "
+        "compile): auto (only models `distillspec bench` measured faster compiled on this "
+        "machine kind and dtype), on, or off." + note,
         choices=COMPILE_CHOICES,
     )
 
@@ -251,7 +251,9 @@ class ServeConfig:
     max_waiting: int = knob(256, "Queued requests beyond which new ones get 503.")
     chat_template: bool = knob(True, "Apply the tokenizer's chat template in /v1/chat/completions.")
     measured_setting: bool = measured_setting_knob()
-    compile: str = compile_knob()
+    compile: str = compile_knob(
+        "off", " Off by default here: every batch size the server runs is a new shape, whose "
+        "first step would stall all requests while it compiles.")
     online_distill: str | None = knob(
         None, "Folder for online distillation: served traffic is buffered there, a separate "
         "trainer distils candidates, and a candidate replaces the draft when its alpha on "

@@ -21,7 +21,7 @@ from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
 from distillspec.decoding.params import SpeculationConfig
 from distillspec.decoding.requests import Request
-from distillspec.models.compilation import apply_compile
+from distillspec.models.compilation import apply_compile, summary
 from distillspec.models.loading import eos_token_ids, load_model, load_pair
 from distillspec.models.recommended import recommended_for
 from distillspec.models.registry import distilled_draft_for
@@ -135,8 +135,8 @@ def _load(config: GenerateConfig):
         draft = None
     else:
         target, draft, tokenizer = load_pair(config.target, draft_spec, **load)
-    for decision in apply_compile(config.compile, target=target, draft=draft):
-        print(f"distillspec: {decision.describe()}", file=sys.stderr)
+    decisions = apply_compile(config.compile, config.batch_size, target=target, draft=draft)
+    print(f"distillspec: {summary(decisions)}", file=sys.stderr)
     return target, draft, tokenizer, draft_spec
 
 

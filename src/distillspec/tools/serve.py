@@ -375,7 +375,7 @@ def load_server(config: ServeConfig) -> Server:
     import sys
 
     from distillspec.common.runtime import apply_threads, load_options
-    from distillspec.models.compilation import apply_compile
+    from distillspec.models.compilation import apply_compile, summary
     from distillspec.models.loading import load_model, load_pair
 
     apply_threads(config.runtime)
@@ -392,8 +392,8 @@ def load_server(config: ServeConfig) -> Server:
         draft = None
     else:
         target, draft, tokenizer = load_pair(config.target, draft_spec, **options)
-    for decision in apply_compile(config.compile, target=target, draft=draft):
-        print(f"distillspec: {decision.describe()}", file=sys.stderr)
+    decisions = apply_compile(config.compile, target=target, draft=draft)
+    print(f"distillspec: {summary(decisions)}", file=sys.stderr)
     return Server(config, target, draft, tokenizer, draft_spec)
 
 

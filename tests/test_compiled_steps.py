@@ -108,6 +108,13 @@ def test_auto_compiles_only_where_the_bench_measured_a_gain(tmp_path, monkeypatc
     assert "1.30x" in measured[0].describe() and "below" in measured[1].reason
     batched = apply_compile("auto", 4, target=target)  # verdicts are for batch 1
     assert not batched[0].compiled and not steps_compiled(target)
+    record_verdict(target, {"gain": 1.3, "compile_s": 30.0, "eager_ms": {"1": 13.0},
+                            "compiled_ms": {"1": 10.0}})
+    short = apply_compile("auto", 1, 1000, target=target)  # saves ~3 s, compiling costs 30 s
+    assert not short[0].compiled and "30 s of compiling" in short[0].reason
+    long = apply_compile("auto", 1, 20_000, target=target)  # saves ~60 s
+    assert long[0].compiled
+    compile_steps(target, False)
     apply_compile("off", target=target, draft=None)
     assert not steps_compiled(target)
     assert [d.compiled for d in apply_compile("on", draft=draft)] == [True]

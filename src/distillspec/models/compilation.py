@@ -3,10 +3,11 @@
 ``decoding.kv_cache.compile_steps`` says *how* (static shapes, ``torch.compile``); this module
 says *where*. ``distillspec bench`` times every model's steps eager and compiled side by side
 (``decoding.measure.compare_step_paths``) and records a verdict per model kind, machine kind,
-dtype and torch version in ``verdicts_path()``. ``auto`` compiles a model only
-where such a verdict measured a gain of at least ``MIN_GAIN``: on a machine or model nobody
-measured, it stays eager, so ``auto`` is never slower than eager by assumption. ``on`` compiles
-whatever was measured; ``off`` never does.
+dtype and torch version in ``verdicts_path()``. ``auto`` compiles a model only where such a
+verdict measured a gain of at least ``MIN_GAIN`` (and, when the caller knows how many tokens it
+will generate, only if they save more than the measured compile time). On a machine or model
+nobody measured it stays eager, so ``auto`` is never slower than eager by assumption. ``on``
+compiles regardless; ``off`` never does.
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ def record_verdict(model: torch.nn.Module, measured: dict[str, Any],
     return measured
 
 
-def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1) -> Decision:
+def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1,
+           tokens: int | None = None) -> Decision:
+    """``tokens``: about how many steps the run will take, when known; ``auto`` then also
+    needs the time they save to exceed the compile time the bench measured."""
     if mode not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {mode!r}.")
     if mode == "off":
@@ -96,20 +100,37 @@ def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1) ->
         return Decision(role, False, "auto: not measured on this machine kind; "
                                      "`distillspec bench` measures it")
     gain = float(measured["gain"])
+    saved_s, compile_s = _saving(measured, tokens), measured.get("compile_s")
+    if gain >= MIN_GAIN and saved_s is not None and isinstance(compile_s, (int, float)) and (
+            saved_s < compile_s):
+        return Decision(role, False, f"auto: the bench measured {gain:.2f}x here, but "
+                                     f"{tokens} tokens would save ~{saved_s:.0f} s against "
+                                     f"~{compile_s:.0f} s of compiling")
     if gain >= MIN_GAIN:
         return Decision(role, True, f"auto: the bench measured {gain:.2f}x here")
     return Decision(role, False, f"auto: the bench measured {gain:.2f}x here, "
                                  f"below {MIN_GAIN:.2f}x")
 
 
-def apply_compile(mode: str, batch_size: int = 1,
+def _saving(measured: dict[str, Any], tokens: int | None) -> float | None:
+    """Seconds ``tokens`` one-token steps save compiled (None when unknown)."""
+    try:
+        eager, compiled = measured["eager_ms"]["1"], measured["compiled_ms"]["1"]
+    except (KeyError, TypeError):
+        return None
+    if tokens is None or not isinstance(eager, (int, float)) or not isinstance(compiled, (int, float)):
+        return None
+    return tokens * (eager - compiled) / 1e3
+
+
+def apply_compile(mode: str, batch_size: int = 1, tokens: int | None = None,
                   **models: torch.nn.Module | None) -> list[Decision]:
     """Decide for each model (keyword = its role) and mark or unmark its steps accordingly."""
     decisions = []
     for role, model in models.items():
         if model is None:
             continue
-        decision = decide(mode, model, role, batch_size)
+        decision = decide(mode, model, role, batch_size, tokens)
         compile_steps(model, decision.compiled)
         decisions.append(decision)
     return decisions

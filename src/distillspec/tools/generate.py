@@ -124,7 +124,7 @@ def auto_draft(target: str, runtime) -> str:
     return str(found)
 
 
-def _load(config: GenerateConfig):
+def _load(config: GenerateConfig, tokens: int | None = None):
     """Target, draft (or None), tokenizer and the draft spec used; ``auto`` picks the demo's
     distilled draft."""
     runtime = config.runtime
@@ -135,7 +135,8 @@ def _load(config: GenerateConfig):
         draft = None
     else:
         target, draft, tokenizer = load_pair(config.target, draft_spec, **load)
-    decisions = apply_compile(config.compile, config.batch_size, target=target, draft=draft)
+    decisions = apply_compile(config.compile, config.batch_size, tokens, target=target,
+                              draft=draft)
     print(f"distillspec: {summary(decisions)}", file=sys.stderr)
     return target, draft, tokenizer, draft_spec
 
@@ -147,7 +148,7 @@ def run_generate(config: GenerateConfig) -> int:
         if config.prompts
         else [PromptLine(text=config.prompt or EXAMPLE_PROMPT)]
     )
-    target, draft, tokenizer, draft_spec = _load(config)
+    target, draft, tokenizer, draft_spec = _load(config, len(lines) * config.max_new_tokens)
     speculation = speculation_for(config.speculation, draft_spec, config.target, target,
                                   config.measured_setting)
     stop = frozenset(eos_token_ids(target, tokenizer))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import save_tiny
@@ -78,6 +79,7 @@ def test_spec_bench_answers(setup):
         repeats=1,
         out=str(setup / "spec"),
         question_file=str(setup / "question.jsonl"),
+        compile="off",
         runtime=RuntimeConfig(device="cpu", dtype="float32"),
     )
     bench_main(config)
@@ -139,3 +141,22 @@ def test_bench_compares_eager_and_compiled_steps_and_records_verdicts(setup, tmp
     assert row["ours_over_hf_assisted_export"] > 0
     assert "eager ÷ compiled" in markdown_table(report)
     assert "full-vocabulary export" in markdown_table(report)
+
+
+def test_bench_carries_on_eager_where_compiling_fails(setup, tmp_path, monkeypatch):
+    import distillspec.tools.bench as bench
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Compiling the decoding step failed (no C++ compiler)")
+
+    monkeypatch.setattr(bench, "compare_step_paths", no_compiler)
+    config = BenchConfig(
+        target=str(setup / "target"), draft="target-layers:1", prompts=str(setup / "prompts.jsonl"),
+        num_prompts=1, gammas=[1], temperatures=[0.0], batch_sizes=[1], max_new_tokens=3,
+        repeats=1, out=str(tmp_path / "out"), runtime=RuntimeConfig(device="cpu", dtype="float32"),
+    )
+    report = bench_main(config)  # auto: reported, then eager
+    assert "no C++ compiler" in report["compile_error"] and report["step_paths"] == []
+    assert all("eager" in line for line in report["compile"])
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        bench_main(replace(config, compile="on", out=str(tmp_path / "out-on")))

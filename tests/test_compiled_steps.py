@@ -59,6 +59,19 @@ def test_compiled_cache_rollback_join_leave_equal_an_uncached_forward(compiled_p
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_steps_stay_exact_when_the_capacity_grows(compiled_pair):
+    """Past the first 256 slots the buffers grow (a new graph); every row stays exact."""
+    model, _ = compiled_pair
+    history = list(range(4, 90)) * 3  # 258 tokens: the prefill alone fills the first bucket
+    cached = CachedModel(model, rows=1)
+    cached.forward(torch.tensor([history[:250]]))  # eager prefill
+    for token in history[250:]:
+        logits = cached.forward(torch.tensor([[token]]))[:, -1]  # compiled, crosses 256 slots
+    assert cached.cache.slot_capacity > 256
+    torch.testing.assert_close(logits, uncached_last_logits(model, [history]), atol=1e-5,
+                               rtol=1e-5)
+
+
 def test_compiled_greedy_sd_equals_eager_target(compiled_pair):
     target, draft = compiled_pair
     input_ids, attention_mask = left_padded([4, 9])

@@ -164,7 +164,7 @@ def test_spec_bench_aggregation_runs_on_our_answer_files(pair, tmp_path):
         target=str(pair / "target"), draft=str(pair / "draft"), prompts=str(tmp_path / "p.jsonl"),
         num_prompts=1, gammas=[2], temperatures=[0.0], batch_sizes=[1], max_new_tokens=6,
         repeats=1, out=str(tmp_path / "bench"), question_file=str(tmp_path / "q.jsonl"),
-        runtime={"device": "cpu", "dtype": "float32"}))
+        compile="off", runtime={"device": "cpu", "dtype": "float32"}))
     bench_main(config, progress=lambda message: None)
     read = lambda name: [json.loads(l) for l in (tmp_path / "bench" / name).read_text().splitlines()]  # noqa: E731,E741
     tokenizer = bpe_tokenizer()

@@ -194,7 +194,9 @@ class CachedModel:
 
     def __init__(self, model: PreTrainedModel, rows: int = 0, slots: int = 64):
         self.model = model
-        self.compiled = steps_compiled(model)
+        # Taken now: unmarking the model later leaves this cache's path as it started.
+        self._compiled_forward = _compiled_by_model.get(model)
+        self.compiled = self._compiled_forward is not None
         if self.compiled:
             slots = _bucket(slots)
         self.device = model.device
@@ -292,7 +294,7 @@ class CachedModel:
         self.cache.write_index = torch.arange(start, start + width, device=self.device)
         self.cache.write_count = count
         try:
-            return _compiled_by_model[self.model](
+            return self._compiled_forward(
                 self.model, input_ids, mask, positions, self.cache, logits_to_keep
             )
         except torch._dynamo.exc.TorchDynamoException as error:

@@ -95,6 +95,36 @@ def _median_call(fn: Callable[[], object], repeats: int, device) -> float:
     return statistics.median(timed(fn, device=device)[0] for _ in range(repeats))
 
 
+def _context(model, context_tokens: int, seed: int) -> torch.Tensor:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, context_tokens), generator=generator).to(model.device)
+
+
+def _time_step(model, prompt, width: int, logits_to_keep: int, repeats: int,
+               max_verify: int) -> float:
+    """Median seconds of one ``width``-token call after ``prompt``, as decoding runs it: the
+    forward with the engine's ``logits_to_keep`` (draft 1, verify 0), ``warp``, and a draw
+    (one token) or the acceptance rule (a verify)."""
+    greedy = SamplingConfig()
+    cached = CachedModel(model, rows=1, slots=prompt.shape[1] + max_verify + 2)
+    cached.forward(prompt)
+    tokens = prompt[:, :width]
+    drafted = tokens[:, 1:]
+
+    def once() -> None:
+        probs = warp(cached.forward(tokens, logits_to_keep=logits_to_keep), greedy)
+        if width == 1 or logits_to_keep == 1:  # a draft step: draw the next token
+            sample(probs[:, -1], uniforms=torch.zeros(1, device=probs.device))
+        else:
+            verify(drafted, probs[:, 1:], probs, uniforms=(
+                torch.zeros(drafted.shape, device=probs.device),
+                torch.zeros(1, device=probs.device)))
+        cached.rollback([width])
+
+    return _median_call(once, repeats, model.device)
+
+
 @torch.inference_mode()
 def measure_cost_model(
     target,
@@ -112,32 +142,11 @@ def measure_cost_model(
       tokens, ``warp`` of all k distributions and the acceptance rule.
     Greedy warping; each figure is the median of ``repeats`` calls after a warm-up.
     """
-    vocab = target.get_input_embeddings().weight.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (1, context_tokens), generator=generator).to(target.device)
-    greedy = SamplingConfig()
-
-    def step_timer(model, width: int) -> float:
-        cached = CachedModel(model, rows=1, slots=context_tokens + max_verify + 2)
-        cached.forward(prompt)
-        tokens = prompt[:, :width]
-        drafted = tokens[:, 1:]
-
-        def once() -> None:
-            logits = cached.forward(tokens, logits_to_keep=0 if width > 1 else 1)
-            probs = warp(logits, greedy)
-            if width == 1:
-                sample(probs, uniforms=torch.zeros(1, device=probs.device))
-            else:
-                verify(drafted, probs[:, 1:], probs, uniforms=(
-                    torch.zeros(drafted.shape, device=probs.device),
-                    torch.zeros(1, device=probs.device)))
-            cached.rollback([width])
-
-        return _median_call(once, repeats, target.device)
-
-    verify_s = {k: step_timer(target, k) for k in range(1, max_verify + 1)}
-    draft_step = step_timer(draft, 1) if draft is not None else float("nan")
+    prompt = _context(target, context_tokens, seed)
+    verify_s = {k: _time_step(target, prompt, k, 0, repeats, max_verify)
+                for k in range(1, max_verify + 1)}
+    draft_step = (_time_step(draft, prompt, 1, 1, repeats, max_verify) if draft is not None
+                  else float("nan"))
     return CostModel(verify_s[1], draft_step, verify_s, context_tokens)
 
 
@@ -357,22 +366,28 @@ def compare_step_paths(target, draft, *, context_tokens: int = 96, max_verify: i
             if model is not None:
                 compile_steps(model, on)
 
-    mark(True)
+    prompt = _context(target, context_tokens, 0)
     compile_s = {}
-    for role, model in models.items():
-        if model is not None:  # the draft also runs 2-token steps (after a full acceptance)
-            widths = max_verify if role == "target" else 2
-            compile_s[role], _ = timed(lambda m=model, w=widths: measure_cost_model(
-                m, None, context_tokens=context_tokens, max_verify=w, repeats=1))
     eager, compiled = [], []
-    for _ in range(rounds):
-        for on, store in ((False, eager), (True, compiled)):
-            mark(on)
-            store.append(measure_cost_model(target, draft, context_tokens=context_tokens,
-                                            max_verify=max_verify, repeats=repeats))
-    for role, model in models.items():
-        if model is not None:
-            compile_steps(model, before[role])
+    try:
+        mark(True)
+        for role, model in models.items():
+            if model is None:
+                continue
+            # every shape decoding compiles: the verify widths (all logits), the draft's
+            # one- and two-token steps (last logits; two after a full acceptance)
+            widths, keep = ((range(1, max_verify + 1), 0) if role == "target" else ((1, 2), 1))
+            compile_s[role], _ = timed(lambda m=model, w=widths, k=keep: [
+                _time_step(m, prompt, width, k, 1, max_verify) for width in w])
+        for _ in range(rounds):
+            for on, store in ((False, eager), (True, compiled)):
+                mark(on)
+                store.append(measure_cost_model(target, draft, context_tokens=context_tokens,
+                                                max_verify=max_verify, repeats=repeats))
+    finally:
+        for role, model in models.items():
+            if model is not None:
+                compile_steps(model, before[role])
     eager_model, compiled_model = median_cost_model(eager), median_cost_model(compiled)
     paths = [StepPaths(role, _widths(eager_model, role), _widths(compiled_model, role),
                        compile_s[role]) for role in compile_s]

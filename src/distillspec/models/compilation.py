@@ -84,8 +84,11 @@ def record_verdict(model: torch.nn.Module, measured: dict[str, Any],
 
 def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1,
            tokens: int | None = None) -> Decision:
-    """``tokens``: about how many steps the run will take, when known; ``auto`` then also
-    needs the time they save to exceed the compile time the bench measured."""
+    """``tokens``: how many tokens the run will generate, when known; ``auto`` then also
+    needs the time they save to exceed the compile time the bench measured. The saving is
+    priced as one one-token step per token for every model: an upper bound for an SD target,
+    which runs about tokens / tau verify calls, so a borderline run may compile without
+    quite paying for it."""
     if mode not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {mode!r}.")
     if mode == "off":

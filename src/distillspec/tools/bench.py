@@ -170,17 +170,26 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
 
     eos = eos_token_ids(target, tokenizer) if config.stop_at_eos else None
     pad_id = pad_token_id(tokenizer)
-    step_paths = []
+    step_paths, compile_error = [], None
     if config.compile != "off":
         progress("bench: timing each model's steps eager and compiled; the first compiled calls "
                  "compile every width (seconds per width for a small model, up to a minute for a "
                  "30-layer one on a 2-core CPU with a cold cache) ...")
-        paths, _ = compare_step_paths(target, draft, max_verify=max(config.gammas) + 1)
-        for path in paths:
-            model = target if path.role == "target" else draft
-            record_verdict(model, {**path.to_dict(), "command": "distillspec bench " + _flags(config)})
-        step_paths = [path.to_dict() for path in paths]
-    decisions = apply_compile(config.compile, target=target, draft=draft)
+        try:
+            paths, _ = compare_step_paths(target, draft, max_verify=max(config.gammas) + 1)
+        except (RuntimeError, ValueError) as error:  # e.g. no C++ compiler for inductor
+            if config.compile == "on":
+                raise
+            compile_error = f"{type(error).__name__}: {error}"[:300]
+            progress(f"bench: compiled steps do not run here ({compile_error}); eager only")
+        else:
+            for path in paths:
+                model = target if path.role == "target" else draft
+                record_verdict(model, {**path.to_dict(),
+                                       "command": "distillspec bench " + _flags(config)})
+            step_paths = [path.to_dict() for path in paths]
+    mode = "off" if compile_error else config.compile
+    decisions = apply_compile(mode, target=target, draft=draft)  # batch 1; per setting below
     for decision in decisions:
         progress(f"bench: {decision.describe()}")
     progress("bench: measuring the cost model (draft step, verify curve) ...")
@@ -196,7 +205,10 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
                                pad_id=pad_id, seed=config.seed)
             hf = HFRunner(target, draft, probe, temperature, config.max_new_tokens, eos, pad_id,
                           config.seed)
+            # the same rule as generate: auto's verdicts are batch-1 figures
+            chosen = apply_compile(mode, batch_size, target=target, draft=draft)
             settings.append(bench_setting(probe, hf, config, batch_size, cost_model, progress))
+            settings[-1]["compile"] = [decision.describe() for decision in chosen]
     return {
         "command": "distillspec bench " + _flags(config),
         "config": to_dict(config),
@@ -207,6 +219,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
         "cost_model": cost_model.to_dict(),
         "step_paths": step_paths,
         "compile": [decision.describe() for decision in decisions],
+        "compile_error": compile_error,
         "settings": settings,
     }
 
@@ -276,7 +289,7 @@ def step_path_table(report: dict[str, Any]) -> list[str]:
         figure = (f"{entry['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in entry
                   else entry.get("error", "?"))
         lines.append(f"\ntransformers static cache + compile, target alone, batch 1: {figure}")
-    return lines + ["", "This run: " + "; ".join(report.get("compile", []))]
+    return lines + ["", "This run at batch 1: " + "; ".join(report.get("compile", []))]
 
 
 def write_reports(report: dict[str, Any], out_dir: Path) -> list[Path]:

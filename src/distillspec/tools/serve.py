@@ -392,7 +392,7 @@ def load_server(config: ServeConfig) -> Server:
         draft = None
     else:
         target, draft, tokenizer = load_pair(config.target, draft_spec, **options)
-    decisions = apply_compile(config.compile, target=target, draft=draft)
+    decisions = apply_compile(config.compile, config.max_batch, target=target, draft=draft)
     print(f"distillspec: {summary(decisions)}", file=sys.stderr)
     return Server(config, target, draft, tokenizer, draft_spec)
 

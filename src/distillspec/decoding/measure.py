@@ -101,13 +101,12 @@ def _context(model, context_tokens: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, context_tokens), generator=generator).to(model.device)
 
 
-def _time_step(model, prompt, width: int, logits_to_keep: int, repeats: int,
-               max_verify: int) -> float:
+def _time_step(model, prompt, width: int, logits_to_keep: int, repeats: int) -> float:
     """Median seconds of one ``width``-token call after ``prompt``, as decoding runs it: the
     forward with the engine's ``logits_to_keep`` (draft 1, verify 0), ``warp``, and a draw
     (one token) or the acceptance rule (a verify)."""
     greedy = SamplingConfig()
-    cached = CachedModel(model, rows=1, slots=prompt.shape[1] + max_verify + 2)
+    cached = CachedModel(model, rows=1, slots=prompt.shape[1] + width + 2)
     cached.forward(prompt)
     tokens = prompt[:, :width]
     drafted = tokens[:, 1:]
@@ -143,10 +142,8 @@ def measure_cost_model(
     Greedy warping; each figure is the median of ``repeats`` calls after a warm-up.
     """
     prompt = _context(target, context_tokens, seed)
-    verify_s = {k: _time_step(target, prompt, k, 0, repeats, max_verify)
-                for k in range(1, max_verify + 1)}
-    draft_step = (_time_step(draft, prompt, 1, 1, repeats, max_verify) if draft is not None
-                  else float("nan"))
+    verify_s = {k: _time_step(target, prompt, k, 0, repeats) for k in range(1, max_verify + 1)}
+    draft_step = _time_step(draft, prompt, 1, 1, repeats) if draft is not None else float("nan")
     return CostModel(verify_s[1], draft_step, verify_s, context_tokens)
 
 
@@ -378,7 +375,7 @@ def compare_step_paths(target, draft, *, context_tokens: int = 96, max_verify: i
             # one- and two-token steps (last logits; two after a full acceptance)
             widths, keep = ((range(1, max_verify + 1), 0) if role == "target" else ((1, 2), 1))
             compile_s[role], _ = timed(lambda m=model, w=widths, k=keep: [
-                _time_step(m, prompt, width, k, 1, max_verify) for width in w])
+                _time_step(m, prompt, width, k, 1) for width in w])
         for _ in range(rounds):
             for on, store in ((False, eager), (True, compiled)):
                 mark(on)

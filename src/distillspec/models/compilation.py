@@ -83,7 +83,7 @@ def record_verdict(model: torch.nn.Module, measured: dict[str, Any],
 
 
 def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1,
-           tokens: int | None = None) -> Decision:
+           tokens: int | None = None, verdicts: dict[str, Any] | None = None) -> Decision:
     """``tokens``: how many tokens the run will generate, when known; ``auto`` then also
     needs the time they save to exceed the compile time the bench measured. The saving is
     priced as one one-token step per token for every model: an upper bound for an SD target,
@@ -98,7 +98,8 @@ def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1,
     if batch_size > 1:
         return Decision(role, False, "auto: verdicts are measured at batch 1, and a batch "
                                      "compiles a new graph for every row count as rows finish")
-    measured = load_verdicts().get(verdict_key(model))
+    verdicts = load_verdicts() if verdicts is None else verdicts
+    measured = verdicts.get(verdict_key(model))
     if not isinstance(measured, dict) or not isinstance(measured.get("gain"), (int, float)):
         return Decision(role, False, "auto: not measured on this machine kind; "
                                      "`distillspec bench` measures it")
@@ -118,22 +119,19 @@ def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1,
 def _saving(measured: dict[str, Any], tokens: int | None) -> float | None:
     """Seconds ``tokens`` one-token steps save compiled (None when unknown)."""
     try:
-        eager, compiled = measured["eager_ms"]["1"], measured["compiled_ms"]["1"]
-    except (KeyError, TypeError):
+        return tokens * (measured["eager_ms"]["1"] - measured["compiled_ms"]["1"]) / 1e3
+    except (KeyError, TypeError):  # no token count, or a verdict without step times
         return None
-    if tokens is None or not isinstance(eager, (int, float)) or not isinstance(compiled, (int, float)):
-        return None
-    return tokens * (eager - compiled) / 1e3
 
 
 def apply_compile(mode: str, batch_size: int = 1, tokens: int | None = None,
                   **models: torch.nn.Module | None) -> list[Decision]:
     """Decide for each model (keyword = its role) and mark or unmark its steps accordingly."""
-    decisions = []
+    decisions, verdicts = [], load_verdicts() if mode == "auto" else {}
     for role, model in models.items():
         if model is None:
             continue
-        decision = decide(mode, model, role, batch_size, tokens)
+        decision = decide(mode, model, role, batch_size, tokens, verdicts)
         compile_steps(model, decision.compiled)
         decisions.append(decision)
     return decisions

@@ -170,6 +170,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
 
     eos = eos_token_ids(target, tokenizer) if config.stop_at_eos else None
     pad_id = pad_token_id(tokenizer)
+    command = "distillspec bench " + _flags(config)
     step_paths, compile_error = [], None
     if config.compile != "off":
         progress("bench: timing each model's steps eager and compiled; the first compiled calls "
@@ -185,8 +186,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
         else:
             for path in paths:
                 model = target if path.role == "target" else draft
-                record_verdict(model, {**path.to_dict(),
-                                       "command": "distillspec bench " + _flags(config)})
+                record_verdict(model, {**path.to_dict(), "command": command})
             step_paths = [path.to_dict() for path in paths]
     mode = "off" if compile_error else config.compile
     decisions = apply_compile(mode, target=target, draft=draft)  # batch 1; per setting below
@@ -210,7 +210,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
             settings.append(bench_setting(probe, hf, config, batch_size, cost_model, progress))
             settings[-1]["compile"] = [decision.describe() for decision in chosen]
     return {
-        "command": "distillspec bench " + _flags(config),
+        "command": command,
         "config": to_dict(config),
         "device": str(target.device),
         "dtype": str(target.dtype),

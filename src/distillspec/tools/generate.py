@@ -124,19 +124,19 @@ def auto_draft(target: str, runtime) -> str:
     return str(found)
 
 
-def _load(config: GenerateConfig, tokens: int | None = None):
-    """Target, draft (or None), tokenizer and the draft spec used; ``auto`` picks the demo's
-    distilled draft."""
-    runtime = config.runtime
+def load_for_decoding(target_spec: str, draft_spec: str, runtime, compile_mode: str,
+                      batch_size: int = 1, tokens: int | None = None):
+    """Target, draft (or None), tokenizer and the draft spec used (``auto``: the demo's
+    distilled draft), with ``--compile`` applied and said; shared by generate and serve."""
+    if draft_spec == "auto":
+        draft_spec = auto_draft(target_spec, runtime)
     load = load_options(runtime)
-    draft_spec = auto_draft(config.target, runtime) if config.draft == "auto" else config.draft
     if draft_spec == "none":
-        target, tokenizer = load_model(config.target, **load)
+        target, tokenizer = load_model(target_spec, **load)
         draft = None
     else:
-        target, draft, tokenizer = load_pair(config.target, draft_spec, **load)
-    decisions = apply_compile(config.compile, config.batch_size, tokens, target=target,
-                              draft=draft)
+        target, draft, tokenizer = load_pair(target_spec, draft_spec, **load)
+    decisions = apply_compile(compile_mode, batch_size, tokens, target=target, draft=draft)
     print(f"distillspec: {summary(decisions)}", file=sys.stderr)
     return target, draft, tokenizer, draft_spec
 
@@ -148,7 +148,9 @@ def run_generate(config: GenerateConfig) -> int:
         if config.prompts
         else [PromptLine(text=config.prompt or EXAMPLE_PROMPT)]
     )
-    target, draft, tokenizer, draft_spec = _load(config, len(lines) * config.max_new_tokens)
+    target, draft, tokenizer, draft_spec = load_for_decoding(
+        config.target, config.draft, config.runtime, config.compile, config.batch_size,
+        len(lines) * config.max_new_tokens)
     speculation = speculation_for(config.speculation, draft_spec, config.target, target,
                                   config.measured_setting)
     stop = frozenset(eos_token_ids(target, tokenizer))

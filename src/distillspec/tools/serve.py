@@ -372,28 +372,15 @@ async def _sse(server: Server, request_id, job, params, chat, uid, created, requ
 
 
 def load_server(config: ServeConfig) -> Server:
-    import sys
-
-    from distillspec.common.runtime import apply_threads, load_options
-    from distillspec.models.compilation import apply_compile, summary
-    from distillspec.models.loading import load_model, load_pair
+    from distillspec.common.runtime import apply_threads
+    from distillspec.tools.generate import auto_draft, load_for_decoding
 
     apply_threads(config.runtime)
-    draft_spec = config.draft
-    if draft_spec == "auto":
-        from distillspec.tools.generate import auto_draft
-
-        draft_spec = auto_draft(config.target, config.runtime)
-    options = load_options(config.runtime)
-    if draft_spec == "none":
-        if config.online_distill:
-            raise ValueError("--online-distill needs a draft to improve: give --draft.")
-        target, tokenizer = load_model(config.target, **options)
-        draft = None
-    else:
-        target, draft, tokenizer = load_pair(config.target, draft_spec, **options)
-    decisions = apply_compile(config.compile, config.max_batch, target=target, draft=draft)
-    print(f"distillspec: {summary(decisions)}", file=sys.stderr)
+    draft_spec = auto_draft(config.target, config.runtime) if config.draft == "auto" else config.draft
+    if draft_spec == "none" and config.online_distill:
+        raise ValueError("--online-distill needs a draft to improve: give --draft.")
+    target, draft, tokenizer, _ = load_for_decoding(
+        config.target, draft_spec, config.runtime, config.compile, config.max_batch)
     return Server(config, target, draft, tokenizer, draft_spec)
 
 

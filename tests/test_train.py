@@ -239,3 +239,35 @@ def test_teacher_topk_trains_without_target_forwards_and_matches_exact_at_full_k
     assert metrics["alpha_t0"] + metrics["alpha_t1"] > start["alpha_t0"] + start["alpha_t1"]
     with pytest.raises(ValueError, match="teacher_topk"):
         recipe(workspace, teacher_topk=8, policy="draft")
+
+def test_teacher_topk_of_a_pruned_draft_scores_the_restricted_target(workspace):
+    """For a :vocab=K draft the cache holds the top-k of the target restricted to the K kept
+    ids (its head over those rows only); at k = K that is the exact pruned path."""
+    common = dict(policy="fixed", divergence="fkl", max_steps=6, eval_tau_prompts=0,
+                  draft_init="target-layers:1:vocab=40")
+    exact = workspace / "pruned-exact"
+    distill(recipe(workspace, output_dir=str(exact), **common))
+    cached = workspace / "pruned-topk"
+    distill(recipe(workspace, output_dir=str(cached), teacher_topk=40, **common))
+    expected, actual = final_weights(exact), final_weights(cached)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=2e-3, rtol=1e-2)
+    kept = load_file(cached / "final" / "pruned_head.safetensors")["token_ids"]
+    topk = load_file(cached / "teacher-topk.safetensors")
+    ids = torch.cat([topk[name].flatten().long() for name in topk if name.startswith("ids.")])
+    assert torch.isin(ids, kept).all() and len(ids.unique()) > 8
+
+
+def test_max_steps_zero_builds_evaluates_and_saves_the_draft_untrained(workspace):
+    """max_steps 0 makes the draft a recipe describes (here a pruned head) without training."""
+    run = workspace / "zero-steps"
+    metrics = distill(recipe(workspace, output_dir=str(run), max_steps=0, eval_tau_prompts=0,
+                             draft_init="target-layers:1:vocab=40"))
+    assert 0.0 <= metrics["alpha_t0"] <= 1.0
+    target = load_file(workspace / "target" / "model.safetensors")
+    draft = final_weights(run)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(draft[name], target[name])
+    assert load_file(run / "final" / "pruned_head.safetensors")["token_ids"].numel() == 40
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["eval"] for e in evals if "eval" in e] == ["start"]

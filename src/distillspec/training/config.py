@@ -68,6 +68,12 @@ class DistillConfig:
         "renormalised over those k ids). Needs policy fixed, or teacher with teacher_cache, "
         "and divergence fkl. 0: the exact full-softmax target forward every step.",
     )
+    teacher_topk_dir: str = knob(
+        "",
+        "Folder for the teacher_topk cache instead of the run folder, one file per data, k and "
+        "kept vocabulary (named by their fingerprint), so runs on the same data score it once. "
+        "The demo keeps it beside its cached training data.",
+    )
     divergence: str = knob(
         "fkl", "Token-level divergence: fkl, rkl, jsd or tvd.", choices=DIVERGENCE_CHOICES
     )
@@ -82,7 +88,11 @@ class DistillConfig:
     lr: float = knob(1e-4, "Peak learning rate (AdamW).")
     weight_decay: float = knob(0.0, "AdamW weight decay.")
     warmup_steps: int = knob(10, "Linear warm-up steps before the cosine decay.")
-    max_steps: int = knob(100, "Optimiser steps.")
+    max_steps: int = knob(
+        100,
+        "Optimiser steps. 0 trains nothing: the run only builds the draft from draft_init (e.g. "
+        "a :vocab=K head counted from the target's outputs on the data), evaluates and saves it.",
+    )
     max_minutes: float = knob(0.0, "Stop after this many minutes of training (0: no limit).")
     clip_grad_norm: float = knob(1.0, "Clip the gradient norm to this value (0 disables).")
     bf16: str = knob(
@@ -111,12 +121,12 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         require_at_least(
-            self, 1, "batch_size", "grad_accum", "max_steps", "max_new_tokens",
+            self, 1, "batch_size", "grad_accum", "max_new_tokens",
             "max_prompt_tokens", "max_completion_tokens", "eval_gamma", "eval_max_new_tokens",
             "keep_checkpoints", "eval_prompts",
         )
         require_at_least(
-            self, 0, "warmup_steps", "eval_every", "save_every", "eval_tau_prompts",
+            self, 0, "max_steps", "warmup_steps", "eval_every", "save_every", "eval_tau_prompts",
             "held_out", "max_minutes", "clip_grad_norm", "weight_decay",
         )
         require_at_most(self, MAX_BATCH, "batch_size", "grad_accum", "eval_prompts")
@@ -152,7 +162,8 @@ class DistillConfig:
         if self.teacher_topk and not (fixed_data and self.divergence == "fkl"):
             raise ValueError(
                 "teacher_topk caches the target's distribution on fixed completions, so it needs "
-                "policy fixed (or teacher with teacher_cache) and divergence fkl."
+                "policy fixed (or teacher with teacher_cache) and divergence fkl; set "
+                "teacher_topk 0 for the exact target forward every step."
             )
         if self.teacher_cache and not self.uses_teacher:
             raise ValueError(

@@ -105,7 +105,7 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
     )
     if config.teacher_topk:
         policy.topk = setup.cached_topk(config, folder, accelerator, target, policy, train_examples,
-                                    pad_id, state)
+                                        pad_id, state, token_ids=vocabulary)
     beta = {"beta": config.jsd_beta} if config.divergence == "jsd" else {}
     divergence = get_divergence(config.divergence, temperature=config.loss_temperature, **beta)
     trainable = [p for p in draft.parameters() if p.requires_grad]
@@ -162,7 +162,8 @@ def distill(config: DistillConfig) -> dict[str, Any]:
             if config.save_every and run.state.step % config.save_every == 0 and not final:
                 _save(run)
     progress.close()
-    _evaluate(run, "final")
+    if run.state.step > 0 or not run.last_eval:  # max_steps 0: the start evaluation is final
+        _evaluate(run, "final")
     _save(run)
     _finish(run)
     run.accelerator.end_training()

@@ -213,13 +213,19 @@ def target_outputs(config, folder, accelerator, target, tokenizer, examples, sta
                          max_new_tokens=config.max_new_tokens, eos_token_id=None, generator=None)
 
 
-def cached_topk(config, folder, accelerator, target, policy, examples, pad_id, state):
-    """teacher_topk: the target's top-k on the fixed data, scored once by rank 0."""
-    path = folder.child("teacher-topk.safetensors")
+def cached_topk(config, folder, accelerator, target, policy, examples, pad_id, state, token_ids=None):
+    """teacher_topk: the target's top-k on the fixed data, scored once by rank 0 (restricted
+    to a pruned draft's ``token_ids``)."""
     completions = policy.completions(examples)
+    path = folder.child("teacher-topk.safetensors")
+    if config.teacher_topk_dir:  # shared between runs: one file per fingerprint
+        digest = teacher_topk.fingerprint(examples, completions, config.teacher_topk, token_ids)
+        path = Path(config.teacher_topk_dir).expanduser() / f"teacher-topk-{digest[:16]}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+    options = dict(pad_id=pad_id, token_ids=token_ids)
     if accelerator.is_main_process:
         start = time.perf_counter()
-        teacher_topk.build(target, examples, completions, config.teacher_topk, path, pad_id=pad_id)
+        teacher_topk.build(target, examples, completions, config.teacher_topk, path, **options)
         state.data_seconds += time.perf_counter() - start
     accelerator.wait_for_everyone()
-    return teacher_topk.build(target, examples, completions, config.teacher_topk, path, pad_id=pad_id)
+    return teacher_topk.build(target, examples, completions, config.teacher_topk, path, **options)

@@ -20,13 +20,17 @@ from pathlib import Path
 import torch
 
 from distillspec.common.io import atomic_write_text, atomic_writer
+from distillspec.models.pruned_head import restricted_logits
 from distillspec.training.batch import build_batch
 
 TopK = tuple[torch.Tensor, torch.Tensor]  # ids [T, k] int32, log-probs [T, k] float16
 
 
-def _fingerprint(examples, completions: dict[str, list[int]], k: int) -> str:
+def fingerprint(examples, completions: dict[str, list[int]], k: int, token_ids=None) -> str:
+    """What the cache depends on: every example's prompt and completion, k and the kept ids."""
     digest = hashlib.sha256(str(k).encode())
+    if token_ids is not None:
+        digest.update(json.dumps(token_ids.tolist()).encode())
     for example in examples:
         digest.update(json.dumps([example.source, example.prompt_ids,
                                   completions[example.source]]).encode())
@@ -35,16 +39,21 @@ def _fingerprint(examples, completions: dict[str, list[int]], k: int) -> str:
 
 @torch.inference_mode()
 def build(target, examples: Sequence, completions: dict[str, list[int]], k: int, path: Path,
-          *, pad_id: int = 0, batch_size: int = 32) -> dict[str, TopK]:
-    """Score every example with the target once; cache per-token top-k (reused when current)."""
+          *, pad_id: int = 0, batch_size: int = 32, token_ids=None) -> dict[str, TopK]:
+    """Score every example with the target once; cache per-token top-k (reused when current).
+
+    ``token_ids`` (a pruned draft's kept ids): the target's head runs over those rows only and
+    the top-k is taken of its distribution restricted to them, which is what a pruned draft is
+    trained against anyway; 6x less head work on a 49k-token vocabulary with 8k kept.
+    """
     from safetensors.torch import load_file, save
     from tqdm.auto import tqdm
 
-    fingerprint = _fingerprint(examples, completions, k)
+    digest = fingerprint(examples, completions, k, token_ids)
     index_path = path.with_suffix(".json")
     if path.is_file() and index_path.is_file():
         index = json.loads(index_path.read_text())
-        if index.get("fingerprint") == fingerprint:
+        if index.get("fingerprint") == digest:
             tensors = load_file(str(path))
             return {s: (tensors[f"ids.{i}"], tensors[f"logp.{i}"]) for i, s in enumerate(index["sources"])}
     result: dict[str, TopK] = {}
@@ -54,9 +63,12 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
             batch = build_batch([e.prompt_ids for e in chunk],
                                 [completions[e.source] for e in chunk], pad_id).to(target.device)
             keep = batch.scored_columns()
-            logits = target(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, logits_to_keep=keep).logits
+            with restricted_logits(target, token_ids):
+                logits = target(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                position_ids=batch.position_ids, logits_to_keep=keep).logits
             values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]))
+            if token_ids is not None:  # columns of the restricted head -> vocabulary ids
+                ids = token_ids.to(ids.device)[ids]
             mask = batch.loss_mask[:, -keep:].bool()
             for row, example in enumerate(chunk):
                 result[example.source] = (ids[row][mask[row]].int().cpu(),
@@ -68,5 +80,5 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
         tensors[f"ids.{i}"], tensors[f"logp.{i}"] = result[source]
     with atomic_writer(path, "wb") as handle:  # then the index that vouches for it
         handle.write(save(tensors))
-    atomic_write_text(index_path, json.dumps({"fingerprint": fingerprint, "sources": sources}))
+    atomic_write_text(index_path, json.dumps({"fingerprint": digest, "sources": sources}))
     return result

@@ -75,5 +75,18 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["draft"]["spec"] == (
         "target-layers:1"
     )
+    assert list((tmp_path / "cache" / "demo-data").glob("*/teacher-topk-*.safetensors"))
     on_policy = ["--fresh", "--distill.policy", "draft"]
-    assert main(args + on_policy) == 0
+    assert main(args + on_policy) == 2  # the demo's cached top-k needs fixed completions
+    assert "set teacher_topk 0" in capsys.readouterr().err
+    assert main(args + on_policy + ["--distill.teacher-topk", "0"]) == 0
+
+
+def test_draft_choice_takes_the_best_prediction_and_the_deeper_one_in_a_near_tie():
+    from distillspec.tools.demo import TIE, pick_candidate
+
+    rows = [{"layers": 2, "predicted_speedup": 1.20}, {"layers": 3, "predicted_speedup": 1.19},
+            {"layers": 4, "predicted_speedup": 1.10}]
+    assert pick_candidate(rows)["layers"] == 3
+    rows[1]["predicted_speedup"] = 1.20 * (1 - TIE) - 0.01
+    assert pick_candidate(rows)["layers"] == 2

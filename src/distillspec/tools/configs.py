@@ -142,8 +142,9 @@ DEMO_RECIPE = dict(
     data="builtin:chat",
     eval_data="builtin:chat:heldout",
     policy="fixed",
+    teacher_topk=32,
     train_embeddings=False,
-    lr=1e-3,
+    lr=3e-3,
     max_steps=100_000,
     max_new_tokens=64,
     max_completion_tokens=64,
@@ -172,11 +173,11 @@ class DemoConfig:
     )
     draft: str = knob(
         "auto",
-        "The draft to distil: auto (the most of --draft-layers layers with a --draft-vocab "
-        "head whose measured cost ratio c still allows 1.3x at alpha 0.55), or a draft_init "
+        "The draft to distil: auto (of --draft-layers layers with a --draft-vocab head, the one "
+        "whose measured cost ratio c predicts the best speed-up at alpha 0.4), or a draft_init "
         "spec such as target-layers:4:vocab=8192. Replaces --distill.draft-init.",
     )
-    draft_layers: list[int] = knob([2, 3, 4, 6], "Layer counts auto chooses from.")
+    draft_layers: list[int] = knob([2, 3, 4], "Layer counts auto chooses from.")
     draft_vocab: int = knob(8192, "Head size of auto's drafts (0: the full vocabulary).")
     speed_prompts: int = knob(3, "Held-out prompts decoded to measure tokens/s and tau.")
     max_new_tokens: int = knob(64, "Tokens generated per held-out prompt when measuring.")

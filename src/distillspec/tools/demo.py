@@ -288,7 +288,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         ids = answer_vocabulary(data, keep, eos, vocab) if keep else None
         before = measurement.measure(build_draft(spec, target, tokenizer, token_ids=ids),
                                      "before", [0.0])
-        _say(f"distilling for {config.minutes:g} minutes, then measuring again "
+        scoring = (f"the target first scores the answers once (its top-{recipe.teacher_topk} per "
+                   "token, cached beside them), then " if recipe.teacher_topk else "")
+        _say(f"{scoring}distilling for {config.minutes:g} minutes, then measuring again "
              f"(~{before['measure_seconds'] / 60 * (1 + len(config.confidence_thresholds)):.1f} "
              "min) ...")
         policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)

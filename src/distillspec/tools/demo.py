@@ -291,8 +291,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         scoring = (f"the target first scores the answers once (its top-{recipe.teacher_topk} per "
                    "token, cached beside them), then " if recipe.teacher_topk else "")
         _say(f"{scoring}distilling for {config.minutes:g} minutes, then measuring again "
-             f"(~{before['measure_seconds'] / 60 * (1 + len(config.confidence_thresholds)):.1f} "
-             "min) ...")
+             f"(~{before['measure_seconds'] / 60 * _after_settings(config) / len(config.gammas):.1f}"
+             " min) ...")
         policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)
         # The target's top-k on the cached answers is scored once and kept beside them, so a
         # --fresh demo (or another draft size) on the same data does not score it again.
@@ -349,6 +349,13 @@ def _evals(run_dir: Path) -> list[dict[str, Any]]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if "eval" in r]
+
+
+def _after_settings(config: DemoConfig) -> int:
+    """Settings the after-measurement times: every gamma fixed, and each threshold > 0 at every
+    gamma > 1 (the before-measurement times the fixed ones only)."""
+    thresholds = [t for t in config.confidence_thresholds if t > 0]
+    return len(config.gammas) + len(thresholds) * len([g for g in config.gammas if g > 1])
 
 
 def _scoring_seconds(run_dir: Path) -> float:

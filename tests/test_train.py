@@ -220,16 +220,22 @@ def test_two_cpu_processes_train_in_lockstep(workspace):
     assert tokenizer_ok is not None and (workspace / "ddp" / "final" / "tokenizer.json").is_file()
 
 
+def trained_like_exact(workspace: Path, name: str, k: int, **overrides) -> Path:
+    """Train once exactly and once on the cached top-k (k); assert equal final weights;
+    returns the cached run's folder."""
+    exact, cached = workspace / f"{name}-exact", workspace / name
+    distill(recipe(workspace, output_dir=str(exact), **overrides))
+    distill(recipe(workspace, output_dir=str(cached), teacher_topk=k, **overrides))
+    expected, actual = final_weights(exact), final_weights(cached)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=2e-3, rtol=1e-2)
+    return cached
+
+
 def test_teacher_topk_trains_without_target_forwards_and_matches_exact_at_full_k(workspace):
     """k = V reproduces the exact path; a small k still learns; the cache is reused."""
-    common = dict(policy="fixed", divergence="fkl", max_steps=6, eval_tau_prompts=0)
-    exact = workspace / "topk-exact"
-    distill(recipe(workspace, output_dir=str(exact), **common))
-    full = workspace / "topk-full"
-    distill(recipe(workspace, output_dir=str(full), teacher_topk=96, **common))
-    expected, actual = final_weights(exact), final_weights(full)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], atol=2e-3, rtol=1e-2)
+    full = trained_like_exact(workspace, "topk-full", 96, policy="fixed", divergence="fkl",
+                              max_steps=6, eval_tau_prompts=0)
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert all(r["time_target_forward"] < 0.05 for r in records if "loss" in r)
     small = workspace / "topk-8"
@@ -240,18 +246,13 @@ def test_teacher_topk_trains_without_target_forwards_and_matches_exact_at_full_k
     with pytest.raises(ValueError, match="teacher_topk"):
         recipe(workspace, teacher_topk=8, policy="draft")
 
+
 def test_teacher_topk_of_a_pruned_draft_scores_the_restricted_target(workspace):
     """For a :vocab=K draft the cache holds the top-k of the target restricted to the K kept
     ids (its head over those rows only); at k = K that is the exact pruned path."""
-    common = dict(policy="fixed", divergence="fkl", max_steps=6, eval_tau_prompts=0,
-                  draft_init="target-layers:1:vocab=40")
-    exact = workspace / "pruned-exact"
-    distill(recipe(workspace, output_dir=str(exact), **common))
-    cached = workspace / "pruned-topk"
-    distill(recipe(workspace, output_dir=str(cached), teacher_topk=40, **common))
-    expected, actual = final_weights(exact), final_weights(cached)
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], atol=2e-3, rtol=1e-2)
+    cached = trained_like_exact(workspace, "pruned-topk", 40, policy="fixed", divergence="fkl",
+                                max_steps=6, eval_tau_prompts=0,
+                                draft_init="target-layers:1:vocab=40")
     kept = load_file(cached / "final" / "pruned_head.safetensors")["token_ids"]
     topk = load_file(cached / "teacher-topk.safetensors")
     ids = torch.cat([topk[name].flatten().long() for name in topk if name.startswith("ids.")])

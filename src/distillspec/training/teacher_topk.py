@@ -6,8 +6,10 @@ scores every example once (batched, no_grad) and keeps, per completion token, th
 likely ids and their log-probabilities (temperature 1). Training then uses
 ``divergences.sparse_forward_kl``: the target renormalised over those k ids. That is an
 approximation of the full softmax (exact as k -> V); ``teacher_topk: 0`` keeps the exact path.
-The cache lives in the run folder (``teacher-topk.safetensors``) and is rebuilt when the data
-or k change.
+For a pruned (``:vocab=K``) draft the target's head runs over the K kept ids only and the top-k
+is of that restricted distribution. The cache lives in the run folder
+(``teacher-topk.safetensors``), or in ``teacher_topk_dir`` named by its fingerprint, and is
+rebuilt when the data, k or the kept ids change.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
     from tqdm.auto import tqdm
 
     digest = fingerprint(examples, completions, k, token_ids)
+    if token_ids is not None:
+        token_ids = token_ids.to(target.device)
     index_path = path.with_suffix(".json")
     if path.is_file() and index_path.is_file():
         index = json.loads(index_path.read_text())
@@ -68,7 +72,7 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
                                 position_ids=batch.position_ids, logits_to_keep=keep).logits
             values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]))
             if token_ids is not None:  # columns of the restricted head -> vocabulary ids
-                ids = token_ids.to(ids.device)[ids]
+                ids = token_ids[ids]
             mask = batch.loss_mask[:, -keep:].bool()
             for row, example in enumerate(chunk):
                 result[example.source] = (ids[row][mask[row]].int().cpu(),

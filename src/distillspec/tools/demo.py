@@ -345,12 +345,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     return report
 
 
-def _evals(run_dir: Path) -> list[dict[str, Any]]:
+def _records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "eval" in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _evals(run_dir: Path) -> list[dict[str, Any]]:
+    return [r for r in _records(run_dir) if "eval" in r]
 
 
 def _after_settings(config: DemoConfig) -> int:
@@ -363,9 +366,7 @@ def _after_settings(config: DemoConfig) -> int:
 def _scoring_seconds(run_dir: Path) -> float:
     """Seconds the run spent before training on the target's data (its top-k scored now, or
     completions generated); 0 when it found them cached."""
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in _records(run_dir) if "loss" in r]
     return steps[-1].get("data_seconds", 0.0) if steps else 0.0
 
 

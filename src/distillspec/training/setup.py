@@ -218,10 +218,9 @@ def cached_topk(config, folder, accelerator, target, policy, examples, pad_id, s
     to a pruned draft's ``token_ids``)."""
     completions = policy.completions(examples)
     path = folder.child("teacher-topk.safetensors")
-    if config.teacher_topk_dir:  # shared between runs: one file per fingerprint
-        digest = teacher_topk.fingerprint(examples, completions, config.teacher_topk, token_ids)
-        path = Path(config.teacher_topk_dir).expanduser() / f"teacher-topk-{digest[:16]}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if config.teacher_topk_dir:  # shared between runs: build names one file per fingerprint
+        path = Path(config.teacher_topk_dir).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
     options = dict(pad_id=pad_id, token_ids=token_ids)
     if accelerator.is_main_process:
         start = time.perf_counter()

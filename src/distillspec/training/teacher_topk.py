@@ -44,6 +44,7 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
           *, pad_id: int = 0, batch_size: int = 32, token_ids=None) -> dict[str, TopK]:
     """Score every example with the target once; cache per-token top-k (reused when current).
 
+    ``path`` is the cache file, or a folder that holds one file per fingerprint.
     ``token_ids`` (a pruned draft's kept ids): the target's head runs over those rows only and
     the top-k is taken of its distribution restricted to them, which is what a pruned draft is
     trained against anyway; 6x less head work on a 49k-token vocabulary with 8k kept.
@@ -52,6 +53,8 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
     from tqdm.auto import tqdm
 
     digest = fingerprint(examples, completions, k, token_ids)
+    if path.is_dir():  # a shared folder (teacher_topk_dir): one file per fingerprint
+        path = path / f"teacher-topk-{digest[:16]}.safetensors"
     if token_ids is not None:
         token_ids = token_ids.to(target.device)
     index_path = path.with_suffix(".json")

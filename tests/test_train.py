@@ -272,3 +272,10 @@ def test_max_steps_zero_builds_evaluates_and_saves_the_draft_untrained(workspace
     assert load_file(run / "final" / "pruned_head.safetensors")["token_ids"].numel() == 40
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["eval"] for e in evals if "eval" in e] == ["start"]
+
+
+def test_teacher_topk_dir_that_is_a_file_is_refused(workspace):
+    (workspace / "not-a-folder").write_text("x")
+    with pytest.raises(ValueError, match="teacher_topk_dir .* is a file"):
+        distill(recipe(workspace, output_dir=str(workspace / "topk-dir-file"), teacher_topk=8,
+                       teacher_topk_dir=str(workspace / "not-a-folder")))

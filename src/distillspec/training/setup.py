@@ -59,6 +59,11 @@ def check_inputs(config: DistillConfig) -> None:
     if not config.data:
         raise ValueError("No training data: set data (a JSONL file, a .txt file, a folder or builtin:NAME).")
     _check_data(config.data, "training data")
+    if config.teacher_topk_dir and Path(config.teacher_topk_dir).expanduser().is_file():
+        raise ValueError(
+            f"teacher_topk_dir {config.teacher_topk_dir} is a file; it must be a folder (created "
+            "if missing) that holds the cached top-k files."
+        )
     if config.eval_data:
         _check_data(config.eval_data, "evaluation data")
     if config.log_with:

@@ -12,7 +12,7 @@ from conftest import tiny_model, tiny_tokenizer
 
 from distillspec import autoregressive_generate
 from distillspec.training.batch import build_batch
-from distillspec.training.datagen import datagen
+from distillspec.training.datagen import datagen, self_prompts
 from distillspec.training.datasets import PromptExample, load_examples
 from distillspec.training.policies import (
     DraftPolicy,
@@ -368,3 +368,35 @@ def test_datagen_failure_leaves_the_old_file(tmp_path, target, prompts):
             eos_token_id=None,
             generator=None,
         )
+
+
+def _chat_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}"
+    return tokenizer
+
+
+def test_self_prompts_are_seeded_and_start_with_their_openers(target):
+    tokenizer = _chat_tokenizer()
+    kwargs = dict(seed=0, eos_token_id=[EOS], max_new_tokens=24, batch_size=16, temperature=1.5)
+    plain = self_prompts(target, tokenizer, 6, **kwargs)
+    assert plain == self_prompts(target, tokenizer, 6, **kwargs)
+    assert len({" ".join(p.split()) for p in plain}) == 6  # de-duplicated
+    steered = self_prompts(target, tokenizer, 6, openers=("w7 w8",), **kwargs)
+    assert all(p.startswith("w7 w8 ") and len(p.split()) >= 3 for p in steered)
+    mixed = self_prompts(target, tokenizer, 12, openers=("", "w7 w8"), **kwargs)
+    assert 0 < sum(p.startswith("w7 w8 ") for p in mixed) < 12
+
+
+def test_self_prompts_need_a_chat_template(target):
+    with pytest.raises(ValueError, match="chat template"):
+        self_prompts(target, tiny_tokenizer(), 4, seed=0, eos_token_id=[EOS])
+
+
+def test_datagen_prompt_openers_are_checked():
+    from distillspec.training.config import DatagenConfig
+    from distillspec.training.datagen import TASK_OPENERS, prompt_openers
+
+    assert prompt_openers("none") == ("",) and prompt_openers("tasks") == TASK_OPENERS
+    with pytest.raises(ValueError, match="prompt_openers must be one of none, tasks"):
+        DatagenConfig(self_prompts=4, prompt_openers="verbs")

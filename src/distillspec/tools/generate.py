@@ -222,6 +222,7 @@ def run_datagen(config: DatagenConfig) -> int:
     from distillspec.training.datagen import (
         datagen,
         is_datagen_file,
+        prompt_openers,
         self_prompts,
         write_prompt_pool,
     )
@@ -244,7 +245,9 @@ def run_datagen(config: DatagenConfig) -> int:
             prompts = self_prompts(target, tokenizer, config.self_prompts, seed=config.seed,
                                    eos_token_id=eos, batch_size=config.batch_size,
                                    max_new_tokens=config.max_new_tokens,
-                                   temperature=config.temperature or 1.0, progress=bar.update)
+                                   temperature=config.temperature or 1.0,
+                                   openers=prompt_openers(config.prompt_openers),
+                                   progress=bar.update)
         write_prompt_pool(prompts, out)
         print(f"wrote {len(prompts)} self-generated prompts to {out}", file=sys.stderr)
         return 0

@@ -15,6 +15,7 @@ from distillspec.decoding.params import MAX_GAMMA
 DEFAULT_TARGET = "builtin:smollm2-135m"
 DIVERGENCE_CHOICES = ("fkl", "rkl", "jsd", "tvd")
 POLICY_CHOICES = ("fixed", "teacher", "draft", "mixed")
+OPENER_CHOICES = ("none", "tasks")  # datagen.prompt_openers
 MAX_BATCH = 4096
 MAX_TOKENS = 1 << 17  # per prompt, per completion: far past any context we load
 MODEL_SPECS = "an HF folder, a .gguf file or builtin:NAME"
@@ -209,6 +210,12 @@ class DatagenConfig:
         "Instead of completions, write N user prompts the target generates itself from its "
         "chat template (Magpie): de-duplicated, seeded; --data is not needed.",
     )
+    prompt_openers: str = knob(
+        "none",
+        "With --self-prompts: the first words of each prompt, cycled. none: the target's own "
+        "(plain Magpie); tasks: generic request types (Write, Explain, List, Compare, ...).",
+        choices=OPENER_CHOICES,
+    )
     temperature: float = knob(1.0, "Sampling temperature (0: greedy).")
     max_new_tokens: int = knob(64, "Tokens per completion.")
     max_prompt_tokens: int = knob(128, "Prompts are cut (from the left) to this many tokens.")
@@ -223,6 +230,9 @@ class DatagenConfig:
             )
         require_at_least(self, 1, "max_new_tokens", "batch_size", "max_prompt_tokens")
         require_at_least(self, 0, "self_prompts")
+        if self.prompt_openers not in OPENER_CHOICES:
+            raise ValueError(f"prompt_openers must be one of {', '.join(OPENER_CHOICES)}, "
+                             f"got {self.prompt_openers!r}.")
         require_at_most(self, 1_000_000, "self_prompts")
         require_at_most(self, MAX_BATCH, "batch_size")
         require_at_most(self, MAX_TOKENS, "max_new_tokens", "max_prompt_tokens")

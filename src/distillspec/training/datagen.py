@@ -8,6 +8,7 @@ Training on such a file with the ``fixed`` policy is the cached form of the teac
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from distillspec.common.io import atomic_writer, read_jsonl
 from distillspec.decoding.generate import generate_ids, generate_many
 from distillspec.decoding.params import SamplingConfig
+from distillspec.training.config import OPENER_CHOICES
 from distillspec.training.datasets import PromptExample
 
 DATAGEN_KEYS = ("prompt", "completion", "prompt_ids", "completion_ids")
@@ -185,6 +187,23 @@ def pre_query_template(tokenizer) -> list[int]:
     return list(tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"])
 
 
+# Generic request types of instruction data (open and closed questions, how-to, brainstorming,
+# writing, rewriting, summarising, comparing, planning, coding, arithmetic), as the first words of
+# a self-written prompt. Plain Magpie ("") from a small target writes mostly "Can you provide ...".
+TASK_OPENERS = (
+    "", "Write", "Explain", "How do I", "What is", "Why", "List", "Give me", "Describe",
+    "Compare", "Summarise", "Suggest", "What are", "How can I", "Tell me", "Create", "Rewrite",
+    "Plan", "Calculate", "I", "Is it", "Help me", "Translate", "Write a Python",
+)  # fmt: skip
+
+
+def prompt_openers(name: str) -> tuple[str, ...]:
+    """The openers ``self_prompts`` cycles through: none (plain Magpie) or tasks (TASK_OPENERS)."""
+    if name not in OPENER_CHOICES:
+        raise ValueError(f"prompt openers must be one of {', '.join(OPENER_CHOICES)}, got {name!r}.")
+    return TASK_OPENERS if name == "tasks" else ("",)
+
+
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -199,23 +218,30 @@ def self_prompts(
     batch_size: int = 128,
     max_new_tokens: int = 48,
     temperature: float = 1.0,
+    openers: Sequence[str] = ("",),
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """``count`` user prompts written by the target itself (Magpie, Xu et al. 2024).
 
     The target continues its pre-query template at ``temperature``; a sample is kept when it
     ends the user turn (an EOS id) within ``max_new_tokens``, has 3 to 80 words and is not a
-    case/space-insensitive duplicate of one already kept. Seeded: the same call gives the same
-    prompts. Raises if too few usable prompts come out of 8x as many samples.
+    case/space-insensitive duplicate of one already kept. Sample i starts its message with
+    ``openers[i % len(openers)]`` (``""``: nothing, plain Magpie; see TASK_OPENERS), so the
+    pool is not only the few kinds of request the target writes unprompted. Seeded: the same
+    call gives the same prompts. Raises if too few usable prompts come out of 8x as many samples.
     """
-    prefix = pre_query_template(tokenizer)
+    template = pre_query_template(tokenizer)
+    # An opener's ids are decoded with the continuation, so the tokenizer places the spaces.
+    opener_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] if o else []
+                  for o in (list(openers) or [""])]
     stops = set(eos_token_id)
     kept, seen, tried = [], set(), [0]
 
     def finished(index: int, row: list[int]) -> bool:
         tried[0] += 1
         if row and row[-1] in stops:  # the target finished its message
-            text = tokenizer.decode(row[:-1], skip_special_tokens=True).strip()
+            written = opener_ids[index % len(opener_ids)] + row[:-1]
+            text = tokenizer.decode(written, skip_special_tokens=True).strip()
             key = _normalise(text)
             if 3 <= len(key.split()) <= 80 and key not in seen:
                 seen.add(key)
@@ -225,8 +251,10 @@ def self_prompts(
         return len(kept) >= count
 
     def prefixes():
-        while tried[0] < 8 * count:
-            yield prefix
+        for index in itertools.count():
+            if tried[0] >= 8 * count:
+                return
+            yield template + opener_ids[index % len(opener_ids)]
 
     with eval_mode(target):
         generate_many(target, prefixes(), max_new_tokens=max_new_tokens,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from distillspec.common.config import from_dict, replace
-from distillspec.common.io import atomic_write_json
+from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
 from distillspec.tools.configs import DemoConfig
 from distillspec.tools.demo import demo_data
@@ -64,8 +64,7 @@ def main(argv=None) -> int:
             config = replace(base, output_dir=f"{work}/run", **overrides)
             start = time.time()
             final = distill(config)
-            lines = Path(f"{work}/run/metrics.jsonl").read_text().splitlines()
-            records = [json.loads(line) for line in lines]
+            records = [record for _, record in read_jsonl(f"{work}/run/metrics.jsonl")]
             curve = [(r["step"], round(r["train_seconds"] / 60, 2), round(r["alpha_t0"], 3))
                      for r in records if "eval" in r]
             draft, _ = load_model(f"{work}/run/final", device=target.device, dtype=target.dtype)

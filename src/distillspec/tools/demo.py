@@ -347,9 +347,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in read_jsonl(path)] if path.is_file() else []
 
 
 def _evals(run_dir: Path) -> list[dict[str, Any]]:

@@ -206,16 +206,10 @@ def target_outputs(config, folder, accelerator, target, tokenizer, examples, sta
     name = "teacher-cache.jsonl" if config.teacher_cache else "vocab-sample.jsonl"
     examples = examples if config.teacher_cache else examples[:256]
     path = folder.child(name)
-    if accelerator.is_main_process:
-        start = time.perf_counter()
-        generator = torch.Generator(device=accelerator.device).manual_seed(config.seed)
-        teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
-                      max_new_tokens=config.max_new_tokens, eos_token_id=eos_token_ids(target, tokenizer),
-                      generator=generator)
-        state.data_seconds += time.perf_counter() - start  # reported, not in the training budget
-    accelerator.wait_for_everyone()
-    return teacher_cache(target, tokenizer, examples, path, temperature=config.sample_temperature,
-                         max_new_tokens=config.max_new_tokens, eos_token_id=None, generator=None)
+    return _main_first(accelerator, state, lambda: teacher_cache(
+        target, tokenizer, examples, path, temperature=config.sample_temperature,
+        max_new_tokens=config.max_new_tokens, eos_token_id=eos_token_ids(target, tokenizer),
+        generator=torch.Generator(device=accelerator.device).manual_seed(config.seed)))
 
 
 def cached_topk(config, folder, accelerator, target, policy, examples, pad_id, state, token_ids=None):
@@ -226,10 +220,19 @@ def cached_topk(config, folder, accelerator, target, policy, examples, pad_id, s
     if config.teacher_topk_dir:  # shared between runs: build names one file per fingerprint
         path = Path(config.teacher_topk_dir).expanduser()
         path.mkdir(parents=True, exist_ok=True)
-    options = dict(pad_id=pad_id, token_ids=token_ids)
+    return _main_first(accelerator, state, lambda: teacher_topk.build(
+        target, examples, completions, config.teacher_topk, path, pad_id=pad_id,
+        token_ids=token_ids))
+
+
+def _main_first(accelerator, state, make):
+    """``make()`` on rank 0 first, which writes its cache (the time is data time: reported, not
+    in the training budget), then on the other ranks, which find that cache. Rank 0 keeps what
+    it made instead of reading it back."""
+    made = None
     if accelerator.is_main_process:
         start = time.perf_counter()
-        teacher_topk.build(target, examples, completions, config.teacher_topk, path, **options)
+        made = make()
         state.data_seconds += time.perf_counter() - start
     accelerator.wait_for_everyone()
-    return teacher_topk.build(target, examples, completions, config.teacher_topk, path, **options)
+    return made if accelerator.is_main_process else make()

@@ -86,6 +86,22 @@ def test_compiled_greedy_sd_equals_eager_target(compiled_pair):
     assert compiled.metrics.acceptance_rate > 0  # the draft's compiled steps took part
 
 
+def test_compiled_greedy_tree_sd_equals_eager_target(compiled_pair):
+    """Tree steps run compiled too: their mask and positions are tensors like a chain's."""
+    target, draft = compiled_pair
+    input_ids, attention_mask = left_padded([4, 9])
+    graphs = compiled_graphs()
+    compiled = speculative_generate(target, draft, input_ids, attention_mask, gamma=1,
+                                    tree="6:2", max_new_tokens=20)
+    assert compiled_graphs() > graphs
+    compile_steps(target, False)
+    try:
+        plain = autoregressive_generate(target, input_ids, attention_mask, max_new_tokens=20)
+    finally:
+        compile_steps(target)
+    assert compiled.sequences == plain.sequences
+
+
 def test_compiled_sampled_sd_draws_what_eager_draws(compiled_pair):
     """Same seed, same uniforms: the compiled path must sample the very same tokens."""
     target, draft = compiled_pair

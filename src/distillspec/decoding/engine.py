@@ -29,12 +29,13 @@ import torch
 from transformers import PreTrainedModel
 
 from distillspec.decoding.acceptance import analytic_acceptance, verify, verify_greedy
-from distillspec.decoding.kv_cache import CachedModel, ensure_croppable
+from distillspec.decoding.kv_cache import CachedModel, TreeCall, ensure_croppable
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate, _Row, context_length, output_width
 from distillspec.decoding.sampling import greedy_tokens, pad_vocab, sample, warp_rows
 from distillspec.decoding.timing import timed
+from distillspec.decoding.tree import Tree, accept_tree_greedy, tree_node_tokens
 
 
 class Decoder:
@@ -64,6 +65,12 @@ class Decoder:
         self.finished: list[_Row] = []
         self.metrics = GenerationMetrics(rows=[], finish_reasons=[])
         self.greedy = False  # every live row greedy: argmax fast path (set per step)
+        # Tree drafting (greedy steps only): the draft's top few tokens per position, verified
+        # in one target pass (decoding/tree.py).
+        self.tree = Tree.parse(self.speculation.tree) if draft is not None else None
+        if self.tree is not None:  # the tree is static: its masks are built once
+            self._tree_levels = self._tree_plan(self.tree)
+            self._tree_verify = self.tree.ancestors([-1, *range(self.tree.size)]).to(self.device)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -74,6 +81,8 @@ class Decoder:
         if request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         gamma = self.speculation.gamma if self.draft is not None else 0
+        if self.tree is not None:  # a block drafts up to the tree's depth, or gamma (sampled)
+            gamma = max(gamma, self.tree.depth)
         counts = DecodeCounts(gamma=min(gamma, request.max_new_tokens))
         self.queue.append(_Row(request, counts, generator))
 
@@ -122,6 +131,10 @@ class Decoder:
         if not self.rows:
             return updates
         self.greedy = all(row.request.sampling.greedy for row in self.rows)
+        if self.tree is not None and self.draft is not None and self.greedy:
+            caps = [min(self.tree.depth, row.remaining - 1) for row in self.rows]
+            if max(caps) > 0:
+                return updates + self._tree_step(caps)
         gamma_max = self.speculation.gamma if self.draft is not None else 0
         caps = [min(gamma_max, row.remaining - 1) for row in self.rows]
         planned = max(caps)
@@ -162,6 +175,93 @@ class Decoder:
             updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason,
                                      length if self.draft is not None else 0, accepted))
         return updates + self._leave()
+
+    def _tree_step(self, caps: list[int]) -> list[RowUpdate]:
+        """One greedy tree block: draft the tree level by level, verify every node in one target
+        pass, keep each row's accepted path in both caches (``kv_cache.keep_slots``)."""
+        tree = self.tree
+        draft_time, (node_tokens, draft_start, fed, calls) = timed(
+            self._draft_tree, device=self.device)
+        target_start = self.target.length
+        target_time, (path, accepted, next_tokens) = timed(
+            self._verify_tree, node_tokens, caps, device=self.device)
+        self.metrics.draft_time_s += draft_time
+        self.metrics.target_time_s += target_time
+        self.metrics.draft_forward_passes += calls
+        self.metrics.target_forward_passes += 1
+        rank0 = torch.tensor([tree.rank[n] == 0 for n in range(tree.size)] + [False],
+                             device=self.device)
+        top1 = (rank0[path] & (path >= 0)).sum(dim=1)  # accepted nodes that were the top-1 token
+        packed = torch.cat([node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
+                            top1.unsqueeze(1)], dim=1).tolist()  # one device-to-host transfer
+        fed_slot = {node: i for i, node in enumerate(fed)}
+        target_kept, draft_kept, updates = [], [], []
+        for row, cap, values in zip(self.rows, caps, packed):
+            nodes, token = values[: tree.size], values[-2]
+            count = values[tree.size + tree.depth]
+            on_path = values[tree.size : tree.size + count]
+            drafted = [nodes[n] for n in on_path]
+            target_kept.append([0] + [n + 1 for n in on_path])
+            draft_kept.append([fed_slot[n] for n in on_path if n in fed_slot])
+            row.target_pending = token
+            last_fed = count == 0 or on_path[-1] in fed_slot
+            row.draft_pending = [token] if last_fed else [drafted[-1], token]
+            # alpha: the draft's top-1 token against the target's choice at each verified level
+            row.counts.record_block(cap, count, float(values[-1]), min(count + 1, cap))
+            row.counts.draft_calls += calls
+            new = row.emit(drafted + [token])
+            done = row.finish_reason is not None
+            updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason,
+                                     cap, count))
+        self.target.keep_slots(target_start, target_kept)
+        self.draft.keep_slots(draft_start, draft_kept)
+        return updates + self._leave()
+
+    def _draft_tree(self):
+        """The tree's node tokens ``[B, N]``: the draft reads each row's pending tokens, then the
+        internal nodes one level per call (each sees its ancestors only). Returns the tokens,
+        the first draft slot holding a node, the nodes fed (in slot order) and the call count."""
+        tree, batch = self.tree, len(self.rows)
+        width = max(len(row.draft_pending) for row in self.rows)
+        self.draft.make_room(width + len(tree.internal))
+        pads = [width - len(row.draft_pending) for row in self.rows]
+        tokens = torch.tensor(
+            [[0] * pad + row.draft_pending for row, pad in zip(self.rows, pads)],
+            device=self.device,
+        )
+        logits = self.draft.forward(tokens, pads, logits_to_keep=1)[:, -1]
+        node_tokens = torch.zeros(batch, tree.size, dtype=torch.long, device=self.device)
+        tree_node_tokens(tree, logits, -1, node_tokens)
+        start, fed = self.draft.length, []
+        for level, offsets, visible in self._tree_levels:
+            logits = self.draft.forward(node_tokens[:, level], tree=TreeCall(start, offsets, visible),
+                                        logits_to_keep=len(level))
+            for column, node in enumerate(level):
+                tree_node_tokens(tree, logits[:, column], node, node_tokens)
+            fed += level
+        return node_tokens, start, fed, 1 + len(self._tree_levels)
+
+    def _tree_plan(self, tree: Tree) -> list[tuple[list[int], tuple[int, ...], torch.Tensor]]:
+        """Per draft call after the first: the internal nodes of one level, their position
+        offsets and what each sees among the nodes fed so far (its ancestors and itself)."""
+        plan, fed = [], []
+        for depth in range(1, tree.depth):
+            level = [n for n in tree.level(depth) if n in tree.internal]
+            visible = tree.ancestors(fed + level)[len(fed):].to(self.device)
+            plan.append((level, (depth - 1,) * len(level), visible))
+            fed += level
+        return plan
+
+    def _verify_tree(self, node_tokens, caps):
+        """One target pass over ``[pending, nodes]`` (node n at depth(n) past the pending token,
+        seeing its ancestors) and the greedy tree rule (``tree.accept_tree_greedy``)."""
+        tree = self.tree
+        self.target.make_room(tree.size + 1)
+        pending = torch.tensor([[row.target_pending] for row in self.rows], device=self.device)
+        call = TreeCall(self.target.length, (0, *tree.depths), self._tree_verify)
+        logits = self.target.forward(torch.cat([pending, node_tokens], dim=1), tree=call)
+        max_accepted = torch.tensor(caps, device=self.device)
+        return accept_tree_greedy(tree, node_tokens, greedy_tokens(logits), max_accepted)
 
     @torch.inference_mode()
     def replace_draft(self, draft: PreTrainedModel | None) -> None:

@@ -84,6 +84,7 @@ def speculative_generate(
     lenience: str | None = None,
     epsilon: float = 1.0,
     confidence_threshold: float = 0.0,
+    tree: str = "",
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> GenerationResult:
@@ -92,7 +93,8 @@ def speculative_generate(
     ``input_ids [B, L]`` with ``attention_mask`` 1 on real tokens (left padding). Returns the new
     tokens per row; each row stops on its own at an EOS id or after ``max_new_tokens``.
     ``eos_token_id=None`` means no early stop. ``generator`` seeds sampling.
-    ``confidence_threshold`` > 0 turns on adaptive drafting (see ``SpeculationConfig``).
+    ``confidence_threshold`` > 0 turns on adaptive drafting, ``tree`` tree drafting for greedy
+    rows (see ``SpeculationConfig``).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     speculation = SpeculationConfig(
@@ -100,6 +102,7 @@ def speculative_generate(
         lenience=lenience or "none",
         epsilon=epsilon,
         confidence_threshold=confidence_threshold,
+        tree=tree,
     )
     requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
     decoder = Decoder(target, draft, speculation, generator=generator)

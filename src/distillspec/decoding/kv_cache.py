@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -114,6 +115,13 @@ class _SlotLayer(CacheLayerMixin):
             index = order[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
             buffer[:rows, :, :slots] = buffer[:rows].gather(2, index)
 
+    def gather_window(self, index: torch.Tensor, start: int) -> None:
+        """Row b's slot ``start + j`` becomes its slot ``index[b, j]`` (end of a tree block)."""
+        rows, width = index.shape
+        for buffer in (self.keys, self.values):
+            expanded = index[:, None, :, None].expand(-1, buffer.shape[1], -1, buffer.shape[3])
+            buffer[:rows, :, start : start + width] = buffer[:rows].gather(2, expanded)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.owner.length + query_length, 0
 
@@ -146,6 +154,16 @@ class SlotCache(Cache):
             self.slot_capacity = max(slots, 2 * self.slot_capacity)
         for layer in self.layers:
             layer.resize(self.row_capacity, self.slot_capacity)
+
+
+@dataclass(frozen=True)
+class TreeCall:
+    """A forward over tree nodes: their position offsets from the row's next position, and
+    which of the slots ``[start, end of this call)`` each of them may see."""
+
+    start: int
+    offsets: tuple[int, ...]
+    visible: torch.Tensor  # [width, end - start] bool
 
 
 def _logits(model, input_ids, attention_mask, position_ids, cache, logits_to_keep):
@@ -242,6 +260,7 @@ class CachedModel:
         rows: slice | None = None,
         right_align: bool = False,
         logits_to_keep: int = 0,
+        tree: TreeCall | None = None,
     ) -> torch.Tensor:
         """Write ``tokens [n, W]`` into ``rows`` (default: all) and return their logits.
 
@@ -252,13 +271,23 @@ class CachedModel:
         Ids beyond this model's embedding matrix (the other model's padding rows) are clamped:
         such a drafted token has target probability 0 and is always rejected, and a context
         token the draft cannot embed only changes q, which the rule accounts for.
+
+        ``tree`` (a ``TreeCall``, every row, no padding): the tokens are tree nodes. Column i
+        sits at position ``positions[row] + tree.offsets[i]`` and sees, among the slots from
+        ``tree.start`` on, only those ``tree.visible[i]`` marks (its ancestors and itself);
+        positions do not advance until ``keep_slots`` says which nodes stay. Room must have been
+        made first (``make_room``): a tree's slots are never compacted away mid-block.
         """
         rows = rows if rows is not None else slice(0, self.rows)
         count, width = tokens.shape
         pad_left = list(pad_left) if pad_left is not None else [0] * count
         start = self._start(width, right_align)
         end = start + width
-        if end > self.length:
+        if tree is not None:
+            if end > self.cache.slot_capacity:
+                raise RuntimeError("make_room before a tree block: the cache is full.")
+            self.slot_mask[: self.rows, self.length : end] = False
+        elif end > self.length:
             self._compact_if_needed(width)
             start = self._start(width, right_align)
             end = start + width
@@ -268,7 +297,11 @@ class CachedModel:
         columns = torch.arange(width, device=self.device)
         valid = columns.unsqueeze(0) >= pads.unsqueeze(1)
         base = torch.tensor(self.positions[rows], device=self.device)
-        positions = base.unsqueeze(1) + (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+        if tree is not None:
+            offsets = torch.tensor(tree.offsets, device=self.device).unsqueeze(0)
+        else:
+            offsets = (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+        positions = base.unsqueeze(1) + offsets
         self.slot_mask[rows, start:end] = valid
         self.cache.write_rows, self.cache.write_start = rows, start
         input_ids = tokens.clamp(max=self.embedding_rows - 1)
@@ -276,21 +309,50 @@ class CachedModel:
                   and width <= MAX_COMPILED_WIDTH and self.cache.layers[0].is_initialized)
         with gqa_attention(self.model):
             if static:
-                logits = self._static_forward(input_ids, positions, start, logits_to_keep)
+                logits = self._static_forward(input_ids, positions, start, logits_to_keep, tree)
             else:
-                logits = _logits(self.model, input_ids, self._attention_mask(rows, start, width),
-                                 positions, self.cache, logits_to_keep)
+                mask = self._attention_mask(rows, start, width, tree=tree)
+                logits = _logits(self.model, input_ids, mask, positions, self.cache,
+                                 logits_to_keep)
         self.cache.length = max(self.length, end)
-        for offset, pad in enumerate(pad_left):
-            self.positions[rows.start + offset] += width - pad
+        if tree is None:
+            for offset, pad in enumerate(pad_left):
+                self.positions[rows.start + offset] += width - pad
         return logits
 
-    def _static_forward(self, input_ids, positions, start: int, logits_to_keep: int):
+    def make_room(self, width: int) -> None:
+        """Compact if holes dominate and reserve ``width`` more slots (before a tree block)."""
+        self._compact_if_needed(width)
+        self.reserve(self.rows, self.length + width)
+
+    @torch.inference_mode()
+    def keep_slots(self, start: int, kept: Sequence[Sequence[int]]) -> None:
+        """End a tree block: row b keeps the slots ``start + kept[b][i]`` (in that order) of the
+        ones written since ``start``; they move to the front of that window, the rest are
+        forgotten as a rollback forgets rejected slots, and the row's position advances by
+        ``len(kept[b])``."""
+        width = self.length - start
+        if width <= 0:
+            return
+        orders = [list(k) + [j for j in range(width) if j not in set(k)] for k in kept]
+        if any(order != list(range(width)) for order in orders):
+            index = torch.tensor(orders, device=self.device) + start
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.gather_window(index, start)
+        counts = torch.tensor([len(k) for k in kept], device=self.device)
+        window = torch.arange(width, device=self.device)
+        self.slot_mask[: self.rows, start : self.length] = window.unsqueeze(0) < counts.unsqueeze(1)
+        for row, k in enumerate(kept):
+            self.positions[row] += len(k)
+        self.cache.length -= width - max(len(k) for k in kept)
+
+    def _static_forward(self, input_ids, positions, start: int, logits_to_keep: int, tree=None):
         """A compiled forward of every row: the write position is a tensor, keys are the whole
         capacity (the mask hides what no row holds), so the shapes repeat step after step."""
         count, width = input_ids.shape
         capacity = self.cache.slot_capacity
-        mask = self._attention_mask(slice(0, count), start, width, capacity=capacity)
+        mask = self._attention_mask(slice(0, count), start, width, capacity=capacity, tree=tree)
         self.cache.write_index = torch.arange(start, start + width, device=self.device)
         self.cache.write_count = count
         try:
@@ -313,7 +375,7 @@ class CachedModel:
         return max(self.length - width, 0)
 
     def _attention_mask(self, rows: slice, start: int, width: int,
-                        capacity: int | None = None) -> torch.Tensor:
+                        capacity: int | None = None, tree: TreeCall | None = None) -> torch.Tensor:
         """The 4-D mask for query slots ``[start, start + width)`` over key slots ``[0, end)``
         (``[0, capacity)`` for static shapes).
 
@@ -326,10 +388,18 @@ class CachedModel:
         end = start + width
         slot_mask = self.slot_mask[rows, : capacity or end]
         if self.attention_impl not in ("sdpa", "eager"):
+            if tree is not None:
+                raise ValueError(
+                    f"Tree drafting needs sdpa or eager attention (a 4-D mask); this model uses "
+                    f"{self.attention_impl!r}. Decode without --tree."
+                )
             return slot_mask.long()  # e.g. flash-attention kernels take the 2-D padding mask
         query_slots = torch.arange(start, end, device=self.device)
         key_slots = torch.arange(capacity or end, device=self.device)
         causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [W, S]
+        if tree is not None:  # within the tree's slots a node sees its ancestors and itself
+            causal = causal.clone()
+            causal[:, tree.start : end] = tree.visible.to(self.device)
         visible = causal.unsqueeze(0) & slot_mask.unsqueeze(1)  # [B, W, S]
         visible |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)
         visible = visible.unsqueeze(1)  # [B, 1, W, S]

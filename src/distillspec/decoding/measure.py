@@ -30,10 +30,15 @@ from distillspec.decoding.generate import (
     speculative_generate,
 )
 from distillspec.decoding.kv_cache import CachedModel, compile_steps, steps_compiled
-from distillspec.decoding.metrics import combined_counts, predicted_speedup
+from distillspec.decoding.metrics import (
+    combined_counts,
+    predicted_speedup,
+    predicted_tree_speedup,
+)
 from distillspec.decoding.params import SamplingConfig
 from distillspec.decoding.sampling import sample, warp
 from distillspec.decoding.timing import timed
+from distillspec.decoding.tree import Tree
 
 
 @dataclass
@@ -165,6 +170,7 @@ class SweepRow:
     speedup: float  # tokens/s ÷ the target alone's
     measured_over_predicted: float
     accepted_length_histogram: list[int] = field(default_factory=list)
+    tree: str = ""  # tree drafting (decoding/tree.py); "" = a chain of gamma tokens
 
 
 @dataclass
@@ -221,19 +227,19 @@ class SpeedProbe:
         common = self._common()
         return [autoregressive_generate(self.target, i, m, **common) for i, m in self.batches]
 
-    def speculative(self, draft, gamma: int, threshold: float = 0.0) -> list[GenerationResult]:
+    def speculative(self, draft, gamma: int, threshold: float = 0.0,
+                    tree: str = "") -> list[GenerationResult]:
         common = self._common()
         return [
-            speculative_generate(
-                self.target, draft, i, m, gamma=gamma, confidence_threshold=threshold, **common
-            )
+            speculative_generate(self.target, draft, i, m, gamma=gamma,
+                                 confidence_threshold=threshold, tree=tree, **common)
             for i, m in self.batches
         ]
 
     def sweep(
         self,
         draft,
-        settings: Sequence[tuple[int, float]],
+        settings: Sequence[tuple[int, float] | tuple[int, float, str]],
         repeats: int,
         cost_model: CostModel | None = None,
         progress: Callable[[str], None] | None = None,
@@ -244,11 +250,15 @@ class SpeedProbe:
         With a ``cost_model`` (its context and verify range), the cost model is measured again
         in every round, beside the decoding it predicts, and the predictions use the per-figure
         medians of those in-sweep measurements: on a busy or throttling machine a cost model
-        timed minutes earlier describes another machine state."""
+        timed minutes earlier describes another machine state.
+
+        A setting is ``(gamma, threshold)`` or ``(gamma, threshold, tree)``; a tree's
+        prediction needs the cost model's verify curve to reach its node count + 1."""
         draft.eval()
+        settings = [(*setting, "")[:3] for setting in settings]
         self.plain()  # warm-ups, discarded
-        for gamma, threshold in settings:
-            self.speculative(draft, gamma, threshold)
+        for gamma, threshold, tree in settings:
+            self.speculative(draft, gamma, threshold, tree)
         plain_walls: list[float] = []
         walls: dict[int, list[float]] = {i: [] for i in range(len(settings))}
         results: dict[int, list[GenerationResult]] = {}
@@ -258,9 +268,9 @@ class SpeedProbe:
         for round_index in range(repeats):
             wall, plain_results = timed(self.plain, device=self.device)
             plain_walls.append(wall)
-            for index, (gamma, threshold) in enumerate(settings):
+            for index, (gamma, threshold, tree) in enumerate(settings):
                 wall, results[index] = timed(
-                    self.speculative, draft, gamma, threshold, device=self.device
+                    self.speculative, draft, gamma, threshold, tree, device=self.device
                 )
                 walls[index].append(wall)
             if cost_model is not None:
@@ -274,8 +284,8 @@ class SpeedProbe:
         if in_sweep:
             cost_model = median_cost_model(in_sweep)
         rows = [
-            self._row(gamma, threshold, walls[i], results[i], plain_results, cost_model)
-            for i, (gamma, threshold) in enumerate(settings)
+            self._row(setting, walls[i], results[i], plain_results, cost_model)
+            for i, setting in enumerate(settings)
         ]
         tokens = sum(len(s) for r in plain_results for s in r.sequences)
         plain_tps = tokens / statistics.median(plain_walls)
@@ -284,7 +294,8 @@ class SpeedProbe:
             row.measured_over_predicted = row.speedup / row.predicted_speedup
         return Sweep(plain_tps, plain_walls, rows, cost_model)
 
-    def _row(self, gamma, threshold, walls, results, plain_results, cost_model) -> SweepRow:
+    def _row(self, setting, walls, results, plain_results, cost_model) -> SweepRow:
+        gamma, threshold, tree_spec = setting
         total = combined_counts(results)
         draft_time = sum(r.metrics.draft_time_s for r in results)
         draft_passes = sum(r.metrics.draft_forward_passes - r.metrics.prefill_passes for r in results)
@@ -294,11 +305,14 @@ class SpeedProbe:
         )
         cost_ratio = (draft_time / max(draft_passes, 1)) / (plain_time / max(plain_calls, 1))
         alpha = total.analytic_alpha or 0.0
-        if cost_model is not None:
-            verify = cost_model.verify_cost(gamma + 1)
-            predicted = predicted_speedup(alpha, gamma, cost_model.cost_ratio, verify)
+        c = cost_model.cost_ratio if cost_model is not None else cost_ratio
+        tree = Tree.parse(tree_spec) if self.temperature == 0 else None  # sampled: the chain
+        if tree is not None:  # tau measured; its cost from the tree's depth and node count
+            verify = cost_model.verify_cost(tree.size + 1) if cost_model is not None else 1.0
+            predicted = predicted_tree_speedup(total.block_efficiency or 1.0, tree.depth, c, verify)
         else:
-            verify, predicted = 1.0, predicted_speedup(alpha, gamma, cost_ratio)
+            verify = cost_model.verify_cost(gamma + 1) if cost_model is not None else 1.0
+            predicted = predicted_speedup(alpha, gamma, c, verify)
         median = statistics.median(walls)
         return SweepRow(
             gamma=gamma,
@@ -315,6 +329,7 @@ class SpeedProbe:
             speedup=float("nan"),
             measured_over_predicted=float("nan"),
             accepted_length_histogram=total.accepted_length_histogram,
+            tree=tree_spec,
         )
 
 

@@ -218,3 +218,14 @@ def predicted_speedup(
     ``decoding.measure.CostModel``). alpha = 1 gives (gamma+1) / (gamma c + V).
     """
     return expected_tokens_per_block(alpha, gamma) / (gamma * cost_ratio + verify_cost)
+
+
+def predicted_tree_speedup(
+    tokens_per_block: float, draft_calls: int, cost_ratio: float, verify_cost: float
+) -> float:
+    """A tree block's speed-up: tau / (draft_calls c + V(nodes + 1)).
+
+    A tree has no closed-form tau (it depends on how often the target's token is the draft's
+    2nd, 3rd, ... choice), so tau is the measured tokens per block; ``draft_calls`` is the tree's
+    depth (one draft call per level), ``verify_cost`` V(nodes + 1) the measured verify curve."""
+    return tokens_per_block / (draft_calls * cost_ratio + verify_cost)

@@ -1,10 +1,10 @@
 """The speculation setting a draft was measured fastest at, saved inside the draft's folder.
 
-``distillspec demo`` measures its distilled draft at several (gamma, threshold) settings side by
+``distillspec demo`` measures its distilled draft at several (gamma, threshold, tree) settings side by
 side with the target alone, together with the machine's cost model (draft step, verify curve).
 It writes the fastest setting and that cost model to ``FILE`` in the draft folder, tagged with
 the machine kind (CPU model and threads, or GPU name), target and dtype it was measured with. ``generate``
-and ``serve`` use it when the user left gamma and the threshold at their defaults and runs on
+and ``serve`` use it when the user left gamma, the threshold and the tree at their defaults and runs on
 the same kind of machine: a speed figure measured elsewhere says nothing here.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 from distillspec.common.io import atomic_write_json
 from distillspec.common.runtime import machine_kind
 from distillspec.decoding.params import MAX_GAMMA
+from distillspec.decoding.tree import Tree
 
 FILE = "distillspec_speculation.json"
 
@@ -27,6 +28,7 @@ def save_recommended(
     target: str,
     gamma: int,
     confidence_threshold: float,
+    tree: str = "",
     device,
     dtype,
     measured: dict[str, Any],
@@ -37,6 +39,7 @@ def save_recommended(
         "target": str(target),
         "gamma": int(gamma),
         "confidence_threshold": float(confidence_threshold),
+        "tree": str(tree),
         "machine": machine_kind(device),
         "dtype": str(dtype),
         "measured": measured,
@@ -59,6 +62,11 @@ def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str,
     gamma, threshold = saved.get("gamma"), saved.get("confidence_threshold")
     valid = (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA
              and isinstance(threshold, int | float) and 0 <= threshold < 1)
+    tree = saved.setdefault("tree", "")  # files written before trees: a chain
+    try:
+        valid = valid and isinstance(tree, str) and (Tree.parse(tree) or True)
+    except ValueError:  # a hand-edited or future file: ignore it rather than fail
+        valid = False
     if not same or not valid:
         return None
     measured = saved.get("measured")

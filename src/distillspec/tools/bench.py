@@ -35,6 +35,7 @@ from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
 from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
 from distillspec.decoding.timing import timed
+from distillspec.decoding.tree import Tree
 from distillspec.models.compilation import apply_compile, record_verdict
 from distillspec.models.pruned_head import full_vocabulary, is_pruned
 from distillspec.tools.configs import BenchConfig
@@ -119,7 +120,9 @@ def _throughput(run: Callable[[], int], repeats: int, device) -> dict[str, Any]:
 def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_size: int,
                   cost_model, progress: Callable[[str], None]) -> dict[str, Any]:
     """Every method at one (temperature, batch size)."""
-    settings = [(g, t) for g in config.gammas for t in config.confidence_thresholds]
+    settings = [(g, t, "") for g in config.gammas for t in config.confidence_thresholds]
+    if probe.temperature == 0:  # trees are greedy
+        settings += [(Tree.parse(tree).depth, 0.0, tree) for tree in config.trees]
     sweep = probe.sweep(
         hf.draft, settings, config.repeats, cost_model,
         progress=lambda message: progress(f"  {message}"),
@@ -132,12 +135,15 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
             hf_static = _throughput(hf.static_compiled, config.repeats, probe.device)
         except Exception as error:  # noqa: BLE001 - reported, not fatal: "where it runs"
             hf_static = {"error": f"{type(error).__name__}: {error}"[:300]}
-    rows = []
+    rows, assisted_by_gamma = [], {}
     for row in sweep.to_dict()["rows"]:
         row["speedup_vs_hf_plain"] = row["tokens_per_s"] / hf_plain["tokens_per_s"]
         if batch_size == 1:
-            assisted = _throughput(lambda g=row["gamma"]: hf.assisted(g), config.repeats,
-                                   probe.device)
+            # a tree row (its gamma = the tree's depth) is set against assisted at that gamma
+            if row["gamma"] not in assisted_by_gamma:
+                assisted_by_gamma[row["gamma"]] = _throughput(
+                    lambda g=row["gamma"]: hf.assisted(g), config.repeats, probe.device)
+            assisted = assisted_by_gamma[row["gamma"]]
             row["hf_assisted"] = assisted
             row["ours_over_hf_assisted"] = row["tokens_per_s"] / assisted["tokens_per_s"]
             if is_pruned(hf.draft):  # what other engines get: the full-vocabulary export
@@ -160,7 +166,8 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
         "hf_plain": hf_plain,
         "hf_static_compiled_plain": hf_static,
         "rows": rows,
-        "recommended": {"gamma": best["gamma"], "confidence_threshold": best["confidence_threshold"]},
+        "recommended": {"gamma": best["gamma"], "confidence_threshold": best["confidence_threshold"],
+                        "tree": best["tree"]},
     }
 
 
@@ -193,7 +200,8 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
     for decision in decisions:
         progress(f"bench: {decision.describe()}")
     progress("bench: measuring the cost model (draft step, verify curve) ...")
-    cost_model = measure_cost_model(target, draft, max_verify=max(config.gammas) + 1)
+    widest = max([max(config.gammas) + 1, *(Tree.parse(t).size + 1 for t in config.trees)])
+    cost_model = measure_cost_model(target, draft, max_verify=widest)
     settings = []
     total = len(config.temperatures) * len(config.batch_sizes)
     for temperature in config.temperatures:
@@ -243,12 +251,13 @@ def markdown_table(report: dict[str, Any]) -> str:
         for row in setting["rows"]:
             assisted = row["hf_assisted"]
             best = setting["recommended"]
-            star = " ★" if (row["gamma"], row["confidence_threshold"]) == (
-                best["gamma"], best["confidence_threshold"]) else ""
+            star = " ★" if (row["gamma"], row["confidence_threshold"], row.get("tree", "")) == (
+                best["gamma"], best["confidence_threshold"], best.get("tree", "")) else ""
+            gamma = f"tree {row['tree']}" if row.get("tree") else str(row["gamma"])
             assisted_tps = f"{assisted['tokens_per_s']:.1f}" if assisted else "batch-1 only"
             versus = f"{row['ours_over_hf_assisted']:.2f}×" if assisted else "–"
             lines.append(
-                f"| {setting['temperature']:g} | {setting['batch_size']} | {row['gamma']}{star} "
+                f"| {setting['temperature']:g} | {setting['batch_size']} | {gamma}{star} "
                 f"| {row['confidence_threshold']:g} | {row['tokens_per_s']:.1f} "
                 f"| {setting['ours_plain_tokens_per_s']:.1f} "
                 f"| {setting['hf_plain']['tokens_per_s']:.1f} | {assisted_tps} "
@@ -258,7 +267,8 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"| {row['measured_over_predicted']:.2f} |"
             )
     lines += ["", "★ = recommended setting (highest measured tokens/s) for that temperature and "
-              "batch. V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step."]
+              "batch. V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step (a tree: of "
+              "its nodes + 1; its prediction is the measured tau ÷ (depth × c + V))."]
     return "\n".join(lines + step_path_table(report)) + "\n"
 
 

@@ -16,6 +16,7 @@ from distillspec.decoding.params import (
     SamplingConfig,
     SpeculationConfig,
 )
+from distillspec.decoding.tree import Tree
 from distillspec.training.config import MAX_BATCH, MAX_TOKENS, DistillConfig, target_knob
 
 EXAMPLE_PROMPT = "Write a short poem about the sea."
@@ -25,8 +26,8 @@ def measured_setting_knob() -> bool:
     """The one declaration of the knob that follows a draft's saved fastest setting."""
     return knob(
         True,
-        "Use the gamma and threshold `distillspec demo` measured fastest for this draft, target "
-        "and machine kind (off when --gamma or --confidence-threshold is given).",
+        "Use the gamma, threshold and tree `distillspec demo` measured fastest for this draft, "
+        "target and machine kind (off when --gamma, --confidence-threshold or --tree is given).",
     )
 
 
@@ -99,6 +100,10 @@ class BenchConfig:
     confidence_thresholds: list[float] = knob(
         [0.0], "Adaptive-drafting thresholds to compare at each gamma (0: fixed gamma)."
     )
+    trees: list[str] = knob(
+        [], "Draft trees to compare at temperature 0 (generate's --tree: 'N', 'N:D' or rank "
+        "paths), e.g. 4:1,15:2; none by default."
+    )
     temperatures: list[float] = knob([0.0, 1.0], "Temperatures (0 = greedy).")
     batch_sizes: list[int] = knob([1, 4], "Batch sizes.")
     max_new_tokens: int = knob(48, "New tokens per prompt.")
@@ -136,6 +141,9 @@ class BenchConfig:
             0 <= t < 1 for t in self.confidence_thresholds
         ):
             raise ValueError("confidence_thresholds must lie in [0, 1).")
+        for tree in self.trees:
+            if Tree.parse(tree) is None:
+                raise ValueError("trees must not hold an empty entry: the chains are --gammas.")
 
 
 DEMO_RECIPE = dict(
@@ -181,9 +189,14 @@ class DemoConfig:
     draft_vocab: int = knob(8192, "Head size of auto's drafts (0: the full vocabulary).")
     speed_prompts: int = knob(3, "Held-out prompts decoded to measure tokens/s and tau.")
     max_new_tokens: int = knob(64, "Tokens generated per held-out prompt when measuring.")
-    gammas: list[int] = knob([1, 2, 3, 4], "Lookaheads measured before and after.")
+    gammas: list[int] = knob([1, 2, 3], "Lookaheads measured before and after.")
     confidence_thresholds: list[float] = knob(
         [0.0, 0.4], "Adaptive-drafting thresholds measured after distillation (0: fixed gamma)."
+    )
+    trees: list[str] = knob(
+        ["4:1", "15:2"],
+        "Draft trees measured before and after (--tree of generate: 'N' or 'N:D' nodes, or rank "
+        "paths); greedy, so they compete with the chains at temperature 0.",
     )
     repeats: int = knob(2, "Timed rounds (median); each round runs the target alone once.")
     distill: DistillConfig = section(
@@ -205,6 +218,9 @@ class DemoConfig:
             raise ValueError(f"draft_layers must list layer counts >= 1, got {self.draft_layers}.")
         if not all(0 <= t < 1 for t in self.confidence_thresholds):
             raise ValueError("confidence_thresholds must lie in [0, 1).")
+        for tree in self.trees:
+            if Tree.parse(tree) is None:
+                raise ValueError("trees must not hold an empty entry: the chains are --gammas.")
 
     @property
     def runtime(self) -> RuntimeConfig:

@@ -37,6 +37,7 @@ from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
 from distillspec.decoding.metrics import predicted_speedup
+from distillspec.decoding.tree import Tree
 from distillspec.models.drafts import split_vocab_option, truncate_layers
 from distillspec.models.loading import (
     build_draft,
@@ -211,14 +212,16 @@ class Measurement:
         )
         self.probe = SpeedProbe(target, prompts[: config.speed_prompts],
                                 max_new_tokens=config.max_new_tokens, pad_id=pad_id)
-        self.cost = measure_cost_model(target, None, max_verify=max(config.gammas) + 1)
+        # The verify curve reaches the widest call measured: the longest chain or tree + 1.
+        self.cost = measure_cost_model(target, None, max_verify=verify_width(config))
 
     def measure(self, draft, label: str, thresholds: list[float]) -> dict[str, Any]:
         start = time.perf_counter()
         alpha = self.evaluator.alpha(draft)
         # A threshold cannot change a 1-token draft (it stops after that token anyway): at
         # gamma 1 it would only add a second sample of the same computation.
-        settings = [(g, t) for t in thresholds for g in self.config.gammas if t == 0 or g > 1]
+        settings = [(g, t, "") for t in thresholds for g in self.config.gammas if t == 0 or g > 1]
+        settings += [(1, 0.0, tree) for tree in self.config.trees]
         _say(f"{label}: alpha_t0 {alpha['alpha_t0']:.3f}; timing {len(settings)} settings x "
              f"{self.config.repeats} rounds against the target alone ...")
         sweep = self.probe.sweep(draft, settings, self.config.repeats, self.cost,
@@ -228,7 +231,7 @@ class Measurement:
 
 def _summary(sweep: Sweep) -> dict[str, Any]:
     rows = [
-        {"gamma": r.gamma, "confidence_threshold": r.confidence_threshold,
+        {"gamma": r.gamma, "confidence_threshold": r.confidence_threshold, "tree": r.tree,
          "sd_tokens_per_s": r.tokens_per_s, "block_efficiency": r.block_efficiency,
          "acceptance_rate": r.acceptance_rate, "analytic_alpha": r.analytic_alpha,
          "speedup": r.speedup, "cost_ratio": r.cost_ratio, "verify_cost": r.verify_cost,
@@ -236,7 +239,7 @@ def _summary(sweep: Sweep) -> dict[str, Any]:
          "measured_over_predicted": r.measured_over_predicted}
         for r in sweep.rows
     ]
-    fixed = [r for r in rows if r["confidence_threshold"] == 0] or rows
+    fixed = [r for r in rows if r["confidence_threshold"] == 0 and not r["tree"]] or rows
     best = max(rows, key=lambda r: r["sd_tokens_per_s"])
     return {"target_tokens_per_s": sweep.plain_tokens_per_s, "by_gamma": fixed, "all": rows,
             "best": best, "best_fixed": max(fixed, key=lambda r: r["sd_tokens_per_s"]),
@@ -293,7 +296,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         scoring = (f"the target first scores the answers once (its top-{recipe.teacher_topk} per "
                    "token, cached beside them), then " if recipe.teacher_topk else "")
         _say(f"{scoring}distilling for {config.minutes:g} minutes, then measuring again "
-             f"(~{before['measure_seconds'] / 60 * _after_settings(config) / len(config.gammas):.1f}"
+             f"(~{before['measure_seconds'] / 60 * _after_settings(config) / _before_settings(config):.1f}"
              " min) ...")
         policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)
         # The target's top-k on the cached answers is scored once and kept beside them, so a
@@ -309,7 +312,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     best = after["best"]
     save_recommended(
         run_dir / "final", target=recipe.target, gamma=best["gamma"],
-        confidence_threshold=best.get("confidence_threshold", 0.0), device=target.device,
+        confidence_threshold=best.get("confidence_threshold", 0.0), tree=best.get("tree", ""),
+        device=target.device,
         dtype=target.dtype, measured={"speedup": best["speedup"], "alpha_t0": after["alpha_t0"],
                                       "cost_model": after["cost_model"]},
     )
@@ -354,11 +358,24 @@ def _evals(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in _records(run_dir) if "eval" in r]
 
 
+def _before_settings(config: DemoConfig) -> int:
+    """Settings the before-measurement times: every gamma fixed, and every tree."""
+    return len(config.gammas) + len(config.trees)
+
+
 def _after_settings(config: DemoConfig) -> int:
-    """Settings the after-measurement times: every gamma fixed, and each threshold > 0 at every
-    gamma > 1 (the before-measurement times the fixed ones only)."""
+    """Settings the after-measurement times: every gamma fixed, each threshold > 0 at every
+    gamma > 1, and every tree (the before-measurement skips the thresholds)."""
     thresholds = [t for t in config.confidence_thresholds if t > 0]
-    return len(config.gammas) + len(thresholds) * len([g for g in config.gammas if g > 1])
+    return (len(config.gammas) + len(thresholds) * len([g for g in config.gammas if g > 1])
+            + len(config.trees))
+
+
+def verify_width(config: DemoConfig) -> int:
+    """The most tokens one verify call scores among the settings measured (the chain's gamma +
+    1, a tree's nodes + 1): the verify curve is measured up to there."""
+    trees = [Tree.parse(spec) for spec in config.trees]
+    return max([max(config.gammas) + 1, *(tree.size + 1 for tree in trees)])
 
 
 def _scoring_seconds(run_dir: Path) -> float:
@@ -369,6 +386,9 @@ def _scoring_seconds(run_dir: Path) -> float:
 
 
 def _setting(row: dict[str, Any]) -> str:
+    if row.get("tree"):
+        tree = Tree.parse(row["tree"])
+        return f"tree {row['tree']} ({tree.size} nodes, depth {tree.depth})"
     threshold = row.get("confidence_threshold", 0.0)
     return f"γ {row['gamma']}" + (f", threshold {threshold:g}" if threshold else "")
 

@@ -93,11 +93,12 @@ def speculation_for(
     saved = recommended_for(draft_spec, target_spec, target.device, target.dtype)
     if saved is None:
         return speculation
+    tree = f", tree {saved['tree']} (greedy rows)" if saved["tree"] else ""
     print(f"distillspec: gamma {saved['gamma']}, confidence threshold "
-          f"{saved['confidence_threshold']:g} (measured fastest for this draft on this machine; "
-          "--gamma / --confidence-threshold override)", file=sys.stderr)
+          f"{saved['confidence_threshold']:g}{tree} (measured fastest for this draft on this "
+          "machine; --gamma / --confidence-threshold / --tree override)", file=sys.stderr)
     return replace(speculation, gamma=saved["gamma"],
-                   confidence_threshold=saved["confidence_threshold"])
+                   confidence_threshold=saved["confidence_threshold"], tree=saved["tree"])
 
 
 def auto_draft(target: str, runtime) -> str:

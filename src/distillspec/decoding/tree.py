@@ -1,0 +1,238 @@
+"""Token trees for greedy speculative decoding (SpecInfer / Medusa / EAGLE-2's idea), pure parts.
+
+A chain drafts one token per position, so a block ends at the first position where the draft's
+top-1 token is not the target's. A tree also proposes the draft's 2nd, 3rd, ... most likely
+tokens at a position, and children of those, and the target scores every node in **one**
+forward pass (each node attends to its ancestors only, at the position of its depth). The
+accepted path is the longest chain of nodes that each equal the target's argmax after their
+parent; the token after it is the target's argmax there. So the output is exactly the target's
+greedy decoding, whatever the tree, and a block gains a token whenever the target's choice is
+among the draft's top few rather than only its top 1. On a machine where a verify of 16 tokens
+costs little more than one of 2 (measured: ``CostModel.verify_cost``), that is nearly free.
+
+A tree is a set of *rank paths*: ``(0,)`` is the draft's top-1 token after the pending token,
+``(1,)`` its second choice, ``(0, 2)`` the third choice after ``(0,)``, and so on. Every prefix
+of a path is in the tree. Node ``n`` has ``parent[n]`` (-1 = the root, the pending token),
+``rank[n]`` among its parent's children and ``depth[n]`` (1 for the root's children).
+
+Greedy only: the nodes are the draft's top-k, not samples from q, so the sampled acceptance rule
+does not apply to them; sampled rows decode with the chain (``Decoder``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: parsing a --tree flag needs none
+    import torch
+
+MAX_TREE_NODES = 64  # one verify of 65 tokens: past the flat part of every verify curve measured
+MAX_TREE_RANK = 32
+
+# How often the target's greedy token has draft rank r (r = 0, 1, ...), measured teacher-forced
+# along the target's own greedy answers: the demo's 3-layer SmolLM2-135M draft (8k head, 12 min
+# of distillation) on all 115 hand-written chat prompts, 64 tokens each (docs/results, "Token
+# trees"). Only the order of paths it implies matters (``best_first``), so a draft with higher or
+# lower agreement gets the same shape of tree for a given node count.
+RANK_PROFILE = (0.329, 0.103, 0.054, 0.033, 0.026, 0.020, 0.014, 0.013,
+                0.010, 0.011, 0.010, 0.009, 0.008, 0.006, 0.008, 0.005)
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A static draft tree: node ``n`` is the ``rank[n]``-th most likely draft token after its
+    parent (``parent[n]`` = -1: after the pending token); nodes are ordered by depth."""
+
+    paths: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        paths = self.paths
+        if not paths:
+            raise ValueError("A tree needs at least one node, e.g. '1' (the draft's top token).")
+        if len(paths) > MAX_TREE_NODES:
+            raise ValueError(
+                f"A tree of {len(paths)} nodes is more than {MAX_TREE_NODES}: a verify that wide "
+                "costs more than the tokens it can gain. Use fewer nodes."
+            )
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"Tree paths repeat: {format_paths(paths)}. List each node once.")
+        known = set(paths)
+        for path in paths:
+            if not path or any(not 0 <= r < MAX_TREE_RANK for r in path):
+                raise ValueError(
+                    f"Tree path {format_paths([path])!r} is not a list of draft ranks in "
+                    f"[0, {MAX_TREE_RANK}). Write paths as ranks joined by '.', e.g. '0,1,0.0'."
+                )
+            if len(path) > 1 and path[:-1] not in known:
+                raise ValueError(
+                    f"Tree path {format_paths([path])} has no parent {format_paths([path[:-1]])}"
+                    ": every prefix of a path must be a node too."
+                )
+        ordered = tuple(sorted(paths, key=lambda p: (len(p), p)))
+        object.__setattr__(self, "paths", ordered)
+
+    @classmethod
+    def parse(cls, spec: str) -> Tree | None:
+        """``""`` -> None (chain); ``"N"`` or ``"N:D"`` -> ``best_first(N, D)``; otherwise rank
+        paths joined by commas, ranks joined by dots: ``"0,1,2,0.0,0.1,1.0"``."""
+        spec = spec.strip()
+        if not spec:
+            return None
+        head, _, depth = spec.partition(":")
+        if head.isdigit() and (not depth or depth.isdigit()):
+            return best_first(int(head), int(depth) if depth else None)
+        try:
+            paths = [tuple(int(r) for r in part.split(".")) for part in spec.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"tree must be '' (chain), a node count 'N' or 'N:D' (at most depth D), or rank "
+                f"paths such as '0,1,0.0,0.1'; got {spec!r}."
+            ) from None
+        return cls(tuple(paths))
+
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+    @cached_property
+    def depth(self) -> int:
+        return max(len(p) for p in self.paths)
+
+    @cached_property
+    def parent(self) -> tuple[int, ...]:
+        index = {path: n for n, path in enumerate(self.paths)}
+        return tuple(index[p[:-1]] if len(p) > 1 else -1 for p in self.paths)
+
+    @cached_property
+    def rank(self) -> tuple[int, ...]:
+        return tuple(p[-1] for p in self.paths)
+
+    @cached_property
+    def depths(self) -> tuple[int, ...]:
+        return tuple(len(p) for p in self.paths)
+
+    @cached_property
+    def internal(self) -> tuple[int, ...]:
+        """Nodes with children, in order: the draft must read them to propose their children."""
+        parents = set(self.parent)
+        return tuple(n for n in range(self.size) if n in parents)
+
+    def level(self, depth: int) -> tuple[int, ...]:
+        return tuple(n for n, d in enumerate(self.depths) if d == depth)
+
+    def children_topk(self, parent: int) -> tuple[tuple[int, ...], int]:
+        """``(children, k)``: the nodes under ``parent`` and how many top tokens they need."""
+        children = tuple(n for n, p in enumerate(self.parent) if p == parent)
+        return children, max((self.rank[n] for n in children), default=-1) + 1
+
+    def ancestors(self, nodes: Sequence[int]) -> torch.Tensor:
+        """``[len(nodes), len(nodes)]`` bool: entry (i, j) = node j is node i or its ancestor.
+
+        Entries use -1 for the root; the root is an ancestor of every node."""
+        import torch
+
+        position = {node: i for i, node in enumerate(nodes)}
+        visible = torch.zeros(len(nodes), len(nodes), dtype=torch.bool)
+        for i, node in enumerate(nodes):
+            current = node
+            while True:
+                if current in position:
+                    visible[i, position[current]] = True
+                if current == -1:
+                    break
+                current = self.parent[current]
+        return visible
+
+    def __str__(self) -> str:
+        return format_paths(self.paths)
+
+
+def format_paths(paths: Sequence[Sequence[int]]) -> str:
+    return ",".join(".".join(str(r) for r in path) for path in paths)
+
+
+def best_first(nodes: int, max_depth: int | None = None,
+               profile: Sequence[float] = RANK_PROFILE) -> Tree:
+    """The ``nodes`` rank paths of highest prior probability ``prod_i profile[r_i]`` (depth at
+    most ``max_depth``): the tree that maximises expected accepted tokens under the assumption
+    that a draft's ranks at successive positions are independent with these frequencies."""
+    if not 1 <= nodes <= MAX_TREE_NODES:
+        raise ValueError(
+            f"A tree needs 1..{MAX_TREE_NODES} nodes, got {nodes}. A bare number is a node count "
+            "('1' is the top-1 token alone); explicit rank paths need a comma, e.g. '0,1'."
+        )
+    if max_depth is not None and max_depth < 1:
+        raise ValueError(f"A tree's depth must be >= 1, got {max_depth}.")
+    chosen: list[tuple[int, ...]] = []
+    frontier = {(r,): profile[r] for r in range(len(profile))}
+    while len(chosen) < nodes and frontier:
+        path = max(frontier, key=lambda p: (frontier[p], [-r for r in p]))
+        weight = frontier.pop(path)
+        chosen.append(path)
+        if max_depth is None or len(path) < max_depth:
+            frontier.update({path + (r,): weight * profile[r] for r in range(len(profile))})
+    return Tree(tuple(chosen))
+
+
+def tree_node_tokens(tree: Tree, parent_logits: torch.Tensor, parent: int,
+                     node_tokens: torch.Tensor) -> None:
+    """Fill ``node_tokens [B, N]`` for the children of ``parent`` from the draft's logits after
+    it (``[B, V]``): child n gets the ``rank[n]``-th largest logit's id. Ties between equal logits
+    (e.g. the -inf rows of a pruned head) are broken by ``topk``; siblings stay distinct ids."""
+    import torch
+
+    children, k = tree.children_topk(parent)
+    if not children:
+        return
+    top = torch.topk(parent_logits.float(), k, dim=-1).indices
+    ranks = torch.tensor([tree.rank[n] for n in children], device=top.device)
+    node_tokens[:, list(children)] = top[:, ranks]
+
+
+def accept_tree_greedy(
+    tree: Tree,
+    node_tokens: torch.Tensor,
+    target_tokens: torch.Tensor,
+    max_accepted: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The greedy acceptance rule on a tree, per row.
+
+    ``node_tokens [B, N]``: the drafted token of each node; ``target_tokens [B, N + 1]``: the
+    target's argmax after the root (column 0) and after each node (column n + 1). Starting at the
+    root, move to the child whose token is the target's argmax after the current node, while one
+    exists and fewer than ``max_accepted[b]`` nodes are accepted.
+
+    Returns ``(path [B, depth], num_accepted [B], next_tokens [B])``: the accepted nodes in order
+    (-1 past the end), how many, and the target's argmax after the last one (the token every
+    block ends with: a correction where the path stopped, or the bonus).
+    """
+    import torch
+
+    batch = node_tokens.shape[0]
+    device = node_tokens.device
+    parent = torch.tensor(tree.parent, device=device) + 1  # input column of each node's parent
+    rows = torch.arange(batch, device=device)
+    current = torch.zeros(batch, dtype=torch.long, device=device)  # input column: 0 = root
+    going = torch.ones(batch, dtype=torch.bool, device=device)
+    if max_accepted is not None:
+        going &= max_accepted > 0
+    path = torch.full((batch, tree.depth), -1, dtype=torch.long, device=device)
+    num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+    for depth in range(1, tree.depth + 1):
+        level = torch.tensor(tree.level(depth), device=device)
+        wanted = target_tokens[rows, current]  # the target's argmax after the current node
+        match = (parent[level].unsqueeze(0) == current.unsqueeze(1)) & (
+            node_tokens[:, level] == wanted.unsqueeze(1))
+        match &= going.unsqueeze(1)
+        found = match.any(dim=1)
+        chosen = level[match.to(torch.int8).argmax(dim=1)]  # siblings are distinct: <= 1 match
+        path[:, depth - 1] = torch.where(found, chosen, path[:, depth - 1])
+        current = torch.where(found, chosen + 1, current)
+        num_accepted += found.long()
+        going = found
+        if max_accepted is not None:
+            going &= num_accepted < max_accepted
+    return path, num_accepted, target_tokens[rows, current]

@@ -106,6 +106,8 @@ def test_plain_decoding_and_text_output(model_folder, capsys):
         (["--epsilon", "2", "--lenience", "exp"], "epsilon must be in (0, 1]"),
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--tree", "0,x"], "tree must be '' (chain)"),
+        (["--tree", "4", "--lenience", "lin", "--epsilon", "0.5"], "cannot be combined"),
     ],
 )
 def test_bad_knobs_exit_2_with_message(model_folder, capsys, args, message):
@@ -201,6 +203,39 @@ def test_generate_uses_the_setting_measured_for_the_draft(model_folder, tmp_path
     (draft / FILE).write_text(json.dumps({**saved, "gamma": 0}))  # not a valid setting: ignored
     err, gamma = run()
     assert "measured fastest" not in err and gamma == 4
+
+
+def test_generate_uses_a_measured_tree_and_tree_flags(model_folder, tmp_path, capsys):
+    """A saved tree applies like a saved gamma; --tree given (even empty) is the user's choice;
+    a saved tree that does not parse is ignored; a bad --tree is refused before loading."""
+    import torch
+
+    from distillspec.models.recommended import FILE, save_recommended
+
+    draft = save_tiny(tmp_path / "draft", layers=1)
+    save_recommended(draft, target=str(model_folder), gamma=1, confidence_threshold=0.0,
+                     tree="6:2", device=torch.device("cpu"), dtype=torch.float32,
+                     measured={"speedup": 1.3})
+    base = ["generate", "--target", str(model_folder), "--draft", str(draft), "--prompt", "w1 w2",
+            "--max-new-tokens", "12", "--dtype", "float32", "--device", "cpu", "--json"]
+
+    def run(*extra) -> tuple[str, dict]:
+        assert main([*base, *extra]) == 0
+        captured = capsys.readouterr()
+        return captured.err, json.loads(captured.out)
+
+    err, tree_out = run()
+    assert "tree 6:2 (greedy rows) (measured fastest" in err
+    assert len(tree_out["metrics"]["accepted_length_histogram"]) == 3  # depth 2 per block
+    err, chain_out = run("--tree", "")
+    assert "measured fastest" not in err
+    assert chain_out["text"] == tree_out["text"]  # greedy: the same tokens either way
+    saved = json.loads((draft / FILE).read_text())
+    (draft / FILE).write_text(json.dumps({**saved, "tree": "0.1"}))  # no parent: ignored
+    err, _ = run()
+    assert "measured fastest" not in err
+    assert main([*base, "--tree", "1.0"]) == 2
+    assert "has no parent 1" in capsys.readouterr().err
 
 
 def test_auto_draft_falls_back_to_plain_decoding_where_it_measured_slower(

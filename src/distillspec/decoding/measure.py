@@ -106,10 +106,10 @@ def _context(model, context_tokens: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, context_tokens), generator=generator).to(model.device)
 
 
-def _time_step(model, prompt, width: int, logits_to_keep: int, repeats: int) -> float:
-    """Median seconds of one ``width``-token call after ``prompt``, as decoding runs it: the
-    forward with the engine's ``logits_to_keep`` (draft 1, verify 0), ``warp``, and a draw
-    (one token) or the acceptance rule (a verify)."""
+def _step_call(model, prompt, width: int, logits_to_keep: int) -> Callable[[], None]:
+    """One ``width``-token call after ``prompt``, as decoding runs it: the forward with the
+    engine's ``logits_to_keep`` (draft 1, verify 0), ``warp``, and a draw (one token) or the
+    acceptance rule (a verify); the call rolls itself back, so it can repeat."""
     greedy = SamplingConfig()
     cached = CachedModel(model, rows=1, slots=prompt.shape[1] + width + 2)
     cached.forward(prompt)
@@ -126,7 +126,25 @@ def _time_step(model, prompt, width: int, logits_to_keep: int, repeats: int) -> 
                 torch.zeros(1, device=probs.device)))
         cached.rollback([width])
 
-    return _median_call(once, repeats, model.device)
+    return once
+
+
+def _time_step(model, prompt, width: int, logits_to_keep: int, repeats: int) -> float:
+    """Median seconds of one ``width``-token call after ``prompt`` (``_step_call``)."""
+    return _median_call(_step_call(model, prompt, width, logits_to_keep), repeats, model.device)
+
+
+def _interleaved_medians(calls: dict, repeats: int, device) -> dict:
+    """Median seconds per call, timed in ``repeats`` rounds that each run every call once, after
+    a warm-up of every call: drift (a busy or throttling machine, the first calls after a load)
+    hits every figure alike instead of whichever was timed first."""
+    for call in calls.values():
+        call()
+    seconds: dict = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            seconds[key].append(timed(call, device=device)[0])
+    return {key: statistics.median(values) for key, values in seconds.items()}
 
 
 @torch.inference_mode()
@@ -144,11 +162,16 @@ def measure_cost_model(
     * a step of each model as decoding runs it: a one-token forward, ``warp`` and a draw;
     * a k-token target call as the verify runs it (k = 1..max_verify): the forward over k
       tokens, ``warp`` of all k distributions and the acceptance rule.
-    Greedy warping; each figure is the median of ``repeats`` calls after a warm-up.
+    Greedy warping; each figure is the median of ``repeats`` rounds in which every call runs
+    once (``_interleaved_medians``), so the ratios V(k) and c compare calls timed side by side.
     """
     prompt = _context(target, context_tokens, seed)
-    verify_s = {k: _time_step(target, prompt, k, 0, repeats) for k in range(1, max_verify + 1)}
-    draft_step = _time_step(draft, prompt, 1, 1, repeats) if draft is not None else float("nan")
+    calls = {k: _step_call(target, prompt, k, 0) for k in range(1, max_verify + 1)}
+    if draft is not None:
+        calls["draft"] = _step_call(draft, prompt, 1, 1)
+    medians = _interleaved_medians(calls, repeats, target.device)
+    verify_s = {k: medians[k] for k in range(1, max_verify + 1)}
+    draft_step = medians["draft"] if draft is not None else float("nan")
     return CostModel(verify_s[1], draft_step, verify_s, context_tokens)
 
 

@@ -156,3 +156,25 @@ def test_tree_rows_joining_mid_run_and_sampled_rows_use_the_chain(models):
         for update in decoder.step():
             outputs.setdefault(update.request_id, []).extend(update.new_tokens)
     assert outputs[0] == alone[0] and len(outputs[1]) == MAX_NEW
+
+
+def test_long_ragged_tree_runs_compact_and_stay_exact(models, monkeypatch):
+    """Rows keep different path lengths, so holes build up until the caches compact (mid-run,
+    right before a tree block): the output must still be the target's."""
+    from distillspec.decoding import kv_cache
+
+    target, draft = models["target"], models["partial"]
+    input_ids, attention_mask = left_padded([5, 11, 2, 8], seed=4)
+    reference = hf_greedy(target, input_ids, attention_mask, 200).tolist()
+    compactions = []
+    original = kv_cache._SlotLayer.gather_slots
+
+    def counting(self, order):
+        compactions.append(order.shape)
+        return original(self, order)
+
+    monkeypatch.setattr(kv_cache._SlotLayer, "gather_slots", counting)
+    result = speculative_generate(target, draft, input_ids, attention_mask, gamma=1,
+                                  tree="15:2", max_new_tokens=200)
+    assert result.sequences == reference
+    assert compactions  # the run did compact

@@ -182,8 +182,7 @@ class Decoder:
         tree = self.tree
         draft_time, (node_tokens, draft_start, fed, calls) = timed(
             self._draft_tree, device=self.device)
-        target_start = self.target.length
-        target_time, (path, accepted, next_tokens) = timed(
+        target_time, (target_start, (path, accepted, next_tokens)) = timed(
             self._verify_tree, node_tokens, caps, device=self.device)
         self.metrics.draft_time_s += draft_time
         self.metrics.target_time_s += target_time
@@ -254,14 +253,16 @@ class Decoder:
 
     def _verify_tree(self, node_tokens, caps):
         """One target pass over ``[pending, nodes]`` (node n at depth(n) past the pending token,
-        seeing its ancestors) and the greedy tree rule (``tree.accept_tree_greedy``)."""
+        seeing its ancestors) and the greedy tree rule (``tree.accept_tree_greedy``); returns
+        the first slot written (after any compaction) and the rule's outcome."""
         tree = self.tree
         self.target.make_room(tree.size + 1)
+        start = self.target.length
         pending = torch.tensor([[row.target_pending] for row in self.rows], device=self.device)
-        call = TreeCall(self.target.length, (0, *tree.depths), self._tree_verify)
+        call = TreeCall(start, (0, *tree.depths), self._tree_verify)
         logits = self.target.forward(torch.cat([pending, node_tokens], dim=1), tree=call)
         max_accepted = torch.tensor(caps, device=self.device)
-        return accept_tree_greedy(tree, node_tokens, greedy_tokens(logits), max_accepted)
+        return start, accept_tree_greedy(tree, node_tokens, greedy_tokens(logits), max_accepted)
 
     @torch.inference_mode()
     def replace_draft(self, draft: PreTrainedModel | None) -> None:

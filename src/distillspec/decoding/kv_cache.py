@@ -334,7 +334,7 @@ class CachedModel:
         width = self.length - start
         if width <= 0:
             return
-        orders = [list(k) + [j for j in range(width) if j not in set(k)] for k in kept]
+        orders = [list(k) + sorted(set(range(width)) - set(k)) for k in kept]
         if any(order != list(range(width)) for order in orders):
             index = torch.tensor(orders, device=self.device) + start
             for layer in self.cache.layers:

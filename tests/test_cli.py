@@ -107,7 +107,6 @@ def test_plain_decoding_and_text_output(model_folder, capsys):
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--tree", "0,x"], "tree must be '' (chain)"),
-        (["--tree", "4", "--lenience", "lin", "--epsilon", "0.5"], "cannot be combined"),
     ],
 )
 def test_bad_knobs_exit_2_with_message(model_folder, capsys, args, message):

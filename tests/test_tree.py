@@ -43,8 +43,10 @@ def test_bad_trees_are_refused_with_what_to_do(spec, message):
 def test_tree_knob_is_checked_before_anything_loads():
     with pytest.raises(ValueError, match="no parent"):
         SpeculationConfig(tree="1.0")
-    with pytest.raises(ValueError, match="lenience"):
-        SpeculationConfig(tree="4", lenience="lin", epsilon=0.5)
+    with pytest.raises(ValueError, match="must be a string"):
+        SpeculationConfig(tree=None)
+    # lenience applies to the sampled steps, which run the chain; greedy steps use the tree
+    SpeculationConfig(tree="4", lenience="lin", epsilon=0.5)
 
 
 def test_best_first_takes_the_most_likely_paths():
@@ -178,3 +180,21 @@ def test_long_ragged_tree_runs_compact_and_stay_exact(models, monkeypatch):
                                   tree="15:2", max_new_tokens=200)
     assert result.sequences == reference
     assert compactions  # the run did compact
+
+
+def test_tree_needs_a_4d_mask_and_says_so_before_decoding(models):
+    target = tiny_model("llama", seed=0)
+    target.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        Decoder(target, models["partial"], SpeculationConfig(tree="4"))
+    Decoder(target, models["partial"], SpeculationConfig())  # chains keep the 2-D mask path
+
+
+def test_tree_alpha_counts_only_levels_where_the_top1_token_was_proposed(models):
+    """In "0,1,1.0" the top-1 node is a leaf: after accepting it nothing was proposed at the
+    next level, so that level is not counted as a miss (the same model agrees everywhere)."""
+    target, draft = models["target"], models["same"]
+    input_ids, attention_mask = left_padded([6])
+    total = speculative_generate(target, draft, input_ids, attention_mask, gamma=1,
+                                 tree="0,1,1.0", max_new_tokens=MAX_NEW).metrics.total
+    assert total.accepted_tokens > 0 and total.analytic_alpha == 1.0

@@ -68,9 +68,23 @@ class Decoder:
         # Tree drafting (greedy steps only): the draft's top few tokens per position, verified
         # in one target pass (decoding/tree.py).
         self.tree = Tree.parse(self.speculation.tree) if draft is not None else None
+        # A row near the end of the context still writes every node; one past the last position
+        # can never be accepted (the row's budget stops it first), so it sits at the last one.
+        self._last_position = self.context - 1 if self.context else None
         if self.tree is not None:  # the tree is static: its masks are built once
+            for model in models:  # fail now, not halfway through a block
+                attention = getattr(model.config, "_attn_implementation", None)
+                if attention not in ("sdpa", "eager"):
+                    raise ValueError(
+                        f"Tree drafting needs sdpa or eager attention (a 4-D mask); "
+                        f"{type(model).__name__} uses {attention!r}. Decode without --tree."
+                    )
             self._tree_levels = self._tree_plan(self.tree)
             self._tree_verify = self.tree.ancestors([-1, *range(self.tree.size)]).to(self.device)
+            ranks = [self.tree.rank[n] == 0 for n in range(self.tree.size)]
+            self._tree_rank0 = torch.tensor([*ranks, False], device=self.device)  # [-1]: none
+            # nodes (-1: the root) whose children include the draft's top-1 token
+            self._tree_top1_parents = {p for n, p in enumerate(self.tree.parent) if ranks[n]}
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -188,8 +202,7 @@ class Decoder:
         self.metrics.target_time_s += target_time
         self.metrics.draft_forward_passes += calls
         self.metrics.target_forward_passes += 1
-        rank0 = torch.tensor([tree.rank[n] == 0 for n in range(tree.size)] + [False],
-                             device=self.device)
+        rank0 = self._tree_rank0
         top1 = (rank0[path] & (path >= 0)).sum(dim=1)  # accepted nodes that were the top-1 token
         packed = torch.cat([node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
                             top1.unsqueeze(1)], dim=1).tolist()  # one device-to-host transfer
@@ -206,7 +219,10 @@ class Decoder:
             last_fed = count == 0 or on_path[-1] in fed_slot
             row.draft_pending = [token] if last_fed else [drafted[-1], token]
             # alpha: the draft's top-1 token against the target's choice at each verified level
-            row.counts.record_block(cap, count, float(values[-1]), min(count + 1, cap))
+            # ... a level counts when it was verified and the draft's top-1 token was on it
+            last = on_path[-1] if count else -1
+            compared = count + int(count < cap and last in self._tree_top1_parents)
+            row.counts.record_block(cap, count, float(values[-1]), compared)
             row.counts.draft_calls += calls
             new = row.emit(drafted + [token])
             done = row.finish_reason is not None
@@ -233,7 +249,8 @@ class Decoder:
         tree_node_tokens(tree, logits, -1, node_tokens)
         start, fed = self.draft.length, []
         for level, offsets, visible in self._tree_levels:
-            logits = self.draft.forward(node_tokens[:, level], tree=TreeCall(start, offsets, visible),
+            call = TreeCall(start, offsets, visible, self._last_position)
+            logits = self.draft.forward(node_tokens[:, level], tree=call,
                                         logits_to_keep=len(level))
             for column, node in enumerate(level):
                 tree_node_tokens(tree, logits[:, column], node, node_tokens)
@@ -259,7 +276,7 @@ class Decoder:
         self.target.make_room(tree.size + 1)
         start = self.target.length
         pending = torch.tensor([[row.target_pending] for row in self.rows], device=self.device)
-        call = TreeCall(start, (0, *tree.depths), self._tree_verify)
+        call = TreeCall(start, (0, *tree.depths), self._tree_verify, self._last_position)
         logits = self.target.forward(torch.cat([pending, node_tokens], dim=1), tree=call)
         max_accepted = torch.tensor(caps, device=self.device)
         return start, accept_tree_greedy(tree, node_tokens, greedy_tokens(logits), max_accepted)

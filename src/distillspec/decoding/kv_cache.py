@@ -164,6 +164,7 @@ class TreeCall:
     start: int
     offsets: tuple[int, ...]
     visible: torch.Tensor  # [width, end - start] bool
+    last_position: int | None = None  # positions are clamped here (the model's context - 1)
 
 
 def _logits(model, input_ids, attention_mask, position_ids, cache, logits_to_keep):
@@ -302,6 +303,8 @@ class CachedModel:
         else:
             offsets = (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
         positions = base.unsqueeze(1) + offsets
+        if tree is not None and tree.last_position is not None:
+            positions = positions.clamp(max=tree.last_position)
         self.slot_mask[rows, start:end] = valid
         self.cache.write_rows, self.cache.write_start = rows, start
         input_ids = tokens.clamp(max=self.embedding_rows - 1)

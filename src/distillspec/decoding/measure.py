@@ -188,7 +188,7 @@ class SweepRow:
     acceptance_rate: float
     analytic_alpha: float
     cost_ratio: float  # measured in these runs: draft step / target-alone step
-    verify_cost: float  # V(gamma + 1) from the cost model (1.0 without one)
+    verify_cost: float  # V(gamma + 1) (a tree: V(nodes + 1)) from the cost model (1 without)
     predicted_speedup: float
     speedup: float  # tokens/s ÷ the target alone's
     measured_over_predicted: float

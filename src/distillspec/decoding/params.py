@@ -75,10 +75,10 @@ class SpeculationConfig:
     epsilon: float = knob(1.0, "Lenience strength in (0, 1]; 1 is exactly lossless.")
     tree: str = knob(
         "",
-        "Tree drafting for greedy rows: the target verifies the draft's top few tokens per "
-        "position in one pass. 'N' = the N most likely rank paths, 'N:D' = at most D deep, or "
-        "explicit paths such as '0,1,2,0.0' (ranks joined by '.'). Empty: a chain of gamma "
-        "tokens. Sampled rows always use the chain.",
+        "Tree drafting: the target verifies the draft's top few tokens per position in one "
+        "pass. 'N' = the N most likely rank paths, 'N:D' = at most D deep, or explicit paths "
+        "such as '0,1,2,0.0' (ranks joined by '.'). Empty: a chain of gamma tokens. Greedy "
+        "only: a step in which any row samples runs the chain (gamma, threshold, lenience).",
     )
 
     def __post_init__(self) -> None:
@@ -92,18 +92,13 @@ class SpeculationConfig:
                 f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}. "
                 "0 disables adaptive drafting; 0.3 to 0.6 is typical."
             )
-        if self.tree.strip() and (self.lenience != "none" or self.epsilon != 1.0):
-            raise ValueError(
-                "tree drafting is greedy and exact; it cannot be combined with lenience. Use "
-                "--tree with the default lenience, or a chain (no --tree) for lossy decoding."
-            )
+        if not isinstance(self.tree, str):
+            raise ValueError(f"tree must be a string such as '12' or '0,1,0.0', got {self.tree!r}.")
+        Tree.parse(self.tree)  # a clear error now, before any model loads
         if self.lenience not in LENIENCE_CHOICES:
             raise ValueError(
                 f"lenience must be one of {', '.join(LENIENCE_CHOICES)}, got {self.lenience!r}."
             )
-        if not isinstance(self.tree, str):
-            raise ValueError(f"tree must be a string such as '12' or '0,1,0.0', got {self.tree!r}.")
-        Tree.parse(self.tree)  # a clear error now, before any model loads
         if not 0.0 < self.epsilon <= 1.0:
             raise ValueError(
                 f"epsilon must be in (0, 1], got {self.epsilon}. 1 is lossless; smaller values "

@@ -16,7 +16,8 @@ of a path is in the tree. Node ``n`` has ``parent[n]`` (-1 = the root, the pendi
 ``rank[n]`` among its parent's children and ``depth[n]`` (1 for the root's children).
 
 Greedy only: the nodes are the draft's top-k, not samples from q, so the sampled acceptance rule
-does not apply to them; sampled rows decode with the chain (``Decoder``).
+does not apply to them; a step in which any row samples decodes every row with the chain
+(``Decoder``).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ def test_paths_parse_order_and_relations():
     assert visible[3].tolist() == [True, True, False, True, False]  # (0,0) sees root, (0,), itself
     assert visible[2].tolist() == [True, False, True, False, False]
     assert Tree.parse("") is None and Tree.parse("  ") is None
+    assert Tree.parse("0/1/0.1/0.0") == tree  # '/' joins paths where commas split lists
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -78,8 +78,9 @@ class Tree:
     @classmethod
     def parse(cls, spec: str) -> Tree | None:
         """``""`` -> None (chain); ``"N"`` or ``"N:D"`` -> ``best_first(N, D)``; otherwise rank
-        paths joined by commas, ranks joined by dots: ``"0,1,2,0.0,0.1,1.0"``."""
-        spec = spec.strip()
+        paths joined by commas (or ``/``, for lists whose items commas separate), ranks joined by
+        dots: ``"0,1,2,0.0,0.1,1.0"`` = ``"0/1/2/0.0/0.1/1.0"``."""
+        spec = spec.strip().replace("/", ",")
         if not spec:
             return None
         head, _, depth = spec.partition(":")

@@ -101,8 +101,8 @@ class BenchConfig:
         [0.0], "Adaptive-drafting thresholds to compare at each gamma (0: fixed gamma)."
     )
     trees: list[str] = knob(
-        [], "Draft trees to compare at temperature 0 (generate's --tree: 'N', 'N:D' or rank "
-        "paths), e.g. 4:1,15:2; none by default."
+        [], "Draft trees to compare at temperature 0 (generate's --tree, e.g. 4:1,15:2; join "
+        "explicit rank paths with '/', e.g. 0/1/0.0); none by default."
     )
     temperatures: list[float] = knob([0.0, 1.0], "Temperatures (0 = greedy).")
     batch_sizes: list[int] = knob([1, 4], "Batch sizes.")
@@ -195,8 +195,8 @@ class DemoConfig:
     )
     trees: list[str] = knob(
         ["4:1", "15:2"],
-        "Draft trees measured before and after (--tree of generate: 'N' or 'N:D' nodes, or rank "
-        "paths); greedy, so they compete with the chains at temperature 0.",
+        "Draft trees measured before and after (generate's --tree; commas separate the list, "
+        "so join explicit rank paths with '/', e.g. 0/1/0.0); greedy.",
     )
     repeats: int = knob(2, "Timed rounds (median); each round runs the target alone once.")
     distill: DistillConfig = section(

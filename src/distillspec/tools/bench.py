@@ -127,6 +127,8 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
         hf.draft, settings, config.repeats, cost_model,
         progress=lambda message: progress(f"  {message}"),
     )
+    progress("  transformers plain" + (" and assisted generation at each gamma" if batch_size == 1
+                                       else "") + f" ({config.repeats} repeats each) ...")
     hf_plain = _throughput(hf.plain, config.repeats, probe.device)
     hf_static = None
     if config.compile != "off" and batch_size == 1:

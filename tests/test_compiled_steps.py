@@ -72,17 +72,22 @@ def test_compiled_steps_stay_exact_when_the_capacity_grows(compiled_pair):
                                rtol=1e-5)
 
 
+def eager_greedy(target, input_ids, attention_mask, max_new_tokens: int) -> list[list[int]]:
+    """The target's own greedy decoding with its compiled steps turned off for the call."""
+    compile_steps(target, False)
+    try:
+        return autoregressive_generate(target, input_ids, attention_mask,
+                                       max_new_tokens=max_new_tokens).sequences
+    finally:
+        compile_steps(target)
+
+
 def test_compiled_greedy_sd_equals_eager_target(compiled_pair):
     target, draft = compiled_pair
     input_ids, attention_mask = left_padded([4, 9])
     compiled = speculative_generate(target, draft, input_ids, attention_mask, gamma=3,
                                     max_new_tokens=20)
-    compile_steps(target, False)
-    try:
-        plain = autoregressive_generate(target, input_ids, attention_mask, max_new_tokens=20)
-    finally:
-        compile_steps(target)
-    assert compiled.sequences == plain.sequences
+    assert compiled.sequences == eager_greedy(target, input_ids, attention_mask, 20)
     assert compiled.metrics.acceptance_rate > 0  # the draft's compiled steps took part
 
 
@@ -94,12 +99,7 @@ def test_compiled_greedy_tree_sd_equals_eager_target(compiled_pair):
     compiled = speculative_generate(target, draft, input_ids, attention_mask, gamma=1,
                                     tree="6:2", max_new_tokens=20)
     assert compiled_graphs() > graphs
-    compile_steps(target, False)
-    try:
-        plain = autoregressive_generate(target, input_ids, attention_mask, max_new_tokens=20)
-    finally:
-        compile_steps(target)
-    assert compiled.sequences == plain.sequences
+    assert compiled.sequences == eager_greedy(target, input_ids, attention_mask, 20)
 
 
 def test_compiled_sampled_sd_draws_what_eager_draws(compiled_pair):

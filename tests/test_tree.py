@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import pytest
+import test_engine_greedy
 import torch
-from conftest import left_padded, perturbed_copy, tiny_model
+from conftest import left_padded, tiny_model
 from test_engine_greedy import MAX_NEW, hf_greedy, strip_after_eos
 
 from distillspec import Decoder, Request, speculative_generate
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.tree import Tree, accept_tree_greedy, best_first, tree_node_tokens
 
+models = test_engine_greedy.models  # the same fixture: same / random / partial drafts, two archs
 TREES = ["1", "4", "0,1,0.0,0.1,1.0,0.0.0", "8:2", "15:2", "12"]
 
 
@@ -79,13 +81,6 @@ def test_greedy_tree_rule_walks_the_matching_children():
     assert next_tokens.tolist() == [9, 4, 3]
     path, count, next_tokens = accept_tree_greedy(tree, node_tokens, target, torch.tensor([1, 2, 0]))
     assert count.tolist() == [1, 0, 0] and next_tokens.tolist() == [8, 4, 5]
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def models(request):
-    target = tiny_model(request.param, seed=0)
-    return {"target": target, "same": target, "random": tiny_model(request.param, seed=7),
-            "partial": perturbed_copy(target, 0.1)}
 
 
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 2, 8]], ids=["batch1", "batch4-ragged"])

@@ -57,9 +57,13 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert "| alpha (greedy, T=0) |" in captured.out and "SD speed-up vs target alone" in captured.out
     assert "Draft chosen by measured cost" in captured.out
     saved = json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())
-    best = report["after"]["best"]
+    best = report["after"]["best"]  # a tree is saved when it won; the fastest chain always
+    chains = [r for r in report["after"]["all"] if not r["tree"]]
+    chain = max(chains, key=lambda r: r["sd_tokens_per_s"])
     assert (saved["gamma"], saved["confidence_threshold"]) == (
-        best["gamma"], best["confidence_threshold"])
+        chain["gamma"], chain["confidence_threshold"])
+    assert saved["tree"] == best["tree"]
+    assert {r["tree"] for r in report["after"]["all"]} == {"", "4:1", "15:2"}
     assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
     cached = list((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"))
     assert len(cached) == 1  # the target's greedy answers, generated once

@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distillspec.decoding.acceptance import analytic_acceptance, verify, verify_greedy
-from distillspec.decoding.kv_cache import CachedModel, TreeCall, ensure_croppable
+from distillspec.decoding.kv_cache import CachedModel, TreeCall, ensure_croppable, takes_4d_mask
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate, _Row, context_length, output_width
@@ -73,18 +73,16 @@ class Decoder:
         self._last_position = self.context - 1 if self.context else None
         if self.tree is not None:  # the tree is static: its masks are built once
             for model in models:  # fail now, not halfway through a block
-                attention = getattr(model.config, "_attn_implementation", None)
-                if attention not in ("sdpa", "eager"):
+                if not takes_4d_mask(model):
                     raise ValueError(
                         f"Tree drafting needs sdpa or eager attention (a 4-D mask); "
-                        f"{type(model).__name__} uses {attention!r}. Decode without --tree."
+                        f"{type(model).__name__} uses "
+                        f"{model.config._attn_implementation!r}. Decode without --tree."
                     )
             self._tree_levels = self._tree_plan(self.tree)
             self._tree_verify = self.tree.ancestors([-1, *range(self.tree.size)]).to(self.device)
-            ranks = [self.tree.rank[n] == 0 for n in range(self.tree.size)]
-            self._tree_rank0 = torch.tensor([*ranks, False], device=self.device)  # [-1]: none
-            # nodes (-1: the root) whose children include the draft's top-1 token
-            self._tree_top1_parents = {p for n, p in enumerate(self.tree.parent) if ranks[n]}
+            top1 = [rank == 0 for rank in self.tree.rank]
+            self._tree_rank0 = torch.tensor([*top1, False], device=self.device)  # [-1]: none
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -202,8 +200,7 @@ class Decoder:
         self.metrics.target_time_s += target_time
         self.metrics.draft_forward_passes += calls
         self.metrics.target_forward_passes += 1
-        rank0 = self._tree_rank0
-        top1 = (rank0[path] & (path >= 0)).sum(dim=1)  # accepted nodes that were the top-1 token
+        top1 = (self._tree_rank0[path] & (path >= 0)).sum(dim=1)  # accepted nodes that were the top-1 token
         packed = torch.cat([node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
                             top1.unsqueeze(1)], dim=1).tolist()  # one device-to-host transfer
         fed_slot = {node: i for i, node in enumerate(fed)}
@@ -221,7 +218,7 @@ class Decoder:
             # alpha: the draft's top-1 token against the target's choice at each verified level
             # ... a level counts when it was verified and the draft's top-1 token was on it
             last = on_path[-1] if count else -1
-            compared = count + int(count < cap and last in self._tree_top1_parents)
+            compared = count + int(count < cap and last in tree.top1_parents)
             row.counts.record_block(cap, count, float(values[-1]), compared)
             row.counts.draft_calls += calls
             new = row.emit(drafted + [token])

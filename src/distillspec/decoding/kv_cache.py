@@ -47,8 +47,8 @@ MAX_COMPILED_WIDTH = 16  # wider calls (prefills) stay eager: one graph per prom
 MAX_GRAPHS = 64  # torch's default recompile limit (8) is below rows x widths x capacities
 
 
-def _static_shapes_supported(model: PreTrainedModel) -> bool:
-    """Compiled steps need our own 4-D mask (sdpa or eager attention)."""
+def takes_4d_mask(model: PreTrainedModel) -> bool:
+    """sdpa or eager attention: our own 4-D mask, which compiled steps and trees need."""
     return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
@@ -186,7 +186,7 @@ def compile_steps(model: PreTrainedModel, enabled: bool = True) -> None:
     if not enabled:
         _compiled_by_model.pop(model, None)
     elif model not in _compiled_by_model:
-        if not _static_shapes_supported(model):
+        if not takes_4d_mask(model):
             raise ValueError(
                 f"Compiled steps need sdpa or eager attention; this model uses "
                 f"{model.config._attn_implementation!r}. Use --compile off."
@@ -390,12 +390,7 @@ class CachedModel:
         """
         end = start + width
         slot_mask = self.slot_mask[rows, : capacity or end]
-        if self.attention_impl not in ("sdpa", "eager"):
-            if tree is not None:
-                raise ValueError(
-                    f"Tree drafting needs sdpa or eager attention (a 4-D mask); this model uses "
-                    f"{self.attention_impl!r}. Decode without --tree."
-                )
+        if self.attention_impl not in ("sdpa", "eager"):  # the Decoder refuses trees here
             return slot_mask.long()  # e.g. flash-attention kernels take the 2-D padding mask
         query_slots = torch.arange(start, end, device=self.device)
         key_slots = torch.arange(capacity or end, device=self.device)

@@ -122,6 +122,11 @@ class Tree:
         parents = set(self.parent)
         return tuple(n for n in range(self.size) if n in parents)
 
+    @cached_property
+    def top1_parents(self) -> frozenset[int]:
+        """Nodes (-1: the root) whose children include the draft's top-1 token."""
+        return frozenset(p for p, r in zip(self.parent, self.rank) if r == 0)
+
     def level(self, depth: int) -> tuple[int, ...]:
         return tuple(n for n, d in enumerate(self.depths) if d == depth)
 

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 from distillspec.decoding.acceptance import analytic_acceptance, verify, verify_greedy
 from distillspec.decoding.kv_cache import CachedModel, TreeCall, ensure_croppable, takes_4d_mask
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
-from distillspec.decoding.params import SamplingConfig, SpeculationConfig
+from distillspec.decoding.params import SamplingConfig, SpeculationConfig, check_seed
 from distillspec.decoding.requests import Request, RowUpdate, _Row, context_length, output_width
 from distillspec.decoding.sampling import greedy_tokens, pad_vocab, sample, warp_rows
 from distillspec.decoding.timing import timed
@@ -86,11 +86,13 @@ class Decoder:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add(self, request: Request) -> None:
-        """Queue a request; it joins the batch at the start of the next ``step``."""
+    def add(self, request: Request, *, generator: torch.Generator | None = None) -> None:
+        """Queue a request; it joins the batch at the start of the next ``step``.
+
+        ``generator``: carry on with an existing row's generator (a server re-admitting a row
+        after a failed step) instead of one seeded from ``request.seed``."""
         self.check_request(request)
-        generator = None
-        if request.seed is not None:
+        if generator is None and request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         gamma = self.speculation.gamma if self.draft is not None else 0
         if self.tree is not None:  # a block drafts up to the tree's depth, or gamma (sampled)
@@ -100,6 +102,7 @@ class Decoder:
 
     def check_request(self, request: Request) -> None:
         """Refuse impossible requests before anything is allocated for them."""
+        check_seed(request.seed, "Request.seed")
         budget = request.max_new_tokens
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {budget!r}.")

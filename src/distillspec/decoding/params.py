@@ -16,10 +16,23 @@ LENIENCE_CHOICES = ("none", "lin", "sq", "exp")
 COMPILE_CHOICES = ("auto", "on", "off")  # compiled decoding steps (models.compilation)
 MAX_GAMMA = 64  # a verify of more tokens never pays; bounds every per-position allocation
 MAX_TOP_K = 1 << 20
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_seed(value, name: str = "seed") -> None:
+    """Refuse a seed torch's generators cannot take (they hold a signed or unsigned 64-bit
+    integer); ``None`` is allowed (no seed). Raises ValueError saying the range."""
+    if value is None:
+        return
+    if not _is_int(value) or not SEED_MIN <= value <= SEED_MAX:
+        raise ValueError(
+            f"{name} must be an integer in [-2**63, 2**64 - 1] (what torch's random generators "
+            f"take), got {value!r}. Use a smaller integer, e.g. 0..2**32."
+        )
 
 
 @dataclass(frozen=True)

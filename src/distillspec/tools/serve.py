@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 
-from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.params import SamplingConfig, check_seed
 from distillspec.tools.configs import ServeConfig
-from distillspec.tools.serve_engine import EngineWorker
+from distillspec.tools.serve_engine import Busy, EngineDead, EngineWorker, RowFailure
 
 try:  # module level: FastAPI resolves the handlers' annotations in this module's namespace
     from fastapi import FastAPI, Request
@@ -35,15 +38,20 @@ except ImportError as missing:  # pragma: no cover - the [serve] extra is not in
     ) from missing
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256  # per stop string
+MAX_MESSAGES = 256
+TEXT_CHARS_PER_TOKEN = 64  # prompt text beyond context x this is refused before tokenizing
 
 
 class APIError(Exception):
     """An OpenAI-style error: status, message, type, param."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
@@ -145,11 +153,54 @@ def parse_params(body: dict, default_max: int) -> Params:
     ) > MAX_STOP_STRINGS:
         raise APIError(400, f"stop must be a string or up to {MAX_STOP_STRINGS} strings.",
                        param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"each stop string must be at most {MAX_STOP_CHARS} characters.",
+                       param="stop")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, f"seed must be an integer, got {seed!r}.", param="seed")
+    try:
+        check_seed(seed)
+    except ValueError as error:
+        raise APIError(400, str(error), param="seed") from None
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, f"stream must be true or false, got {stream!r}.", param="stream")
     return Params(max_tokens, SamplingConfig(temperature=temperature, top_p=top_p), stop, seed,
-                  bool(body.get("stream", False)))
+                  bool(stream))
+
+
+def request_schema(chat: bool, context: int) -> dict:
+    """The JSON schema of the request body this server honours (published in /openapi.json;
+    the fuzz test draws requests from it). Other fields are ignored for now."""
+    common = {
+        "model": {"type": "string"},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": context},
+        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": context},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "n": {"type": "integer", "const": 1},
+        "stop": {"anyOf": [
+            {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+            {"type": "array", "maxItems": MAX_STOP_STRINGS,
+             "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}}]},
+        "seed": {"type": "integer", "minimum": -(1 << 63), "maximum": (1 << 64) - 1},
+        "stream": {"type": "boolean"},
+    }
+    if chat:
+        message = {"type": "object", "required": ["role", "content"], "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "content": {"type": "string"}}}
+        common["messages"] = {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
+                              "items": message}
+        required = ["messages"]
+    else:
+        common["prompt"] = {"type": "string", "minLength": 1}
+        required = ["prompt"]
+    return {"type": "object", "required": required, "properties": common}
+
+
+def _body_doc(chat: bool, context: int) -> dict:
+    schema = request_schema(chat, context)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -177,9 +228,12 @@ class Server:
 
             speculation = speculation_for(speculation, draft_spec, config.target, target,
                                           config.measured_setting)
+        self.on_dead = None  # set by whoever runs the HTTP server: stop it (the engine died)
         self.engine = EngineWorker(
-            target, draft, speculation, max_batch=config.max_batch, metrics=self.metrics,
+            target, draft, speculation, max_batch=config.max_batch,
+            max_waiting=config.max_waiting, metrics=self.metrics,
             on_finished=self.distiller.record if self.distiller else None,
+            on_dead=lambda: self.on_dead and self.on_dead(),
         )
 
     def check_auth(self, request) -> None:
@@ -199,12 +253,13 @@ class Server:
     def encode(self, body: dict, chat: bool) -> list[int]:
         if chat:
             messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m
-                for m in messages
+            if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES or not all(
+                isinstance(m, dict) and isinstance(m.get("content"), str)
+                and isinstance(m.get("role"), str) for m in messages
             ):
-                raise APIError(400, "messages must be a non-empty list of {role, content}.",
-                               param="messages")
+                raise APIError(400, f"messages must be a list of 1 to {MAX_MESSAGES} "
+                               "{role, content} objects with string values.", param="messages")
+            self._check_length(sum(len(m["content"]) for m in messages), "messages")
             if self.config.chat_template and getattr(self.tokenizer, "chat_template", None):
                 text = self.tokenizer.apply_chat_template(
                     [{"role": m["role"], "content": m["content"]} for m in messages],
@@ -217,7 +272,14 @@ class Server:
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise APIError(400, "prompt must be a non-empty string.", param="prompt")
+        self._check_length(len(prompt), "prompt")
         return list(self.tokenizer(prompt)["input_ids"])
+
+    def _check_length(self, chars: int, param: str) -> None:
+        """Refuse text that cannot fit the context before spending time tokenizing it."""
+        if chars > self.context * TEXT_CHARS_PER_TOKEN:
+            raise APIError(400, f"The {param} ({chars} characters) cannot fit the context of "
+                           f"{self.context} tokens.", param=param, code="context_length_exceeded")
 
     async def generate(self, body: dict, chat: bool):
         self.check_model(body)
@@ -227,13 +289,18 @@ class Server:
             raise APIError(400, f"The prompt ({len(ids)} tokens) plus max_tokens "
                            f"({params.max_tokens}) exceeds the context of {self.context} tokens.",
                            param="max_tokens", code="context_length_exceeded")
-        if self.engine.load[1] >= self.config.max_waiting:
-            raise APIError(503, "The server is busy; retry later.", kind="server_error")
         try:
             request_id, job = self.engine.submit(ids, params.max_tokens, params.sampling,
                                                  self.stop_ids, params.seed)
         except ValueError as error:
             raise APIError(400, str(error)) from None
+        except Busy:
+            raise APIError(503, f"The server is busy ({self.config.max_waiting} requests "
+                           "waiting); retry later.", kind="server_error",
+                           headers={"Retry-After": "1"}) from None
+        except EngineDead as dead:
+            raise APIError(503, f"The decoding engine is not running ({dead}); retry shortly.",
+                           kind="server_error", headers={"Retry-After": "5"}) from None
         return request_id, job, params, len(ids)
 
     async def stream_text(self, request_id: int, job, params: Params):
@@ -244,6 +311,9 @@ class Server:
         try:
             while True:
                 update = await job.updates.get()
+                if isinstance(update, RowFailure):
+                    raise APIError(update.status, update.message, kind="server_error"
+                                   if update.status >= 500 else "invalid_request_error")
                 tokens += update.new_tokens
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 cut = min((text.find(s) for s in params.stop if s in text), default=-1)
@@ -288,11 +358,14 @@ def build_app(server: Server):
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
         server.metrics.requests.labels(request.url.path, str(error.status)).inc()
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.get("/health")
     async def health():
         running, waiting = server.engine.load
+        if not server.engine.alive:  # never a healthy-looking process that answers nothing
+            return JSONResponse({"status": "dead", "reason": server.engine.dead or "not running"},
+                                status_code=503)
         return {"status": "ok", "running": running, "waiting": waiting,
                 "draft_version": server.engine.draft_version}
 
@@ -332,11 +405,11 @@ def build_app(server: Server):
         return {"id": uid, "object": "chat.completion" if chat else "text_completion",
                 "created": created, "model": server.model_id, "choices": [choice], "usage": usage}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body_doc(False, server.context))
     async def completions(request: Request):
         return await handle(request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body_doc(True, server.context))
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
@@ -362,9 +435,13 @@ async def _sse(server: Server, request_id, job, params, chat, uid, created, requ
     try:
         if chat:
             yield chunk(None, None, first=True)
-        async for piece, reason, _ in server.stream_text(request_id, job, params):
-            yield chunk(piece, reason)
-            finished = reason is not None
+        try:
+            async for piece, reason, _ in server.stream_text(request_id, job, params):
+                yield chunk(piece, reason)
+                finished = reason is not None
+        except APIError as error:  # the status line is sent: the error goes in the stream
+            finished = True
+            yield f"data: {json.dumps(error.body())}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         if not finished:
@@ -384,13 +461,55 @@ def load_server(config: ServeConfig) -> Server:
     return Server(config, target, draft, tokenizer, draft_spec)
 
 
+class _Uvicorn:
+    """uvicorn's server with the shutdown we promise: the first SIGTERM/SIGINT stops accepting
+    and drains in-flight requests for ``drain`` seconds (then cancels them); a second signal,
+    or the drain deadline plus a grace second, exits at once; a dead engine exits non-zero."""
+
+    def __init__(self, app, config: ServeConfig):
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None) -> None:
+                await super().startup(sockets)
+                for server in self.servers:  # the port really bound (--port 0: a free one)
+                    host, port = server.sockets[0].getsockname()[:2]
+                    print(f"distillspec: listening on http://{host}:{port}/v1", file=sys.stderr,
+                          flush=True)
+
+            def handle_exit(self, sig, frame) -> None:
+                if self.should_exit:  # the second signal: no more waiting
+                    self.force_exit = True
+                    os._exit(128 + int(sig))
+                self.should_exit = True
+                _deadline(config.drain_seconds + 1.0)
+
+        self.server = Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                            log_level="warning",
+                                            timeout_graceful_shutdown=config.drain_seconds))
+
+    def stop(self, code: int) -> None:
+        self.code = code
+        self.server.should_exit = True
+        _deadline(2.0)
+
+
+def _deadline(seconds: float) -> None:
+    """Exit the process if it is still alive after ``seconds`` (a request or thread that will
+    not end must not keep a stopped server running)."""
+    timer = threading.Timer(seconds, lambda: os._exit(1))
+    timer.daemon = True
+    timer.start()
+
+
 def run_serve(config: ServeConfig) -> int:
-    import sys
-
-    import uvicorn
-
+    """Serve until SIGTERM/SIGINT (exit 0 after draining) or an engine failure (exit 1)."""
     server = load_server(config)
-    print(f"distillspec: serving {server.model_id} on http://{config.host}:{config.port}/v1 "
-          f"(draft: {config.draft})", file=sys.stderr)
-    uvicorn.run(build_app(server), host=config.host, port=config.port, log_level="warning")
-    return 0
+    runner = _Uvicorn(build_app(server), config)
+    runner.code = 0
+    server.on_dead = lambda: runner.stop(1)
+    url = f"http://{config.host}:{config.port}/v1"
+    print(f"distillspec: serving {server.model_id} on {url} (draft: {config.draft})",
+          file=sys.stderr)
+    runner.server.run()
+    return runner.code

@@ -1,26 +1,59 @@
-"""The serving engine: one thread that owns the ``Decoder`` and runs continuous batching.
+"""The serving engine: one supervised thread that owns the ``Decoder`` and runs continuous batching.
 
 Requests arrive from the web handlers (any thread / event loop) through an inbox; between
 speculative steps the engine admits them (up to ``max_batch`` live rows, the rest wait in
 order), cancels the ones whose clients went away, swaps in a new draft when one is handed
 over, runs one step and posts every row's new tokens back to its handler's asyncio queue. The
 web side never touches the models, the engine never touches the network.
+
+Faults are contained (``_recover``): a request that cannot be added fails alone; when a step
+raises, every row of that step is re-run alone from the tokens its client already has, so the
+row that fails alone is failed (HTTP 500) and the others carry on. Should the engine still
+fail (``MAX_RECOVERIES`` failed steps in a row, or an error outside a step), it fails every
+request, reports itself dead (``/health`` answers 503) and calls ``on_dead`` so that the
+process exits non-zero for its supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate
+
+log = logging.getLogger("distillspec.serve")
+MAX_RECOVERIES = 3  # failed steps in a row (each with every row re-run alone) before giving up
+
+
+class Busy(Exception):
+    """The waiting bound is reached: the caller answers 503 with Retry-After."""
+
+
+class EngineDead(Exception):
+    """The engine thread has stopped (fault or shutdown): nothing more will be decoded."""
+
+
+@dataclass
+class RowFailure:
+    """Posted instead of a ``RowUpdate`` when a request failed inside the engine."""
+
+    request_id: int
+    status: int  # 400: the request was at fault; 500: the engine failed on it; 503: shut down
+    message: str
+    finished: bool = True
 
 
 @dataclass
@@ -38,27 +71,42 @@ class EngineWorker:
     """Runs a Decoder in its own thread; ``submit`` / ``cancel`` / ``swap_draft`` are thread-safe."""
 
     def __init__(self, target, draft, speculation: SpeculationConfig, *, max_batch: int,
-                 metrics=None, on_finished=None):
+                 max_waiting: int = 1 << 30, metrics=None, on_finished=None,
+                 on_dead: Callable[[], None] | None = None):
+        self.models = (target, draft, speculation)  # to rebuild the Decoder after a fault
         self.decoder = Decoder(target, draft, speculation)
-        self.max_batch = max_batch
+        self.max_batch, self.max_waiting = max_batch, max_waiting
         self.metrics = metrics
         self.on_finished = on_finished  # (request, output tokens) for the online buffer
+        self.on_dead = on_dead
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.jobs: dict[int, Job] = {}
         self.waiting: deque[int] = deque()
-        self.outputs: dict[int, list[int]] = {}
+        self.outputs: dict[int, list[int]] = {}  # tokens posted to each request's handler
         self.ids = itertools.count()
         self.draft_version = 0
+        self.dead: str | None = None  # why the engine stopped, once it has
+        self.failed_steps = 0  # consecutive failed steps
+        self._pending = 0  # accepted by submit, not yet decoding (the waiting bound counts these)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="distillspec-engine", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread; requests still open get 503 (the server is shutting down)."""
         self._stop.set()
         self.inbox.put(("wake", None))
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=timeout)
+        if self.dead is None:
+            self._fail_all(503, "The server is shutting down; retry on another instance.")
+            self.dead = "stopped"
+
+    @property
+    def alive(self) -> bool:
+        return self.dead is None and self.thread.is_alive()
 
     # -- called from the web handlers ---------------------------------------------------------
 
@@ -68,9 +116,17 @@ class EngineWorker:
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
                stop_ids: frozenset[int], seed: int | None) -> tuple[int, Job]:
+        """Queue a request. Raises ValueError (bad request), Busy (waiting bound reached) or
+        EngineDead; the bound counts every accepted request not yet decoding."""
         request_id = next(self.ids)
         request = Request(prompt_ids, max_new_tokens, sampling, stop_ids, seed, request_id)
         self.check(request)
+        with self._lock:
+            if not self.alive:
+                raise EngineDead(self.dead or "the engine thread is not running")
+            if self._pending >= self.max_waiting:
+                raise Busy
+            self._pending += 1
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
         self.inbox.put(("add", job))
         return request_id, job
@@ -83,19 +139,33 @@ class EngineWorker:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
-        return len(self.decoder.rows) + len(self.decoder.queue), len(self.waiting)
+        """(running, waiting) requests; waiting counts those still in the inbox too."""
+        return len(self.decoder.rows) + len(self.decoder.queue), self._pending
 
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self._drain(block=not self.decoder.has_work and not self.waiting)
-            self._admit()
-            if self.decoder.has_work:
-                for update in self.decoder.step():
-                    self._post(update)
-            self._gauges()
+        try:
+            while not self._stop.is_set():
+                self._drain(block=not self.decoder.has_work and not self.waiting)
+                self._admit()
+                if self.decoder.has_work:
+                    self._step()
+                self._gauges()
+        except Exception as error:  # noqa: BLE001 - the supervisor: report, fail all, exit
+            log.exception("distillspec engine stopped")
+            self._die(f"{type(error).__name__}: {error}")
+
+    def _step(self) -> None:
+        try:
+            updates = self.decoder.step()
+        except Exception as error:  # noqa: BLE001 - contained: see _recover
+            self._recover(error)
+            return
+        self.failed_steps = 0
+        self.decoder.finished.clear()  # the server keeps no finished rows (bounded memory)
+        for update in updates:
+            self._post(update)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -117,11 +187,13 @@ class EngineWorker:
         elif kind == "cancel":
             if payload in self.waiting:
                 self.waiting.remove(payload)
+                self._unpend()
                 self._post(RowUpdate(payload, [], True, "cancelled"))
             else:
                 self.decoder.cancel(payload)
         elif kind == "swap":
             draft, version = payload
+            self.models = (self.models[0], draft, self.models[2])
             self.decoder.replace_draft(draft)
             self.draft_version = version
             if self.metrics is not None:
@@ -131,23 +203,109 @@ class EngineWorker:
         running, _ = self.load
         while self.waiting and running < self.max_batch:
             job = self.jobs[self.waiting.popleft()]
-            self.decoder.add(job.request)
+            self._unpend()
+            try:
+                self.decoder.add(job.request)
+            except Exception as error:  # noqa: BLE001 - this request fails, not the engine
+                self._fail(job.request.request_id, error)
+                continue
             running += 1
 
-    def _post(self, update: RowUpdate) -> None:
+    def _unpend(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def _recover(self, error: Exception) -> None:
+        """A step raised: re-run each of its rows alone (from what its client already has) on a
+        fresh Decoder; a row that fails alone is failed, the others go on together."""
+        rows = {row.request.request_id: row for row in self.decoder.rows + self.decoder.queue}
+        admitted = [rid for rid in self.jobs if rid not in self.waiting]
+        log.error("distillspec: a step failed for requests %s: %s: %s", admitted,
+                  type(error).__name__, error)
+        self.failed_steps += 1
+        if self.failed_steps > MAX_RECOVERIES:
+            raise RuntimeError(f"{self.failed_steps} failed steps in a row") from error
+        survivors = []
+        for request_id in admitted:
+            row = rows.get(request_id)
+            generator = row.generator if row is not None else None
+            if row is not None and row.finish_reason == "cancelled":
+                self._post(RowUpdate(request_id, [], True, "cancelled"))
+            elif len(admitted) == 1 or not self._alone_ok(request_id, generator):
+                self._fail(request_id, error, status=500)
+            elif request_id in self.jobs:
+                survivors.append((request_id, generator))
+        self.decoder = Decoder(*self.models)
+        for request_id, generator in survivors:
+            self.decoder.add(self._continuation(request_id), generator=generator)
+
+    def _alone_ok(self, request_id: int, generator: torch.Generator | None) -> bool:
+        """One step of this row alone on a fresh Decoder (its updates are posted)."""
+        self.decoder = Decoder(*self.models)
+        try:
+            self.decoder.add(self._continuation(request_id), generator=generator)
+            updates = self.decoder.step()
+        except Exception as error:  # noqa: BLE001 - this row is the culprit
+            log.error("distillspec: request %s fails alone: %s", request_id, error)
+            return False
+        for update in updates:
+            self._post(update)
+        return True
+
+    def _continuation(self, request_id: int) -> Request:
+        """The request as its client sees it now: prompt + tokens already sent, the rest of the
+        budget. (A seeded row's later tokens may differ from a run without the fault.)"""
+        request, sent = self.jobs[request_id].request, self.outputs[request_id]
+        return Request(request.prompt_ids + sent, request.max_new_tokens - len(sent),
+                       request.sampling, request.stop_token_ids, None, request_id)
+
+    def _fail(self, request_id: int, error: Exception, status: int | None = None) -> None:
+        status = status or (400 if isinstance(error, ValueError) else 500)
+        detail = str(error) if status == 400 else f"{type(error).__name__}: {error}"
+        self._post(RowFailure(request_id, status, f"The request failed in the engine: {detail}"))
+
+    def _die(self, reason: str) -> None:
+        self.dead = reason
+        self._fail_all(503, f"The decoding engine stopped ({reason}); retry shortly.")
+        if self.on_dead is not None:
+            self.on_dead()
+
+    def _fail_all(self, status: int, message: str) -> None:
+        while True:  # jobs still in the inbox were accepted too
+            try:
+                kind, payload = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                self._handle(kind, payload)
+        for request_id in list(self.jobs):
+            self._post(RowFailure(request_id, status, message))
+        self.waiting.clear()
+        with self._lock:
+            self._pending = 0
+
+    # -- results -------------------------------------------------------------------------------
+
+    def _post(self, update: RowUpdate | RowFailure) -> None:
         job = self.jobs.get(update.request_id)
         if job is None:
             return
-        if update.new_tokens and job.first_token is None:
-            job.first_token = time.perf_counter()
-        self.outputs[update.request_id] += update.new_tokens
-        if self.metrics is not None:
-            self.metrics.record_step(update)
-        job.loop.call_soon_threadsafe(job.updates.put_nowait, update)
+        if isinstance(update, RowUpdate):
+            if update.new_tokens and job.first_token is None:
+                job.first_token = time.perf_counter()
+            self.outputs[update.request_id] += update.new_tokens
+            if self.metrics is not None:
+                self.metrics.record_step(update)
+        # A closed event loop (shutdown) has nobody left to tell.
+        with contextlib.suppress(RuntimeError):
+            job.loop.call_soon_threadsafe(job.updates.put_nowait, update)
         if update.finished:
             output = self.outputs.pop(update.request_id)
             self.jobs.pop(update.request_id)
-            if self.on_finished is not None and update.finish_reason != "cancelled":
+            reason = getattr(update, "finish_reason", "error")
+            if self.on_finished is not None and reason not in ("cancelled", "error"):
                 self.on_finished(job.request, output)
 
     def _gauges(self) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from distillspec.tools.cli import build_parser
 
-COMMANDS = ["generate", "distill", "datagen", "bench", "demo", "export", "serve", "bench-serve", "models"]
+COMMANDS = [
+    "generate", "distill", "datagen", "bench", "demo", "study", "export", "serve", "bench-serve",
+    "models",
+]
 
 
 def cli_reference() -> str:

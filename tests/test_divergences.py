@@ -14,18 +14,25 @@ from distillspec.training.divergences import (
     DIVERGENCES,
     LOG_PROB_FLOOR,
     align_vocab,
+    filter_tokens,
     forward_kl,
     get_divergence,
     jsd,
+    kept_token_count,
+    lk,
     masked_sum,
     reduce_per_sequence,
     reduce_per_token,
     reverse_kl,
+    sparse_divergence,
+    sparse_forward_kl,
+    tail_bucket_divergence,
+    tail_bucket_log_probs,
     tvd,
 )
 
 NEG_INF = float("-inf")
-ALL_NAMES = ("fkl", "rkl", "jsd", "tvd")
+ALL_NAMES = ("fkl", "rkl", "jsd", "tvd", "lk")
 
 
 def logits_of(probs: list[float]) -> torch.Tensor:
@@ -49,6 +56,12 @@ def jsd_hand(p: list[float], q: list[float], beta: float) -> float:
 
 def tvd_hand(p: list[float], q: list[float]) -> float:
     return 0.5 * sum(abs(p_i - q_i) for p_i, q_i in zip(p, q, strict=True))
+
+
+def lk_hand(p: list[float], q: list[float], kl_weight: float = 0.0) -> float:
+    """-log sum min(p, q) with each probability floored at 1e-30 (the documented floor)."""
+    overlap = sum(min(max(p_i, 1e-30), max(q_i, 1e-30)) for p_i, q_i in zip(p, q, strict=True))
+    return (1 - kl_weight) * -math.log(overlap) + kl_weight * kl_hand(p, q)
 
 
 def softmax64(logits: torch.Tensor) -> torch.Tensor:
@@ -165,6 +178,7 @@ def test_random_inputs_match_float64_formulas():
         "rkl": kl64(draft_probs, target_probs),
         "jsd": 0.3 * kl64(target_probs, m) + 0.7 * kl64(draft_probs, m),
         "tvd": 0.5 * (target_probs - draft_probs).abs().sum(dim=-1),
+        "lk": -torch.minimum(target_probs, draft_probs).sum(dim=-1).log(),
     }
     for name, want in expected.items():
         kw = {"beta": 0.3} if name == "jsd" else {}
@@ -195,6 +209,9 @@ def test_temperature_divides_both_logits():
     assert value("tvd", draft_logits, target_logits, temperature=2.0) == pytest.approx(
         tvd_hand(p2, q2), rel=1e-5
     )
+    assert value("lk", draft_logits, target_logits, temperature=2.0) == pytest.approx(
+        lk_hand(p2, q2), rel=1e-5
+    )
 
 
 # --- -inf logits: finite values and gradients ---------------------------------------------------
@@ -221,6 +238,8 @@ INF_CASES = {
         ("jsd", {"beta": 0.0}, lambda q, p: 0.0),
         ("jsd", {"beta": 1.0}, lambda q, p: 0.0),
         ("tvd", {}, lambda q, p: tvd_hand(p, q)),
+        ("lk", {}, lambda q, p: lk_hand(p, q)),
+        ("lk", {"kl_weight": 0.3}, lambda q, p: lk_hand(p, q, 0.3)),
     ],
 )
 def test_inf_logits_give_finite_values_and_gradients(case, name, kw, hand):
@@ -420,8 +439,6 @@ def test_bad_temperature_raises(name, temperature):
 
 
 def test_sparse_forward_kl_equals_forward_kl_with_the_full_vocabulary():
-    from distillspec.training.divergences import forward_kl, sparse_forward_kl
-
     generator = torch.Generator().manual_seed(0)
     draft = torch.randn(3, 5, 11, generator=generator)
     target = torch.randn(3, 5, 11, generator=generator)
@@ -443,3 +460,290 @@ def test_sparse_forward_kl_equals_forward_kl_with_the_full_vocabulary():
     draft.requires_grad_(True)
     sparse_forward_kl(draft, padded_ids, padded).sum().backward()
     assert torch.isfinite(draft.grad).all()
+
+
+# --- lk: -log of the acceptance rate -------------------------------------------------------------
+
+
+def overlap_by_loops(target_logits: torch.Tensor, draft_logits: torch.Tensor) -> list[float]:
+    """sum_v min(p_v, q_v) per position, with explicit loops over float64 softmaxes."""
+    rows = []
+    for target_row, draft_row in zip(target_logits.reshape(-1, target_logits.shape[-1]),
+                                     draft_logits.reshape(-1, draft_logits.shape[-1])):
+        p = [math.exp(x) for x in target_row.double().tolist()]
+        q = [math.exp(x) for x in draft_row.double().tolist()]
+        rows.append(sum(min(p_v / sum(p), q_v / sum(q)) for p_v, q_v in zip(p, q)))
+    return rows
+
+
+def test_lk_is_minus_log_of_the_overlap():
+    generator = torch.Generator().manual_seed(7)
+    draft_logits = torch.randn(2, 3, 9, generator=generator) * 2
+    target_logits = torch.randn(2, 3, 9, generator=generator) * 2
+    expected = [-math.log(o) for o in overlap_by_loops(target_logits, draft_logits)]
+    out = lk(draft_logits, target_logits)
+    assert out.shape == (2, 3) and out.dtype == torch.float32
+    assert out.flatten().tolist() == pytest.approx(expected, rel=1e-5)
+    # = -log(1 - TVD), and lk >= TVD (since -log(1 - x) >= x)
+    torch.testing.assert_close(out, -torch.log1p(-tvd(draft_logits, target_logits)), atol=1e-5,
+                               rtol=1e-5)
+    assert (out >= tvd(draft_logits, target_logits) - 1e-6).all()
+    assert lk(logits_of(Q), logits_of(P)).item() == pytest.approx(-math.log(0.6), rel=1e-6)
+
+
+def test_lk_at_a_one_hot_target_is_the_cross_entropy():
+    """One-hot P on id a: sum min(P, Q) = Q(a), so lk = -log Q(a), gradient Q - P."""
+    generator = torch.Generator().manual_seed(8)
+    draft_logits = torch.randn(3, 4, 10, generator=generator).requires_grad_()
+    labels = torch.randint(0, 10, (3, 4), generator=generator)
+    target_logits = torch.full((3, 4, 10), NEG_INF).scatter(-1, labels.unsqueeze(-1), 0.0)
+    out = lk(draft_logits, target_logits)
+    cross_entropy = torch.nn.functional.cross_entropy(
+        draft_logits.reshape(-1, 10), labels.flatten(), reduction="none").view(3, 4)
+    torch.testing.assert_close(out, cross_entropy, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    expected = torch.softmax(draft_logits.detach(), -1) - torch.softmax(target_logits, -1)
+    torch.testing.assert_close(draft_logits.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lk_kl_weight_mixes_in_forward_kl():
+    generator = torch.Generator().manual_seed(9)
+    draft_logits, target_logits = torch.randn(2, 3, 7, generator=generator).unbind(0)
+    pure = lk(draft_logits, target_logits)
+    forward = forward_kl(draft_logits, target_logits)
+    for weight in (0.25, 1.0):
+        mixed = get_divergence("lk", kl_weight=weight)(draft_logits, target_logits)
+        torch.testing.assert_close(mixed, (1 - weight) * pure + weight * forward)
+
+
+def test_lk_floor_keeps_disjoint_supports_finite():
+    """Disjoint supports: every min is a floored 1e-30, so lk = -log(V * 1e-30), no NaN."""
+    draft_logits = logits_of([0.0, 0.5, 0.5]).float().requires_grad_()
+    out = lk(draft_logits, logits_of([1.0, 0.0, 0.0]).float())
+    assert out.item() == pytest.approx(-math.log(3e-30), rel=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(draft_logits.grad).all()
+
+
+def test_lk_gradient_does_not_vanish_at_low_overlap():
+    """Where the overlap is small TVD's gradient is tiny; lk's is that divided by the overlap."""
+    draft_logits = torch.tensor([[[8.0, 0.0, 0.0, 0.0]]], requires_grad=True)
+    target_logits = torch.tensor([[[0.0, 8.0, 0.0, 0.0]]])
+    tvd(draft_logits, target_logits).sum().backward()
+    tvd_grad = draft_logits.grad.norm().item()
+    draft_logits.grad = None
+    lk(draft_logits, target_logits).sum().backward()
+    overlap = 1 - tvd(draft_logits, target_logits).item()
+    assert draft_logits.grad.norm().item() == pytest.approx(tvd_grad / overlap, rel=1e-3)
+    assert draft_logits.grad.norm().item() > 100 * tvd_grad
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan")])
+def test_bad_kl_weight_raises(weight):
+    with pytest.raises(ValueError, match=r"kl_weight must be in \[0, 1\]"):
+        lk(logits_of(Q), logits_of(P), kl_weight=weight)
+    with pytest.raises(ValueError, match="kl_weight"):
+        get_divergence("lk", kl_weight=weight)
+    with pytest.raises(TypeError, match="kl_weight"):
+        get_divergence("tvd", kl_weight=0.5)
+
+
+# --- the cached top-k with a tail bucket ---------------------------------------------------------
+
+OPTIONS = {"fkl": {}, "rkl": {}, "jsd": {"beta": 0.3}, "tvd": {}, "lk": {"kl_weight": 0.4}}
+
+
+def topk_case(seed: int, vocab: int = 13, k: int = 13, scale: float = 2.0):
+    """Random draft/target logits and the target's top-k (shuffled order) as float32 log-probs."""
+    generator = torch.Generator().manual_seed(seed)
+    draft_logits = torch.randn(3, 4, vocab, generator=generator) * scale
+    target_logits = torch.randn(3, 4, vocab, generator=generator) * scale
+    values, ids = torch.log_softmax(target_logits, dim=-1).topk(k)
+    order = torch.randperm(k, generator=generator)
+    return draft_logits, target_logits, ids[..., order], values[..., order]
+
+
+def with_absent_entries(ids: torch.Tensor, values: torch.Tensor, count: int = 2):
+    """The same cache with ``count`` absent entries (id -1, log-prob -inf) appended."""
+    absent_ids = torch.full((*ids.shape[:-1], count), -1, dtype=ids.dtype)
+    absent = torch.full((*values.shape[:-1], count), NEG_INF)
+    return torch.cat([ids, absent_ids], dim=-1), torch.cat([values, absent], dim=-1)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_tail_bucket_is_exact_at_full_k(name):
+    """k = V: the tail is empty and every divergence equals its full-vocabulary value, also
+    with absent entries appended (they must not duplicate any id's mass)."""
+    draft_logits, target_logits, ids, values = topk_case(10)
+    divergence = get_divergence(name, **OPTIONS[name])
+    full = divergence(draft_logits, target_logits)
+    bucket = tail_bucket_divergence(divergence, draft_logits, ids, values)
+    # fkl: the rounding residue of the float32 target tail (~1e-7) meets Q_tail = 0 (log 1e-30).
+    torch.testing.assert_close(bucket, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tail_bucket_divergence(divergence, draft_logits, *with_absent_entries(ids, values)),
+        bucket, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse_divergence(divergence)(draft_logits, ids, values), full,
+                               atol=1e-5, rtol=1e-5)
+    grad_draft = draft_logits.clone().requires_grad_()
+    tail_bucket_divergence(divergence, grad_draft, ids, values).sum().backward()
+    grad_full = draft_logits.clone().requires_grad_()
+    divergence(grad_full, target_logits).sum().backward()
+    torch.testing.assert_close(grad_draft.grad, grad_full.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_tail_bucket_log_probs_by_hand():
+    """Draft tail = its mass off the listed ids (id 0 included when only absent entries sit
+    there), target tail = 1 - its listed mass; both sum to 1 over k + 1."""
+    q = [0.1, 0.2, 0.3, 0.4]
+    p = [0.5, 0.1, 0.15, 0.25]
+    ids = torch.tensor([[[3, 1, -1]]])
+    values = torch.tensor([[[math.log(0.25), math.log(0.1), NEG_INF]]])
+    draft_log_probs, target_log_probs = tail_bucket_log_probs(logits_of(q), ids, values)
+    assert draft_log_probs.dtype == target_log_probs.dtype == torch.float32
+    expected_draft = [0.4, 0.2, 0.0, 0.1 + 0.3]
+    expected_target = [0.25, 0.1, 0.0, 1 - 0.25 - 0.1]
+    assert draft_log_probs.exp().flatten().tolist() == pytest.approx(expected_draft, rel=1e-6)
+    assert target_log_probs.exp().flatten().tolist() == pytest.approx(expected_target, rel=1e-6)
+    assert math.isinf(draft_log_probs[0, 0, 2].item()) and sum(p) == pytest.approx(1.0)
+
+
+def test_tail_bucket_ids_beyond_the_draft_vocabulary_keep_their_target_mass():
+    """A target id the (narrower) draft lacks has Q = 0, as align_vocab gives the dense path."""
+    generator = torch.Generator().manual_seed(11)
+    draft_logits = torch.randn(2, 3, 10, generator=generator)
+    target_logits = torch.randn(2, 3, 12, generator=generator)
+    values, ids = torch.log_softmax(target_logits, dim=-1).topk(12)
+    for name in ("tvd", "rkl", "jsd", "lk"):
+        divergence = get_divergence(name)
+        torch.testing.assert_close(tail_bucket_divergence(divergence, draft_logits, ids, values),
+                                   divergence(draft_logits, target_logits), atol=1e-5, rtol=1e-5)
+
+
+def tail_masses(draft_logits, target_logits, ids):
+    """float64 (P, Q) and their masses t_P, t_Q off the ``ids``."""
+    target_probs, draft_probs = softmax64(target_logits), softmax64(draft_logits)
+    listed = torch.zeros_like(target_probs, dtype=torch.bool).scatter(-1, ids.long(), True)
+    return (target_probs, draft_probs, target_probs.masked_fill(listed, 0.0),
+            draft_probs.masked_fill(listed, 0.0))
+
+
+@pytest.mark.parametrize("seed", [12, 13, 14])
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_tail_bucket_error_bounds_at_small_k(seed, k):
+    """Merging the tail can only lower each divergence, by at most (with t_P, t_Q the tails):
+    tvd min(t_P, t_Q) (triangle inequality); the overlap rises by as much at most; fkl loses
+    exactly t_P KL(P|tail || Q|tail), rkl t_Q KL(Q|tail || P|tail) (chain rule); jsd at most
+    (beta t_P + (1 - beta) t_Q) log 2 (a weighted JS divergence of the tails)."""
+    draft_logits, target_logits, ids, values = topk_case(seed, vocab=16, k=k, scale=1.5)
+    p, q, p_tail, q_tail = tail_masses(draft_logits, target_logits, ids)
+    t_p, t_q = p_tail.sum(-1), q_tail.sum(-1)
+    assert (t_p > 0.01).all() and t_p.mean() > 0.1  # a real tail: bounds not trivially met
+
+    def gap(name):
+        divergence = get_divergence(name, **OPTIONS[name])
+        bucket = tail_bucket_divergence(divergence, draft_logits, ids, values).double()
+        return divergence(draft_logits, target_logits).double() - bucket, bucket
+
+    eps = 1e-5
+    tvd_gap, tvd_bucket = gap("tvd")
+    assert (tvd_gap >= -eps).all() and (tvd_gap <= torch.minimum(t_p, t_q) + eps).all()
+    overlap_gain = tvd_gap  # overlap = 1 - tvd
+    assert (overlap_gain <= t_p + eps).all()
+    lk_divergence = get_divergence("lk")
+    lk_gap = lk_divergence(draft_logits, target_logits).double() - tail_bucket_divergence(
+        lk_divergence, draft_logits, ids, values).double()
+    bucket_overlap = 1 - tvd_bucket
+    lk_bound = -torch.log1p(-torch.minimum(t_p, t_q) / bucket_overlap)
+    assert (lk_gap >= -eps).all() and (lk_gap <= lk_bound + eps).all()
+    conditional_kl = (p_tail / t_p.unsqueeze(-1) * ((p_tail / t_p.unsqueeze(-1)).log()
+                      - (q_tail / t_q.unsqueeze(-1)).log())).nan_to_num().sum(-1)
+    torch.testing.assert_close(gap("fkl")[0], t_p * conditional_kl, atol=eps, rtol=1e-4)
+    reverse_conditional = (q_tail / t_q.unsqueeze(-1) * ((q_tail / t_q.unsqueeze(-1)).log()
+                           - (p_tail / t_p.unsqueeze(-1)).log())).nan_to_num().sum(-1)
+    torch.testing.assert_close(gap("rkl")[0], t_q * reverse_conditional, atol=eps, rtol=1e-4)
+    jsd_gap = gap("jsd")[0]
+    beta = OPTIONS["jsd"]["beta"]
+    assert (jsd_gap >= -eps).all()
+    assert (jsd_gap <= (beta * t_p + (1 - beta) * t_q) * math.log(2) + eps).all()
+    assert p.shape == q.shape
+
+
+def test_tail_bucket_gradients_stay_finite_with_absent_rows():
+    draft_logits, _, ids, values = topk_case(15, k=3)
+    ids, values = with_absent_entries(ids, values)
+    ids[0, 0], values[0, 0] = -1, NEG_INF  # a position with nothing cached
+    for name in ALL_NAMES:
+        draft = draft_logits.clone().requires_grad_()
+        out = sparse_divergence(get_divergence(name, **OPTIONS[name]))(draft, ids, values)
+        assert torch.isfinite(out).all(), name
+        if name != "fkl":  # sparse_forward_kl: meaningless there, masked by the caller
+            assert out[0, 0].abs().item() < 1e-5, name  # P = Q = the tail bucket alone
+        out.sum().backward()
+        assert torch.isfinite(draft.grad).all(), name
+
+
+def test_sparse_divergence_keeps_renormalised_fkl_and_refuses_tail_temperature():
+    draft_logits, _, ids, values = topk_case(16, k=4)
+    for temperature in (1.0, 0.7):
+        fkl = sparse_divergence(get_divergence("fkl", temperature=temperature))
+        torch.testing.assert_close(fkl(draft_logits, ids, values),
+                                   sparse_forward_kl(draft_logits, ids, values,
+                                                     temperature=temperature))
+    with pytest.raises(ValueError, match="temperature 1"):
+        sparse_divergence(get_divergence("tvd", temperature=0.7))
+    with pytest.raises(ValueError, match="temperature 1"):
+        tail_bucket_divergence(get_divergence("jsd", temperature=2.0), draft_logits, ids, values)
+    bound = sparse_divergence(get_divergence("jsd", beta=0.2, temperature=1.0))
+    torch.testing.assert_close(
+        bound(draft_logits, ids, values),
+        tail_bucket_divergence(get_divergence("jsd", beta=0.2), draft_logits, ids, values))
+
+
+# --- AdaSPEC token filter -----------------------------------------------------------------------
+
+
+def test_kept_token_count_rounds_up_without_float_noise():
+    assert kept_token_count(10, 0.7) == 7  # 0.7 * 10 = 7.000000000000001
+    assert kept_token_count(10, 0.25) == 3
+    assert kept_token_count(3, 0.01) == 1  # any token at all keeps at least one
+    assert kept_token_count(0, 0.5) == 0
+    assert kept_token_count(17, 1.0) == 17
+    for bad in (0.0, -0.5, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=r"keep_fraction must be in \(0, 1\]"):
+            kept_token_count(10, bad)
+
+
+def filter_case(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    draft = torch.rand(4, 9, generator=generator)
+    reference = torch.rand(4, 9, generator=generator)
+    lengths = torch.tensor([9, 3, 0, 6])
+    mask = torch.arange(9) < lengths.unsqueeze(1)
+    return draft, reference, mask
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.77, 1.0])
+def test_filter_keeps_exactly_the_intended_count_of_largest_gaps(fraction):
+    draft, reference, mask = filter_case(17)
+    kept = filter_tokens(draft, reference, mask.float(), fraction)
+    assert kept.dtype == torch.bool and kept.shape == mask.shape
+    count = math.ceil(fraction * 18 - 1e-9)
+    assert int(kept.sum()) == count and not (kept & ~mask).any()
+    gaps = [(d - r, i) for i, (d, r, m) in enumerate(
+        zip(draft.flatten().tolist(), reference.flatten().tolist(), mask.flatten().tolist())) if m]
+    chosen = {i for _, i in sorted(gaps, key=lambda g: -g[0])[:count]}
+    assert set(kept.flatten().nonzero().flatten().tolist()) == chosen
+    if fraction == 1.0:
+        assert torch.equal(kept, mask)
+
+
+def test_filter_breaks_ties_by_position_and_ignores_masked_out_values():
+    draft = torch.tensor([[1.0, 1.0, 5.0, float("nan")], [1.0, 1.0, 0.0, float("inf")]])
+    reference = torch.zeros(2, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    kept = filter_tokens(draft, reference, mask, 0.5)  # 3 of 6: gap 5, then the first two 1s
+    assert kept.tolist() == [[True, True, True, False], [False, False, False, False]]
+    assert not filter_tokens(draft, reference, torch.zeros(2, 4), 0.5).any()
+    with pytest.raises(ValueError, match="shape"):
+        filter_tokens(draft, reference[:, :3], mask, 0.5)

@@ -79,7 +79,7 @@ def initial_eval(run: Path) -> dict:
     return next(line for line in lines if line.get("eval") in ("start",))
 
 
-@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd"])
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd", "lk"])
 @pytest.mark.parametrize("policy", ["fixed", "teacher", "draft", "mixed"])
 def test_each_policy_and_divergence_raises_alpha(workspace, policy, divergence):
     run = workspace / f"run-{policy}-{divergence}"
@@ -279,3 +279,104 @@ def test_teacher_topk_dir_that_is_a_file_is_refused(workspace):
     with pytest.raises(ValueError, match="teacher_topk_dir .* is a file"):
         distill(recipe(workspace, output_dir=str(workspace / "topk-dir-file"), teacher_topk=8,
                        teacher_topk_dir=str(workspace / "not-a-folder")))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(divergence="lk", lk_kl_weight=1.5), r"lk_kl_weight must be in \[0, 1\]"),
+        (dict(filter_keep=0.0, filter_reference="target-layers:2"), r"filter_keep must be in"),
+        (dict(filter_keep=1.2, filter_reference="target-layers:2"), r"filter_keep must be in"),
+        (dict(filter_keep=0.5), "filter_reference is not set"),
+        (dict(filter_reference="target-layers:2"), "filter_keep 1 turns off"),
+        (dict(teacher_topk=8, divergence="tvd", loss_temperature=2.0), "loss_temperature 1"),
+    ],
+)
+def test_divergence_and_filter_knobs_are_validated(workspace, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        recipe(workspace, **overrides)
+
+
+def test_every_divergence_is_allowed_with_teacher_topk_and_lk_takes_its_weight(workspace):
+    for name in ("rkl", "jsd", "tvd", "lk"):
+        assert recipe(workspace, teacher_topk=8, divergence=name).teacher_topk == 8
+    assert recipe(workspace, teacher_topk=8, loss_temperature=2.0).loss_temperature == 2.0  # fkl
+    options = recipe(workspace, divergence="lk", lk_kl_weight=0.3).divergence_options()
+    assert options == {"temperature": 1.0, "kl_weight": 0.3}
+    get_divergence("lk", **options)  # the options are the function's own
+
+
+def test_teacher_topk_with_the_tail_bucket_matches_exact_at_full_k(workspace):
+    """jsd on the k + 1 tail-bucket categories: k = V reproduces the exact path (jsd, not tvd
+    or lk, whose gradients jump where P = Q: the float16 cache's rounding flips a few); lk
+    (half forward KL) at a small k trains without target forwards too."""
+    trained_like_exact(workspace, "topk-full-jsd", 96, policy="fixed", divergence="jsd",
+                       max_steps=6, eval_tau_prompts=0)
+    small = workspace / "topk-8-lk"
+    distill(recipe(workspace, output_dir=str(small), teacher_topk=8, max_steps=4,
+                   policy="fixed", divergence="lk", lk_kl_weight=0.5, eval_tau_prompts=0))
+    records = [json.loads(line) for line in (small / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4 and all(0 < r["loss"] < 100 for r in steps)
+    assert all(r["time_target_forward"] < 0.05 for r in steps)
+
+
+def test_filtered_step_normalises_by_the_kept_tokens(workspace):
+    """The step's loss is the sum over the filter's kept tokens (ceil(keep n) per micro-batch,
+    chosen by the gap draft - reference) divided by their global count."""
+    import math
+
+    from accelerate import Accelerator
+
+    from distillspec.models.drafts import truncate_layers
+    from distillspec.training.divergences import filter_tokens, masked_sum
+
+    target = AutoModelForCausalLM.from_pretrained(workspace / "target").eval()
+    draft, reference = truncate_layers(target, 1).train(), truncate_layers(target, 2).eval()
+    rng = random.Random(2)
+    prompts = [[rng.randrange(4, 96) for _ in range(rng.randrange(1, 5))] for _ in range(6)]
+    completions = [[rng.randrange(4, 96) for _ in range(rng.randrange(1, 7))] for _ in range(6)]
+    batches = [build_batch(prompts[:3], completions[:3], 0),
+               build_batch(prompts[3:], completions[3:], 0)]
+    divergence, keep = get_divergence("tvd"), 0.4
+    expected_sum, expected_kept = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids)
+            target_logits = target(**inputs).logits
+            draft_per_token = divergence(draft(**inputs).logits, target_logits)
+            reference_per_token = divergence(reference(**inputs).logits, target_logits)
+            kept = filter_tokens(draft_per_token, reference_per_token, batch.loss_mask, keep)
+            assert int(kept.sum()) == math.ceil(keep * batch.num_loss_tokens)
+            expected_sum += float(masked_sum(draft_per_token, kept))
+            expected_kept += int(kept.sum())
+    optimizer = torch.optim.SGD(draft.parameters(), lr=0.0)
+    step = Optimisation(Accelerator(cpu=True), draft, target, divergence, optimizer,
+                        make_scheduler(optimizer, recipe(workspace)), clip_grad_norm=0.0,
+                        reference=reference, filter_keep=keep)
+    result = step.step(batches)
+    assert result["tokens"] == sum(b.num_loss_tokens for b in batches)
+    assert result["tokens_kept"] == expected_kept < result["tokens"]
+    assert result["loss"] == pytest.approx(expected_sum / expected_kept, rel=1e-5)
+    assert result["time_reference_forward"] > 0
+    with pytest.raises(ValueError, match="no reference model"):
+        Optimisation(Accelerator(cpu=True), draft, target, divergence, optimizer,
+                     make_scheduler(optimizer, recipe(workspace)), filter_keep=0.5)
+
+
+def test_token_filter_run_trains_and_logs_the_kept_tokens(workspace):
+    run = workspace / "filter"
+    distill(recipe(workspace, output_dir=str(run), max_steps=4, grad_accum=2, eval_tau_prompts=0,
+                   divergence="lk", filter_reference="target-layers:2", filter_keep=0.5))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 4
+    for record in steps:  # ceil(0.5 n) of each of the 2 micro-batches
+        assert 0.5 * record["tokens"] <= record["tokens_kept"] <= 0.5 * record["tokens"] + 2
+        assert 0 < record["loss"] < 100
+    target = load_file(workspace / "target" / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(final_weights(run)[name], target[name])
+    saved = yaml.safe_load((run / "final" / "distill_config.yaml").read_text())
+    assert saved["filter_keep"] == 0.5 and saved["filter_reference"] == "target-layers:2"

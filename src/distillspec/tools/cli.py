@@ -1,4 +1,4 @@
-"""Command line: ``distillspec generate | distill | datagen | bench | demo | models``.
+"""Command line: ``distillspec generate | distill | datagen | bench | demo | study | models``.
 
 The parser is built from the config dataclasses only (no torch, no transformers), so ``--help``
 is instant; each command imports what it needs when it runs. ``main`` is the one error
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         ExportConfig,
         GenerateConfig,
         ServeConfig,
+        StudyConfig,
     )
 
     parser = argparse.ArgumentParser(
@@ -79,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
         "reused by the next run (--fresh starts over).",
     )
     add_arguments(demo, DemoConfig)
+    study = commands.add_parser(
+        "study",
+        help="Search recipes: divergence x data source x task x seed, each a short distill run.",
+        description="Run every cell of the grid (a short distillation at an equal budget, the "
+        "target loaded once), measure alpha at greedy and sampled decoding and the predicted "
+        "SD speed-up, and write study.json, study.md (tables with the winner and the cells "
+        "within seed noise of it), heatmaps and the winner per task and decoding as a "
+        "distill --config YAML. Rerunning the same command skips finished cells and resumes "
+        "the interrupted one.",
+    )
+    study.add_argument("--config", help="YAML whose keys are the options below (recipe: nested).")
+    add_arguments(study, StudyConfig)
     export = commands.add_parser(
         "export",
         help="Export a draft for transformers/vLLM (hf, vllm) or llama.cpp (gguf).",
@@ -205,6 +218,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from distillspec.tools.demo import run_demo
 
         run_demo(build(DemoConfig, namespace=args))
+        return 0
+    if args.command == "study":
+        from distillspec.tools.configs import StudyConfig
+        from distillspec.tools.study import run_study
+
+        run_study(build(StudyConfig, load_recipe(args.config), args))
         return 0
     if args.command == "export":
         from distillspec.tools.configs import ExportConfig

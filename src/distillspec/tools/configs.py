@@ -1,4 +1,5 @@
-"""The tools' configs: ``generate``, ``bench`` and ``demo``. No torch here (fast ``--help``).
+"""The tools' configs: ``generate``, ``bench``, ``demo``, ``study``, ... No torch here (fast
+``--help``).
 
 The demo's distillation recipe is a ``DistillConfig`` section whose defaults are the demo's
 overrides (``DEMO_RECIPE``): one declaration per knob, reachable as ``--distill.KNOB``.
@@ -7,6 +8,7 @@ overrides (``DEMO_RECIPE``): one declaration per knob, reachable as ``--distill.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig
@@ -15,8 +17,10 @@ from distillspec.decoding.params import (
     MAX_GAMMA,
     SamplingConfig,
     SpeculationConfig,
+    check_seed,
 )
 from distillspec.decoding.tree import Tree
+from distillspec.tools.study_grid import Cell, Grid, Layout, cell_recipe
 from distillspec.training.config import MAX_BATCH, MAX_TOKENS, DistillConfig, target_knob
 
 EXAMPLE_PROMPT = "Write a short poem about the sea."
@@ -73,6 +77,7 @@ class GenerateConfig:
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         require_at_least(self, 1, "max_new_tokens", "batch_size")
         require_at_most(self, MAX_TOKENS, "max_new_tokens")
         require_at_most(self, MAX_BATCH, "batch_size")
@@ -127,6 +132,7 @@ class BenchConfig:
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         require_at_least(self, 1, "num_prompts", "max_new_tokens", "repeats", "max_prompt_tokens")
         require_at_most(self, MAX_TOKENS, "max_new_tokens", "max_prompt_tokens")
         require_at_most(self, 100, "repeats")
@@ -265,7 +271,11 @@ class ServeConfig:
     api_key: str | None = knob(None, "Require 'Authorization: Bearer KEY' on every /v1 request.")
     model_name: str | None = knob(None, "The model id clients use (default: the target spec).")
     max_batch: int = knob(16, "Requests decoded together; more wait in a queue.")
-    max_waiting: int = knob(256, "Queued requests beyond which new ones get 503.")
+    max_waiting: int = knob(
+        256, "Accepted requests not yet decoding beyond which new ones get 503 with Retry-After.")
+    drain_seconds: float = knob(
+        10.0, "On SIGTERM/SIGINT: stop accepting, let in-flight requests finish for this many "
+        "seconds, then cancel them and exit; a second signal exits at once.")
     chat_template: bool = knob(True, "Apply the tokenizer's chat template in /v1/chat/completions.")
     measured_setting: bool = measured_setting_knob()
     compile: str = compile_knob(
@@ -291,6 +301,8 @@ class ServeConfig:
         require_at_most(self, MAX_BATCH, "max_batch")
         if not self.distill_minutes > 0:
             raise ValueError(f"distill_minutes must be > 0, got {self.distill_minutes}.")
+        if not 0 <= self.drain_seconds <= 3600:
+            raise ValueError(f"drain_seconds must be in [0, 3600], got {self.drain_seconds}.")
 
 
 @dataclass(frozen=True)
@@ -317,3 +329,126 @@ class BenchServeConfig:
         require_at_most(self, 10_000, "num_requests")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:
             raise ValueError(f"concurrency must list values in 1..256, got {self.concurrency}.")
+
+
+# The study's base recipe: the demo's (cached top-k on the target's answers, frozen embeddings,
+# lr 3e-3, the draft the demo chose on a 2-core CPU), evaluated only at the start and the end of
+# each cell, with a few prompts of real greedy SD for tau.
+STUDY_RECIPE = dict(
+    draft_init="target-layers:2:vocab=8192",
+    policy="fixed",  # each cell sets its own; fixed lets the base recipe carry teacher_topk
+    teacher_topk=32,
+    train_embeddings=False,
+    lr=3e-3,
+    max_new_tokens=64,
+    max_completion_tokens=64,
+    eval_every=0,
+    save_every=60,
+    keep_checkpoints=1,
+    eval_prompts=12,
+    eval_tau_prompts=2,
+    eval_max_new_tokens=64,
+)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``distillspec study``: divergence x data source x task x seed, each a short distillation
+    at an equal budget, measured at greedy and sampled decoding."""
+
+    tasks: list[str] = knob(
+        ["chat=self:1024@builtin:chat:heldout@builtin:chat:train"],
+        "Tasks, each NAME=TRAIN[@CHOICE[@REPORT]]: TRAIN the training prompts (builtin:NAME, a "
+        "data file, or self:N = N prompts the target writes itself, Magpie); CHOICE the "
+        "held-out prompts every cell is evaluated on and the winner chosen by (default for "
+        "builtin:NAME: builtin:NAME:heldout); REPORT optional other held-out prompts every cell "
+        "is also measured on, to report the winner on prompts that did not choose it. The "
+        "default trains on 1024 self-written prompts, chooses on the held-out hand-written chat "
+        "prompts and reports on the other hand-written ones.",
+    )
+    divergences: list[str] = knob(
+        ["fkl", "rkl", "jsd:0.5", "tvd", "lk"],
+        "Divergences, NAME[:VALUE]: fkl, rkl, jsd[:beta], tvd, lk[:forward-KL weight].",
+    )
+    data_sources: list[str] = knob(
+        ["teacher-greedy", "teacher-t1", "onpolicy", "mixed:0.5", "warm:0.25"],
+        "Where completions come from: teacher-greedy / teacher-t1 (the target's answers, "
+        "generated once per task, greedy or at T=1), onpolicy (the draft's samples, scored "
+        "live), mixed:L (a fraction L of on-policy batches, the rest cached answers: GKD's "
+        "lambda), warm:F (cached answers for the first fraction F of the budget, then "
+        "on-policy).",
+    )
+    seeds: list[int] = knob([0, 1], "Seeds: every (task, divergence, data source) runs once per seed.")
+    minutes: float = knob(
+        3.0, "Training budget of every cell in minutes (0: steps only); evaluation not included."
+    )
+    steps: int = knob(0, "Step budget of every cell (0: minutes only); with both, the first to end.")
+    mix_answers: str = knob(
+        "greedy", "The cached answers mixed:L and warm:F replay: greedy or t1.",
+        choices=("greedy", "t1"),
+    )
+    gammas: list[int] = knob(
+        [1, 2, 3, 4], "Lookaheads the predicted SD speed-up of each cell is maximised over."
+    )
+    report_prompts: int = knob(32, "Prompts of a task's REPORT split measured per cell.")
+    keep_drafts: bool = knob(
+        False,
+        "Keep every cell's trained draft (cells/ID/final: 4 bytes per draft parameter each). "
+        "Off: once every cell has finished, only the winners' drafts are kept.",
+    )
+    out: str = knob(
+        "runs/study", "Output folder: study.json, study.md, heatmaps, winners/*.yaml, cells/."
+    )
+    fresh: bool = knob(
+        False, "Discard an earlier study in --out (only what studies wrote there) and start over."
+    )
+    recipe: DistillConfig = section(
+        DistillConfig, "The base recipe of every cell (--recipe.KNOB). The study sets each "
+        "cell's divergence (and its option), policy, data, eval_data, seed, budget and "
+        "output_dir.", **STUDY_RECIPE
+    )
+
+    def __post_init__(self) -> None:
+        require_at_least(self, 0, "minutes", "steps")
+        require_at_least(self, 1, "report_prompts")
+        require_at_most(self, MAX_BATCH, "report_prompts")
+        if not self.minutes and not self.steps:
+            raise ValueError(
+                "The study needs a budget per cell: --minutes M, --steps N, or both (the first "
+                "to end stops a cell)."
+            )
+        for seed in self.seeds:
+            check_seed(seed, "seeds")
+        if not self.gammas or min(self.gammas) < 1 or max(self.gammas) > MAX_GAMMA:
+            raise ValueError(f"gammas must lie in 1..{MAX_GAMMA}, got {self.gammas}.")
+        grid = self.grid()
+        recipe = self.recipe
+        if grid.answer_sets and recipe.max_completion_tokens < recipe.max_new_tokens:
+            raise ValueError(
+                f"recipe.max_completion_tokens ({recipe.max_completion_tokens}) is below "
+                f"recipe.max_new_tokens ({recipe.max_new_tokens}): the cached answers would be cut "
+                "when loaded. Raise max_completion_tokens to at least max_new_tokens."
+            )
+        for cell in grid.cells:
+            self.cell_recipe(cell)  # every cell's recipe is valid before anything runs
+
+    def grid(self) -> Grid:
+        """The grid strings parsed into tasks, divergences, data sources and cells."""
+        return Grid.parse(self.tasks, self.divergences, self.data_sources, self.seeds,
+                          self.mix_answers)
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(Path(self.out).expanduser().resolve())
+
+    def cell_recipe(self, cell: Cell, draft_init: str | None = None) -> DistillConfig:
+        """The cell's DistillConfig (errors name the cell)."""
+        try:
+            return cell_recipe(self.recipe, cell, self.layout, minutes=self.minutes,
+                               steps=self.steps, draft_init=draft_init)
+        except ValueError as error:
+            raise ValueError(f"Study cell {cell.id}: {error}") from None
+
+    @property
+    def runtime(self) -> RuntimeConfig:
+        return self.recipe.runtime

@@ -93,3 +93,37 @@ def plot_gamma_sweep(before: list[dict], after: list[dict], path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_study_heatmap(rows: list[str], columns: list[str],
+                       values: dict[tuple[str, str], tuple[float, float, str]], title: str,
+                       path: Path) -> Path:
+    """The paper's divergence × data heatmap: mean α per cell (colour and text), ± half the seed
+    range, ★ on the winner and ≈ where within noise of it (``values[(row, column)] = (mean,
+    spread, mark)``, mark "winner", "noise" or ""); grey where no cell finished."""
+    import numpy as np
+
+    plt = _pyplot()
+    means = np.full((len(rows), len(columns)), np.nan)
+    for (row, column), (mean, _, _) in values.items():
+        means[rows.index(row), columns.index(column)] = mean
+    figure, axis = plt.subplots(figsize=(1.6 * len(columns) + 2.5, 0.7 * len(rows) + 1.8))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    image = axis.imshow(np.ma.masked_invalid(means), cmap=cmap, aspect="auto")
+    for (row, column), (mean, spread, mark) in values.items():
+        symbol = {"winner": " ★", "noise": " ≈"}.get(mark, "")
+        value = means[rows.index(row), columns.index(column)]
+        middle = np.nanmin(means) + (np.nanmax(means) - np.nanmin(means)) / 2
+        axis.text(columns.index(column), rows.index(row), f"{mean:.3f}{symbol}\n±{spread / 2:.3f}",
+                  ha="center", va="center", fontsize=8,
+                  color="black" if value >= middle else "white")
+    axis.set_xticks(range(len(columns)), columns, rotation=20, ha="right")
+    axis.set_yticks(range(len(rows)), rows)
+    axis.set_xlabel("data source")
+    axis.set_ylabel("divergence")
+    axis.set_title(title, fontsize=10)
+    figure.colorbar(image, ax=axis, label="mean α over seeds")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -250,7 +250,8 @@ def model_card(config, metrics: dict[str, float], step: int, train_seconds: floa
     """The README.md of a saved draft: recipe, measured alpha/tau, how to use it."""
     measured = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items()) or "| (not measured) | |"
     jsd = f" (beta={config.jsd_beta})" if config.divergence == "jsd" else ""
-    mix = f" ({config.mix})" if config.policy == "mixed" else ""
+    mix = {"mixed": f" ({config.mix})",
+           "warm": f" (warm_fraction {config.warm_fraction:g})"}.get(config.policy, "")
     return f"""---
 library_name: transformers
 tags: [distillspec, speculative-decoding, draft-model]

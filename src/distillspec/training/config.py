@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig
-from distillspec.decoding.params import MAX_GAMMA
+from distillspec.decoding.params import MAX_GAMMA, check_seed
 
 DEFAULT_TARGET = "builtin:smollm2-135m"
-DIVERGENCE_CHOICES = ("fkl", "rkl", "jsd", "tvd")
-POLICY_CHOICES = ("fixed", "teacher", "draft", "mixed")
+DIVERGENCE_CHOICES = ("fkl", "rkl", "jsd", "tvd", "lk")
+POLICY_CHOICES = ("fixed", "teacher", "draft", "mixed", "warm")
 OPENER_CHOICES = ("none", "tasks")  # datagen.prompt_openers
 MAX_BATCH = 4096
 MAX_TOKENS = 1 << 17  # per prompt, per completion: far past any context we load
@@ -50,8 +50,16 @@ class DistillConfig:
     )
     policy: str = knob(
         "draft",
-        "Where completions come from: fixed, teacher, draft (on-policy) or mixed.",
+        "Where completions come from: fixed, teacher, draft (on-policy), mixed, or warm (the "
+        "data's fixed completions, or teacher_cache, for the first warm_fraction of the budget, "
+        "then on-policy).",
         choices=POLICY_CHOICES,
+    )
+    warm_fraction: float = knob(
+        0.25,
+        "For --policy warm: the fraction of the budget (of max_steps, or of max_minutes when "
+        "that ends the run first) trained on the cached target answers before switching to "
+        "on-policy draft samples, in (0, 1).",
     )
     mix: str = knob(
         "draft=0.5,teacher=0.5", "Fractions for --policy mixed, e.g. draft=0.7,fixed=0.3."
@@ -60,14 +68,16 @@ class DistillConfig:
         False,
         "Generate the teacher's completions once, in batches, before training (cached in the "
         "run folder) and reuse them every epoch instead of sampling the target every step. "
-        "Needs policy teacher, or a mix with teacher.",
+        "Needs policy teacher, a mix with teacher, or warm (its first phase then replays them).",
     )
     teacher_topk: int = knob(
         0,
         "Score the fixed training data with the target once and keep its top-k log-probs per "
-        "completion token; steps then run no target forward (forward KL against the target "
-        "renormalised over those k ids). Needs policy fixed, or teacher with teacher_cache, "
-        "and divergence fkl. 0: the exact full-softmax target forward every step.",
+        "completion token; steps then run no target forward (fkl: the target renormalised over "
+        "those k ids; the other divergences: the k ids plus one tail bucket with the rest of "
+        "the mass, at loss_temperature 1). Needs policy fixed, teacher with teacher_cache, warm, "
+        "or a mix with fixed (its on-policy batches run the target live). "
+        "0: the exact full-softmax target forward every step.",
     )
     teacher_topk_dir: str = knob(
         "",
@@ -76,10 +86,29 @@ class DistillConfig:
         "The demo keeps it beside its cached training data.",
     )
     divergence: str = knob(
-        "fkl", "Token-level divergence: fkl, rkl, jsd or tvd.", choices=DIVERGENCE_CHOICES
+        "fkl",
+        "Token-level divergence (P = target, Q = draft): fkl KL(P||Q), rkl KL(Q||P), jsd "
+        "(jsd_beta), tvd, or lk: -log sum min(P, Q), minus the log of the acceptance rate "
+        "(mixed with fkl by lk_kl_weight).",
+        choices=DIVERGENCE_CHOICES,
     )
     jsd_beta: float = knob(0.5, "beta of the generalised JSD, in (0, 1).")
+    lk_kl_weight: float = knob(
+        0.0, "Divergence lk only: weight w of forward KL in (1 - w) lk + w fkl, in [0, 1]."
+    )
     loss_temperature: float = knob(1.0, "Temperature applied to both logits inside the divergence.")
+    filter_reference: str | None = knob(
+        None,
+        "Token filter (AdaSPEC): a reference draft already distilled for this target (a model "
+        "path, or target-layers:N), loaded like draft_init. Each micro-batch keeps only the "
+        "filter_keep fraction of its tokens where the draft's divergence exceeds the "
+        "reference's the most. Needs filter_keep < 1.",
+    )
+    filter_keep: float = knob(
+        1.0,
+        "Fraction of each micro-batch's completion tokens kept in the loss by the token filter, "
+        "ceil(filter_keep * n), in (0, 1]; 1 keeps all. Below 1 it needs filter_reference.",
+    )
     sample_temperature: float = knob(1.0, "Temperature for generating teacher/draft completions.")
     max_new_tokens: int = knob(64, "Tokens generated per completion (teacher/draft policies).")
     max_prompt_tokens: int = knob(128, "Prompts are cut (from the left) to this many tokens.")
@@ -136,6 +165,7 @@ class DistillConfig:
             "eval_max_new_tokens",
         )
         require_at_most(self, MAX_GAMMA, "eval_gamma")
+        check_seed(self.seed)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         if not 0.0 < self.jsd_beta < 1.0:
@@ -143,6 +173,12 @@ class DistillConfig:
                 f"jsd_beta must be in (0, 1), got {self.jsd_beta}: at 0 and 1 the generalised JSD "
                 "is identically 0. Use divergence fkl or rkl for those limits."
             )
+        if not 0.0 <= self.lk_kl_weight <= 1.0:
+            raise ValueError(
+                f"lk_kl_weight must be in [0, 1], got {self.lk_kl_weight}: the lk loss is "
+                "(1 - w) (-log acceptance) + w KL(target || draft); 0 is the pure acceptance loss."
+            )
+        self._check_filter()
         if not self.loss_temperature > 0 or not self.sample_temperature >= 0:
             raise ValueError("loss_temperature must be > 0 and sample_temperature >= 0.")
         if self.policy not in POLICY_CHOICES:
@@ -159,18 +195,67 @@ class DistillConfig:
             self.mix_fractions()  # validates
         require_at_least(self, 0, "teacher_topk")
         require_at_most(self, 4096, "teacher_topk")
-        fixed_data = self.policy == "fixed" or (self.policy == "teacher" and self.teacher_cache)
-        if self.teacher_topk and not (fixed_data and self.divergence == "fkl"):
+        fixed_data = self.replays_completions
+        if self.teacher_topk and not fixed_data:
             raise ValueError(
                 "teacher_topk caches the target's distribution on fixed completions, so it needs "
-                "policy fixed (or teacher with teacher_cache) and divergence fkl; set "
-                "teacher_topk 0 for the exact target forward every step."
+                "policy fixed, teacher with teacher_cache, warm, or a mix with fixed (its "
+                "on-policy batches run the target live); set teacher_topk 0 for the exact "
+                "target forward every step."
             )
-        if self.teacher_cache and not self.uses_teacher:
+        if self.teacher_topk and self.divergence != "fkl" and self.loss_temperature != 1.0:
+            raise ValueError(
+                f"divergence {self.divergence} against the teacher_topk cache needs "
+                "loss_temperature 1: the cache holds the target's log-probs at temperature 1, "
+                "and the tail bucket's mass at another temperature depends on the uncached ids. "
+                "Use loss_temperature 1, divergence fkl, or teacher_topk 0."
+            )
+        if not 0.0 < self.warm_fraction < 1.0:
+            raise ValueError(
+                f"warm_fraction must lie in (0, 1), got {self.warm_fraction}: 0 is policy draft "
+                "(on-policy from the start) and 1 policy fixed (cached answers only)."
+            )
+        if self.teacher_cache and not (self.uses_teacher or self.policy == "warm"):
             raise ValueError(
                 "teacher_cache caches the teacher policy's completions, but this recipe never "
-                "samples the teacher. Use policy teacher (or a mix with teacher), or drop it."
+                "samples the teacher. Use policy teacher (or a mix with teacher, or warm), or drop it."
             )
+
+    @property
+    def replays_completions(self) -> bool:
+        """Whether some batches replay fixed completions (the data's, or teacher_cache's): what a
+        teacher_topk cache scores. On-policy batches of a mixed or warm policy have no cache."""
+        if self.policy == "mixed":
+            parts = self.mix_fractions()
+            return "fixed" in parts or ("teacher" in parts and self.teacher_cache)
+        return self.policy in ("fixed", "warm") or (self.policy == "teacher" and self.teacher_cache)
+
+    def _check_filter(self) -> None:
+        if not 0.0 < self.filter_keep <= 1.0:
+            raise ValueError(
+                f"filter_keep must be in (0, 1], got {self.filter_keep}: the fraction of each "
+                "micro-batch's tokens kept in the loss (1 keeps all)."
+            )
+        if self.filter_keep < 1.0 and not self.filter_reference:
+            raise ValueError(
+                f"filter_keep {self.filter_keep} drops the tokens a reference draft finds hardest, "
+                "but filter_reference is not set. Name a draft already distilled for this target "
+                "(a model path), or use filter_keep 1."
+            )
+        if self.filter_reference and self.filter_keep == 1.0:
+            raise ValueError(
+                "filter_reference is only used by the token filter, which filter_keep 1 turns off "
+                "(every token kept). Set filter_keep below 1 (e.g. 0.5), or drop filter_reference."
+            )
+
+    def divergence_options(self) -> dict[str, float]:
+        """The keyword options of ``divergences.get_divergence`` for this recipe."""
+        options: dict[str, float] = {"temperature": self.loss_temperature}
+        if self.divergence == "jsd":
+            options["beta"] = self.jsd_beta
+        if self.divergence == "lk":
+            options["kl_weight"] = self.lk_kl_weight
+        return options
 
     @property
     def uses_teacher(self) -> bool:
@@ -228,6 +313,7 @@ class DatagenConfig:
             raise ValueError(
                 "datagen needs --data (a prompt file or builtin:NAME), or --self-prompts N."
             )
+        check_seed(self.seed)
         require_at_least(self, 1, "max_new_tokens", "batch_size", "max_prompt_tokens")
         require_at_least(self, 0, "self_prompts")
         if self.prompt_openers not in OPENER_CHOICES:

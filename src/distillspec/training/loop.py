@@ -29,13 +29,13 @@ from distillspec.common.config import to_dict
 from distillspec.common.interrupt import interruptible
 from distillspec.common.io import atomic_write_json
 from distillspec.common.rundir import RunFolder
-from distillspec.common.runtime import apply_threads, autocast_bf16, load_options
-from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
+from distillspec.common.runtime import apply_threads, autocast_bf16
+from distillspec.models.loading import eos_token_ids, pad_token_id
 from distillspec.training import checkpoint, setup
 from distillspec.training.config import DistillConfig
 from distillspec.training.divergences import get_divergence
 from distillspec.training.evaluate import SDEvaluator
-from distillspec.training.policies import make_policy
+from distillspec.training.policies import cached_component, make_policy
 from distillspec.training.setup import TrainState
 from distillspec.training.step import Optimisation
 
@@ -77,8 +77,9 @@ class _Run:
         self.accelerator.log(numbers, step=record["step"])
 
 
-def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
-    """Load models and data, build policy, loss, optimiser and schedule (and restore them)."""
+def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, tokenizer=None) -> _Run:
+    """Load models (unless given) and data, build policy, loss, optimiser and schedule (and
+    restore them)."""
     accelerator = Accelerator(
         cpu=config.runtime.device == "cpu",
         log_with=config.log_with or None,
@@ -86,9 +87,7 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
     )
     torch.manual_seed(config.seed)
     use_bf16 = autocast_bf16(config.bf16, accelerator.device)
-    options = {**load_options(config.runtime), "device": accelerator.device,
-               "dtype": "bfloat16" if use_bf16 else "float32"}
-    target, tokenizer = load_model(config.target, **options)
+    target, tokenizer = setup.run_target(config, accelerator.device, target, tokenizer)
     target.requires_grad_(False)
     train_examples, eval_examples = setup.load_data(config, tokenizer)
     eos, pad_id = eos_token_ids(target, tokenizer), pad_token_id(tokenizer)
@@ -102,12 +101,14 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
         config.policy, temperature=config.sample_temperature, max_new_tokens=config.max_new_tokens,
         eos_token_id=eos, mix=config.mix_fractions() if config.policy == "mixed" else None,
         seed=config.seed, pad_id=pad_id, teacher_completions=cached,
+        warm_fraction=config.warm_fraction if config.policy == "warm" else None,
+        progress=lambda: setup.budget_progress(config, state),
     )
-    if config.teacher_topk:
-        policy.topk = setup.cached_topk(config, folder, accelerator, target, policy, train_examples,
-                                        pad_id, state, token_ids=vocabulary)
-    beta = {"beta": config.jsd_beta} if config.divergence == "jsd" else {}
-    divergence = get_divergence(config.divergence, temperature=config.loss_temperature, **beta)
+    replayed = cached_component(policy)  # the part whose fixed completions have a top-k cache
+    if config.teacher_topk and replayed is not None:
+        replayed.topk = setup.cached_topk(config, folder, accelerator, target, replayed,
+                                          train_examples, pad_id, state, token_ids=vocabulary)
+    divergence = get_divergence(config.divergence, **config.divergence_options())
     trainable = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = setup.make_scheduler(optimizer, config, state)
@@ -124,18 +125,21 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from) -> _Run:
             gamma=config.eval_gamma, eos_token_id=eos, seed=config.seed, pad_id=pad_id,
         )
     opt = Optimisation(accelerator, draft, target, divergence, optimizer, scheduler,
-                       config.clip_grad_norm, use_bf16)
+                       config.clip_grad_norm, use_bf16, filter_keep=config.filter_keep,
+                       reference=setup.filter_reference(config, target, tokenizer, vocabulary))
     run = _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state)
     run.saved_step = state.step if resume_from is not None else -1
     return run
 
 
-def distill(config: DistillConfig) -> dict[str, Any]:
-    """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics."""
+def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, Any]:
+    """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics. A given
+    ``target`` and ``tokenizer`` (from ``setup.load_target(config)``; left unchanged) replace
+    loading ``config.target``: several runs in one process load it once."""
     apply_threads(config.runtime)
     setup.check_inputs(config)
     folder, resume_from = setup.open_folders(config)
-    run = _build(config, folder, resume_from)
+    run = _build(config, folder, resume_from, target, tokenizer)
     if run.accelerator.is_main_process:
         checkpoint.truncate_metrics(folder.child("metrics.jsonl"), run.state.step)
         atomic_write_json(folder.child("distill_config.json"), to_dict(config))

@@ -2,8 +2,9 @@
 
 DistillSpec trains the draft on ``(x, y)`` with x from the training set and y from a data policy
 (paper §2 / GKD): ``fixed`` (dataset completions), ``teacher`` (sampled from the target),
-``draft`` (on-policy: sampled from the current draft) or ``mixed`` (a seeded choice among those,
-one per batch). Every policy returns a ``SequenceBatch`` built by ``batch.build_batch``.
+``draft`` (on-policy: sampled from the current draft), ``mixed`` (a seeded choice among those,
+one per batch) or ``warm`` (the target's cached answers for the first part of the budget, then
+on-policy). Every policy returns a ``SequenceBatch`` built by ``batch.build_batch``.
 
 Teacher data "generated once and cached" is ``datagen`` (write a JSONL file of target samples)
 followed by ``FixedPolicy`` on that file: ``TeacherPolicy`` itself always generates.
@@ -12,7 +13,7 @@ followed by ``FixedPolicy`` on that file: ``TeacherPolicy`` itself always genera
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -22,7 +23,8 @@ from distillspec.training.batch import SequenceBatch, build_batch
 from distillspec.training.datagen import generate_completions
 from distillspec.training.datasets import PromptExample
 
-POLICY_NAMES = ("fixed", "teacher", "draft", "mixed")
+POLICY_NAMES = ("fixed", "teacher", "draft", "mixed", "warm")
+MIX_COMPONENTS = ("fixed", "teacher", "draft")
 
 
 class Policy(Protocol):
@@ -190,6 +192,10 @@ class MixedPolicy:
         policy = self.choose()
         return policy.sample_batch(examples, target=target, draft=draft, generator=generator)
 
+    def parts(self) -> list[Any]:
+        """The component policies."""
+        return [policy for policy, _ in self.components]
+
     def _mix(self) -> list[list[Any]]:
         return [[policy.name, float(fraction)] for policy, fraction in self.components]
 
@@ -213,6 +219,80 @@ class MixedPolicy:
         self.last_choice = state.get("last_choice")
 
 
+class WarmStartPolicy:
+    """A warm start: ``warm`` (the target's cached answers) for the first ``fraction`` of the
+    run's budget, then ``then`` (on-policy draft samples) for the rest.
+
+    Sampling from a cold draft mostly yields junk for the target to score; a short phase on the
+    target's own answers first gives on-policy data a draft worth sampling from (DistillSpec §4,
+    GKD). ``progress()`` is the fraction of the budget used before the coming step (steps done /
+    max_steps or training time / max_minutes, whichever is larger: ``setup.budget_progress``),
+    so the switch follows whatever bounds the run. It is one-way and saved in ``state_dict``: a
+    resumed run makes the choice the original made at every step up to its checkpoint (with a
+    step budget the choice is a function of the step anyway). ``last_choice`` names the
+    component of the most recent batch (for logging).
+    """
+
+    name = "warm"
+
+    def __init__(self, warm: Any, then: Any, fraction: float, progress: Callable[[], float]):
+        if not 0.0 < float(fraction) < 1.0:
+            raise ValueError(
+                f"The warm-start fraction must lie in (0, 1), got {fraction}: 0 is the on-policy "
+                "policy draft and 1 the cached answers alone (policy fixed)."
+            )
+        self.warm, self.then, self.fraction, self.progress = warm, then, float(fraction), progress
+        self.switched = False
+        self.warm_batches = 0
+        self.last_choice: str | None = None
+
+    def choose(self) -> Any:
+        """The policy for the next batch: ``warm`` until the budget's fraction is used."""
+        if not self.switched and self.progress() >= self.fraction:
+            self.switched = True
+        chosen = self.then if self.switched else self.warm
+        self.warm_batches += chosen is self.warm
+        self.last_choice = chosen.name
+        return chosen
+
+    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
+        policy = self.choose()
+        return policy.sample_batch(examples, target=target, draft=draft, generator=generator)
+
+    def parts(self) -> list[Any]:
+        return [self.warm, self.then]
+
+    def _plan(self) -> list[Any]:
+        return [self.warm.name, self.then.name, self.fraction]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self._plan(), "switched": self.switched,
+                "warm_batches": self.warm_batches, "last_choice": self.last_choice}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["plan"]) != self._plan():
+            raise ValueError(
+                f"The checkpoint's warm start was {state['plan']} (warm policy, then, fraction), "
+                f"this run's is {self._plan()}. Resume with the same warm_fraction and data, or "
+                "start a fresh run."
+            )
+        self.switched = bool(state["switched"])
+        self.warm_batches = int(state["warm_batches"])
+        self.last_choice = state.get("last_choice")
+
+
+def cached_component(policy: Any) -> Any:
+    """The policy that replays fixed completions (``FixedPolicy`` or ``CachedTeacherPolicy``),
+    itself or inside a mixed or warm-start policy: where the target's cached top-k attaches
+    (teacher_topk). None when no batch comes from fixed completions."""
+    if hasattr(policy, "completions"):
+        return policy
+    for part in getattr(policy, "parts", list)():
+        if hasattr(part, "completions"):
+            return part
+    return None
+
+
 def make_policy(
     name: str,
     *,
@@ -223,40 +303,46 @@ def make_policy(
     seed: int = 0,
     pad_id: int = 0,
     teacher_completions: dict[str, list[int]] | None = None,
+    warm_fraction: float | None = None,
+    progress: Callable[[], float] | None = None,
 ) -> Any:
-    """Build a policy by name; ``mix`` (e.g. ``{"draft": 0.5, "teacher": 0.5}``) is for "mixed".
+    """Build a policy by name; ``mix`` (e.g. ``{"draft": 0.5, "teacher": 0.5}``) is for "mixed",
+    ``warm_fraction`` and ``progress`` (the budget fraction used) for "warm".
 
     With ``teacher_completions`` (source -> ids, see ``datagen.teacher_cache``) the teacher
-    component replays them instead of sampling the target.
+    component replays them instead of sampling the target; a warm start's first phase replays
+    them too, else the data's own (fixed) completions.
     """
     if name not in POLICY_NAMES:
         raise ValueError(f"Unknown data policy {name!r}; choose one of {', '.join(POLICY_NAMES)}.")
-    sampling = dict(
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id,
-        pad_id=pad_id,
-    )
-    if name != "mixed":
-        if mix is not None:
-            raise ValueError(
-                f"mix={mix} is only used by the 'mixed' policy, not {name!r}. Use "
-                "policy 'mixed' or drop the mix."
-            )
-        if name == "fixed":
-            return FixedPolicy(pad_id=pad_id)
-        if name == "teacher" and teacher_completions is not None:
-            return CachedTeacherPolicy(teacher_completions, pad_id)
+    if mix is not None and name != "mixed":
+        raise ValueError(
+            f"mix={mix} is only used by the 'mixed' policy, not {name!r}. Use "
+            "policy 'mixed' or drop the mix."
+        )
+    sampling = dict(temperature=temperature, max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_token_id, pad_id=pad_id)
+    if name == "fixed":
+        return FixedPolicy(pad_id=pad_id)
+    if name == "teacher" and teacher_completions is not None:
+        return CachedTeacherPolicy(teacher_completions, pad_id)
+    if name in ("teacher", "draft"):
         return (TeacherPolicy if name == "teacher" else DraftPolicy)(**sampling)
+    if name == "warm":
+        if warm_fraction is None or progress is None:
+            raise ValueError("The 'warm' policy needs warm_fraction and a progress function.")
+        first = "teacher" if teacher_completions is not None else "fixed"
+        warm = make_policy(first, pad_id=pad_id, teacher_completions=teacher_completions)
+        return WarmStartPolicy(warm, DraftPolicy(**sampling), warm_fraction, progress)
     if not mix:
         raise ValueError(
             "The 'mixed' policy needs mix fractions, e.g. {'draft': 0.5, 'teacher': 0.5}."
         )
-    bad = [key for key in mix if key not in POLICY_NAMES[:-1]]
+    bad = [key for key in mix if key not in MIX_COMPONENTS]
     if bad:
         raise ValueError(
             f"Unknown policies {bad} in mix; components must be among "
-            f"{', '.join(POLICY_NAMES[:-1])}."
+            f"{', '.join(MIX_COMPONENTS)}."
         )
     cached = dict(teacher_completions=teacher_completions)
     components = [

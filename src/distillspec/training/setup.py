@@ -15,12 +15,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from distillspec.common.rundir import RunFolder, claim
+from distillspec.common.runtime import autocast_bf16, load_options
 from distillspec.models.drafts import split_vocab_option
-from distillspec.models.loading import build_draft, check_model_spec, eos_token_ids
+from distillspec.models.loading import build_draft, check_model_spec, eos_token_ids, load_model
 from distillspec.models.pruned_head import frequent_tokens
 from distillspec.models.registry import BUILTIN_PREFIX
 from distillspec.training import checkpoint, teacher_topk
@@ -56,6 +58,8 @@ def check_inputs(config: DistillConfig) -> None:
     """Fail before anything is loaded or written: models, data and trackers must exist."""
     check_model_spec(config.target, config.runtime.allow_download)
     check_model_spec(config.draft_init, config.runtime.allow_download)
+    if config.filter_reference:
+        check_model_spec(config.filter_reference, config.runtime.allow_download)
     if not config.data:
         raise ValueError("No training data: set data (a JSONL file, a .txt file, a folder or builtin:NAME).")
     _check_data(config.data, "training data")
@@ -109,6 +113,37 @@ def open_run_folder(config: DistillConfig, main_process: bool = True) -> tuple[R
     return folder, found.folder
 
 
+def _load_options(config: DistillConfig, device: torch.device) -> dict[str, Any]:
+    """How the target loads: on the run's device, in bf16 where autocast runs, else float32."""
+    dtype = "bfloat16" if autocast_bf16(config.bf16, device) else "float32"
+    return {**load_options(config.runtime), "device": device, "dtype": dtype}
+
+
+def load_target(config: DistillConfig) -> tuple[torch.nn.Module, Any]:
+    """The target and its tokenizer exactly as ``distill`` would load them, to load once and
+    pass to several ``distill(config, target=..., tokenizer=...)`` runs (a recipe study)."""
+    from accelerate import PartialState
+
+    device = PartialState(cpu=config.runtime.device == "cpu").device
+    return load_model(config.target, **_load_options(config, device))
+
+
+def run_target(config: DistillConfig, device: torch.device, target, tokenizer):
+    """The given target (checked: the device and dtype this recipe runs it in), or a loaded one."""
+    options = _load_options(config, device)
+    if target is None:
+        return load_model(config.target, **options)
+    if tokenizer is None:
+        raise ValueError("distill got a target without its tokenizer: pass both, or neither.")
+    dtype = torch.bfloat16 if options["dtype"] == "bfloat16" else torch.float32
+    if target.device.type != torch.device(device).type or target.dtype != dtype:
+        raise ValueError(
+            f"distill got a target on {target.device} in {target.dtype}, but this recipe runs it "
+            f"on {device} in {dtype}. Load it with training.setup.load_target(config)."
+        )
+    return target, tokenizer
+
+
 def trainable_draft(config: DistillConfig, target, tokenizer, token_ids=None):
     """The draft to train, in float32, with the chosen parameters trainable (``token_ids``:
     the kept vocabulary of a ``:vocab=K`` draft)."""
@@ -122,6 +157,17 @@ def trainable_draft(config: DistillConfig, target, tokenizer, token_ids=None):
             "train_lm_head must be equal. Set both to true or both to false."
         )
     return draft.train()
+
+
+def filter_reference(config: DistillConfig, target, tokenizer, token_ids=None):
+    """The token filter's reference draft (None without one): built like the draft, in the
+    target's dtype, frozen; pruned to the draft's kept ids (``token_ids``) so that both are
+    compared with the same restricted target."""
+    if not config.filter_reference:
+        return None
+    reference = build_draft(config.filter_reference, target, tokenizer, token_ids=token_ids,
+                            allow_download=config.runtime.allow_download)
+    return reference.requires_grad_(False).eval()
 
 
 def draft_vocabulary(config: DistillConfig, completions, eos_ids, vocab_size: int):
@@ -160,6 +206,17 @@ def make_scheduler(optimizer, config: DistillConfig, state: TrainState | None = 
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def budget_progress(config: DistillConfig, state: TrainState) -> float:
+    """The fraction of the run's budget used before the coming step: steps done / max_steps or
+    training seconds / max_minutes, whichever is larger (the run ends at whichever ends first).
+    Both counters are restored on resume, so a step budget gives the same answer at the same
+    step (what the warm-start policy switches on)."""
+    used = state.step / config.max_steps if config.max_steps else 1.0
+    if config.max_minutes:
+        used = max(used, state.train_seconds / (config.max_minutes * 60))
+    return min(used, 1.0)
 
 
 def next_examples(examples: list, state: TrainState, count: int, seed: int, rank: int, world: int):

@@ -5,6 +5,11 @@ completion-token count (all micro-batches, all processes), so batch 8 x accumula
 batch 1 x accumulation 8 and 2 processes equal 1. The target runs under no_grad; only columns
 that predict completion tokens get logits. A pruned-vocabulary draft is compared with the
 target's distribution restricted (renormalised) to its K kept ids.
+
+Token filter (AdaSPEC; ``reference`` and ``filter_keep`` < 1): a frozen reference draft is
+scored with the same divergence, and each micro-batch keeps only the ``ceil(filter_keep * n)``
+of its n tokens with the largest gap draft - reference (``divergences.filter_tokens``); the
+count then means kept tokens.
 """
 
 from __future__ import annotations
@@ -18,12 +23,18 @@ import torch
 from accelerate import Accelerator
 
 from distillspec.models.pruned_head import kept_logits_only, restricted_logits
-from distillspec.training.divergences import masked_sum, sparse_forward_kl
+from distillspec.training.divergences import (
+    filter_tokens,
+    kept_token_count,
+    masked_sum,
+    sparse_divergence,
+)
 
 
 @dataclasses.dataclass
 class Optimisation:
-    """The parts of one optimiser step: models, loss, optimiser, schedule."""
+    """The parts of one optimiser step: models, loss, optimiser, schedule (and the optional
+    reference draft of the token filter, frozen, on the draft's device)."""
 
     accelerator: Accelerator
     draft: torch.nn.Module
@@ -33,34 +44,57 @@ class Optimisation:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     clip_grad_norm: float = 1.0
     use_bf16: bool = False
+    reference: torch.nn.Module | None = None
+    filter_keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        kept_token_count(0, self.filter_keep)  # validates the fraction
+        if self.filter_keep < 1.0 and self.reference is None:
+            raise ValueError(
+                f"filter_keep {self.filter_keep} drops tokens judged by a reference draft, but no "
+                "reference model was given. Pass one, or use filter_keep 1.0 (no filtering)."
+            )
+
+    @property
+    def filtering(self) -> bool:
+        return self.reference is not None and self.filter_keep < 1.0
+
+    def _loss_tokens(self, batch) -> int:
+        """The tokens this micro-batch's loss sums over: all its completion tokens, or the
+        ``kept_token_count`` the filter keeps of them (a number known before any forward)."""
+        scored = batch.num_loss_tokens
+        return kept_token_count(scored, self.filter_keep) if self.filtering else scored
 
     def step(self, batches: list) -> dict[str, float]:
         """One optimiser step over pre-sampled micro-batches: the token-mean loss and timings."""
         accelerator = self.accelerator
-        local = torch.tensor(float(sum(b.num_loss_tokens for b in batches)), device=accelerator.device)
-        global_tokens = float(accelerator.reduce(local, reduction="sum"))
+        # The filter keeps exactly ceil(keep * n) of a micro-batch's n tokens, so the global
+        # count of kept tokens is known now, before the forwards: the loss is normalised by the
+        # tokens it really sums over, with no extra pass to choose them first.
+        local = torch.tensor([float(sum(b.num_loss_tokens for b in batches)),
+                              float(sum(self._loss_tokens(b) for b in batches))],
+                             device=accelerator.device)
+        scored_tokens, global_tokens = accelerator.reduce(local, reduction="sum").tolist()
         # DDP averages gradients over processes, so scale by world size / global tokens.
         scale = accelerator.num_processes / max(global_tokens, 1.0)
-        loss_sum, target_s, draft_s = 0.0, 0.0, 0.0
+        loss_sum, times = 0.0, {}
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1  # gradients are all-reduced once, on the last one
             loss, seconds = self._micro_batch(batch.to(accelerator.device), scale, last)
-            loss_sum, target_s, draft_s = loss_sum + loss, target_s + seconds[0], draft_s + seconds[1]
+            loss_sum += loss
+            times = {name: times.get(name, 0.0) + value for name, value in seconds.items()}
         if self.clip_grad_norm > 0:
             accelerator.clip_grad_norm_(self.draft.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         total = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum"))
-        return {
-            "loss": total / max(global_tokens, 1.0),
-            "tokens": global_tokens,
-            "time_target_forward": target_s,
-            "time_draft_forward_backward": draft_s,
-        }
+        kept = {"tokens_kept": global_tokens} if self.filtering else {}
+        return {"loss": total / max(global_tokens, 1.0), "tokens": scored_tokens, **kept, **times}
 
-    def _micro_batch(self, batch, scale: float, last: bool) -> tuple[float, tuple[float, float]]:
-        """Target forward, draft forward, divergence, backward; (summed loss, (t_target, t_draft)).
+    def _micro_batch(self, batch, scale: float, last: bool) -> tuple[float, dict[str, float]]:
+        """Target (and reference) forward, draft forward, divergence, backward; returns the
+        summed loss and the seconds of each part.
 
         Only columns that predict completion tokens get logits: skipping the prompt columns
         saves most of the LM-head and divergence cost. A pruned draft is compared with the
@@ -70,27 +104,48 @@ class Optimisation:
         loss_mask = batch.loss_mask[:, batch.loss_mask.shape[1] - keep :]
         inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       position_ids=batch.position_ids, logits_to_keep=keep)
-        accelerator = self.accelerator
+        accelerator, times = self.accelerator, {}
         with kept_logits_only(accelerator.unwrap_model(self.draft)) as kept:
             start = time.perf_counter()
-            if batch.topk_ids is None:
-                with torch.no_grad(), restricted_logits(self.target, kept):
-                    target_logits = self.target(**inputs).logits
-                loss_fn = lambda draft_logits: self.divergence(draft_logits, target_logits)  # noqa: E731
-            else:  # the target's cached top-k: no target forward at all
-                loss_fn, loss_mask = self._sparse_loss(batch, keep, kept, loss_mask)
-            middle = time.perf_counter()
+            loss_fn, loss_mask = self._loss_fn(batch, inputs, keep, kept, loss_mask)
+            times["time_target_forward"] = time.perf_counter() - start
+            if self.filtering:
+                start = time.perf_counter()
+                reference_per_token = self._reference_per_token(inputs, loss_fn, kept)
+                times["time_reference_forward"] = time.perf_counter() - start
+            start = time.perf_counter()
             with contextlib.nullcontext() if last else accelerator.no_sync(self.draft):
                 with torch.autocast(accelerator.device.type, torch.bfloat16, enabled=self.use_bf16):
                     draft_logits = self.draft(**inputs).logits
-                summed = masked_sum(loss_fn(draft_logits), loss_mask)
+                draft_per_token = loss_fn(draft_logits)
+                if self.filtering:
+                    loss_mask = filter_tokens(draft_per_token, reference_per_token, loss_mask,
+                                              self.filter_keep)
+                summed = masked_sum(draft_per_token, loss_mask)
                 accelerator.backward(summed * scale)
-        end = time.perf_counter()
-        return float(summed.detach()), (middle - start, end - middle)
+        times["time_draft_forward_backward"] = time.perf_counter() - start
+        return float(summed.detach()), times
+
+    def _loss_fn(self, batch, inputs: dict, keep: int, kept, loss_mask):
+        """The micro-batch's per-token loss as a function of a draft's logits, and its mask:
+        against the target's logits (forward under no_grad) or its cached top-k (no forward)."""
+        if batch.topk_ids is not None:
+            return self._sparse_loss(batch, keep, kept, loss_mask)
+        with torch.no_grad(), restricted_logits(self.target, kept):
+            target_logits = self.target(**inputs).logits
+        return (lambda draft_logits: self.divergence(draft_logits, target_logits)), loss_mask
+
+    @torch.no_grad()
+    def _reference_per_token(self, inputs: dict, loss_fn, kept) -> torch.Tensor:
+        """The reference draft's per-token divergence to the target (the same loss). For a
+        pruned draft the reference was pruned to the same kept ids (``setup``)."""
+        with kept_logits_only(self.reference) if kept is not None else contextlib.nullcontext():
+            return loss_fn(self.reference(**inputs).logits)
 
     def _sparse_loss(self, batch, keep: int, kept, loss_mask):
-        """sparse_forward_kl against the cached top-k (ids mapped into a pruned head's space;
-        positions with no cached id inside the draft's vocabulary are not scored)."""
+        """The configured divergence against the cached top-k (``sparse_divergence``: fkl
+        renormalised over the k ids, the others with a tail bucket); ids are mapped into a
+        pruned head's space, and positions with no cached id inside it are not scored."""
         ids = batch.topk_ids[:, -keep:].long()
         log_probs = batch.topk_log_probs[:, -keep:].float()
         if kept is not None:
@@ -99,8 +154,5 @@ class Optimisation:
             ids = lookup[ids.clamp(max=len(lookup) - 1)]  # -1 (absent) hits the last entry: -1
         log_probs = log_probs.masked_fill(ids < 0, float("-inf"))
         loss_mask = loss_mask * (ids >= 0).any(dim=-1)
-        temperature = getattr(self.divergence, "keywords", {}).get("temperature", 1.0)
-        return (
-            lambda logits: sparse_forward_kl(logits, ids, log_probs, temperature=temperature),
-            loss_mask,
-        )
+        divergence = sparse_divergence(self.divergence)
+        return (lambda logits: divergence(logits, ids, log_probs)), loss_mask

@@ -13,6 +13,7 @@ import torch
 from distillspec.training.divergences import (
     DIVERGENCES,
     LOG_PROB_FLOOR,
+    TAIL_ID,
     align_vocab,
     filter_tokens,
     forward_kl,
@@ -747,3 +748,26 @@ def test_filter_breaks_ties_by_position_and_ignores_masked_out_values():
     assert not filter_tokens(draft, reference, torch.zeros(2, 4), 0.5).any()
     with pytest.raises(ValueError, match="shape"):
         filter_tokens(draft, reference[:, :3], mask, 0.5)
+
+
+@pytest.mark.parametrize("name", ["rkl", "jsd", "tvd", "lk"])
+def test_the_stored_tail_keeps_a_confident_target_exact_where_one_minus_the_sum_cannot(name):
+    """A confident target (tail mass ~1e-9, below float32's 1 - sum precision): with the exact
+    tail column teacher_topk writes, the tail bucket never overstates the full divergence; the
+    1 - sum estimate rounds the tail to 0 and inflates rkl by an order of magnitude."""
+    from distillspec.training.teacher_topk import _topk_and_tail
+
+    generator = torch.Generator().manual_seed(3)
+    target_logits = torch.randn(4, 1000, generator=generator)
+    target_logits[:, 7] = 24.0  # almost all the mass on one id
+    draft_logits = torch.randn(4, 1000, generator=generator)
+    log_probs, ids = _topk_and_tail(torch.log_softmax(target_logits, dim=-1), 32)
+    assert (ids[:, -1] == TAIL_ID).all() and (log_probs[:, -1] < -15).all()
+    divergence = get_divergence(name)
+    full = divergence(draft_logits, target_logits)
+    bucket = tail_bucket_divergence(divergence, draft_logits, ids, log_probs.half().float())
+    assert (bucket <= full + 1e-3).all() and (bucket >= -1e-6).all()
+    if name == "rkl":
+        estimated = tail_bucket_divergence(divergence, draft_logits, ids[:, :-1],
+                                           log_probs[:, :-1].half().float())
+        assert (estimated > 2 * full).all()  # why the tail column exists

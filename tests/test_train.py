@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from distillspec.common.config import from_dict, to_dict
 from distillspec.training.batch import build_batch
 from distillspec.training.config import DistillConfig
-from distillspec.training.divergences import get_divergence
+from distillspec.training.divergences import TAIL_ID, get_divergence
 from distillspec.training.loop import distill
 from distillspec.training.setup import make_scheduler
 from distillspec.training.step import Optimisation
@@ -255,8 +255,11 @@ def test_teacher_topk_of_a_pruned_draft_scores_the_restricted_target(workspace):
                                 draft_init="target-layers:1:vocab=40")
     kept = load_file(cached / "final" / "pruned_head.safetensors")["token_ids"]
     topk = load_file(cached / "teacher-topk.safetensors")
-    ids = torch.cat([topk[name].flatten().long() for name in topk if name.startswith("ids.")])
+    ids = torch.cat([topk[name][:, :-1].flatten().long() for name in topk
+                     if name.startswith("ids.")])
     assert torch.isin(ids, kept).all() and len(ids.unique()) > 8
+    tails = [topk[name][:, -1] for name in topk if name.startswith("ids.")]
+    assert all((tail == TAIL_ID).all() for tail in tails)  # the extra column: the tail's mass
 
 
 def test_max_steps_zero_builds_evaluates_and_saves_the_draft_untrained(workspace):

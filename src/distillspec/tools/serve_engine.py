@@ -36,6 +36,7 @@ from distillspec.decoding.requests import Request, RowUpdate
 
 log = logging.getLogger("distillspec.serve")
 MAX_RECOVERIES = 3  # failed steps in a row (each with every row re-run alone) before giving up
+STOP_SECONDS = 0.5  # how long stop() waits for the engine thread to leave its step (daemon)
 
 
 class Busy(Exception):
@@ -95,14 +96,16 @@ class EngineWorker:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop the thread; requests still open get 503 (the server is shutting down)."""
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """Stop the thread; once it has stopped, requests still open get 503. (A thread still
+        inside a long step is left alone, daemon, rather than raced for its state.)"""
         self._stop.set()
         self.inbox.put(("wake", None))
         self.thread.join(timeout=timeout)
-        if self.dead is None:
+        with self._lock:
+            stopped, self.dead = self.dead is None, self.dead or "stopped"
+        if stopped and not self.thread.is_alive():
             self._fail_all(503, "The server is shutting down; retry on another instance.")
-            self.dead = "stopped"
 
     @property
     def alive(self) -> bool:
@@ -121,14 +124,14 @@ class EngineWorker:
         request_id = next(self.ids)
         request = Request(prompt_ids, max_new_tokens, sampling, stop_ids, seed, request_id)
         self.check(request)
-        with self._lock:
+        job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:  # _die marks the engine dead under this lock, then drains the inbox
             if not self.alive:
                 raise EngineDead(self.dead or "the engine thread is not running")
             if self._pending >= self.max_waiting:
                 raise Busy
             self._pending += 1
-        job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
-        self.inbox.put(("add", job))
+            self.inbox.put(("add", job))
         return request_id, job
 
     def cancel(self, request_id: int) -> None:
@@ -220,17 +223,20 @@ class EngineWorker:
     def _recover(self, error: Exception) -> None:
         """A step raised: re-run each of its rows alone (from what its client already has) on a
         fresh Decoder; a row that fails alone is failed, the others go on together."""
-        rows = {row.request.request_id: row for row in self.decoder.rows + self.decoder.queue}
+        # A step may fail after moving rows from the queue (admission) or to `finished`.
+        decoder = self.decoder
+        rows = {row.request.request_id: row
+                for row in decoder.finished + decoder.queue + decoder.rows}
         admitted = [rid for rid in self.jobs if rid not in self.waiting]
         log.error("distillspec: a step failed for requests %s: %s: %s", admitted,
                   type(error).__name__, error)
         self.failed_steps += 1
-        if self.failed_steps > MAX_RECOVERIES:
+        if self.failed_steps >= MAX_RECOVERIES:
             raise RuntimeError(f"{self.failed_steps} failed steps in a row") from error
         survivors = []
         for request_id in admitted:
             row = rows.get(request_id)
-            generator = row.generator if row is not None else None
+            generator = row.generator if row is not None else self._generator(request_id)
             if row is not None and row.finish_reason == "cancelled":
                 self._post(RowUpdate(request_id, [], True, "cancelled"))
             elif len(admitted) == 1 or not self._alone_ok(request_id, generator):
@@ -254,6 +260,12 @@ class EngineWorker:
             self._post(update)
         return True
 
+    def _generator(self, request_id: int) -> torch.Generator | None:
+        """A seeded request's own generator, for a row lost before it was admitted."""
+        seed = self.jobs[request_id].request.seed
+        return None if seed is None else torch.Generator(
+            device=self.decoder.device).manual_seed(seed)
+
     def _continuation(self, request_id: int) -> Request:
         """The request as its client sees it now: prompt + tokens already sent, the rest of the
         budget. (A seeded row's later tokens may differ from a run without the fault.)"""
@@ -267,7 +279,8 @@ class EngineWorker:
         self._post(RowFailure(request_id, status, f"The request failed in the engine: {detail}"))
 
     def _die(self, reason: str) -> None:
-        self.dead = reason
+        with self._lock:  # no submit can queue a job after this
+            self.dead = reason
         self._fail_all(503, f"The decoding engine stopped ({reason}); retry shortly.")
         if self.on_dead is not None:
             self.on_dead()

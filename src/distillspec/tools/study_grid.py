@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distillspec.common.config import replace
+from distillspec.common.config import flatten, replace
 from distillspec.training.config import DistillConfig
 
 # The DistillConfig field a divergence's :VALUE sets; divergences not listed take no value.
@@ -393,16 +393,6 @@ def winners(grid: Grid, records: list[dict[str, Any]]) -> dict[str, dict[str, di
     return found
 
 
-def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 # Settings that do not change what a cell computes: where the study is written, --fresh, the
 # thread count and the trackers.
 NOT_GRID = ("out", "fresh", "recipe.runtime.threads", "recipe.log_with")
@@ -411,7 +401,7 @@ NOT_GRID = ("out", "fresh", "recipe.runtime.threads", "recipe.log_with")
 def grid_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The settings (dotted names) whose saved and current values differ, except NOT_GRID:
     "minutes: 3.0 -> 5.0"."""
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved), flatten(current)
     keys = sorted((set(old) | set(new)) - set(NOT_GRID))
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in keys
             if old.get(key) != new.get(key)]

@@ -49,6 +49,10 @@ import torch
 
 from distillspec.decoding.sampling import pad_vocab
 
+TAIL_ID = -2
+"""The id of a cached top-k's extra column that holds the target's tail log-mass (the exact
+logsumexp over the ids not in its top k, written by ``teacher_topk``); -1 marks absent entries."""
+
 LOG_PROB_FLOOR = math.log(1e-30)
 """Stand-in for log 0 wherever a probability is exactly 0 (about -69.08)."""
 
@@ -256,7 +260,8 @@ def sparse_forward_kl(
     """
     _check_temperature(temperature)
     draft_log_probs = torch.log_softmax(draft_logits.float() / temperature, dim=-1)
-    cached = _floor_log(target_log_probs.float())  # absent entries: ~0 weight, never NaN
+    listed = target_log_probs.float().masked_fill(target_ids < 0, float("-inf"))  # no tail column
+    cached = _floor_log(listed)  # absent entries: ~0 weight, never NaN
     target_log_probs = torch.log_softmax(cached / temperature, dim=-1)
     draft_at_ids = draft_log_probs.gather(-1, target_ids.clamp(min=0).long())
     probs = target_log_probs.exp()
@@ -272,7 +277,9 @@ def tail_bucket_log_probs(
     ``(draft_log_probs, target_log_probs)``, each normalised (temperature 1):
 
     - target P: its k cached log-probabilities (full-softmax values at temperature 1, as
-      ``teacher_topk`` stores them), then the tail log(1 - sum_k P), clamped at mass 0;
+      ``teacher_topk`` stores them), then its tail: the exact log-mass of the other ids where
+      the cache has a ``TAIL_ID`` column (``teacher_topk`` writes one), else log(1 - sum_k P)
+      clamped at mass 0 (which rounds a tail below ~1e-7 to 0, and so overstates rkl);
     - draft Q: log_softmax(draft_logits) at those ids, then the log of its mass on every other
       id (logsumexp over the vocabulary with the listed ids removed: no cancellation).
 
@@ -293,7 +300,10 @@ def tail_bucket_log_probs(
     draft_at_ids = padded.gather(-1, index)
     draft_tail = _logsumexp_or_neg_inf(padded.scatter(-1, index, float("-inf")))
     cached = target_log_probs.float().masked_fill(~present, float("-inf"))
-    target_tail = (1.0 - cached.exp().sum(dim=-1)).clamp_min(0.0).log()
+    is_tail = target_ids == TAIL_ID
+    stored_tail = _logsumexp_or_neg_inf(target_log_probs.float().masked_fill(~is_tail, -math.inf))
+    estimated_tail = (1.0 - cached.exp().sum(dim=-1)).clamp_min(0.0).log()
+    target_tail = torch.where(is_tail.any(dim=-1), stored_tail, estimated_tail)
     return (
         torch.cat((draft_at_ids, draft_tail.unsqueeze(-1)), dim=-1),
         torch.cat((cached, target_tail.unsqueeze(-1)), dim=-1),

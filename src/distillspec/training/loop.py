@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from distillspec.common.config import to_dict
+from distillspec.common.config import flatten, to_dict
 from distillspec.common.interrupt import interruptible
 from distillspec.common.io import atomic_write_json
 from distillspec.common.rundir import RunFolder
@@ -144,7 +144,9 @@ def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, 
         checkpoint.truncate_metrics(folder.child("metrics.jsonl"), run.state.step)
         atomic_write_json(folder.child("distill_config.json"), to_dict(config))
     if config.log_with:
-        run.accelerator.init_trackers("distillspec", config=_flat(to_dict(config)))
+        run.accelerator.init_trackers("distillspec", config={
+            key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(to_dict(config)).items()})
     _evaluate(run, "resume" if resume_from else "start")
     progress = _progress_bar(run)
     with interruptible("stopping after this step and saving a checkpoint") as interrupted:
@@ -172,16 +174,6 @@ def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, 
     _finish(run)
     run.accelerator.end_training()
     return run.last_eval
-
-
-def _flat(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
 
 
 def _agreed(run: _Run, local: bool) -> bool:

@@ -151,8 +151,9 @@ class Optimisation:
         if kept is not None:
             lookup = torch.full((int(kept.max()) + 2,), -1, dtype=torch.long, device=ids.device)
             lookup[kept] = torch.arange(len(kept), device=ids.device)
-            ids = lookup[ids.clamp(max=len(lookup) - 1)]  # -1 (absent) hits the last entry: -1
-        log_probs = log_probs.masked_fill(ids < 0, float("-inf"))
+            mapped = lookup[ids.clamp(0, len(lookup) - 1)]
+            ids = torch.where(ids >= 0, mapped, ids)  # -1 (absent) and TAIL_ID stay as they are
+        log_probs = log_probs.masked_fill(ids == -1, float("-inf"))
         loss_mask = loss_mask * (ids >= 0).any(dim=-1)
         divergence = sparse_divergence(self.divergence)
         return (lambda logits: divergence(logits, ids, log_probs)), loss_mask

@@ -3,9 +3,11 @@
 With fixed completions (a ``datagen`` file, or ``teacher_cache``) the target's distribution at
 every completion position never changes, so a step need not run the target at all: ``build``
 scores every example once (batched, no_grad) and keeps, per completion token, the k most
-likely ids and their log-probabilities (temperature 1). Training then uses
-``divergences.sparse_forward_kl``: the target renormalised over those k ids. That is an
-approximation of the full softmax (exact as k -> V); ``teacher_topk: 0`` keeps the exact path.
+likely ids and their log-probabilities (temperature 1), plus one ``TAIL_ID`` column holding the
+exact log-mass of all the other ids. Training then uses ``divergences.sparse_divergence``: for
+fkl the target renormalised over its k ids, for the others the k + 1 categories of the tail
+bucket. Both approximate the full softmax (exact as k -> V); ``teacher_topk: 0`` keeps the
+exact path.
 For a pruned (``:vocab=K``) draft the target's head runs over the K kept ids only and the top-k
 is of that restricted distribution. The cache lives in the run folder
 (``teacher-topk.safetensors``), or in ``teacher_topk_dir`` named by its fingerprint, and is
@@ -24,19 +26,31 @@ import torch
 from distillspec.common.io import atomic_write_text, atomic_writer
 from distillspec.models.pruned_head import restricted_logits
 from distillspec.training.batch import build_batch
+from distillspec.training.divergences import TAIL_ID
 
 TopK = tuple[torch.Tensor, torch.Tensor]  # ids [T, k] int32, log-probs [T, k] float16
 
 
 def fingerprint(examples, completions: dict[str, list[int]], k: int, token_ids=None) -> str:
     """What the cache depends on: every example's prompt and completion, k and the kept ids."""
-    digest = hashlib.sha256(str(k).encode())
+    digest = hashlib.sha256(f"{k}+tail".encode())
     if token_ids is not None:
         digest.update(json.dumps(token_ids.tolist()).encode())
     for example in examples:
         digest.update(json.dumps([example.source, example.prompt_ids,
                                   completions[example.source]]).encode())
     return digest.hexdigest()
+
+
+def _topk_and_tail(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest log-probabilities and their ids, then one ``TAIL_ID`` column holding the
+    log-mass of every other id (computed here in float32, exactly: 1 - sum of the stored k would
+    lose a tail below float precision, and float16 storage more)."""
+    values, ids = log_probs.topk(min(k, log_probs.shape[-1]))
+    rest = log_probs.scatter(-1, ids, float("-inf"))
+    tail = torch.logsumexp(rest, dim=-1, keepdim=True)  # -inf when k covers the vocabulary
+    return (torch.cat((values, tail), dim=-1),
+            torch.cat((ids, torch.full_like(ids[..., :1], TAIL_ID)), dim=-1))
 
 
 @torch.inference_mode()
@@ -73,9 +87,9 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
             with restricted_logits(target, token_ids):
                 logits = target(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 position_ids=batch.position_ids, logits_to_keep=keep).logits
-            values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(k, logits.shape[-1]))
+            values, ids = _topk_and_tail(torch.log_softmax(logits.float(), dim=-1), k)
             if token_ids is not None:  # columns of the restricted head -> vocabulary ids
-                ids = token_ids[ids]
+                ids = torch.where(ids >= 0, token_ids[ids.clamp_min(0)], ids)
             mask = batch.loss_mask[:, -keep:].bool()
             for row, example in enumerate(chunk):
                 result[example.source] = (ids[row][mask[row]].int().cpu(),

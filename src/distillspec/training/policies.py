@@ -149,7 +149,18 @@ class CachedTeacherPolicy:
         return dict(self.cached)
 
 
-class MixedPolicy:
+class _ChoosingPolicy:
+    """A policy that picks one component policy per batch (``choose``) and samples from it."""
+
+    def choose(self) -> Any:
+        raise NotImplementedError
+
+    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
+        policy = self.choose()
+        return policy.sample_batch(examples, target=target, draft=draft, generator=generator)
+
+
+class MixedPolicy(_ChoosingPolicy):
     """Pick ONE component per batch with probability = its fraction (GKD's lambda for draft).
 
     The choice uses its own ``random.Random(seed)``, independent of torch's RNG; save
@@ -188,10 +199,6 @@ class MixedPolicy:
         self.last_choice = chosen.name
         return chosen
 
-    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
-        policy = self.choose()
-        return policy.sample_batch(examples, target=target, draft=draft, generator=generator)
-
     def parts(self) -> list[Any]:
         """The component policies."""
         return [policy for policy, _ in self.components]
@@ -219,7 +226,7 @@ class MixedPolicy:
         self.last_choice = state.get("last_choice")
 
 
-class WarmStartPolicy:
+class WarmStartPolicy(_ChoosingPolicy):
     """A warm start: ``warm`` (the target's cached answers) for the first ``fraction`` of the
     run's budget, then ``then`` (on-policy draft samples) for the rest.
 
@@ -254,10 +261,6 @@ class WarmStartPolicy:
         self.warm_batches += chosen is self.warm
         self.last_choice = chosen.name
         return chosen
-
-    def sample_batch(self, examples, *, target, draft, generator) -> SequenceBatch:
-        policy = self.choose()
-        return policy.sample_batch(examples, target=target, draft=draft, generator=generator)
 
     def parts(self) -> list[Any]:
         return [self.warm, self.then]

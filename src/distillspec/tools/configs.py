@@ -335,19 +335,14 @@ class BenchServeConfig:
 # lr 3e-3, the draft the demo chose on a 2-core CPU), evaluated only at the start and the end of
 # each cell, with a few prompts of real greedy SD for tau.
 STUDY_RECIPE = dict(
+    {key: DEMO_RECIPE[key] for key in (
+        "policy",  # each cell sets its own; fixed lets the base recipe carry teacher_topk
+        "teacher_topk", "train_embeddings", "lr", "max_new_tokens", "max_completion_tokens",
+        "save_every", "eval_prompts", "eval_max_new_tokens")},
     draft_init="target-layers:2:vocab=8192",
-    policy="fixed",  # each cell sets its own; fixed lets the base recipe carry teacher_topk
-    teacher_topk=32,
-    train_embeddings=False,
-    lr=3e-3,
-    max_new_tokens=64,
-    max_completion_tokens=64,
     eval_every=0,
-    save_every=60,
     keep_checkpoints=1,
-    eval_prompts=12,
     eval_tau_prompts=2,
-    eval_max_new_tokens=64,
 )
 
 

@@ -13,10 +13,11 @@ from distillspec.tools.cli import main
 def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "cache"))
     save_tiny(tmp_path / "target", layers=3, lm_scale=10.0)
-    for name, count in (("train.jsonl", 24), ("heldout.jsonl", 4)):
-        (tmp_path / name).write_text(
-            "".join(json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) + "\n" for i in range(count))
-        )
+    for name, start, count in (("train.jsonl", 0, 24), ("heldout.jsonl", 30, 4),
+                               ("report.jsonl", 40, 3)):
+        (tmp_path / name).write_text("".join(
+            json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) + "\n"
+            for i in range(start, start + count)))
     args = [
         "demo",
         "--distill.target", str(tmp_path / "target"),
@@ -32,6 +33,7 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
         "--distill.max-new-tokens", "6",
         "--distill.eval-prompts", "4",
         "--speed-prompts", "2",
+        "--report-data", str(tmp_path / "report.jsonl"),
         "--distill.eval-every", "6",
         "--distill.batch-size", "4",
         "--device", "cpu",
@@ -49,17 +51,25 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
         (1, 0.0), (2, 0.0), (2, 0.5)  # a threshold cannot change a 1-token draft
     }
     assert report["draft"]["rule"] == "auto" and report["draft"]["spec"].endswith(":vocab=40")
+    # The chosen setting, timed again on the report split, beside alpha there.
+    reported, best = report["report_split"], report["after"]["best"]
+    assert reported["prompts"] == 3 and 0 <= reported["alpha_t0"] <= 1
+    assert (reported["setting"]["gamma"], reported["setting"]["tree"]) == (best["gamma"], best["tree"])
+    assert report["split_agreement"]["speedup"]["choice"] == best["speedup"]
+    assert 0 <= report["before"]["report_split"]["alpha_t0"] <= 1
     assert [c["layers"] for c in report["draft"]["candidates"]] == [1, 2]
     assert report["train_steps"] >= 1 and report["evals"][0]["eval"] == "start"
     for plot in ("alpha_over_training.png", "gamma_sweep.png"):
         assert (tmp_path / "demo" / plot).stat().st_size > 1000
     captured = capsys.readouterr()
     assert "| alpha (greedy, T=0) |" in captured.out and "SD speed-up vs target alone" in captured.out
+    assert "report split: speed-up at the chosen setting" in captured.out
     assert "Draft chosen by measured cost" in captured.out
     saved = json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())
     best = report["after"]["best"]  # a tree is saved when it won; the fastest chain always
     chains = [r for r in report["after"]["all"] if not r["tree"]]
     chain = max(chains, key=lambda r: r["sd_tokens_per_s"])
+    assert saved["measured"]["speedup"] == reported["setting"]["speedup"]
     assert (saved["gamma"], saved["confidence_threshold"]) == (
         chain["gamma"], chain["confidence_threshold"])
     assert saved["tree"] == best["tree"]
@@ -80,6 +90,10 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
         "target-layers:1"
     )
     assert list((tmp_path / "cache" / "demo-data").glob("*/teacher-topk-*.safetensors"))
+    overlapping = ["--fresh", "--report-data", str(tmp_path / "heldout.jsonl")]
+    assert main(args + overlapping) == 2  # reported on the prompts it chooses on: refused
+    assert "report split must hold prompts" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "report.json").is_file()  # refused before --fresh removed it
     on_policy = ["--fresh", "--distill.policy", "draft"]
     assert main(args + on_policy) == 2  # the demo's cached top-k needs fixed completions
     assert "set teacher_topk 0" in capsys.readouterr().err

@@ -7,7 +7,7 @@ Every speed figure the bench, the demo and ``benchmarks/`` report comes from her
 * ``SpeedProbe.sweep`` warms up, then times each setting ``repeats`` times with the target-alone
   run interleaved (so drift hits both), and returns typed ``SweepRow``s: tokens/s, tau, alpha,
   acceptance, the measured cost ratio c, the predicted speed-up from the cost model and
-  measured / predicted.
+  measured / predicted; greedy rows also how often SD's output equals the target alone's.
 * ``CostModel`` is measured on the machine: one draft step, one target step, and the verify
   curve V(k) = time of a k-token target call / one-token step. The predicted speed-up is
   E[tokens per block] / (gamma c + V(gamma + 1)).
@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ from distillspec.decoding.generate import (
 )
 from distillspec.decoding.kv_cache import CachedModel, compile_steps, steps_compiled
 from distillspec.decoding.metrics import (
+    agreement,
     combined_counts,
     predicted_speedup,
     predicted_tree_speedup,
@@ -194,6 +196,9 @@ class SweepRow:
     measured_over_predicted: float
     accepted_length_histogram: list[int] = field(default_factory=list)
     tree: str = ""  # tree drafting (decoding/tree.py); "" = a chain of gamma tokens
+    # Greedy sweeps: SD's rows against the target alone's rows of the same run, same dtype
+    # (metrics.Agreement.to_dict); None when sampling, where outputs differ by design.
+    agreement: dict[str, Any] | None = None
 
 
 @dataclass
@@ -246,17 +251,19 @@ class SpeedProbe:
             generator=torch.Generator(device=self.device).manual_seed(self.seed),
         )
 
-    def plain(self) -> list[GenerationResult]:
+    def plain(self, batches: int | None = None) -> list[GenerationResult]:
+        """The target alone over the prompts (the first ``batches`` batches only, if given)."""
         common = self._common()
-        return [autoregressive_generate(self.target, i, m, **common) for i, m in self.batches]
+        return [autoregressive_generate(self.target, i, m, **common)
+                for i, m in self.batches[:batches]]
 
-    def speculative(self, draft, gamma: int, threshold: float = 0.0,
-                    tree: str = "") -> list[GenerationResult]:
+    def speculative(self, draft, gamma: int, threshold: float = 0.0, tree: str = "",
+                    batches: int | None = None) -> list[GenerationResult]:
         common = self._common()
         return [
             speculative_generate(self.target, draft, i, m, gamma=gamma,
                                  confidence_threshold=threshold, tree=tree, **common)
-            for i, m in self.batches
+            for i, m in self.batches[:batches]
         ]
 
     def sweep(
@@ -267,8 +274,10 @@ class SpeedProbe:
         cost_model: CostModel | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> Sweep:
-        """A warm-up of every method, then ``repeats`` rounds; each round runs the target alone
-        once and SD once per (gamma, threshold), so drift hits every method alike; medians.
+        """A warm-up of every method (its first batch: enough to warm kernels and allocations,
+        without decoding every prompt one more time), then ``repeats`` rounds; each round runs
+        the target alone once and SD once per (gamma, threshold), so drift hits every method
+        alike; medians.
 
         With a ``cost_model`` (its context and verify range), the cost model is measured again
         in every round, beside the decoding it predicts, and the predictions use the per-figure
@@ -279,9 +288,9 @@ class SpeedProbe:
         prediction needs the cost model's verify curve to reach its node count + 1."""
         draft.eval()
         settings = [(*setting, "")[:3] for setting in settings]
-        self.plain()  # warm-ups, discarded
+        self.plain(batches=1)  # warm-ups, discarded
         for gamma, threshold, tree in settings:
-            self.speculative(draft, gamma, threshold, tree)
+            self.speculative(draft, gamma, threshold, tree, batches=1)
         plain_walls: list[float] = []
         walls: dict[int, list[float]] = {i: [] for i in range(len(settings))}
         results: dict[int, list[GenerationResult]] = {}
@@ -353,7 +362,17 @@ class SpeedProbe:
             measured_over_predicted=float("nan"),
             accepted_length_histogram=total.accepted_length_histogram,
             tree=tree_spec,
+            agreement=self._agreement(results, plain_results),
         )
+
+    def _agreement(self, results, plain_results) -> dict[str, Any] | None:
+        """Greedy only: how often SD's output equals the target alone's, token for token (in
+        fp32 always; in bf16 near-tied logits may differ between the two computations)."""
+        if self.temperature != 0:
+            return None
+        rows = [list(s) for r in results for s in r.sequences]
+        reference = [list(s) for r in plain_results for s in r.sequences]
+        return agreement(reference, rows).to_dict()
 
 
 @dataclass

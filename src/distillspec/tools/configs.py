@@ -193,7 +193,20 @@ class DemoConfig:
     )
     draft_layers: list[int] = knob([2, 3, 4], "Layer counts auto chooses from.")
     draft_vocab: int = knob(8192, "Head size of auto's drafts (0: the full vocabulary).")
-    speed_prompts: int = knob(3, "Held-out prompts decoded to measure tokens/s and tau.")
+    speed_prompts: int = knob(
+        12,
+        "The choice split: held-out prompts (the first of --distill.eval-data) decoded at every "
+        "setting to choose the fastest one, which the draft then saves.",
+    )
+    report_data: str = knob(
+        "builtin:chat:train",
+        "The report split: prompts neither trained on (the demo trains on the target's own "
+        "prompts) nor chosen on, where the chosen setting's speed-up and alpha are reported.",
+    )
+    report_prompts: int = knob(16, "Prompts of --report-data used (the first ones).")
+    report_repeats: int = knob(
+        2, "Timed rounds on the report split (median); each runs the target alone once."
+    )
     max_new_tokens: int = knob(64, "Tokens generated per held-out prompt when measuring.")
     gammas: list[int] = knob([1, 2, 3], "Lookaheads measured before and after.")
     confidence_thresholds: list[float] = knob(
@@ -204,7 +217,9 @@ class DemoConfig:
         "Draft trees measured before and after (generate's --tree; commas separate the list, "
         "so join explicit rank paths with '/', e.g. 0/1/0.0); greedy.",
     )
-    repeats: int = knob(2, "Timed rounds (median); each round runs the target alone once.")
+    repeats: int = knob(
+        1, "Timed rounds on the choice split (median); each round runs the target alone once."
+    )
     distill: DistillConfig = section(
         DistillConfig, "The distillation recipe (demo defaults; --distill.KNOB). The demo sets "
         "its data, draft_init, max_minutes and output_dir.", **DEMO_RECIPE
@@ -213,10 +228,12 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if not self.minutes > 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}.")
-        require_at_least(self, 1, "speed_prompts", "max_new_tokens", "repeats")
+        require_at_least(self, 1, "speed_prompts", "max_new_tokens", "repeats", "report_prompts",
+                         "report_repeats")
         require_at_least(self, 0, "prompt_pool", "draft_vocab")
         require_at_most(self, MAX_TOKENS, "max_new_tokens")
-        require_at_most(self, 100, "repeats", "speed_prompts")
+        require_at_most(self, 100, "repeats", "speed_prompts", "report_repeats")
+        require_at_most(self, 1000, "report_prompts")
         require_at_most(self, 100_000, "prompt_pool")
         if not self.gammas or min(self.gammas) < 1 or max(self.gammas) > MAX_GAMMA:
             raise ValueError(f"gammas must lie in 1..{MAX_GAMMA}, got {self.gammas}.")

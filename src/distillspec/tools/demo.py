@@ -36,7 +36,7 @@ from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
-from distillspec.decoding.metrics import predicted_speedup
+from distillspec.decoding.metrics import describe_agreement, predicted_speedup
 from distillspec.decoding.tree import Tree
 from distillspec.models.drafts import split_vocab_option, truncate_layers
 from distillspec.models.loading import (
@@ -55,6 +55,11 @@ from distillspec.training.datasets import load_examples
 from distillspec.training.evaluate import SDEvaluator
 
 ENTRIES = ("run", "report.json", "alpha_over_training.png", "gamma_sweep.png")
+RECIPE_NOTE = (
+    "forward KL on the target's cached greedy answers (top-k scored once): the greedy winner of "
+    "the study in docs/results/study (2 min per cell, 1 seed: fkl 0.275 against lk 0.234, jsd "
+    "0.227, tvd 0.206, rkl 0.185; on-policy data at most 0.033 at equal minutes on a CPU)"
+)
 # Every draft candidate is priced at this alpha (a little above the 0.34-0.36 the demo's drafts
 # reach on a 2-core CPU); it moves the predicted figures more than their order.
 PLANNING_ALPHA = 0.4
@@ -196,26 +201,36 @@ def choose_draft(
 
 
 class Measurement:
-    """alpha on held-out prompts and a greedy batch-1 sweep, for any draft."""
+    """alpha and a greedy batch-1 sweep on the choice split, for any draft; the chosen setting
+    timed again, with alpha, on the report split (prompts neither trained nor chosen on)."""
 
-    def __init__(self, config: DemoConfig, target, tokenizer):
+    def __init__(self, config: DemoConfig, target, tokenizer, splits: Splits):
         recipe = config.distill
-        examples = load_examples(recipe.eval_data, tokenizer,
-                                 max_prompt_tokens=recipe.max_prompt_tokens)
-        prompts = [e.prompt_ids for e in examples]
+        choice, report = splits.choice, splits.report
         pad_id, eos = pad_token_id(tokenizer), eos_token_ids(target, tokenizer)
-        self.config = config
-        self.evaluator = SDEvaluator(
-            target, prompts[: recipe.eval_prompts], max_new_tokens=config.max_new_tokens,
-            tau_prompts=0, gamma=config.gammas[0], eos_token_id=eos, seed=recipe.seed,
-            pad_id=pad_id,
-        )
-        self.probe = SpeedProbe(target, prompts[: config.speed_prompts],
+        self.config, self.report_prompts = config, report
+
+        def evaluator(prompts):
+            return SDEvaluator(target, prompts, max_new_tokens=config.max_new_tokens, tau_prompts=0,
+                               gamma=config.gammas[0], eos_token_id=eos, seed=recipe.seed,
+                               pad_id=pad_id)
+
+        self.evaluator = evaluator(choice[: recipe.eval_prompts])
+        self.report_evaluator = evaluator(report)
+        self.probe = SpeedProbe(target, choice[: config.speed_prompts],
                                 max_new_tokens=config.max_new_tokens, pad_id=pad_id)
+        self.report_probe = SpeedProbe(target, report, max_new_tokens=config.max_new_tokens,
+                                       pad_id=pad_id)
         # The verify curve reaches the widest call measured: the longest chain or tree + 1.
         self.cost = measure_cost_model(target, None, max_verify=verify_width(config))
 
+    def check_training_prompts(self, training: list[list[int]], source: str) -> None:
+        """The report split must not hold a prompt the draft is trained on."""
+        _check_apart(self.report_prompts, training, f"--report-data {self.config.report_data}",
+                     f"the training data ({source})")
+
     def measure(self, draft, label: str, thresholds: list[float]) -> dict[str, Any]:
+        """The choice split: alpha, and every setting timed against the target alone."""
         start = time.perf_counter()
         alpha = self.evaluator.alpha(draft)
         # A threshold cannot change a 1-token draft (it stops after that token anyway): at
@@ -223,10 +238,80 @@ class Measurement:
         settings = [(g, t, "") for t in thresholds for g in self.config.gammas if t == 0 or g > 1]
         settings += [(1, 0.0, tree) for tree in self.config.trees]
         _say(f"{label}: alpha_t0 {alpha['alpha_t0']:.3f}; timing {len(settings)} settings x "
-             f"{self.config.repeats} rounds against the target alone ...")
+             f"{self.config.repeats} rounds on {len(self.probe.batches)} choice prompts against "
+             "the target alone ...")
         sweep = self.probe.sweep(draft, settings, self.config.repeats, self.cost,
                                  progress=lambda message: _say(f"  {label}: {message}"))
         return {**alpha, **_summary(sweep), "measure_seconds": time.perf_counter() - start}
+
+    def report(self, draft, row: dict[str, Any]) -> dict[str, Any]:
+        """The chosen setting (``row``, from the choice split) on the report split: alpha, and
+        its speed against the target alone, ``report_repeats`` interleaved rounds."""
+        start = time.perf_counter()
+        alpha = self.report_evaluator.alpha(draft)
+        setting = (row["gamma"], row.get("confidence_threshold", 0.0), row.get("tree", ""))
+        _say(f"report split: alpha_t0 {alpha['alpha_t0']:.3f}; timing {_setting(row)} x "
+             f"{self.config.report_repeats} rounds on {len(self.report_probe.batches)} prompts "
+             "it was not chosen on ...")
+        sweep = self.report_probe.sweep(draft, [setting], self.config.report_repeats, self.cost)
+        summary = _summary(sweep)
+        return {"data": self.config.report_data, "prompts": len(self.report_prompts), **alpha,
+                "target_tokens_per_s": summary["target_tokens_per_s"], "setting": summary["best"],
+                "measure_seconds": time.perf_counter() - start}
+
+
+@dataclass
+class Splits:
+    """The demo's evaluation prompts: ``choice`` (alpha during training and the choice of the
+    setting) and ``report`` (the chosen setting reported), checked apart before anything runs."""
+
+    choice: list[list[int]]
+    report: list[list[int]]
+
+    @classmethod
+    def load(cls, config: DemoConfig, tokenizer) -> Splits:
+        recipe = config.distill
+        choice = _prompts(recipe.eval_data, tokenizer, recipe.max_prompt_tokens)
+        choice = choice[: max(recipe.eval_prompts, config.speed_prompts)]
+        report = _prompts(config.report_data, tokenizer, recipe.max_prompt_tokens)
+        report = report[: config.report_prompts]
+        _check_apart(report, choice, f"--report-data {config.report_data}",
+                     f"--distill.eval-data {recipe.eval_data}")
+        if not config.prompt_pool:  # the training prompts are known before anything runs
+            _check_apart(report, _prompts(recipe.data, tokenizer, recipe.max_prompt_tokens),
+                         f"--report-data {config.report_data}", f"--distill.data {recipe.data}")
+        return cls(choice, report)
+
+
+def _prompts(spec: str, tokenizer, max_prompt_tokens: int) -> list[list[int]]:
+    return [list(e.prompt_ids) for e in
+            load_examples(spec, tokenizer, max_prompt_tokens=max_prompt_tokens)]
+
+
+def _check_apart(report: list[list[int]], other: list[list[int]], name: str, other_name: str):
+    """A ValueError when a report-split prompt also appears in ``other`` (a choice or training
+    split): a figure reported on prompts it was chosen or trained on is not a held-out figure."""
+    shared = {tuple(p) for p in report} & {tuple(p) for p in other}
+    if shared:
+        raise ValueError(
+            f"{len(shared)} of the {len(report)} report prompts ({name}) are also in "
+            f"{other_name}. The report split must hold prompts the draft was neither trained nor "
+            "chosen on: pass another --report-data."
+        )
+
+
+def split_agreement(after: dict[str, Any], reported: dict[str, Any]) -> dict[str, Any]:
+    """How far the choice and report splits agree: alpha and the chosen setting's speed-up on
+    each, and report ÷ choice (1 = the choice split's figures hold on unseen prompts)."""
+    chosen = after["best"]
+    return {
+        "alpha_t0": {"choice": after["alpha_t0"], "report": reported["alpha_t0"],
+                     "ratio": reported["alpha_t0"] / max(after["alpha_t0"], 1e-9)},
+        "alpha_t1": {"choice": after["alpha_t1"], "report": reported["alpha_t1"],
+                     "ratio": reported["alpha_t1"] / max(after["alpha_t1"], 1e-9)},
+        "speedup": {"choice": chosen["speedup"], "report": reported["setting"]["speedup"],
+                    "ratio": reported["setting"]["speedup"] / chosen["speedup"]},
+    }
 
 
 def _summary(sweep: Sweep) -> dict[str, Any]:
@@ -236,7 +321,7 @@ def _summary(sweep: Sweep) -> dict[str, Any]:
          "acceptance_rate": r.acceptance_rate, "analytic_alpha": r.analytic_alpha,
          "speedup": r.speedup, "cost_ratio": r.cost_ratio, "verify_cost": r.verify_cost,
          "predicted_speedup": r.predicted_speedup,
-         "measured_over_predicted": r.measured_over_predicted}
+         "measured_over_predicted": r.measured_over_predicted, "agreement": r.agreement}
         for r in sweep.rows
     ]
     fixed = [r for r in rows if r["confidence_threshold"] == 0 and not r["tree"]] or rows
@@ -251,9 +336,10 @@ def _summary(sweep: Sweep) -> dict[str, Any]:
 
 def _check_inputs(config: DemoConfig) -> None:
     from distillspec.models.loading import check_model_spec
-    from distillspec.training.setup import check_inputs
+    from distillspec.training.setup import check_data, check_inputs
 
     check_inputs(replace(config.distill, draft_init="target-layers:1"))
+    check_data(config.report_data, "report data (--report-data)")
     if config.draft != "auto":
         check_model_spec(config.draft)
 
@@ -265,16 +351,17 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     started = time.perf_counter()
     apply_threads(config.runtime)
     _check_inputs(config)  # before anything is written or removed
-    out = claim(config.out, "demo", fresh=config.fresh)
-    out.track(*ENTRIES)
     runtime, recipe = config.runtime, config.distill
     torch.manual_seed(recipe.seed)
     target, tokenizer = load_model(recipe.target, **load_options(runtime))
+    splits = Splits.load(config, tokenizer)  # refuses overlapping splits, also before removing
+    out = claim(config.out, "demo", fresh=config.fresh)
+    out.track(*ENTRIES)
     run_dir = out.child("run")
     report_path = out.child("report.json")
     previous = json.loads(report_path.read_text()) if report_path.is_file() else None
     reuse = previous is not None and (run_dir / "final").is_dir()
-    measurement = Measurement(config, target, tokenizer)
+    measurement = Measurement(config, target, tokenizer, splits)
     if reuse:
         _say("reusing the distilled draft from the last run (--fresh starts over)")
         before, choice, data_info = previous["before"], previous["draft"], previous["data"]
@@ -283,6 +370,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         data_info = {"prompts": str(data.prompts), "answers": str(data.answers),
                      "generated_now_minutes": data.seconds / 60,
                      "generation_minutes": data.generation_minutes}
+    measurement.check_training_prompts(
+        _prompts(data_info["prompts"], tokenizer, recipe.max_prompt_tokens), data_info["prompts"])
+    if not reuse:
         spec, choice = choose_draft(config, target, measurement.cost)
         _say(f"draft: {choice.get('why', spec)}")
         _say(f"plan: measure the undistilled draft, distil for {config.minutes:g} min, measure "
@@ -291,8 +381,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         eos = eos_token_ids(target, tokenizer)
         vocab = target.get_input_embeddings().weight.shape[0]
         ids = answer_vocabulary(data, keep, eos, vocab) if keep else None
-        before = measurement.measure(build_draft(spec, target, tokenizer, token_ids=ids),
-                                     "before", [0.0])
+        undistilled = build_draft(spec, target, tokenizer, token_ids=ids)
+        before = measurement.measure(undistilled, "before", [0.0])
+        before["report_split"] = measurement.report_evaluator.alpha(undistilled)
+        del undistilled
         scoring = (f"the target first scores the answers once (its top-{recipe.teacher_topk} per "
                    "token, cached beside them), then " if recipe.teacher_topk else "")
         _say(f"{scoring}distilling for {config.minutes:g} minutes, then measuring again "
@@ -303,13 +395,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         # --fresh demo (or another draft size) on the same data does not score it again.
         distill(replace(recipe, data=policy_data, draft_init=spec, max_minutes=config.minutes,
                         output_dir=str(run_dir),
-                        teacher_topk_dir=recipe.teacher_topk_dir or str(data.answers.parent)))
+                        teacher_topk_dir=recipe.teacher_topk_dir or str(data.answers.parent)),
+                target=target, tokenizer=tokenizer)  # the target loaded above, not a second copy
         data_info["scoring_minutes"] = _scoring_seconds(run_dir) / 60
     distilled, _ = load_model(run_dir / "final", device=target.device, dtype=target.dtype)
     after = measurement.measure(distilled, "after", [0.0, *[t for t in config.confidence_thresholds
                                                             if t > 0]])
     record_distilled_draft(recipe.target, run_dir / "final")
     best = after["best"]
+    reported = measurement.report(distilled, best)
+    agreement = split_agreement(after, reported)
     # A tree runs only in steps where every row is greedy; the others use the chain, so the
     # saved chain is the fastest chain measured, whichever won overall.
     chain = max((r for r in after["all"] if not r.get("tree")), key=lambda r: r["sd_tokens_per_s"])
@@ -317,7 +412,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         run_dir / "final", target=recipe.target, gamma=chain["gamma"],
         confidence_threshold=chain.get("confidence_threshold", 0.0), tree=best.get("tree", ""),
         device=target.device,
-        dtype=target.dtype, measured={"speedup": best["speedup"], "alpha_t0": after["alpha_t0"],
+        # The report split's figure decides whether `generate` uses the draft: the choice
+        # split's is biased upwards by the choice itself.
+        dtype=target.dtype, measured={"speedup": reported["setting"]["speedup"],
+                                      "choice_speedup": best["speedup"],
+                                      "alpha_t0": reported["alpha_t0"],
                                       "cost_model": after["cost_model"]},
     )
     evals = _evals(run_dir)
@@ -333,18 +432,22 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "train_minutes": evals[-1].get("train_seconds", 0) / 60 if evals else None,
         "train_steps": evals[-1]["step"] if evals else None,
         "wall_minutes": (time.perf_counter() - started) / 60,
+        "recipe": RECIPE_NOTE,
         "before": before,
         "after": after,
+        "report_split": reported,
+        "split_agreement": agreement,
         "evals": evals,
     }
     atomic_write_json(report_path, report)
     plot_alpha_over_training(evals, out.child("alpha_over_training.png"))
     plot_gamma_sweep(before["by_gamma"], after["by_gamma"], out.child("gamma_sweep.png"))
     print(before_after_table(report))
-    if best["speedup"] >= 1.0:
+    held_out = reported["setting"]["speedup"]
+    if held_out >= 1.0:
         use = "`distillspec generate` now uses this draft"
     else:  # auto_draft reads the saved setting and keeps plain decoding here
-        use = (f"SD measured {best['speedup']:.2f}x the target alone here, so `distillspec "
+        use = (f"SD measured {held_out:.2f}x the target alone on the report split, so `distillspec "
                f"generate` keeps plain decoding on this machine (--draft {run_dir / 'final'} "
                "uses the draft anyway)")
     _say(f"wrote {report_path} and plots in {out.path} after {report['wall_minutes']:.1f} min; "
@@ -411,12 +514,27 @@ def before_after_table(report: dict[str, Any]) -> str:
         ("SD tok/s at best setting", f"{best_b['sd_tokens_per_s']:.1f}",
          f"{best_a['sd_tokens_per_s']:.1f}"),
         ("SD speed-up vs target alone", f"{best_b['speedup']:.2f}×", f"{best_a['speedup']:.2f}×"),
+        ("SD output = the target's own greedy output (rows)",
+         describe_agreement(best_b.get("agreement")), describe_agreement(best_a.get("agreement"))),
         ("best fixed γ: speed-up (predicted)",
          f"{before['best_fixed']['speedup']:.2f}× ({before['best_fixed']['predicted_speedup']:.2f}×)",
          f"{after['best_fixed']['speedup']:.2f}× ({after['best_fixed']['predicted_speedup']:.2f}×)"),
     ]
+    reported = report.get("report_split")
+    if reported:
+        split_before = before.get("report_split", {})
+        rows += [
+            (f"report split ({reported['prompts']} prompts): alpha T=0 / T=1",
+             f"{split_before['alpha_t0']:.3f} / {split_before['alpha_t1']:.3f}"
+             if split_before else "not measured",
+             f"{reported['alpha_t0']:.3f} / {reported['alpha_t1']:.3f}"),
+            ("report split: speed-up at the chosen setting", "not measured",
+             f"{reported['setting']['speedup']:.2f}× (τ {reported['setting']['block_efficiency']:.2f})"),
+        ]
+    prompts = report.get("config", {}).get("speed_prompts", "")
     lines = [
-        "| held-out chat prompts, greedy, batch 1 | before | after distillation |",
+        f"| greedy, batch 1; choice split: {prompts} held-out chat prompts | before | after "
+        "distillation |",
         "|---|---|---|",
     ]
     lines += [f"| {name} | {b} | {a} |" for name, b, a in rows]

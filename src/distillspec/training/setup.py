@@ -47,7 +47,7 @@ class TrainState:
     data_seconds: float = 0.0  # generating the target's completions once (teacher_cache)
 
 
-def _check_data(spec: str, what: str) -> None:
+def check_data(spec: str, what: str) -> None:
     if spec.startswith(BUILTIN_PREFIX):
         check_builtin_dataset(spec)
     elif not Path(spec).exists():
@@ -62,14 +62,14 @@ def check_inputs(config: DistillConfig) -> None:
         check_model_spec(config.filter_reference, config.runtime.allow_download)
     if not config.data:
         raise ValueError("No training data: set data (a JSONL file, a .txt file, a folder or builtin:NAME).")
-    _check_data(config.data, "training data")
+    check_data(config.data, "training data")
     if config.teacher_topk_dir and Path(config.teacher_topk_dir).expanduser().is_file():
         raise ValueError(
             f"teacher_topk_dir {config.teacher_topk_dir} is a file; it must be a folder (created "
             "if missing) that holds the cached top-k files."
         )
     if config.eval_data:
-        _check_data(config.eval_data, "evaluation data")
+        check_data(config.eval_data, "evaluation data")
     if config.log_with:
         from accelerate.tracking import get_available_trackers
 

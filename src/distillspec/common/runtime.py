@@ -41,6 +41,14 @@ class RuntimeConfig:
     device_map: str = knob(
         "", "Spread a model over several devices (transformers' device_map, e.g. auto); empty: one device."
     )
+    deterministic: bool = knob(
+        False,
+        "Deterministic decoding: float32 weights and arithmetic, so a greedy or seeded request "
+        "gives the same tokens whatever shares its batch and whatever gamma or tree verifies it "
+        "(in bf16/fp16 near-tied logits can flip). Costs what float32 costs against bf16 on "
+        "this machine (nothing where auto already picks float32); refuses --dtype "
+        "bfloat16/float16.",
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.threads <= MAX_THREADS:
@@ -49,21 +57,36 @@ class RuntimeConfig:
             raise ValueError(
                 f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}."
             )
+        if self.deterministic and self.dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"--deterministic runs in float32, but --dtype {self.dtype} was given: drop "
+                "--dtype (or pass float32), or drop --deterministic to keep the faster dtype."
+            )
+
+    @property
+    def model_dtype(self) -> str:
+        """The dtype models are loaded in: float32 under --deterministic, else --dtype."""
+        return "float32" if self.deterministic else self.dtype
 
 
 def load_options(runtime: RuntimeConfig) -> dict:
     """The keyword arguments ``models.loading.load_model`` takes from the runtime settings."""
-    return dict(device=runtime.device, dtype=runtime.dtype,
+    return dict(device=runtime.device, dtype=runtime.model_dtype,
                 trust_remote_code=runtime.trust_remote_code,
                 allow_download=runtime.allow_download, device_map=runtime.device_map or None)
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:
-    """Set torch's intra-op thread count when the user asked for one."""
-    if runtime.threads:
-        import torch
+    """Set torch's intra-op thread count when the user asked for one; under --deterministic,
+    also torch's deterministic algorithms and no TF32 (a CUDA matmul in TF32 rounds like bf16)."""
+    import torch
 
+    if runtime.threads:
         torch.set_num_threads(runtime.threads)
+    if runtime.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
 
 def resolve_device(device: Any = "auto"):

@@ -38,6 +38,20 @@ from distillspec.decoding.timing import timed
 from distillspec.decoding.tree import Tree, accept_tree_greedy, tree_node_tokens
 
 
+def check_deterministic(target, draft=None) -> None:
+    """Deterministic decoding needs float32 models: a greedy or seeded row then gives the same
+    tokens whatever shares its batch and whatever gamma or tree verifies it (tested); in
+    bf16/fp16 a verify call of another width rounds differently and near-tied logits flip."""
+    for role, model in (("target", target), ("draft", draft)):
+        dtype = None if model is None else next(model.parameters()).dtype
+        if dtype is not None and dtype != torch.float32:
+            raise ValueError(
+                f"deterministic decoding needs float32 models, but the {role} is in {dtype}. "
+                "Load it with dtype='float32' (load_model / load_pair), or pass "
+                "deterministic=False to accept bf16's near-tie flips."
+            )
+
+
 class Decoder:
     """A set of live rows decoded together, one speculative block per ``step()``."""
 
@@ -48,10 +62,13 @@ class Decoder:
         speculation: SpeculationConfig | None = None,
         *,
         generator: torch.Generator | None = None,
+        deterministic: bool = False,
     ):
         ensure_croppable(target)
         if draft is not None:
             ensure_croppable(draft)
+        if deterministic:
+            check_deterministic(target, draft)
         self.speculation = speculation or SpeculationConfig()
         self.device = target.device
         self.generator = generator

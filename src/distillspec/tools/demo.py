@@ -53,6 +53,7 @@ from distillspec.tools.configs import DemoConfig
 from distillspec.training.datagen import datagen, self_prompts, write_prompt_pool
 from distillspec.training.datasets import load_examples
 from distillspec.training.evaluate import SDEvaluator
+from distillspec.training.setup import target_dtype
 
 ENTRIES = ("run", "report.json", "alpha_over_training.png", "gamma_sweep.png")
 RECIPE_NOTE = (
@@ -393,10 +394,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)
         # The target's top-k on the cached answers is scored once and kept beside them, so a
         # --fresh demo (or another draft size) on the same data does not score it again.
-        distill(replace(recipe, data=policy_data, draft_init=spec, max_minutes=config.minutes,
-                        output_dir=str(run_dir),
-                        teacher_topk_dir=recipe.teacher_topk_dir or str(data.answers.parent)),
-                target=target, tokenizer=tokenizer)  # the target loaded above, not a second copy
+        training = replace(recipe, data=policy_data, draft_init=spec, max_minutes=config.minutes,
+                           output_dir=str(run_dir),
+                           teacher_topk_dir=recipe.teacher_topk_dir or str(data.answers.parent))
+        # The target loaded above, not a second copy, unless training wants it in another
+        # dtype (e.g. --dtype float32 on a CPU where training autocasts to bf16).
+        shared = target.dtype == target_dtype(training, target.device)
+        distill(training, target=target if shared else None, tokenizer=tokenizer if shared else None)
         data_info["scoring_minutes"] = _scoring_seconds(run_dir) / 60
     distilled, _ = load_model(run_dir / "final", device=target.device, dtype=target.dtype)
     after = measurement.measure(distilled, "after", [0.0, *[t for t in config.confidence_thresholds

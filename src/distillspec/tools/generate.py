@@ -111,7 +111,7 @@ def auto_draft(target: str, runtime) -> str:
               file=sys.stderr)
         return "none"
     device = resolve_device(runtime.device)
-    saved = recommended_for(found, target, device, resolve_dtype(runtime.dtype, device))
+    saved = recommended_for(found, target, device, resolve_dtype(runtime.model_dtype, device))
     speedup = saved["speedup"] if saved else None
     if speedup is not None and speedup < 1.0:
         print(f"distillspec: the distilled draft {found} measured {speedup:.2f}x the target "

@@ -113,9 +113,14 @@ def open_run_folder(config: DistillConfig, main_process: bool = True) -> tuple[R
     return folder, found.folder
 
 
+def target_dtype(config: DistillConfig, device: torch.device) -> torch.dtype:
+    """The dtype ``distill`` runs the target in: bf16 where autocast runs, else float32."""
+    return torch.bfloat16 if autocast_bf16(config.bf16, device) else torch.float32
+
+
 def _load_options(config: DistillConfig, device: torch.device) -> dict[str, Any]:
-    """How the target loads: on the run's device, in bf16 where autocast runs, else float32."""
-    dtype = "bfloat16" if autocast_bf16(config.bf16, device) else "float32"
+    """How the target loads: on the run's device, in ``target_dtype``."""
+    dtype = "bfloat16" if target_dtype(config, device) == torch.bfloat16 else "float32"
     return {**load_options(config.runtime), "device": device, "dtype": dtype}
 
 
@@ -135,7 +140,7 @@ def run_target(config: DistillConfig, device: torch.device, target, tokenizer):
         return load_model(config.target, **options)
     if tokenizer is None:
         raise ValueError("distill got a target without its tokenizer: pass both, or neither.")
-    dtype = torch.bfloat16 if options["dtype"] == "bfloat16" else torch.float32
+    dtype = target_dtype(config, device)
     if target.device.type != torch.device(device).type or target.dtype != dtype:
         raise ValueError(
             f"distill got a target on {target.device} in {target.dtype}, but this recipe runs it "

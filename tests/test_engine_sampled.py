@@ -72,3 +72,27 @@ def test_sampled_sd_matches_target_joint(sampling, gamma, threshold):
     assert 0.2 < total.acceptance_rate < 0.95
     first_position = total.per_position_acceptance[0]
     assert first_position == pytest.approx(total.analytic_alpha, abs=0.08)
+
+
+@pytest.mark.parametrize("lenience", ["lin", "sq", "exp"])
+def test_lenience_at_epsilon_one_is_lossless_end_to_end(lenience):
+    """Through the engine, a lenient rule at epsilon = 1 emits exactly what lossless SD emits
+    (same seeds: same tokens, same accepted counts); epsilon < 1 changes both (the control)."""
+    target = tiny_model("llama", seed=0, vocab_size=V)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.1)
+    draft = perturbed_copy(target, 0.6, seed=4)
+    prompt = torch.tensor([5, 3, 6, 4]).expand(64, -1)
+
+    def run(**rule):
+        return speculative_generate(target, draft, prompt, gamma=3, max_new_tokens=6,
+                                    temperature=1.0, generator=torch.Generator().manual_seed(7),
+                                    **rule)
+
+    lossless = run()
+    lenient = run(lenience=lenience, epsilon=1.0)
+    assert lenient.sequences == lossless.sequences
+    assert lenient.metrics.accepted_tokens == lossless.metrics.accepted_tokens
+    looser = run(lenience=lenience, epsilon=0.5)
+    assert looser.metrics.acceptance_rate > lossless.metrics.acceptance_rate + 0.05
+    assert looser.sequences != lossless.sequences

@@ -75,3 +75,33 @@ def test_config_objects_validate_themselves():
         SpeculationConfig(gamma=-3)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1.0)
+
+
+def test_yaml_files_name_the_file_and_line_and_refuse_lists(tmp_path):
+    from distillspec.common.io import read_yaml_mapping
+    from distillspec.tools.cli import main
+
+    bad = tmp_path / "distill_config.yaml"
+    bad.write_text("target: builtin:smollm2-135m\nlr: [0.1\ndivergence: fkl\n")
+    with pytest.raises(ValueError, match=r"distill_config.yaml:3:\d+: the recipe is not valid YAML"):
+        read_yaml_mapping(bad, "recipe")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- lr: 0.1\n- divergence: fkl\n")
+    with pytest.raises(ValueError, match="is a list, but it must be a mapping"):
+        read_yaml_mapping(listed, "recipe")
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just words\n")
+    with pytest.raises(ValueError, match="a single str value"):
+        read_yaml_mapping(scalar, "recipe")
+    (tmp_path / "empty.yaml").write_text("")
+    assert read_yaml_mapping(tmp_path / "empty.yaml") == {}
+    # Through the CLI: a clear message and exit status 2, no traceback.
+    assert main(["distill", "--config", str(listed)]) == 2
+    # A draft folder whose saved recipe is corrupt: export names the file and the line.
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    (draft / "distill_config.yaml").write_text("target: [x\n")
+    from distillspec.tools.export import _recipe
+
+    with pytest.raises(ValueError, match=r"draft/distill_config.yaml:2:\d+"):
+        _recipe(draft)

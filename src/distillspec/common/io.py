@@ -54,6 +54,33 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp") or ".tmp-" in path.name
 
 
+def read_yaml_mapping(path: str | Path, what: str = "YAML file") -> dict:
+    """A YAML file that holds a mapping (empty file: {}). A parse error names the file, line and
+    column; a list or a scalar says what it is instead of failing later on a missing key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        value = yaml.safe_load(read_text_file(path, what))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(
+            f"{where}: the {what} is not valid YAML ({problem}). Fix that line, or remove the "
+            "file to start from the defaults."
+        ) from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        kind = "a list" if isinstance(value, list) else f"a single {type(value).__name__} value"
+        raise ValueError(
+            f"{path}: the {what} is {kind}, but it must be a mapping of option: value "
+            "(one `name: value` per line)."
+        )
+    return value
+
+
 def read_text_file(path: str | Path, what: str = "file") -> str:
     """A UTF-8 text file; a missing file, a folder or bad bytes give a ValueError naming it."""
     path = Path(path)

@@ -32,12 +32,12 @@ from distillspec.decoding.generate import (
 )
 from distillspec.decoding.kv_cache import CachedModel, compile_steps, steps_compiled
 from distillspec.decoding.metrics import (
-    agreement,
     combined_counts,
     predicted_speedup,
     predicted_tree_speedup,
 )
 from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.quality import agreement
 from distillspec.decoding.sampling import sample, warp
 from distillspec.decoding.timing import timed
 from distillspec.decoding.tree import Tree
@@ -197,7 +197,7 @@ class SweepRow:
     accepted_length_histogram: list[int] = field(default_factory=list)
     tree: str = ""  # tree drafting (decoding/tree.py); "" = a chain of gamma tokens
     # Greedy sweeps: SD's rows against the target alone's rows of the same run, same dtype
-    # (metrics.Agreement.to_dict); None when sampling, where outputs differ by design.
+    # (quality.Agreement.to_dict); None when sampling, where outputs differ by design.
     agreement: dict[str, Any] | None = None
 
 
@@ -372,7 +372,7 @@ class SpeedProbe:
             return None
         rows = [list(s) for r in results for s in r.sequences]
         reference = [list(s) for r in plain_results for s in r.sequences]
-        return agreement(reference, rows).to_dict()
+        return agreement(rows, reference).to_dict()
 
 
 @dataclass

@@ -231,54 +231,12 @@ def predicted_tree_speedup(
     return tokens_per_block / (draft_calls * cost_ratio + verify_cost)
 
 
-@dataclass(frozen=True)
-class Agreement:
-    """How often a decoder's greedy output equals a reference's (the target's own greedy
-    decoding computed the same way): ``rows_identical`` is the fraction of rows equal token for
-    token; ``first_difference`` the mean index of the first differing token over the rows that
-    differ (None when none does; a row that is a prefix of the other differs at its end)."""
-
-    rows: int
-    rows_identical: float
-    first_difference: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "rows_identical": self.rows_identical,
-                "first_difference": self.first_difference}
-
-
-def first_difference(reference: list[int], candidate: list[int]) -> int | None:
-    """The first index where the two token sequences differ (None when they are equal)."""
-    for index, (expected, got) in enumerate(zip(reference, candidate)):
-        if expected != got:
-            return index
-    return None if len(reference) == len(candidate) else min(len(reference), len(candidate))
-
-
-def agreement(reference: list[list[int]], candidate: list[list[int]]) -> Agreement:
-    """Row-wise agreement of ``candidate`` with ``reference`` (same rows, same order)."""
-    if len(reference) != len(candidate):
-        raise ValueError(
-            f"agreement compares the same rows: got {len(reference)} reference rows and "
-            f"{len(candidate)} candidate rows."
-        )
-    if not reference:
-        raise ValueError("agreement needs at least one row.")
-    differences = [first_difference(list(r), list(c)) for r, c in zip(reference, candidate)]
-    differing = [d for d in differences if d is not None]
-    return Agreement(
-        rows=len(reference),
-        rows_identical=1.0 - len(differing) / len(reference),
-        first_difference=sum(differing) / len(differing) if differing else None,
-    )
-
-
 def describe_agreement(agreement: dict[str, Any] | None) -> str:
-    """An ``Agreement.to_dict()`` as '100 %' or '75 % (first difference at 21.0)'; '–' for
-    None (sampled rows have no agreement figure)."""
+    """A ``quality.Agreement.to_dict()`` as '100%' or '75% (first difference at 21.0)' (where
+    the differing rows first differ); '–' for None (sampled rows have no agreement figure)."""
     if not agreement:
         return "–"
-    cell = f"{agreement['rows_identical']:.0%}"
-    if agreement["first_difference"] is not None:
-        cell += f" (first difference at {agreement['first_difference']:.1f})"
+    cell = f"{agreement['exact_match']:.0%}"
+    if agreement["first_difference_where_different"] is not None:
+        cell += f" (first difference at {agreement['first_difference_where_different']:.1f})"
     return cell

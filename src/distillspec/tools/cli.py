@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Lossless, batched speculative decoding and DistillSpec draft distillation.",
     )
     parser.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
+    parser.add_argument("--version", action="version", version=f"distillspec {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser(
         "generate",
@@ -116,11 +117,36 @@ def build_parser() -> argparse.ArgumentParser:
         "Markdown and a plot of p50/p99 latencies and throughput.",
     )
     add_arguments(bench_serve, BenchServeConfig)
+    _add_eval(commands)
     export.add_argument("model_argument", nargs="?", metavar="MODEL",
                         help="The draft to export (same as --model).")
     add_arguments(export, ExportConfig)
     _add_models(commands)
     return parser
+
+
+def _add_eval(commands) -> None:
+    from distillspec.tools.eval_config import EvalConfig
+
+    add_arguments(commands.add_parser(
+        "eval",
+        help="Task quality beside speed: pass@k on code, agreement and log-likelihood on text.",
+        description="Decode the same problems or prompts with each --setups entry (the target "
+        "alone, SD at gamma, lossy SD, adaptive drafting, trees) and report tokens/s, tau and "
+        "acceptance beside quality: pass@k of code run against its tests in a sandbox, the "
+        "target's log-likelihood of each answer, and agreement with the target's greedy answer. "
+        "Writes eval.json, eval.md and samples.jsonl (docs/eval.md).",
+    ), EvalConfig)
+
+
+def version() -> str:
+    """The installed distribution's version (the one pip reports)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("distillspec")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
 
 
 def _add_models(commands) -> None:
@@ -243,6 +269,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_bench_serve(build(BenchServeConfig, _explicit_setting(args), args))
         return 0
+    if args.command == "eval":
+        from distillspec.tools.eval_config import EvalConfig
+        from distillspec.tools.eval_quality import eval_main
+
+        eval_main(build(EvalConfig, namespace=args))
+        return 0
     if args.command == "models":
         return _run_models(args)
     raise ValueError(f"unknown command {args.command!r}")
@@ -275,17 +307,9 @@ def load_recipe(path: str | None) -> dict:
     """The YAML recipe as a dict (empty without --config)."""
     if path is None:
         return {}
-    import yaml
+    from distillspec.common.io import read_yaml_mapping
 
-    from distillspec.common.io import read_text_file
-
-    try:
-        recipe = yaml.safe_load(read_text_file(path, "recipe")) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"Recipe {path} is not valid YAML: {error}") from None
-    if not isinstance(recipe, dict):
-        raise ValueError(f"Recipe {path} must be a mapping of option: value.")
-    return recipe
+    return read_yaml_mapping(path, "recipe")
 
 
 def _run_models(args: argparse.Namespace) -> int:

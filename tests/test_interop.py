@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import save_tiny
+from huggingface_hub import ModelCard
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -44,7 +47,8 @@ def pair(tmp_path_factory):
     return root
 
 
-def test_a_hub_id_loads_from_the_local_cache_with_the_network_off(pair, tmp_path, monkeypatch):
+def hub_cache(pair, tmp_path, monkeypatch) -> str:
+    """The tiny target as ``acme/tiny-target`` in a private Hugging Face cache, network off."""
     hub = tmp_path / "hub"
     snapshot = hub / "models--acme--tiny-target" / "snapshots" / ("a" * 40)
     shutil.copytree(pair / "target", snapshot)
@@ -55,7 +59,12 @@ def test_a_hub_id_loads_from_the_local_cache_with_the_network_off(pair, tmp_path
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    model, tokenizer = load_model("acme/tiny-target", device="cpu", dtype="float32")
+    return "acme/tiny-target"
+
+
+def test_a_hub_id_loads_from_the_local_cache_with_the_network_off(pair, tmp_path, monkeypatch):
+    model, tokenizer = load_model(hub_cache(pair, tmp_path, monkeypatch), device="cpu",
+                                  dtype="float32")
     assert model.config.num_hidden_layers == 3 and len(tokenizer) == model.config.vocab_size
     with pytest.raises(ValueError, match="not in the Hugging Face cache.*--allow-download"):
         load_model("acme/not-cached", device="cpu")
@@ -72,17 +81,33 @@ def lossless_with(target, draft) -> None:
     assert result.sequences == plain.sequences
 
 
+def machine_paths(text: str) -> list[str]:
+    """Absolute paths of this machine in ``text`` (temporary folders, the home folder)."""
+    return re.findall(rf"(?:/tmp|/var/tmp|{re.escape(str(Path.home()))})(?:/[^\s'\"]*)?", text)
+
+
+def exported_texts(out: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in (out / "model").iterdir()
+            if p.suffix in (".md", ".json", ".jinja", ".txt")}
+
+
 def test_export_hf_writes_a_card_with_base_model_licence_and_usage(pair, tmp_path, capsys):
     out = tmp_path / "hf"
     args = ["export", str(pair / "draft"), "--to", "hf", "--out", str(out), "--target",
             str(pair / "target"), "--precision", "float16"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    card = (out / "model" / "README.md").read_text()
-    assert f"base_model: {pair / 'target'}" in card and "license: mit" in card
+    card = ModelCard.load(out / "model" / "README.md")
+    # A local target has no Hub id: base_model is left out rather than naming a folder.
+    assert card.data.base_model is None and card.data.license == "mit"
+    assert card.data.library_name == "transformers" and "distillspec" in card.data.tags
     for usage in ("assistant_model=draft", "--speculative-config", '"method": "draft_model"',
-                  "-md "):
-        assert usage in card and usage in printed
+                  "-md ", '"num_speculative_tokens": 4', "--draft-max 4"):
+        assert usage in card.text and usage in printed
+    assert "from_pretrained('DRAFT')" in card.text and "vllm serve TARGET" in card.text
+    assert str(out / "model") in printed  # the printed lines are for this machine
+    for name, text in exported_texts(out).items():
+        assert machine_paths(text) == [], name
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
     assert exported.dtype == torch.float16
     target, _ = load_model(pair / "target", device="cpu", dtype="float32")
@@ -93,6 +118,70 @@ def test_export_hf_writes_a_card_with_base_model_licence_and_usage(pair, tmp_pat
     assert main(["export", str(pair / "draft"), "--to", "hf", "--out", str(mine), "--target",
                  str(pair / "target")]) == 2
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_export_uses_the_gamma_measured_for_the_draft(pair, tmp_path, capsys):
+    from distillspec.models.recommended import save_recommended
+
+    draft = tmp_path / "measured-draft"
+    shutil.copytree(pair / "draft", draft)
+    save_recommended(draft, target=str(pair / "target"), gamma=2, confidence_threshold=0.4,
+                     tree="15:2", device=torch.device("cpu"), dtype=torch.float32,
+                     measured={"speedup": 1.3})
+    out = tmp_path / "measured"
+    assert main(["export", str(draft), "--to", "vllm", "--out", str(out), "--target",
+                 str(pair / "target")]) == 0
+    printed = capsys.readouterr().out
+    card = (out / "model" / "README.md").read_text()
+    for text in (card, printed):
+        assert '"num_speculative_tokens": 2' in text and "--draft-max 2" in text
+    assert "gamma 2, confidence threshold 0.4, tree `15:2`: 1.30x the target alone" in card
+    assert json.loads((out / "export.json").read_text())["gamma"] == 2
+    assert main(["export", str(draft), "--to", "hf", "--out", str(tmp_path / "given"),
+                 "--target", str(pair / "target"), "--gamma", "3"]) == 0
+    assert '"num_speculative_tokens": 3' in capsys.readouterr().out
+    assert main(["export", str(draft), "--to", "hf", "--out", str(tmp_path / "bad"),
+                 "--gamma", "0"]) == 2
+    assert "gamma must be >= 1" in capsys.readouterr().err
+    save_recommended(draft, target="builtin:smollm2-135m", gamma=2, confidence_threshold=0.4,
+                     device=torch.device("cpu"), dtype=torch.float32, measured={})
+    assert main(["export", str(draft), "--to", "hf", "--out", str(tmp_path / "other"),
+                 "--target", str(pair / "target")]) == 0  # measured with another target
+    assert '"num_speculative_tokens": 4' in capsys.readouterr().out
+
+
+def gguf_strings(path: Path) -> dict[str, str]:
+    """Every string-valued key of a GGUF file (arrays of strings joined by newlines)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    strings = {}
+    for key, field in reader.fields.items():
+        if field.types and field.types[-1] == gguf.GGUFValueType.STRING:
+            strings[key] = "\n".join(bytes(field.parts[i]).decode("utf-8", "replace")
+                                     for i in field.data)
+    return strings
+
+
+def test_export_names_a_hub_target_as_base_model_in_card_and_gguf(pair, tmp_path, capsys,
+                                                                 monkeypatch):
+    import gguf
+
+    target = hub_cache(pair, tmp_path, monkeypatch)
+    out = tmp_path / "hub-gguf"
+    assert main(["export", str(pair / "draft"), "--to", "gguf", "--out", str(out), "--target",
+                 target]) == 0
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.base_model == "acme/tiny-target" and "vllm serve acme/tiny-target" in card.text
+    strings = gguf_strings(out / "draft.gguf")
+    assert strings["general.name"] == "tiny-target DistillSpec draft"
+    assert strings["general.base_model.0.organization"] == "acme"
+    assert strings["general.base_model.0.repo_url"] == "https://huggingface.co/acme/tiny-target"
+    assert strings["general.license"] == "mit"
+    field = gguf.GGUFReader(str(out / "draft.gguf")).fields["general.quantization_version"]
+    assert int(field.parts[field.data[0]][0]) == gguf.GGML_QUANT_VERSION
+    for name, text in {**strings, **exported_texts(out)}.items():
+        assert machine_paths(text) == [], name
 
 
 @pytest.mark.parametrize("quantization,tolerance", [("f16", 0.05), ("q8_0", 0.5)])
@@ -111,6 +200,9 @@ def test_export_gguf_round_trips_through_transformers(pair, tmp_path, capsys, qu
         expected, actual = source(tokens).logits, reloaded(tokens).logits
     scale = expected.abs().max()
     assert (expected - actual).abs().max() <= tolerance * scale  # stated tolerance, relative
+    strings = gguf_strings(gguf_file)
+    assert strings["general.name"] == "DistillSpec draft" and "general.base_model.0.name" not in strings
+    assert [k for k, v in strings.items() if machine_paths(v)] == []
     draft, tokenizer = load_model(gguf_file, device="cpu", dtype="float32")  # our loader too
     loaded = tokenizer.get_vocab()  # every token keeps its id (transformers may add a default)
     assert all(loaded.get(token) == index for token, index in bpe_tokenizer().get_vocab().items())

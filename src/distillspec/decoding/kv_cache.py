@@ -20,6 +20,7 @@ causal, each query also sees itself so padding queries are never all-masked).
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,10 +168,19 @@ class TreeCall:
     last_position: int | None = None  # positions are clamped here (the model's context - 1)
 
 
-def _logits(model, input_ids, attention_mask, position_ids, cache, logits_to_keep):
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The forward's name for the cache: ``cache`` from transformers 5.24 on (which still takes
+    ``past_key_values``, with a deprecation warning), ``past_key_values`` before it (which
+    silently ignores ``cache=``: every call would then attend to its own tokens only)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _logits(model, input_ids, attention_mask, position_ids, cache, logits_to_keep,
+            keyword: str = "cache"):
     """The forward a compiled step runs (every argument that changes per step is a tensor)."""
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 cache=cache, use_cache=True, logits_to_keep=logits_to_keep).logits
+                 use_cache=True, logits_to_keep=logits_to_keep, **{keyword: cache}).logits
 
 
 _compiled_by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -224,6 +234,7 @@ class CachedModel:
         self.positions: list[int] = [0] * rows  # tokens cached per row = its next RoPE position
         self.embedding_rows = model.get_input_embeddings().weight.shape[0]
         self.attention_impl = getattr(model.config, "_attn_implementation", None)
+        self.cache_keyword = cache_keyword(model)
 
     @property
     def rows(self) -> int:
@@ -316,7 +327,7 @@ class CachedModel:
             else:
                 mask = self._attention_mask(rows, start, width, tree=tree)
                 logits = _logits(self.model, input_ids, mask, positions, self.cache,
-                                 logits_to_keep)
+                                 logits_to_keep, self.cache_keyword)
         self.cache.length = max(self.length, end)
         if tree is None:
             for offset, pad in enumerate(pad_left):
@@ -360,7 +371,8 @@ class CachedModel:
         self.cache.write_count = count
         try:
             return self._compiled_forward(
-                self.model, input_ids, mask, positions, self.cache, logits_to_keep
+                self.model, input_ids, mask, positions, self.cache, logits_to_keep,
+                self.cache_keyword,
             )
         except torch._dynamo.exc.TorchDynamoException as error:
             raise RuntimeError(

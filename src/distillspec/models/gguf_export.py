@@ -5,12 +5,14 @@ HF -> GGUF name map; Llama's q/k projections are permuted into the interleaved r
 llama.cpp uses (transformers' GGUF loader undoes exactly this). Matrices are written as f16,
 q8_0 or f32; norms and biases stay f32. The tokenizer is written from ``tokenizer.json``
 (byte-level BPE: tokens, merges, token types, special ids, chat template); the ``pre``
-tokenizer name is copied from the GGUF file the target came from when there is one.
+tokenizer name is copied from the GGUF file the target came from when there is one. The
+``general.*`` metadata (``GGUFInfo``) names the draft after its target, never after a path.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,35 @@ import torch
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE values
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """The ``general.*`` metadata of an exported draft."""
+
+    name: str = "DistillSpec draft"
+    base_model: str | None = None  # the target's Hugging Face Hub id, when known
+    licence: str | None = None
+
+    @classmethod
+    def for_target(cls, target_hub: str | None, licence: str | None) -> GGUFInfo:
+        known = licence if licence and licence != "unknown" else None
+        if target_hub is None:
+            return cls(licence=known)
+        return cls(f"{target_hub.split('/')[-1]} DistillSpec draft", target_hub, known)
+
+    def write(self, writer) -> None:
+        writer.add_name(self.name)
+        writer.add_tags(["distillspec", "speculative-decoding", "draft-model"])
+        if self.licence:
+            writer.add_license(self.licence)
+        if self.base_model:
+            organization, _, name = self.base_model.rpartition("/")
+            writer.add_base_model_count(1)
+            writer.add_base_model_name(0, name)
+            if organization:
+                writer.add_base_model_organization(0, organization)
+            writer.add_base_model_repo_url(0, f"https://huggingface.co/{self.base_model}")
 
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -73,7 +104,7 @@ def _pre_tokenizer(source_gguf: Path | None) -> str:
 
 
 def write_gguf(model, tokenizer, folder: Path, path: Path, *, quantization: str = "f16",
-               source_gguf: Path | None = None) -> Path:
+               source_gguf: Path | None = None, info: GGUFInfo | None = None) -> Path:
     """Write ``model`` (saved as an HF folder in ``folder``: its tokenizer files) to ``path``."""
     import gguf
 
@@ -88,7 +119,8 @@ def write_gguf(model, tokenizer, folder: Path, path: Path, *, quantization: str 
     writer = gguf.GGUFWriter(str(path), architecture)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    writer.add_name(str(getattr(config, "_name_or_path", "") or "distillspec-draft"))
+    (info or GGUFInfo()).write(writer)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)

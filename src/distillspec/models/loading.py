@@ -8,7 +8,6 @@ loaded and ``trust_remote_code`` stays off unless asked for. Nothing is fetched 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from distillspec.common.runtime import resolve_device, resolve_dtype
 from distillspec.decoding.kv_cache import ensure_croppable
 from distillspec.models.drafts import parse_layer_spec, split_vocab_option, truncate_layers
 from distillspec.models.pruned_head import load_pruned_head, prune_head
-from distillspec.models.registry import converted_cache_path, resolve_builtin
+from distillspec.models.registry import HUB_ID, converted_cache_path, resolve_builtin
 
 # -- caches ------------------------------------------------------------------------------------
 # cache_dir() and converted_cache_path() live in models.registry (no torch import), so that
@@ -72,7 +71,6 @@ def convert_gguf(gguf_file: Path) -> Path:
 # -- models ------------------------------------------------------------------------------------
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
 
@@ -89,7 +87,7 @@ def _hub_snapshot(spec: str, allow_download: bool, check_only: bool = False) -> 
     Offline unless ``allow_download`` (and ``HF_HUB_OFFLINE`` is not set): the cache is read,
     never the network. None when ``spec`` does not look like a Hub id.
     """
-    if not _HUB_ID.match(spec) or Path(spec).exists():
+    if not HUB_ID.match(spec) or Path(spec).exists():
         return None
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import LocalEntryNotFoundError
@@ -123,7 +121,7 @@ def _locate(spec: str | os.PathLike, allow_download: bool = False,
     snapshot = None if path.exists() else _hub_snapshot(spec, allow_download, check_only)
     if snapshot is not None:
         path = snapshot
-    elif check_only and _HUB_ID.match(spec) and not path.exists():
+    elif check_only and HUB_ID.match(spec) and not path.exists():
         return "folder", path  # a Hub id that a permitted download will fetch
     if path.is_dir():
         if not (path / "config.json").is_file():

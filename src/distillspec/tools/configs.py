@@ -265,13 +265,18 @@ class ExportConfig:
         choices=("bfloat16", "float16", "float32"),
     )
     gguf_type: str = knob("f16", "gguf weights: f16, q8_0 or f32.", choices=("f16", "q8_0", "f32"))
-    gamma: int = knob(4, "num_speculative_tokens in the printed vLLM / llama.cpp commands.")
+    gamma: int | None = knob(
+        None, "num_speculative_tokens in the model card's and printed vLLM / llama.cpp commands "
+        "(default: the gamma `distillspec demo` measured fastest for this draft, else 4)."
+    )
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
     def __post_init__(self) -> None:
         if not self.model or not self.out:
             raise ValueError("export needs a model and --out.")
-        require_at_least(self, 1, "gamma")
+        if self.gamma is not None:
+            require_at_least(self, 1, "gamma")
+            require_at_most(self, MAX_GAMMA, "gamma")
 
 
 @dataclass(frozen=True)

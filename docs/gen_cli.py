@@ -6,7 +6,7 @@ from distillspec.tools.cli import build_parser
 
 COMMANDS = [
     "generate", "distill", "datagen", "bench", "demo", "study", "export", "serve", "bench-serve",
-    "models",
+    "eval", "models",
 ]
 
 

@@ -56,7 +56,7 @@ def test_metadata_declares_ranges_and_constraints_pin_them():
     pinned = {line.split("==")[0].lower() for line in (ROOT / "constraints.txt").read_text().split()
               if "==" in line}
     for dependency in requirements:
-        name = dependency.split(">")[0].split("<")[0].split("=")[0].strip().lower()
+        name = dependency.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower()
         assert name.replace("_", "-") in {p.replace("_", "-") for p in pinned}, name
 
 

@@ -116,6 +116,73 @@ def test_seeded_sampling_and_stop_strings(served):
     assert reply.choices[0].finish_reason == "stop"
 
 
+def test_stop_helpers_find_the_cut_and_the_text_to_hold_back():
+    from distillspec.tools.serve import held_back, stop_cut
+
+    assert stop_cut("an endless wonder and awe", ["wonder and", "awe"]) == len("an endless ")
+    assert stop_cut("an endless wonder", ["wonder and"]) is None
+    assert held_back("an endless wonder", ["wonder and"]) == len("wonder")
+    assert held_back("an endless wonder an", ["wonder and", "x"]) == len("wonder an")
+    assert held_back("an endless w", ["xyz", "wonder"]) == 1
+    assert held_back("an endless", ["wonder"]) == 0 and held_back("", ["wonder"]) == 0
+    assert held_back("xaba", ["abab"]) == 3  # the longest end that starts a stop string
+
+
+def block_boundary_stops(served, prompt: str, max_tokens: int) -> tuple[str, list[str]]:
+    """The greedy text the server streams without a stop string, and every stop string of two
+    words that spans the end of one streamed block and the start of the next (the case where
+    the first word was sent before the second was decoded)."""
+    chunks = [c.choices[0].text for c in served["client"].completions.create(
+        model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)]
+    chunks = [c for c in chunks if c.strip()]
+    stops = [f"{a.split()[-1]} {b.split()[0]}" for a, b in zip(chunks, chunks[1:])]
+    return "".join(chunks), stops
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_across_tokens_is_never_sent(served, stream):
+    client = served["client"]
+    prompt = prompt_of(5)
+    full, stops = block_boundary_stops(served, prompt, 16)
+    assert full == greedy_text(served, prompt, 16) and len(stops) >= 2
+    for stop in stops:
+        expected = full[: full.find(stop)]
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                          temperature=0, stop=[stop], stream=stream)
+        if stream:
+            chunks = list(reply)
+            text = "".join(c.choices[0].text for c in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = reply.choices[0].text, reply.choices[0].finish_reason
+        assert (text, reason) == (expected, "stop"), stop
+
+
+def test_a_held_back_partial_stop_is_sent_when_it_does_not_complete(served):
+    """The text that could start a stop string waits, and is sent once the next token rules the
+    stop out, or when the request ends by length while it still waits."""
+    client = served["client"]
+    prompt = prompt_of(5)
+    full = greedy_text(served, prompt, 16)
+    words = full.split()
+    stop = [f"{words[1]} w999", f"{words[-1]} w999"]  # w999 is not in the vocabulary
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                            temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason == "length"
+    messages = [{"role": "user", "content": prompt}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                           temperature=0)
+    answer = reply.choices[0].message.content
+    cut = answer.split()[2]
+    chat_stop = f"{answer.split()[1]} {cut}"
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                                 temperature=0, stop=chat_stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer[
+        : answer.find(chat_stop)]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def raw(served, path: str, body, key: str | None = KEY, method: str = "POST"):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(served["url"].removesuffix("/v1") + path, data=data,
@@ -138,7 +205,7 @@ def raw(served, path: str, body, key: str | None = KEY, method: str = "POST"):
         ({"model": "tiny", "prompt": "w1", "max_tokens": 10**9}, KEY, 400, "context"),
         ({"model": "tiny", "prompt": " ".join(["w5"] * 300)}, KEY, 400, "context"),
         ({"model": "tiny", "prompt": "w1", "temperature": 9}, KEY, 400, "temperature"),
-        ({"model": "tiny", "prompt": "w1", "n": 3}, KEY, 400, "n=1"),
+        ({"model": "tiny", "prompt": "w1", "n": 17}, KEY, 400, "n must be"),
         ({"model": "tiny", "prompt": "w1"}, None, 401, "API key"),
         ({"model": "tiny", "prompt": "w1"}, "wrong", 401, "API key"),
     ],

@@ -239,7 +239,10 @@ def test_requests_beyond_the_waiting_bound_get_503_with_retry_after(folder, monk
 # -- reproduction 2: shutdown ----------------------------------------------------------------------
 
 
-def serve_process(folder, drain: float) -> tuple[subprocess.Popen, str]:
+def serve_process(folder, drain: float, said: list[str] | None = None
+                  ) -> tuple[subprocess.Popen, str]:
+    """``distillspec serve --port 0`` in a subprocess, and the URL it says it listens on (the
+    lines it wrote until then go to ``said``)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "distillspec", "serve", "--target", str(folder), "--draft", "none",
          "--port", "0", "--device", "cpu", "--dtype", "float32", "--drain-seconds", str(drain)],
@@ -247,6 +250,8 @@ def serve_process(folder, drain: float) -> tuple[subprocess.Popen, str]:
     deadline = time.time() + 120
     while time.time() < deadline:
         line = process.stderr.readline()
+        if said is not None:
+            said.append(line)
         if "listening on" in line:
             threading.Thread(target=process.stderr.read, daemon=True).start()  # keep it drained
             return process, line.split("listening on ")[1].strip().removesuffix("/v1")
@@ -254,6 +259,21 @@ def serve_process(folder, drain: float) -> tuple[subprocess.Popen, str]:
             break
     process.kill()
     raise AssertionError("the server did not start")
+
+
+def test_port_0_prints_the_port_it_bound(folder):
+    said: list[str] = []
+    process, url = serve_process(folder, drain=1.0, said=said)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        assert url == f"http://127.0.0.1:{port}" and port > 0
+        assert not [line for line in said if ":0/" in line], said  # never the unbound port 0
+        assert health(url) == (200, {"status": "ok", "running": 0, "waiting": 0,
+                                     "draft_version": 0})
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -311,11 +331,14 @@ def test_a_second_sigterm_exits_at_once(slow_folder):
 
 def strategy(schema: dict):
     """Hypothesis strategy for the JSON-schema subset our OpenAPI document uses (object with
-    properties and required keys, string, integer, number, boolean, array, anyOf, enum, const)."""
+    properties and required keys, string, integer, number, boolean, null, array, anyOf, enum,
+    const)."""
     from hypothesis import strategies as st
 
     if "const" in schema:
         return st.just(schema["const"])
+    if schema.get("type") == "null":
+        return st.none()
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
     if "anyOf" in schema:
@@ -353,8 +376,10 @@ def test_fuzz_from_the_openapi_schema_never_hangs_or_kills_the_engine(served):
     schemas = {}
     for path in ("/v1/completions", "/v1/chat/completions"):
         schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        for name in ("max_tokens", "max_completion_tokens"):  # keep every case short
-            schema["properties"][name]["maximum"] = 8
+        fields = schema["properties"]  # keep every case short: few tokens, few choices
+        fields["max_tokens"] = {**fields["max_tokens"]["anyOf"][0], "maximum": 8}  # not null
+        fields["max_completion_tokens"]["anyOf"][0]["maximum"] = 8
+        fields["n"]["anyOf"][0]["maximum"] = 2
         schema["required"].append("max_tokens")
         schemas[path] = strategy(schema)
     junk = st.recursive(

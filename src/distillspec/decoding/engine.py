@@ -12,7 +12,9 @@ for every live row and returns each row's new tokens; finished rows leave. One b
    (residual after a rejection, bonus after a full acceptance);
 4. both caches forget their rejected slots; a row that accepted all g tokens feeds x_g and the
    new token to the draft first in the next block;
-5. tokens are emitted per row, cut at the first stop id and the budget; done rows leave.
+5. tokens are emitted per row, cut at the first stop id and the budget (a row that asks for
+   log-probabilities gets the target's, from step 2's logits: ``decoding/logprobs.py``); done
+   rows leave.
 
 Bookkeeping (budgets, pending tokens, outputs, counts) lives on the host; each block moves its
 results to the host once. Every random number a row uses comes from its own generator when its
@@ -30,6 +32,7 @@ from transformers import PreTrainedModel
 
 from distillspec.decoding.acceptance import analytic_acceptance, verify, verify_greedy
 from distillspec.decoding.kv_cache import CachedModel, TreeCall, ensure_croppable, takes_4d_mask
+from distillspec.decoding.logprobs import host_logprobs
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig, check_seed
 from distillspec.decoding.requests import Request, RowUpdate, _Row, context_length, output_width
@@ -121,13 +124,21 @@ class Decoder:
         """Refuse impossible requests before anything is allocated for them."""
         check_seed(request.seed, "Request.seed")
         budget = request.max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {budget!r}.")
+        scoring = request.prompt_logprobs is not None  # a budget of 0 only scores the prompt
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1 - scoring:
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (0 with prompt_logprobs), "
+                             f"got {budget!r}.")
+        for name in ("logprobs", "prompt_logprobs"):
+            top = getattr(request, name)
+            if top is not None and (isinstance(top, bool) or not isinstance(top, int)
+                                    or not 0 <= top <= self.vocab):
+                raise ValueError(f"{name} must be None or an integer in [0, {self.vocab}], "
+                                 f"got {top!r}.")
         if not request.prompt_ids:
             raise ValueError("Empty prompt: every row needs at least one token.")
         length = len(request.prompt_ids)
         if self.context is not None:
-            if length >= self.context:
+            if length > self.context or (length == self.context and budget > 0):
                 raise ValueError(
                     f"Prompt of {length} tokens is longer than the context of the model "
                     f"({self.context} positions). Shorten the prompt."
@@ -180,7 +191,7 @@ class Decoder:
         )
         gamma = draft_tokens.shape[1]  # adaptive drafting may stop before `planned`
         accept_uniforms = uniforms[:, planned : planned + gamma]
-        target_time, (outcome, alpha) = timed(
+        target_time, (outcome, alpha, logits) = timed(
             self._verify_block,
             draft_tokens,
             draft_probs,
@@ -193,8 +204,10 @@ class Decoder:
         self.metrics.draft_forward_passes += gamma
         self.metrics.target_forward_passes += 1
         host = self._to_host(draft_tokens, lengths, outcome, alpha)
+        logprobs = self._chain_logprobs(logits, draft_tokens, outcome)
         self._rollback(host, gamma)
-        for row, (drafted, length, accepted, token, alpha_sum) in zip(self.rows, host):
+        for index, (row, (drafted, length, accepted, token, alpha_sum)) in enumerate(
+                zip(self.rows, host)):
             row.target_pending = token
             if self.draft is not None:
                 row.draft_pending = [drafted[-1], token] if accepted == gamma > 0 else [token]
@@ -205,7 +218,8 @@ class Decoder:
             new = row.emit(drafted[:accepted] + [token])
             done = row.finish_reason is not None
             updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason,
-                                     length if self.draft is not None else 0, accepted))
+                                     length if self.draft is not None else 0, accepted,
+                                     _first(logprobs[index], len(new))))
         return updates + self._leave()
 
     def _tree_step(self, caps: list[int]) -> list[RowUpdate]:
@@ -214,7 +228,7 @@ class Decoder:
         tree = self.tree
         draft_time, (node_tokens, draft_start, fed, calls) = timed(
             self._draft_tree, device=self.device)
-        target_time, (target_start, (path, accepted, next_tokens)) = timed(
+        target_time, (target_start, logits, (path, accepted, next_tokens)) = timed(
             self._verify_tree, node_tokens, caps, device=self.device)
         self.metrics.draft_time_s += draft_time
         self.metrics.target_time_s += target_time
@@ -224,7 +238,7 @@ class Decoder:
         packed = torch.cat([node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
                             top1.unsqueeze(1)], dim=1).tolist()  # one device-to-host transfer
         fed_slot = {node: i for i, node in enumerate(fed)}
-        target_kept, draft_kept, updates = [], [], []
+        target_kept, draft_kept, taken, updates = [], [], [], []
         for row, cap, values in zip(self.rows, caps, packed):
             nodes, token = values[: tree.size], values[-2]
             count = values[tree.size + tree.depth]
@@ -242,9 +256,11 @@ class Decoder:
             row.counts.record_block(cap, count, float(values[-1]), compared)
             row.counts.draft_calls += calls
             new = row.emit(drafted + [token])
+            taken.append(drafted + [token])
             done = row.finish_reason is not None
             updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason,
                                      cap, count))
+        self._tree_logprobs(updates, logits, target_kept, taken)
         self.target.keep_slots(target_start, target_kept)
         self.draft.keep_slots(draft_start, draft_kept)
         return updates + self._leave()
@@ -296,7 +312,8 @@ class Decoder:
         call = TreeCall(start, (0, *tree.depths), self._tree_verify, self._last_position)
         logits = self.target.forward(torch.cat([pending, node_tokens], dim=1), tree=call)
         max_accepted = torch.tensor(caps, device=self.device)
-        return start, accept_tree_greedy(tree, node_tokens, greedy_tokens(logits), max_accepted)
+        return start, logits, accept_tree_greedy(tree, node_tokens, greedy_tokens(logits),
+                                                 max_accepted)
 
     @torch.inference_mode()
     def replace_draft(self, draft: PreTrainedModel | None) -> None:
@@ -389,7 +406,8 @@ class Decoder:
 
     def _verify_block(self, draft_tokens, draft_probs, lengths, uniforms):
         """One target pass over ``[pending, x_1..x_g]`` and the acceptance rule; returns the
-        outcome and the per-position acceptance sum_v min(p, q) ``[B, g]`` (for alpha).
+        outcome, the per-position acceptance sum_v min(p, q) ``[B, g]`` (for alpha) and the
+        target's logits (for log-probabilities).
 
         ``uniforms`` = (acceptance draws ``[B, g]``, final draws ``[B]``).
         """
@@ -400,7 +418,7 @@ class Decoder:
         if self.greedy:  # p and q one-hot: acceptance is argmax equality
             target_tokens = greedy_tokens(logits)
             outcome = verify_greedy(draft_tokens, target_tokens, lengths)
-            return outcome, (draft_tokens == target_tokens[:, :gamma]).float()
+            return outcome, (draft_tokens == target_tokens[:, :gamma]).float(), logits
         target_probs = warp_rows(pad_vocab(logits, self.vocab), self._samplings())
         outcome = verify(
             draft_tokens,
@@ -411,7 +429,29 @@ class Decoder:
             epsilon=self.speculation.epsilon,
             uniforms=uniforms,
         )
-        return outcome, analytic_acceptance(target_probs[:, :gamma], draft_probs)
+        return outcome, analytic_acceptance(target_probs[:, :gamma], draft_probs), logits
+
+    def _chain_logprobs(self, logits, draft_tokens, outcome) -> list:
+        """Per row, the target's log-probabilities at each position of a chain block: x_1..x_n
+        then the next token at position n (rows that did not ask: None)."""
+        tops = [row.request.logprobs for row in self.rows]
+        if all(top is None for top in tops):
+            return tops
+        taken = torch.cat([draft_tokens, outcome.next_tokens.unsqueeze(1)], dim=1)
+        taken.scatter_(1, outcome.num_accepted.unsqueeze(1), outcome.next_tokens.unsqueeze(1))
+        return host_logprobs(logits, taken, tops)
+
+    def _tree_logprobs(self, updates, logits, kept: list[list[int]], taken: list[list[int]]):
+        """Log-probabilities of a tree block's path: the token after kept slot i is taken[i]."""
+        tops = [row.request.logprobs for row in self.rows]
+        if all(top is None for top in tops):
+            return
+        width = max(map(len, kept))
+        index = torch.tensor([k + [0] * (width - len(k)) for k in kept], device=self.device)
+        tokens = torch.tensor([t + [0] * (width - len(t)) for t in taken], device=self.device)
+        rows = torch.arange(len(kept), device=self.device).unsqueeze(1)
+        for update, entries in zip(updates, host_logprobs(logits[rows, index], tokens, tops)):
+            update.logprobs = _first(entries, len(update.new_tokens))
 
     def _to_host(self, draft_tokens, lengths, outcome, alpha) -> list[tuple]:
         """One device-to-host transfer of the block's results, unpacked per row."""
@@ -458,19 +498,26 @@ class Decoder:
         longest = max(len(row.request.prompt_ids) + row.request.max_new_tokens for row in joining)
         slots = self.target.length + longest + self.speculation.gamma + 2
         models = [m for m in (self.target, self.draft) if m is not None]
+        pads = [width - len(p) for p in prompts]
+        # A row scoring its prompt needs every prefill position's logits from the target.
+        scoring = any(row.request.prompt_logprobs is not None for row in joining)
 
-        def prefill() -> None:
+        def prefill() -> torch.Tensor | None:
+            logits = None
             for cached in models:
                 rows = cached.add_rows(len(joining))
                 cached.reserve(cached.rows, slots)
                 if width > 0:
                     tokens = torch.tensor(
-                        [[0] * (width - len(p)) + p for p in prompts], device=self.device
+                        [[0] * pad + p for p, pad in zip(prompts, pads)], device=self.device
                     )
-                    pads = [width - len(p) for p in prompts]
-                    cached.forward(tokens, pads, rows=rows, right_align=True, logits_to_keep=1)
+                    keep = 0 if scoring and cached is self.target else 1
+                    out = cached.forward(tokens, pads, rows=rows, right_align=True,
+                                         logits_to_keep=keep)
+                    logits = out if cached is self.target else logits
+            return logits
 
-        seconds, _ = timed(prefill, device=self.device)
+        seconds, logits = timed(prefill, device=self.device)
         self.metrics.prefill_time_s += seconds
         passes = int(width > 0)
         self.metrics.prefill_passes += passes
@@ -479,7 +526,27 @@ class Decoder:
         for row in joining:
             row.target_pending = row.request.prompt_ids[-1]
             row.draft_pending = [row.request.prompt_ids[-1]]
+            if row.request.max_new_tokens == 0:  # a scoring request: done once scored
+                row.finish_reason = "length"
         self.rows += joining
+        if scoring:
+            updates += self._prompt_logprobs(joining, logits, pads)
+        return updates
+
+    def _prompt_logprobs(self, joining: list[_Row], logits, pads: list[int]) -> list[RowUpdate]:
+        """Each scoring row's prompt tokens under the target, from the prefill's logits: the
+        logits at prefill column pad + i predict prompt token i + 1 (the first has none)."""
+        updates = []
+        for index, (row, pad) in enumerate(zip(joining, pads)):
+            top, prompt = row.request.prompt_logprobs, row.request.prompt_ids
+            if top is None:
+                continue
+            entries: list = [None]
+            if len(prompt) > 1:
+                taken = torch.tensor([prompt[1:]], device=self.device)
+                entries += host_logprobs(logits[index : index + 1, pad:], taken, [top])[0]
+            updates.append(RowUpdate(row.request.request_id, [], False, None,
+                                     prompt_logprobs=entries))
         return updates
 
     def _leave(self, report: bool = False) -> list[RowUpdate]:
@@ -496,3 +563,8 @@ class Decoder:
         if not report:
             return []
         return [RowUpdate(r.request.request_id, [], True, r.finish_reason) for r in gone]
+
+
+def _first(entries: list | None, count: int) -> list | None:
+    """The first ``count`` entries (the tokens a row really emitted), or None."""
+    return None if entries is None else entries[:count]

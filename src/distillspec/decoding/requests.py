@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -22,6 +22,19 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     seed: int | None = None  # own generator: reproducible whatever shares the batch
     request_id: Any = None
+    # Target log-probabilities (decoding/logprobs.py), with this many alternatives per position;
+    # None: not computed. ``prompt_logprobs`` scores the prompt's own tokens (then a budget of 0
+    # is allowed: a scoring request).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+class TokenLogprobs(NamedTuple):
+    """One position: the taken token's log-probability under the target and the most likely
+    tokens' (id, log-probability), most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -34,6 +47,8 @@ class RowUpdate:
     finish_reason: str | None  # "eos" (a stop id), "length" or "cancelled" when finished
     drafted: int = 0  # draft tokens this row proposed in the step
     accepted: int = 0  # of which the target accepted
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token (first: None)
 
 
 @dataclass

@@ -9,15 +9,17 @@ request returns exactly the target's greedy output whatever else is in the batch
 OpenAI-style JSON with a 4xx status. Binds to 127.0.0.1 unless told otherwise; ``--api-key``
 requires a bearer token.
 
-Over 350 lines because the OpenAI request validation, the two endpoints and their streaming
-share one error vocabulary; the decoding worker lives in ``serve_engine``, OSD in ``osd``.
+Which OpenAI fields are honoured and which refused, and the response formats of tokens and
+log-probabilities, live in ``serve_api``; the decoding worker in ``serve_engine``, OSD in ``osd``.
+This module turns a checked request into engine requests (prompts x n choices) and streams
+their text back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
-import math
 import os
 import sys
 import threading
@@ -26,13 +28,23 @@ import uuid
 from dataclasses import dataclass
 from typing import NoReturn
 
-from distillspec.decoding.params import SamplingConfig, check_seed
 from distillspec.tools.configs import ServeConfig
+from distillspec.tools.serve_api import (
+    APIError,
+    ApiRequest,
+    TokenOut,
+    TokenTexts,
+    choice_json,
+    choice_seed,
+    parse_request,
+    request_schema,
+)
 from distillspec.tools.serve_engine import (
     STOP_SECONDS,
     Busy,
     EngineDead,
     EngineWorker,
+    Job,
     RowFailure,
 )
 
@@ -44,25 +56,7 @@ except ImportError as missing:  # pragma: no cover - the [serve] extra is not in
         "distillspec serve needs FastAPI and uvicorn: pip install 'distillspec[serve]'."
     ) from missing
 
-MAX_STOP_STRINGS = 4
-MAX_STOP_CHARS = 256  # per stop string
-MAX_MESSAGES = 256
 TEXT_CHARS_PER_TOKEN = 64  # prompt text beyond context x this is refused before tokenizing
-
-
-class APIError(Exception):
-    """An OpenAI-style error: status, message, type, param."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
 
 
 class ServeMetrics:
@@ -119,95 +113,76 @@ class ServeMetrics:
         return generate_latest(self.registry)
 
 
-# -- request parsing -----------------------------------------------------------------------------
+# -- stop strings --------------------------------------------------------------------------------
+
+
+def stop_cut(text: str, stops: list[str]) -> int | None:
+    """Where the text ends: the start of the first stop string in it, or None."""
+    found = [text.find(stop) for stop in stops if stop in text]
+    return min(found) if found else None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` must wait: the longest end of it that is the
+    start of a stop string (the next tokens may complete that stop string)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+def _body_doc(chat: bool, context: int, vocab: int) -> dict:
+    schema = request_schema(chat, context, vocab)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+# -- choices and their text ----------------------------------------------------------------------
 
 
 @dataclass
-class Params:
-    max_tokens: int
-    sampling: SamplingConfig
-    stop: list[str]
-    seed: int | None
-    stream: bool
+class Prompt:
+    ids: list[int]
+    text: str  # what echo returns: the prompt as sent (token ids: decoded)
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise APIError(400, f"{name} must be a number, got {value!r}.", param=name)
-    if not low <= value <= high:
-        raise APIError(400, f"{name} must be between {low} and {high}, got {value}.", param=name)
-    return float(value)
+@dataclass
+class Choice:
+    """One sequence a request asked for (a prompt, one of its n), decoding in the engine."""
+
+    index: int
+    prompt: Prompt
+    request_id: int
+    job: Job
+    done: bool = False  # finished, failed or stopped: nothing left to cancel
 
 
-def parse_params(body: dict, default_max: int) -> Params:
-    if body.get("n", 1) != 1:
-        raise APIError(400, "Only n=1 is supported.", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max))
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise APIError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}.",
-                       param="max_tokens")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0.0:
-        raise APIError(400, "top_p must be > 0.", param="top_p")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(
-        stop
-    ) > MAX_STOP_STRINGS:
-        raise APIError(400, f"stop must be a string or up to {MAX_STOP_STRINGS} strings.",
-                       param="stop")
-    if any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise APIError(400, f"each stop string must be at most {MAX_STOP_CHARS} characters.",
-                       param="stop")
-    seed = body.get("seed")
-    try:
-        check_seed(seed)
-    except ValueError as error:
-        raise APIError(400, str(error), param="seed") from None
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise APIError(400, f"stream must be true or false, got {stream!r}.", param="stream")
-    return Params(max_tokens, SamplingConfig(temperature=temperature, top_p=top_p), stop, seed,
-                  bool(stream))
+@dataclass
+class Piece:
+    """What ``Server.stream_text`` yields: new text, the finish reason once finished, the
+    tokens decoded so far, and with logprobs the tokens that go with this text."""
+
+    text: str
+    finish: str | None
+    count: int
+    tokens: list[TokenOut] | None = None
 
 
-def request_schema(chat: bool, context: int) -> dict:
-    """The JSON schema of the request body this server honours (published in /openapi.json;
-    the fuzz test draws requests from it). Other fields are ignored for now."""
-    common = {
-        "model": {"type": "string"},
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": context},
-        "max_completion_tokens": {"type": "integer", "minimum": 1, "maximum": context},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-        "n": {"type": "integer", "const": 1},
-        "stop": {"anyOf": [
-            {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
-            {"type": "array", "maxItems": MAX_STOP_STRINGS,
-             "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}}]},
-        "seed": {"type": "integer", "minimum": -(1 << 63), "maximum": (1 << 64) - 1},
-        "stream": {"type": "boolean"},
-    }
-    if chat:
-        message = {"type": "object", "required": ["role", "content"], "properties": {
-            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-            "content": {"type": "string"}}}
-        common["messages"] = {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES,
-                              "items": message}
-        required = ["messages"]
-    else:
-        common["prompt"] = {"type": "string", "minLength": 1}
-        required = ["prompt"]
-    return {"type": "object", "required": required, "properties": common}
-
-
-def _body_doc(chat: bool, context: int) -> dict:
-    schema = request_schema(chat, context)
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def _release(waiting: list[TokenOut], limit: float, texts, stop: bool = False):
+    """Take from ``waiting`` the tokens whose text ends by ``limit`` (``stop``: starts before
+    it); None when the request asked for no log-probabilities."""
+    if texts is None:
+        return None
+    count = 0
+    for token in waiting:
+        if not (token.offset < limit if stop else token.offset + len(token.text) <= limit):
+            break
+        count += 1
+    taken = waiting[:count]
+    del waiting[:count]
+    return taken
 
 
 # -- the app -------------------------------------------------------------------------------------
@@ -224,6 +199,7 @@ class Server:
         self.metrics = ServeMetrics()
         self.stop_ids = frozenset(eos_token_ids(target, tokenizer))
         self.context = getattr(target.config, "max_position_embeddings", 2048)
+        self.vocab = target.get_input_embeddings().num_embeddings  # prompt ids must be below
         self.distiller = None
         if config.online_distill:
             from distillspec.tools.osd import OnlineDistiller
@@ -257,30 +233,27 @@ class Server:
             raise APIError(404, f"The model {model!r} does not exist; this server serves "
                            f"{self.model_id!r}.", param="model", code="model_not_found")
 
-    def encode(self, body: dict, chat: bool) -> list[int]:
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str)
-                and isinstance(m.get("role"), str) for m in messages
-            ):
-                raise APIError(400, f"messages must be a list of 1 to {MAX_MESSAGES} "
-                               "{role, content} objects with string values.", param="messages")
+    def encode(self, request: ApiRequest) -> list[Prompt]:
+        """The request's prompts as token ids (chat: the template applied to the messages)."""
+        if request.messages is not None:
+            messages = request.messages
             self._check_length(sum(len(m["content"]) for m in messages), "messages")
             if self.config.chat_template and getattr(self.tokenizer, "chat_template", None):
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": m["role"], "content": m["content"]} for m in messages],
-                    tokenize=False, add_generation_prompt=True)
-                return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                          add_generation_prompt=True)
+                return [Prompt(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
+                               text)]
             text = "\n".join(m["content"] for m in messages)
-            return list(self.tokenizer(text)["input_ids"])
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "prompt must be a non-empty string.", param="prompt")
-        self._check_length(len(prompt), "prompt")
-        return list(self.tokenizer(prompt)["input_ids"])
+            return [Prompt(list(self.tokenizer(text)["input_ids"]), text)]
+        prompts = []
+        for prompt in request.prompts:
+            if isinstance(prompt, list):  # token ids, checked against the vocabulary
+                text = self.tokenizer.decode(prompt, skip_special_tokens=True)
+                prompts.append(Prompt(list(prompt), text))
+                continue
+            self._check_length(len(prompt), "prompt")
+            prompts.append(Prompt(list(self.tokenizer(prompt)["input_ids"]), prompt))
+        return prompts
 
     def _check_length(self, chars: int, param: str) -> None:
         """Refuse text that cannot fit the context before spending time tokenizing it."""
@@ -288,17 +261,47 @@ class Server:
             raise APIError(400, f"The {param} ({chars} characters) cannot fit the context of "
                            f"{self.context} tokens.", param=param, code="context_length_exceeded")
 
-    async def generate(self, body: dict, chat: bool):
+    async def start(self, body: dict, chat: bool) -> tuple[ApiRequest, list[Prompt], list[Choice]]:
+        """Check the body and queue one engine request per choice (prompt-major, as OpenAI
+        numbers them); if any cannot be queued, the others are cancelled."""
         self.check_model(body)
-        ids = self.encode(body, chat)
-        params = parse_params(body, default_max=min(256, max(self.context - len(ids), 1)))
-        if len(ids) + params.max_tokens > self.context:
-            raise APIError(400, f"The prompt ({len(ids)} tokens) plus max_tokens "
-                           f"({params.max_tokens}) exceeds the context of {self.context} tokens.",
-                           param="max_tokens", code="context_length_exceeded")
+        request = parse_request(body, chat, self.vocab)
+        prompts = self.encode(request)
+        budgets = [self._budget(request, prompt) for prompt in prompts]
+        if len(prompts) * request.n > self.config.max_waiting:
+            raise APIError(400, f"{len(prompts)} prompts x n={request.n} is more than this "
+                           f"server queues ({self.config.max_waiting}).", param="n")
+        choices: list[Choice] = []
         try:
-            request_id, job = self.engine.submit(ids, params.max_tokens, params.sampling,
-                                                 self.stop_ids, params.seed)
+            for p, (prompt, budget) in enumerate(zip(prompts, budgets)):
+                for j in range(request.n):
+                    request_id, job = self._submit(request, prompt, budget, j)
+                    choices.append(Choice(p * request.n + j, prompt, request_id, job))
+        except BaseException:
+            self.cancel(choices)
+            raise
+        return request, prompts, choices
+
+    def _budget(self, request: ApiRequest, prompt: Prompt) -> int:
+        budget = request.max_tokens
+        if budget is None:
+            budget = min(256, max(self.context - len(prompt.ids), 1))
+        if len(prompt.ids) + budget > self.context:
+            raise APIError(400, f"The prompt ({len(prompt.ids)} tokens) plus max_tokens "
+                           f"({budget}) exceeds the context of {self.context} tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+        return budget
+
+    def _submit(self, request: ApiRequest, prompt: Prompt, budget: int, choice: int):
+        # echo with logprobs scores the prompt; so does echo with max_tokens 0 (nothing else
+        # to do: the engine scores the prompt and stops)
+        scoring = request.logprobs if request.echo else None
+        if budget == 0 and scoring is None:
+            scoring = 0
+        try:
+            return self.engine.submit(prompt.ids, budget, request.sampling, self.stop_ids,
+                                      choice_seed(request.seed, choice),
+                                      logprobs=request.logprobs, prompt_logprobs=scoring)
         except ValueError as error:
             raise APIError(400, str(error)) from None
         except Busy:
@@ -308,37 +311,110 @@ class Server:
         except EngineDead as dead:
             raise APIError(503, f"The decoding engine is not running ({dead}); retry shortly.",
                            kind="server_error", headers={"Retry-After": "5"}) from None
-        return request_id, job, params, len(ids)
 
-    async def stream_text(self, request_id: int, job, params: Params):
-        """Yields (new text, finish reason or None, tokens so far) as blocks are accepted;
-        a stop string ends the text before it (and cancels the request)."""
-        tokens: list[int] = []
-        sent = ""
+    def cancel(self, choices: list[Choice]) -> None:
+        for choice in choices:
+            if not choice.done:
+                self.engine.cancel(choice.request_id)
+
+    async def pieces(self, request: ApiRequest, choices: list[Choice]):
+        """Every choice's ``Piece``s as (choice, piece), in the order they come; the first
+        failure raises. Closing it cancels the choices still decoding."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for piece in self.stream_text(choice, request):
+                    queue.put_nowait((choice, piece))
+            except APIError as error:
+                queue.put_nowait((choice, error))
+            except Exception as error:  # noqa: BLE001 - reported as this request's 500
+                queue.put_nowait((choice, APIError(500, f"{type(error).__name__}: {error}",
+                                                   kind="server_error")))
+            finally:
+                queue.put_nowait((choice, None))
+
+        tasks = [asyncio.create_task(pump(choice)) for choice in choices]
         try:
-            while True:
-                update = await job.updates.get()
-                if isinstance(update, RowFailure):
-                    raise APIError(update.status, update.message, kind="server_error"
-                                   if update.status >= 500 else "invalid_request_error")
-                tokens += update.new_tokens
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-                if cut >= 0:
-                    self.engine.cancel(request_id)
-                    yield text[len(sent):cut], "stop", len(tokens)
-                    return
-                reason = None
-                if update.finished:
-                    reason = {"eos": "stop", "length": "length"}.get(update.finish_reason, "stop")
-                elif text.endswith("\ufffd"):  # wait for whole characters
-                    continue
-                yield text[len(sent):], reason, len(tokens)
-                sent = text
-                if reason is not None:
-                    return
+            live = len(tasks)
+            while live:
+                choice, item = await queue.get()
+                if isinstance(item, APIError):
+                    raise item
+                if item is None:
+                    live -= 1
+                else:
+                    yield choice, item
         finally:
-            self._observe(job, len(tokens))
+            for task in tasks:
+                task.cancel()
+            self.cancel(choices)
+
+    async def stream_text(self, choice: Choice, request: ApiRequest):
+        """Yields ``Piece``s as blocks are accepted (with echo, the prompt first).
+
+        A stop string ends the text before it (and cancels the request); no part of it is ever
+        sent. A stop string can span tokens and blocks, so the end of the text that could be the
+        start of one is held back until the next tokens settle it (as vLLM does); a request that
+        ends another way (eos, length) then sends what was held. With logprobs, a token goes
+        with the piece that completes its text (at a stop string: every token whose text starts
+        before it)."""
+        tokens: list[int] = []
+        sent, stops = "", request.stop
+        try:
+            base = 0
+            if request.echo:
+                yield await self._echo(choice, request)
+                base = len(choice.prompt.text)
+            texts = None if request.logprobs is None else TokenTexts(self.tokenizer, base)
+            waiting: list[TokenOut] = []  # tokens whose text is not all sent yet
+            while True:
+                update = await self._next(choice)
+                tokens += update.new_tokens
+                if texts is not None and update.logprobs is not None:
+                    waiting += texts.extend(update.new_tokens, update.logprobs)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = stop_cut(text, stops)
+                if cut is not None:
+                    choice.done = True
+                    self.engine.cancel(choice.request_id)
+                    yield Piece(text[len(sent):cut], "stop", len(tokens),
+                                _release(waiting, base + cut, texts, stop=True))
+                    return
+                if update.finished:
+                    choice.done = True
+                    reason = {"eos": "stop", "length": "length"}.get(update.finish_reason, "stop")
+                    yield Piece(text[len(sent):], reason, len(tokens),
+                                _release(waiting, float("inf"), texts))
+                    return
+                if text.endswith("\ufffd"):  # wait for whole characters
+                    continue
+                ready = len(text) - held_back(text, stops)
+                if ready > len(sent):
+                    yield Piece(text[len(sent):ready], None, len(tokens),
+                                _release(waiting, base + ready, texts))
+                    sent = text[:ready]
+        finally:
+            self._observe(choice.job, len(tokens))
+
+    async def _next(self, choice: Choice):
+        update = await choice.job.updates.get()
+        if isinstance(update, RowFailure):
+            choice.done = True
+            raise APIError(update.status, update.message, kind="server_error"
+                           if update.status >= 500 else "invalid_request_error")
+        return update
+
+    async def _echo(self, choice: Choice, request: ApiRequest) -> Piece:
+        """The prompt as the first piece; with logprobs, its tokens' (the first has none)."""
+        prompt = choice.prompt
+        if request.logprobs is None:
+            return Piece(prompt.text, None, 0)
+        update = await self._next(choice)  # an engine scoring a prompt posts that first
+        if update.prompt_logprobs is None:
+            raise APIError(500, "The engine did not score the prompt.", kind="server_error")
+        tokens = TokenTexts(self.tokenizer).extend(prompt.ids, update.prompt_logprobs)
+        return Piece(prompt.text, None, 0, tokens)
 
     def _observe(self, job, count: int) -> None:
         end = time.perf_counter()
@@ -394,65 +470,77 @@ def build_app(server: Server):
             raise APIError(400, "The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object.")
-        request_id, job, params, prompt_tokens = await server.generate(body, chat)
-        created, uid = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        api, prompts, choices = await server.start(body, chat)
+        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                 "object": "chat.completion" if chat else "text_completion",
+                 "created": int(time.time()), "model": server.model_id}
         server.metrics.requests.labels(request.url.path, "200").inc()
-        if params.stream:
-            return StreamingResponse(
-                _sse(server, request_id, job, params, chat, uid, created, request),
-                media_type="text/event-stream")
-        text, reason, count = "", "stop", 0
-        async for piece, finish, tokens in server.stream_text(request_id, job, params):
-            text, reason, count = text + piece, finish or reason, tokens
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                 "total_tokens": prompt_tokens + count}
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                   "finish_reason": reason} if chat else
-                  {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
-        return {"id": uid, "object": "chat.completion" if chat else "text_completion",
-                "created": created, "model": server.model_id, "choices": [choice], "usage": usage}
+        if api.stream:
+            return StreamingResponse(_sse(server, api, prompts, choices, chat, reply),
+                                     media_type="text/event-stream")
+        results = {choice.index: Piece("", "stop", 0, None if api.logprobs is None else [])
+                   for choice in choices}
+        async with contextlib.aclosing(server.pieces(api, choices)) as stream:
+            async for choice, piece in stream:
+                result = results[choice.index]
+                result.text, result.count = result.text + piece.text, piece.count
+                result.finish = piece.finish or result.finish
+                if piece.tokens is not None:
+                    result.tokens += piece.tokens
+        out = [choice_json(i, r.text, r.finish, r.tokens, chat, delta=False)
+               for i, r in sorted(results.items())]
+        return {**reply, "choices": out, "usage": _usage(prompts, results.values())}
 
-    @app.post("/v1/completions", openapi_extra=_body_doc(False, server.context))
+    @app.post("/v1/completions", openapi_extra=_body_doc(False, server.context, server.vocab))
     async def completions(request: Request):
         return await handle(request, chat=False)
 
-    @app.post("/v1/chat/completions", openapi_extra=_body_doc(True, server.context))
+    @app.post("/v1/chat/completions",
+              openapi_extra=_body_doc(True, server.context, server.vocab))
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
     return app
 
 
-async def _sse(server: Server, request_id, job, params, chat, uid, created, request):
-    """Server-sent events in OpenAI's chunk format; a client that goes away is cancelled."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
+def _usage(prompts: list[Prompt], pieces) -> dict:
+    """Each prompt counted once (whatever n), every choice's tokens."""
+    prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
+    completion_tokens = sum(piece.count for piece in pieces)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
-    def chunk(text: str | None, reason: str | None, first: bool = False) -> str:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if first else (
-                {"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        data = {"id": uid, "object": kind, "created": created, "model": server.model_id,
-                "choices": [choice]}
+
+async def _sse(server: Server, api: ApiRequest, prompts, choices, chat: bool, reply: dict):
+    """Server-sent events in OpenAI's chunk format (one choice per chunk); with
+    ``stream_options.include_usage`` a last chunk with the usage and no choices. A client that
+    goes away is cancelled (``Server.pieces`` closes)."""
+    reply = {**reply, "object": "chat.completion.chunk" if chat else "text_completion"}
+    if api.include_usage:
+        reply["usage"] = None
+
+    def event(data: dict) -> str:
         return f"data: {json.dumps(data)}\n\n"
 
-    finished = False
+    if chat:
+        for choice in choices:
+            first = {"index": choice.index, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": None, "finish_reason": None}
+            yield event({**reply, "choices": [first]})
+    last: dict[int, Piece] = {}
     try:
-        if chat:
-            yield chunk(None, None, first=True)
-        try:
-            async for piece, reason, _ in server.stream_text(request_id, job, params):
-                yield chunk(piece, reason)
-                finished = reason is not None
-        except APIError as error:  # the status line is sent: the error goes in the stream
-            finished = True
-            yield f"data: {json.dumps(error.body())}\n\n"
+        async with contextlib.aclosing(server.pieces(api, choices)) as stream:
+            async for choice, piece in stream:
+                last[choice.index] = piece
+                yield event({**reply, "choices": [choice_json(
+                    choice.index, piece.text, piece.finish, piece.tokens, chat, delta=True)]})
+    except APIError as error:  # the status line is sent: the error goes in the stream
+        yield event(error.body())
         yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            server.engine.cancel(request_id)  # the client disconnected mid-stream
+        return
+    if api.include_usage:
+        yield event({**reply, "choices": [], "usage": _usage(prompts, last.values())})
+    yield "data: [DONE]\n\n"
 
 
 def load_server(config: ServeConfig) -> Server:
@@ -516,9 +604,8 @@ def run_serve(config: ServeConfig) -> NoReturn:
     runner = _Uvicorn(build_app(server), config)
     runner.code = 0
     server.on_dead = lambda: runner.stop(1)
-    url = f"http://{config.host}:{config.port}/v1"
-    print(f"distillspec: serving {server.model_id} on {url} (draft: {config.draft})",
-          file=sys.stderr)
+    # The URL comes once bound ("listening on ..."): with --port 0 only then is the port known.
+    print(f"distillspec: serving {server.model_id} (draft: {config.draft})", file=sys.stderr)
     runner.server.run()
     # Everything is closed (lifespan: engine, online distiller); skip the interpreter's teardown
     # of the models and thread pools, measured at 2-3 s, so the drain deadline holds.

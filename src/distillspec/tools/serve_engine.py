@@ -84,6 +84,7 @@ class EngineWorker:
         self.jobs: dict[int, Job] = {}
         self.waiting: deque[int] = deque()
         self.outputs: dict[int, list[int]] = {}  # tokens posted to each request's handler
+        self.scored: set[int] = set()  # requests whose prompt log-probabilities were posted
         self.ids = itertools.count()
         self.draft_version = 0
         self.dead: str | None = None  # why the engine stopped, once it has
@@ -118,11 +119,13 @@ class EngineWorker:
         self.decoder.check_request(request)
 
     def submit(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig,
-               stop_ids: frozenset[int], seed: int | None) -> tuple[int, Job]:
+               stop_ids: frozenset[int], seed: int | None, *, logprobs: int | None = None,
+               prompt_logprobs: int | None = None) -> tuple[int, Job]:
         """Queue a request. Raises ValueError (bad request), Busy (waiting bound reached) or
         EngineDead; the bound counts every accepted request not yet decoding."""
         request_id = next(self.ids)
-        request = Request(prompt_ids, max_new_tokens, sampling, stop_ids, seed, request_id)
+        request = Request(prompt_ids, max_new_tokens, sampling, stop_ids, seed, request_id,
+                          logprobs, prompt_logprobs)
         self.check(request)
         job = Job(request, asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:  # _die marks the engine dead under this lock, then drains the inbox
@@ -270,8 +273,10 @@ class EngineWorker:
         """The request as its client sees it now: prompt + tokens already sent, the rest of the
         budget. (A seeded row's later tokens may differ from a run without the fault.)"""
         request, sent = self.jobs[request_id].request, self.outputs[request_id]
+        scoring = None if request_id in self.scored else request.prompt_logprobs
         return Request(request.prompt_ids + sent, request.max_new_tokens - len(sent),
-                       request.sampling, request.stop_token_ids, None, request_id)
+                       request.sampling, request.stop_token_ids, None, request_id,
+                       request.logprobs, scoring)
 
     def _fail(self, request_id: int, error: Exception, status: int | None = None) -> None:
         status = status or (400 if isinstance(error, ValueError) else 500)
@@ -309,6 +314,8 @@ class EngineWorker:
             if update.new_tokens and job.first_token is None:
                 job.first_token = time.perf_counter()
             self.outputs[update.request_id] += update.new_tokens
+            if update.prompt_logprobs is not None:
+                self.scored.add(update.request_id)
             if self.metrics is not None:
                 self.metrics.record_step(update)
         # A closed event loop (shutdown) has nobody left to tell.
@@ -317,6 +324,7 @@ class EngineWorker:
         if update.finished:
             output = self.outputs.pop(update.request_id)
             self.jobs.pop(update.request_id)
+            self.scored.discard(update.request_id)
             reason = getattr(update, "finish_reason", "error")
             if self.on_finished is not None and reason not in ("cancelled", "error"):
                 self.on_finished(job.request, output)

@@ -122,9 +122,13 @@ def test_demo_fresh_with_a_bad_target_touches_nothing(tmp_path, capsys):
 def test_demo_refuses_a_foreign_folder_with_valid_inputs(tmp_path, workspace, capsys):
     foreign = tmp_path / "mine"
     before = user_files(foreign)
+    report = tmp_path / "report.jsonl"  # prompts apart from the training and choice ones
+    report.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2} w{i + 3} w{i + 4} "
+                                                    f"w{i + 5} w{i + 6}"}) + "\n" for i in range(3)))
     code = main(["demo", "--fresh", "--out", str(foreign), "--distill.target",
                  str(workspace / "target"), "--distill.data", str(workspace / "data.jsonl"),
-                 "--distill.eval-data", str(workspace / "data.jsonl")])
+                 "--distill.eval-data", str(workspace / "data.jsonl"), "--prompt-pool", "0",
+                 "--report-data", str(report)])
     err = capsys.readouterr().err
     assert code == 2 and "is not empty" in err and "not a distillspec demo folder" in err
     assert snapshot(foreign) == before

@@ -113,3 +113,24 @@ def left_padded(lengths, vocab=VOCAB, seed=0):
 def llama_pair():
     target = tiny_model("llama", seed=0)
     return target, perturbed_copy(target, 0.1)
+
+
+SERVE_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def start_tiny_server(root, *, lm_scale: float = 10.0, **overrides):
+    """A tiny target (3 layers, a plain chat template) saved under ``root`` and served on a free
+    loopback port with a 1-layer draft, float32: ``(local server, base url)``; the caller
+    exits the server. ``overrides`` replace ServeConfig fields."""
+    from distillspec.common.config import from_dict
+    from distillspec.tools.bench_serve import LocalServer
+    from distillspec.tools.configs import ServeConfig
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = SERVE_CHAT_TEMPLATE
+    save_tiny(root / "target", layers=3, lm_scale=lm_scale, tokenizer=tokenizer)
+    values = dict(target=str(root / "target"), draft="target-layers:1", port=0,
+                  model_name="tiny", max_batch=8, speculation={"gamma": 3},
+                  runtime={"device": "cpu", "dtype": "float32"})
+    local = LocalServer(from_dict(ServeConfig, {**values, **overrides}))
+    return local, local.__enter__()

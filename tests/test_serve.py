@@ -10,31 +10,19 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import save_tiny, tiny_tokenizer
+from conftest import start_tiny_server
 
 from distillspec import autoregressive_generate
-from distillspec.common.config import from_dict
 from distillspec.models.loading import load_model
-from distillspec.tools.bench_serve import LocalServer
-from distillspec.tools.configs import ServeConfig
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    save_tiny(root / "target", layers=3, lm_scale=10.0, tokenizer=tokenizer)
-    config = from_dict(ServeConfig, dict(
-        target=str(root / "target"), draft="target-layers:1", port=0, api_key=KEY,
-        model_name="tiny", max_batch=8, speculation={"gamma": 3},
-        runtime={"device": "cpu", "dtype": "float32"}))
-    local = LocalServer(config)
-    url = local.__enter__()
+    local, url = start_tiny_server(root, api_key=KEY)
     target, tok = load_model(root / "target", device="cpu", dtype="float32")
     yield {"url": url, "local": local, "target": target, "tokenizer": tok,
            "client": openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)}

@@ -10,18 +10,14 @@ import urllib.request
 
 import pytest
 import torch
-from conftest import perturbed_copy, save_tiny, tiny_model, tiny_tokenizer
+from conftest import perturbed_copy, start_tiny_server, tiny_model
 
 from distillspec import Decoder, Request
-from distillspec.common.config import from_dict
 from distillspec.decoding.logprobs import host_logprobs, token_logprobs
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.models.loading import load_model
-from distillspec.tools.bench_serve import LocalServer
-from distillspec.tools.configs import ServeConfig
 
 openai = pytest.importorskip("openai")
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 PROMPT = "w5 w17 w3 w40 w8"
 TOL = 1e-4  # float32: the verify pass and a direct forward round differently, barely
 
@@ -113,14 +109,7 @@ def test_a_scoring_request_with_no_budget_returns_only_its_prompt_logprobs():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-api")
-    tokenizer = tiny_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    save_tiny(root / "target", layers=3, lm_scale=4.0, tokenizer=tokenizer)
-    config = from_dict(ServeConfig, dict(
-        target=str(root / "target"), draft="target-layers:1", port=0, model_name="tiny",
-        max_batch=8, speculation={"gamma": 3}, runtime={"device": "cpu", "dtype": "float32"}))
-    local = LocalServer(config)
-    url = local.__enter__()
+    local, url = start_tiny_server(root, lm_scale=4.0)
     target, tok = load_model(root / "target", device="cpu", dtype="float32")
     yield {"url": url, "target": target, "tokenizer": tok, "folder": root / "target",
            "client": openai.OpenAI(base_url=url, api_key="none", max_retries=0)}

@@ -371,8 +371,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         data_info = {"prompts": str(data.prompts), "answers": str(data.answers),
                      "generated_now_minutes": data.seconds / 60,
                      "generation_minutes": data.generation_minutes}
-    measurement.check_training_prompts(
-        _prompts(data_info["prompts"], tokenizer, recipe.max_prompt_tokens), data_info["prompts"])
+    if config.prompt_pool:  # without a pool, Splits.load checked the training prompts already
+        measurement.check_training_prompts(
+            _prompts(data_info["prompts"], tokenizer, recipe.max_prompt_tokens),
+            data_info["prompts"])
     if not reuse:
         spec, choice = choose_draft(config, target, measurement.cost)
         _say(f"draft: {choice.get('why', spec)}")

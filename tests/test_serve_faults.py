@@ -285,14 +285,21 @@ def slow_folder(tmp_path_factory):
 
 
 def stuck_request(url: str) -> threading.Thread:
+    """A long greedy request, returned once the server reports it running (greedy, so a sampled
+    end-of-sequence cannot finish it early; polled, so a slow start on a busy machine is waited
+    for instead of guessed)."""
     def ask():
         # The server goes away mid-answer, as it should.
         with contextlib.suppress(OSError, http.client.HTTPException):
-            post(url, {"prompt": "w1", "max_tokens": 8000, "stream": True})
+            post(url, {"prompt": "w1", "max_tokens": 8000, "stream": True, "temperature": 0})
 
     thread = threading.Thread(target=ask, daemon=True)
     thread.start()
-    time.sleep(1.5)  # decoding is under way
+    deadline = time.time() + 60
+    while health(url)[1]["running"] != 1:
+        assert time.time() < deadline and thread.is_alive(), "the long request never ran"
+        time.sleep(0.1)
+    time.sleep(0.5)  # decoding is under way
     return thread
 
 
@@ -301,7 +308,6 @@ def test_sigterm_drains_then_exits_within_the_deadline_with_a_request_in_flight(
     process, url = serve_process(slow_folder, drain=1.0)
     try:
         stuck_request(url)
-        assert health(url)[1]["running"] == 1
         begin = time.perf_counter()
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=10)

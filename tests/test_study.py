@@ -186,6 +186,20 @@ def test_eta_comes_from_measured_cells():
     assert eta_text(2, 10, [60.0, 120.0], 1.0).startswith("2/10 cells done; ~12.0 min left")
     assert "at least 16 s left" in eta_text(0, 4, [], 1 / 15)
     assert eta_text(3, 3, [], 1.0) == "3/3 cells done"
+    assert eta_text(2, 10, [60.0, 120.0], 1.0, workers=2).startswith(
+        "2/10 cells done; ~6.0 min left")
+    assert "at least 2.0 min left (3 cells × a 1-min budget on 2 workers" in eta_text(
+        0, 3, [], 1.0, workers=2)  # two rounds of cells
+
+
+def test_workers_split_the_threads_and_are_not_part_of_the_grid():
+    from distillspec.tools.study_workers import worker_threads
+
+    assert [worker_threads(total, 2) for total in (1, 2, 5, 16)] == [1, 1, 2, 8]
+    assert grid_differences({"workers": 1, "seeds": [0]}, {"workers": 4, "seeds": [0]}) == []
+    for workers, message in [(0, "workers must be >= 1"), (1000, "workers must be <= 256")]:
+        with pytest.raises(ValueError, match=message):
+            from_dict(StudyConfig, {"tasks": ["c=builtin:chat"], "workers": workers})
 
 
 # -- the warm-start policy -------------------------------------------------------------------------
@@ -347,3 +361,57 @@ def test_a_killed_study_resumes_the_cell_it_was_in_and_keeps_finished_ones(works
     assert [r["policy"] for r in lines if "loss" in r] == ["fixed"] * 3 + ["draft"] * 3
     study = json.loads((out / "study.json").read_text())
     assert len(study["cells"]) == 4 and all(r["steps"] == 6 for r in study["cells"])
+
+
+def record_values(out: Path) -> dict[str, dict]:
+    """Every record by cell, without what timing decides (wall and training time, the cost
+    model's speed-ups and best γ) and where it was written."""
+    timed = ("wall_minutes", "train_minutes", "steps_per_minute", "output_dir", "speedup_t0",
+             "speedup_t1", "gamma_t0", "gamma_t1")
+    study = json.loads((out / "study.json").read_text())
+    return {r["cell"]: {k: v for k, v in r.items() if k not in timed} for r in study["cells"]}
+
+
+@pytest.mark.slow
+def test_two_workers_run_the_same_cells_as_one(workspace):
+    """1 worker with 1 thread and 2 workers with 1 thread each: training is deterministic per
+    cell (seeded data, sampling and evaluation; fp32 on one thread), so every α is equal."""
+    sources = "teacher-greedy,mixed:0.5"
+    assert main(["study", *study_args(workspace, "one-worker", sources), "--threads", "1"]) == 0
+    assert main(["study", *study_args(workspace, "two-workers", sources), "--threads", "2",
+                 "--workers", "2"]) == 0
+    one, two = workspace / "one-worker", workspace / "two-workers"
+    first, second = (json.loads((out / "study.json").read_text()) for out in (one, two))
+    assert [r["cell"] for r in second["cells"]] == [r["cell"] for r in first["cells"]]
+    assert [sorted(r) for r in second["cells"]] == [sorted(r) for r in first["cells"]]
+    assert record_values(two) == record_values(one)  # α (t0, t1, report, start), τ, steps
+    def chosen(study: dict) -> dict:  # the winners, without their paths in each study's folder
+        return {task: {decoding: {k: v for k, v in best.items() if k not in ("yaml", "draft")}
+                       for decoding, best in by.items()} for task, by in study["winners"].items()}
+
+    assert chosen(second) == chosen(first)
+    assert (two / "study.md").read_text().count("| tiny-") == 4
+    assert sorted(p.name for p in (two / "logs").iterdir()) == ["worker-0.log", "worker-1.log"]
+    assert len(list((two / "topk").glob("*.safetensors"))) == 1  # scored once for both workers
+    for decoding in ("t0", "t1"):
+        assert (two / f"heatmap-tiny-{decoding}.png").is_file()
+        assert (two / "winners" / f"tiny-{decoding}.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_a_killed_worker_has_its_cell_rerun_from_its_checkpoint(workspace):
+    args = study_args(workspace, "killed-worker", "teacher-greedy,warm:0.5", steps=6)
+    killed = "tiny-fkl-warm0.5-s0"  # a worker dies right after this cell's step-4 checkpoint
+    result = subprocess.run([sys.executable, str(HERE / "fault_study_workers.py"), killed, "4",
+                             *args, "--workers", "2", "--threads", "2"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"stopped (signal 9) in cell {killed}; a new worker reruns it" in result.stderr
+    out = workspace / "killed-worker"
+    lines = [json.loads(line) for line in (out / "cells" / killed / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [r["eval"] for r in lines if "eval" in r] == ["start", "resume", "final"]
+    assert [r["policy"] for r in lines if "loss" in r] == ["fixed"] * 3 + ["draft"] * 3
+    study = json.loads((out / "study.json").read_text())
+    assert len(study["cells"]) == 4 and all(r["steps"] == 6 for r in study["cells"])
+    assert len(list((out / "logs").glob("worker-*.log"))) == 3  # the dead one and its successor

@@ -23,6 +23,8 @@ from distillspec.decoding.tree import Tree
 from distillspec.tools.study_grid import Cell, Grid, Layout, cell_recipe
 from distillspec.training.config import MAX_BATCH, MAX_TOKENS, DistillConfig, target_knob
 
+MAX_WORKERS = 256
+
 EXAMPLE_PROMPT = "Write a short poem about the sea."
 
 
@@ -419,6 +421,12 @@ class StudyConfig:
     fresh: bool = knob(
         False, "Discard an earlier study in --out (only what studies wrote there) and start over."
     )
+    workers: int = knob(
+        1,
+        "Worker processes that run cells at the same time on this machine, each with its own "
+        "copy of the target and 1/N of the CPU threads (--threads, else torch's default). A "
+        "worker that dies has its cell rerun (from its last checkpoint) by a new worker.",
+    )
     recipe: DistillConfig = section(
         DistillConfig, "The base recipe of every cell (--recipe.KNOB). The study sets each "
         "cell's divergence (and its option), policy, data, eval_data, seed, budget and "
@@ -427,8 +435,9 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         require_at_least(self, 0, "minutes", "steps")
-        require_at_least(self, 1, "report_prompts")
+        require_at_least(self, 1, "report_prompts", "workers")
         require_at_most(self, MAX_BATCH, "report_prompts")
+        require_at_most(self, MAX_WORKERS, "workers")
         if not self.minutes and not self.steps:
             raise ValueError(
                 "The study needs a budget per cell: --minutes M, --steps N, or both (the first "

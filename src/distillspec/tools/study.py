@@ -10,7 +10,8 @@
 3. Every cell is a ``distill`` run in ``cells/<id>/`` with the loaded target; its final
    evaluation (α at T = 0 and 1, τ) plus the predicted speed-up and, with a REPORT split, α
    there is written atomically to ``records/<id>.json``. A rerun skips cells with a record and
-   resumes a cell from its last checkpoint.
+   resumes a cell from its last checkpoint. ``--workers N``: N processes run the cells, each
+   with its own target (``study_workers``); the records and the report are the same.
 4. ``study.json``, ``study.md`` (after every cell), heatmaps and ``winners/<task>-<t0|t1>.yaml``
    (a ready ``distill --config`` recipe) at the end.
 The grid, its parsing and the summaries are pure functions in ``study_grid``.
@@ -59,7 +60,7 @@ from distillspec.training.loop import TrainingInterrupted, distill
 
 CONFIG_FILE = "study_config.json"
 ENTRIES = ("study_config.json", "study.json", "study.md", "cost_model.json", "cells", "records",
-           "data", "topk", "init", "winners")
+           "data", "topk", "init", "winners", "logs")
 
 
 def _say(message: str) -> None:
@@ -90,8 +91,10 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     target, tokenizer = setup.load_target(config.recipe)
     cost = _cost_model(config, out, target, tokenizer)
     tasks = {task.name: _prepare_task(config, grid, task, target, tokenizer) for task in grid.tasks}
+    models = [target, tokenizer]  # the only reference: --workers frees it before they load theirs
+    del target, tokenizer
     try:
-        records = _run_cells(config, grid, tasks, (target, tokenizer), cost, out)
+        records = _run_cells(config, grid, tasks, models, cost, out)
     except TrainingInterrupted:
         raise KeyboardInterrupt(
             "study interrupted; the running cell saved a checkpoint. Rerun the same study "
@@ -218,7 +221,8 @@ def _report_evaluator(config: StudyConfig, task: Task, target, tokenizer) -> SDE
 
 def _run_cells(config: StudyConfig, grid: Grid, tasks: dict[str, TaskData], models, cost,
                out: RunFolder) -> list[dict[str, Any]]:
-    """Every cell without a record, in grid order; study.json and study.md after each."""
+    """Every cell without a record, in grid order (``--workers N``: N processes take them in
+    that order); study.json and study.md after each."""
     layout, records = config.layout, {}
     for cell in grid.cells:
         if layout.record(cell).is_file():
@@ -226,26 +230,49 @@ def _run_cells(config: StudyConfig, grid: Grid, tasks: dict[str, TaskData], mode
             _drop_checkpoints(layout.cell(cell))  # a kill between record and clean-up
     pending = [cell for cell in grid.cells if cell.id not in records]
     timed: list[float] = []
-    _say(f"{len(grid.cells)} cells, {len(records)} finished earlier (kept); "
-         + eta_text(len(records), len(grid.cells), timed, config.minutes))
-    for index, cell in enumerate(pending, len(records) + 1):
-        resumed = checkpoint.find_resumable(layout.cell(cell) / "checkpoints").folder
-        _say(f"cell {index}/{len(grid.cells)} {cell.id}"
-             + (f": resuming from {resumed.name}" if resumed else ""))
-        start = time.perf_counter()
-        record = _run_cell(config, cell, tasks[cell.task.name], models, cost, resumed)
-        record["wall_minutes"] = (time.perf_counter() - start) / 60
-        atomic_write_json(out.child(f"records/{cell.id}.json"), record)
-        records[cell.id] = record
-        _drop_checkpoints(layout.cell(cell))
-        if resumed is None:  # a resumed cell's time is only its remainder: no ETA sample
-            timed.append(time.perf_counter() - start)
-        _say(f"{cell.id}: α_t0 {record['alpha_t0']:.3f}, α_t1 {record['alpha_t1']:.3f} after "
-             f"{record['steps']} steps; " + eta_text(len(records), len(grid.cells), timed,
-                                                    config.minutes))
+    workers = min(config.workers, len(pending)) or 1
+    _say(f"{len(grid.cells)} cells, {len(records)} finished earlier (kept)"
+         + (f"; {workers} workers" if workers > 1 else "") + "; "
+         + eta_text(len(records), len(grid.cells), timed, config.minutes, workers))
+
+    def finished(record: dict[str, Any], resumed: bool) -> None:
+        records[record["cell"]] = record
+        if not resumed:  # a resumed cell's time is only its remainder: no ETA sample
+            timed.append(record["wall_minutes"] * 60)
+        _say(f"{record['cell']}: α_t0 {record['alpha_t0']:.3f}, α_t1 {record['alpha_t1']:.3f} "
+             f"after {record['steps']} steps; " + eta_text(len(records), len(grid.cells), timed,
+                                                          config.minutes, workers))
         done = [records[c.id] for c in grid.cells if c.id in records]
         _write_summary(grid, _study(config, grid, tasks, done, cost, None), out)
+
+    if workers > 1:
+        from distillspec.tools.study_workers import run_on_workers
+
+        models.clear()  # each worker loads its own target: free this one (on a GPU too)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        run_on_workers(config, tasks, cost, [cell.id for cell in pending], workers, finished)
+    else:
+        for index, cell in enumerate(pending, len(records) + 1):
+            _say(f"cell {index}/{len(grid.cells)} {cell.id}")
+            finished(*finish_cell(config, cell, tasks[cell.task.name], models, cost))
     return [records[cell.id] for cell in grid.cells]
+
+
+def finish_cell(config: StudyConfig, cell: Cell, task: TaskData, models,
+                cost: CostModel) -> tuple[dict[str, Any], bool]:
+    """Run one cell (resumed from its last checkpoint when it has one), write its record
+    atomically, drop its checkpoints; returns the record and whether it was resumed."""
+    layout = config.layout
+    resumed = checkpoint.find_resumable(layout.cell(cell) / "checkpoints").folder
+    if resumed is not None:
+        _say(f"{cell.id}: resuming from {resumed.name}")
+    start = time.perf_counter()
+    record = _run_cell(config, cell, task, models, cost, resumed)
+    record["wall_minutes"] = (time.perf_counter() - start) / 60
+    atomic_write_json(layout.record(cell), record)
+    _drop_checkpoints(layout.cell(cell))
+    return record, resumed is not None
 
 
 def _run_cell(config: StudyConfig, cell: Cell, task: TaskData, models, cost: CostModel,

@@ -353,19 +353,22 @@ def duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def eta_text(done: int, total: int, measured: list[float], budget_minutes: float) -> str:
-    """Cells done/total and the time left, estimated from the cells timed in this process
-    (their mean wall time × cells left); before any was timed, the training budget alone."""
+def eta_text(done: int, total: int, measured: list[float], budget_minutes: float,
+             workers: int = 1) -> str:
+    """Cells done/total and the time left, estimated from the cells timed in this study run
+    (their mean wall time × cells left ÷ workers); before any was timed, the budget alone."""
     left = total - done
     if left == 0:
         return f"{done}/{total} cells done"
+    rounds = -(-left // workers)  # cells each worker still runs, at most
+    on = f" on {workers} workers" if workers > 1 else ""
     if measured:
         per_cell = sum(measured) / len(measured)
-        return (f"{done}/{total} cells done; ~{duration(per_cell * left)} left ({left} cells × "
-                f"{duration(per_cell)}, the mean of the {len(measured)} timed here)")
+        return (f"{done}/{total} cells done; ~{duration(per_cell * left / workers)} left ({left} "
+                f"cells × {duration(per_cell)}, the mean of the {len(measured)} timed here{on})")
     if budget_minutes:
-        return (f"{done}/{total} cells done; at least {duration(budget_minutes * 60 * left)} "
-                f"left ({left} cells × a {budget_minutes:g}-min budget, plus evaluation; a "
+        return (f"{done}/{total} cells done; at least {duration(budget_minutes * 60 * rounds)} "
+                f"left ({left} cells × a {budget_minutes:g}-min budget{on}, plus evaluation; a "
                 "better estimate after the first cell)")
     return f"{done}/{total} cells done; time left known after the first cell"
 
@@ -394,8 +397,8 @@ def winners(grid: Grid, records: list[dict[str, Any]]) -> dict[str, dict[str, di
 
 
 # Settings that do not change what a cell computes: where the study is written, --fresh, the
-# thread count and the trackers.
-NOT_GRID = ("out", "fresh", "recipe.runtime.threads", "recipe.log_with")
+# thread count, the number of workers and the trackers.
+NOT_GRID = ("out", "fresh", "workers", "recipe.runtime.threads", "recipe.log_with")
 
 
 def grid_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -181,8 +181,8 @@ def has_run_state(run_dir: Path) -> bool:
     )
 
 
-def load_checkpoint(folder: Path, draft, optimizer, scheduler, device) -> dict[str, Any]:
-    """Weights into ``draft``, state into optimiser and scheduler; returns the trainer state."""
+def load_weights(folder: Path, draft, device) -> None:
+    """A checkpoint's (whole) weights into ``draft``."""
     from safetensors.torch import load_file
 
     weights = {}
@@ -199,10 +199,11 @@ def load_checkpoint(folder: Path, draft, optimizer, scheduler, device) -> dict[s
         )
     if draft.config.tie_word_embeddings:
         draft.tie_weights()
-    saved = torch.load(folder / STATE, weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return saved
+
+
+def load_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer state saved beside the weights: counters, optimiser, schedule, RNG."""
+    return torch.load(folder / STATE, weights_only=True)
 
 
 def rng_state(generator: torch.Generator, policy: Any) -> dict[str, Any]:

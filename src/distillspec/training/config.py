@@ -15,6 +15,7 @@ from distillspec.decoding.params import MAX_GAMMA, check_seed
 DEFAULT_TARGET = "builtin:smollm2-135m"
 DIVERGENCE_CHOICES = ("fkl", "rkl", "jsd", "tvd", "lk")
 POLICY_CHOICES = ("fixed", "teacher", "draft", "mixed", "warm")
+SHARDING_CHOICES = ("none", "fsdp")
 OPENER_CHOICES = ("none", "tasks")  # datagen.prompt_openers
 MAX_BATCH = 4096
 MAX_TOKENS = 1 << 17  # per prompt, per completion: far past any context we load
@@ -125,6 +126,15 @@ class DistillConfig:
     )
     max_minutes: float = knob(0.0, "Stop after this many minutes of training (0: no limit).")
     clip_grad_norm: float = knob(1.0, "Clip the gradient norm to this value (0 disables).")
+    sharding: str = knob(
+        "none",
+        "How the draft is spread over processes: none (each process holds it whole; several "
+        "processes train data-parallel) or fsdp (PyTorch FSDP2: parameters, gradients and "
+        "optimiser state sharded over the processes of torchrun/accelerate launch; the target "
+        "stays whole on each). Checkpoints are whole either way, so a run resumes on any number "
+        "of processes.",
+        choices=SHARDING_CHOICES,
+    )
     bf16: str = knob(
         "auto",
         "bf16 autocast: auto (CUDA, or CPUs with native bf16), on, off.",
@@ -289,7 +299,17 @@ class DatagenConfig:
     out: str = knob(
         "teacher.jsonl", "Output JSONL (prompt, completion, prompt_ids, completion_ids)."
     )
-    overwrite: bool = knob(False, "Replace --out if it exists (only a file datagen wrote).")
+    overwrite: bool = knob(
+        False, "Replace --out if it exists (only a file datagen wrote), and discard the "
+        "unfinished shards of another job in OUT.parts/ instead of refusing."
+    )
+    shard_prompts: int = knob(
+        256,
+        "Prompts per shard. Shards are dealt over the ranks (torchrun / accelerate launch) and "
+        "each is written to OUT.parts/ when done, so a killed run redoes only unfinished shards; "
+        "the merged --out is the same on any number of ranks. A shard should hold several "
+        "batches (it drains its batch at its end).",
+    )
     self_prompts: int = knob(
         0,
         "Instead of completions, write N user prompts the target generates itself from its "
@@ -314,7 +334,8 @@ class DatagenConfig:
                 "datagen needs --data (a prompt file or builtin:NAME), or --self-prompts N."
             )
         check_seed(self.seed)
-        require_at_least(self, 1, "max_new_tokens", "batch_size", "max_prompt_tokens")
+        require_at_least(self, 1, "max_new_tokens", "batch_size", "max_prompt_tokens",
+                         "shard_prompts")
         require_at_least(self, 0, "self_prompts")
         if self.prompt_openers not in OPENER_CHOICES:
             raise ValueError(f"prompt_openers must be one of {', '.join(OPENER_CHOICES)}, "

@@ -8,8 +8,10 @@ Training on such a file with the ``fixed`` policy is the cached form of the teac
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from distillspec.decoding.generate import generate_ids, generate_many
 from distillspec.decoding.params import SamplingConfig
 from distillspec.training.config import OPENER_CHOICES
 from distillspec.training.datasets import PromptExample
+from distillspec.training.shards import ONE_RANK, Ranks, Shards, mine, remove
 
 DATAGEN_KEYS = ("prompt", "completion", "prompt_ids", "completion_ids")
 
@@ -84,30 +87,113 @@ def datagen(
     atomically. Load it with ``max_completion_tokens >= max_new_tokens`` or completions are
     truncated. ``progress(1)`` is called as each prompt finishes. Returns the lines written.
     """
+    _check_job(batch_size, examples)
+    done = _generate_all(target, [e.prompt_ids for e in examples], temperature=temperature,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                         seed=_base_seed(generator), batch_size=batch_size, progress=progress)
+    with atomic_writer(out_path) as handle:
+        handle.write(_lines(tokenizer, examples, done))
+    return len(examples)
+
+
+def datagen_sharded(
+    target: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[PromptExample],
+    out_path: str | Path,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    eos_token_id: int | Iterable[int] | None,
+    generator: torch.Generator | None,
+    job: str,
+    shard_prompts: int,
+    ranks: Ranks = ONE_RANK,
+    replace: bool = False,
+) -> int:
+    """``datagen`` in shards of ``shard_prompts`` prompts dealt over the ranks (under torchrun
+    or ``accelerate launch`` every rank calls it with the same arguments), resumable per shard.
+
+    Prompt i samples with seed base + i (base drawn from ``generator``, seeded alike on every
+    rank) and each shard is decoded on its own, so the file is the same, line for line, on any
+    number of ranks. Shards go to ``OUT.parts/`` (see ``shards``) until the main rank merges
+    them into ``out_path`` atomically and removes them; rerunning a killed job redoes only the
+    unfinished shards (``replace``: discard another job's shards there instead of refusing).
+    ``job`` names what else the answers depend on (the target's spec). A progress bar counts
+    the main rank's prompts. Returns the lines written.
+    """
+    from tqdm.auto import tqdm
+
+    _check_job(batch_size, examples)
+    out_path = Path(out_path)
+    seed = _base_seed(generator)
+    shards = Shards(parts_folder(out_path), len(examples), shard_prompts, "jsonl")
+    digest = hashlib.sha256(json.dumps([
+        job, str(target.dtype), target.device.type, temperature, max_new_tokens, eos_token_id
+        if eos_token_id is None or isinstance(eos_token_id, int) else sorted(eos_token_id),
+        batch_size, seed, [list(e.prompt_ids) for e in examples]]).encode()).hexdigest()
+    todo, finished = mine(shards, digest, ranks, replace=replace)
+    if finished and ranks.is_main_process:
+        print(f"datagen: {finished} of {shards.count} shards were finished by an earlier run "
+              f"(kept in {shards.folder}); generating the rest.", file=sys.stderr)
+    total = sum(shards.bounds(i)[1] - shards.bounds(i)[0] for i in todo)
+    with tqdm(total=total, unit="prompt", dynamic_ncols=True, disable=not ranks.is_main_process,
+              desc="datagen" if ranks.num_processes == 1 else
+              f"datagen, rank 0 of {ranks.num_processes}") as bar:
+        for index in todo:
+            start, stop = shards.bounds(index)
+            chunk = examples[start:stop]
+            done = _generate_all(target, [e.prompt_ids for e in chunk], temperature=temperature,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                 seed=seed + start, batch_size=batch_size, progress=bar.update)
+            shards.write(index, _lines(tokenizer, chunk, done).encode("utf-8"))
+    ranks.wait_for_everyone()
+    if ranks.is_main_process:
+        with atomic_writer(out_path, "wb") as handle:
+            for path in shards.paths():
+                handle.write(path.read_bytes())
+        remove(shards)
+    ranks.wait_for_everyone()
+    return len(examples)
+
+
+def parts_folder(out_path: Path) -> Path:
+    """Where ``datagen_sharded`` keeps the shards of ``out_path`` until they are merged."""
+    return out_path.with_name(out_path.name + ".parts")
+
+
+def _check_job(batch_size: int, examples: Sequence[PromptExample]) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     if not examples:
         raise ValueError("datagen got no examples; nothing to generate.")
-    done = _generate_all(target, [e.prompt_ids for e in examples], temperature=temperature,
-                         max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                         generator=generator, batch_size=batch_size, progress=progress)
-    with atomic_writer(out_path) as handle:
-        for example, completion in zip(examples, done):
-            record = {
-                "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=False),
-                "completion": tokenizer.decode(completion, skip_special_tokens=False),
-                "prompt_ids": list(example.prompt_ids),
-                "completion_ids": list(completion),
-            }
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return len(examples)
 
 
-def _generate_all(model, prompts, *, temperature, max_new_tokens, eos_token_id, generator,
-                  batch_size, progress=None) -> list[list[int]]:
-    """Every prompt's completion through continuous batching (eval mode, seeded)."""
+def _lines(tokenizer: Any, examples: Sequence[PromptExample], done: list[list[int]]) -> str:
+    """The JSONL lines of ``datagen``: texts for reading, the ids for training."""
+    lines = []
+    for example, completion in zip(examples, done):
+        record = {
+            "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=False),
+            "completion": tokenizer.decode(completion, skip_special_tokens=False),
+            "prompt_ids": list(example.prompt_ids),
+            "completion_ids": list(completion),
+        }
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def _base_seed(generator: torch.Generator | None) -> int:
+    """The seed prompt 0 samples with (prompt i: this + i), drawn from ``generator``."""
     device = generator.device if generator is not None else "cpu"
-    seed = int(torch.randint(0, 2**31, (1,), generator=generator, device=device))
+    return int(torch.randint(0, 2**31, (1,), generator=generator, device=device))
+
+
+def _generate_all(model, prompts, *, temperature, max_new_tokens, eos_token_id, seed,
+                  batch_size, progress=None) -> list[list[int]]:
+    """Every prompt's completion through continuous batching (eval mode; prompt i samples with
+    seed ``seed + i``)."""
 
     def finished(index: int, tokens: list[int]) -> None:
         if progress is not None:
@@ -164,7 +250,8 @@ def teacher_cache(
               dynamic_ncols=True) as bar:
         done = _generate_all(target, [e.prompt_ids for e in examples], temperature=temperature,
                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                             generator=generator, batch_size=batch_size, progress=bar.update)
+                             seed=_base_seed(generator), batch_size=batch_size,
+                             progress=bar.update)
     with atomic_writer(path) as handle:
         for example, completion in zip(examples, done):
             record = {"source": example.source, "prompt_ids": list(example.prompt_ids),

@@ -31,13 +31,15 @@ from distillspec.common.io import atomic_write_json
 from distillspec.common.rundir import RunFolder
 from distillspec.common.runtime import apply_threads, autocast_bf16
 from distillspec.models.loading import eos_token_ids, pad_token_id
-from distillspec.training import checkpoint, setup
+from distillspec.training import checkpoint, setup, sharding
 from distillspec.training.config import DistillConfig
 from distillspec.training.divergences import get_divergence
 from distillspec.training.evaluate import SDEvaluator
 from distillspec.training.policies import cached_component, make_policy
 from distillspec.training.setup import TrainState
 from distillspec.training.step import Optimisation
+
+_SAMPLES_DRAFT = ("draft", "mixed", "warm")  # policies that may sample from the draft
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -60,12 +62,18 @@ class _Run:
     state: TrainState
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     saved_step: int = -1  # the step of the newest checkpoint on disk (loaded or written)
+    replica: sharding.Replica | None = None  # the whole draft, under sharding fsdp
 
     @property
     def accelerator(self) -> Accelerator:
         return self.opt.accelerator
 
-    def unwrapped_draft(self) -> torch.nn.Module:
+    def whole_draft(self) -> torch.nn.Module:
+        """The whole draft, for generation, evaluation and saving. Under sharding it is the
+        replica refreshed from the shards, a collective: every process calls this at the same
+        points, before any rank-0-only use."""
+        if self.replica is not None:
+            return self.replica.refresh(self.opt.draft, self.state.step)
         return self.accelerator.unwrap_model(self.opt.draft)
 
     def log(self, record: dict[str, Any]) -> None:
@@ -96,6 +104,11 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     vocabulary = setup.draft_vocabulary(config, (cached or {}).values(), eos,
                                         target.get_input_embeddings().weight.shape[0])
     draft = setup.trainable_draft(config, target, tokenizer, vocabulary)
+    if resume_from is not None:  # whole weights, before any sharding
+        checkpoint.load_weights(resume_from, draft, accelerator.device)
+    replica = sharding.Replica(draft) if config.sharding == "fsdp" else None
+    if replica is not None:
+        sharding.shard(draft)  # before the optimiser: its parameters become shards
     cached = cached if config.teacher_cache else None
     policy = make_policy(
         config.policy, temperature=config.sample_temperature, max_new_tokens=config.max_new_tokens,
@@ -114,9 +127,15 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     scheduler = setup.make_scheduler(optimizer, config, state)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
     if resume_from is not None:
-        saved = checkpoint.load_checkpoint(resume_from, draft, optimizer, scheduler, accelerator.device)
+        saved = checkpoint.load_trainer_state(resume_from)
+        if replica is not None:
+            sharding.load_full_optimizer_state(draft, optimizer, saved["optimizer"])
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         checkpoint.restore_state(saved, state, generator, policy, accelerator.process_index)
-    draft, optimizer = accelerator.prepare(draft, optimizer)
+    if replica is None:  # FSDP already spreads the draft; DDP would wrap it a second time
+        draft, optimizer = accelerator.prepare(draft, optimizer)
     evaluator = None
     if accelerator.is_main_process:
         evaluator = SDEvaluator(
@@ -127,7 +146,8 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     opt = Optimisation(accelerator, draft, target, divergence, optimizer, scheduler,
                        config.clip_grad_norm, use_bf16, filter_keep=config.filter_keep,
                        reference=setup.filter_reference(config, target, tokenizer, vocabulary))
-    run = _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state)
+    run = _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state,
+               replica=replica)
     run.saved_step = state.step if resume_from is not None else -1
     return run
 
@@ -208,7 +228,9 @@ def _one_step(run: _Run) -> float:
     """Sample the step's micro-batches, train on them, log; returns the loss."""
     config, accelerator, state = run.config, run.accelerator, run.state
     step_start = time.perf_counter()
-    draft = run.unwrapped_draft()
+    # The policy samples from the draft only in on-policy runs; a sharded draft is gathered
+    # into its replica only then (every process takes this branch alike).
+    draft = run.whole_draft() if config.policy in _SAMPLES_DRAFT or run.replica is None else None
     batches = []
     for _ in range(config.grad_accum):
         chosen = setup.next_examples(
@@ -232,9 +254,10 @@ def _one_step(run: _Run) -> float:
 
 
 def _evaluate(run: _Run, kind: str) -> None:
+    draft = run.whole_draft()  # every process: a collective under sharding
     if run.evaluator is not None:
         start = time.perf_counter()
-        run.last_eval = run.evaluator.evaluate(run.unwrapped_draft())
+        run.last_eval = run.evaluator.evaluate(draft)
         run.log({"step": run.state.step, "eval": kind, **run.last_eval,
                  "train_seconds": run.state.train_seconds,
                  "eval_seconds": time.perf_counter() - start})
@@ -251,15 +274,18 @@ def _save(run: _Run) -> None:
         return
     run.saved_step = run.state.step
     rank_states = _gather_objects(run.accelerator, checkpoint.rng_state(run.generator, run.policy))
+    draft = run.whole_draft()
+    optimizer_state = (sharding.full_optimizer_state(run.opt.draft, run.opt.optimizer)
+                       if run.replica is not None else run.opt.optimizer.state_dict())
     if run.accelerator.is_main_process:
         trainer_state = {
             "train": dataclasses.asdict(run.state),
-            "optimizer": run.opt.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": run.opt.scheduler.state_dict(),
             "rng": rank_states,
         }
         checkpoint.save_checkpoint(
-            run.folder.child("checkpoints"), run.state.step, run.unwrapped_draft(),
+            run.folder.child("checkpoints"), run.state.step, draft,
             run.tokenizer, to_dict(run.config), _card(run), trainer_state,
             run.config.keep_checkpoints,
         )
@@ -275,7 +301,7 @@ def _gather_objects(accelerator, obj) -> list:
 
 
 def _finish(run: _Run) -> None:
-    accelerator, draft = run.accelerator, run.unwrapped_draft()
+    accelerator, draft = run.accelerator, run.whole_draft()
     if accelerator.is_main_process:
         checkpoint.save_model_folder(run.folder.child("final"), draft, run.tokenizer,
                                      to_dict(run.config), _card(run), metrics=run.last_eval)
@@ -284,6 +310,8 @@ def _finish(run: _Run) -> None:
         "rank": accelerator.process_index, "world_size": accelerator.num_processes,
         "step": run.state.step, "examples_seen": run.state.examples_seen,
         "parameter_checksum": checksum, "metrics": run.last_eval,
+        # What this process holds of the trainable weights (all of them unless sharded).
+        "trainable_held": sharding.held_numel(run.opt.draft),
     }
     name = f"rank-{accelerator.process_index}.json"
     atomic_write_json(run.folder.child(name), summary)

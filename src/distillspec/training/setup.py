@@ -34,6 +34,7 @@ from distillspec.training.datasets import load_examples, split_examples
 RUN_ENTRIES = (
     "checkpoints", "final", "metrics.jsonl", "distill_config.json", "trackers",
     "teacher-cache.jsonl", "vocab-sample.jsonl", "teacher-topk.safetensors", "teacher-topk.json",
+    "teacher-topk.parts",
 )
 
 
@@ -275,16 +276,20 @@ def target_outputs(config, folder, accelerator, target, tokenizer, examples, sta
 
 
 def cached_topk(config, folder, accelerator, target, policy, examples, pad_id, state, token_ids=None):
-    """teacher_topk: the target's top-k on the fixed data, scored once by rank 0 (restricted
-    to a pruned draft's ``token_ids``)."""
+    """teacher_topk: the target's top-k on the fixed data, scored once, every rank a share of
+    the shards (restricted to a pruned draft's ``token_ids``); the time is data time."""
     completions = policy.completions(examples)
     path = folder.child("teacher-topk.safetensors")
     if config.teacher_topk_dir:  # shared between runs: build names one file per fingerprint
         path = Path(config.teacher_topk_dir).expanduser()
-        path.mkdir(parents=True, exist_ok=True)
-    return _main_first(accelerator, state, lambda: teacher_topk.build(
-        target, examples, completions, config.teacher_topk, path, pad_id=pad_id,
-        token_ids=token_ids))
+        if accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+        accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    cache = teacher_topk.build(target, examples, completions, config.teacher_topk, path,
+                               pad_id=pad_id, token_ids=token_ids, ranks=accelerator)
+    state.data_seconds += time.perf_counter() - start
+    return cache
 
 
 def _main_first(accelerator, state, make):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distillspec.decoding import acceptance
 from distillspec.decoding.acceptance import (
     acceptance_probability,
     analytic_acceptance,
@@ -13,8 +14,10 @@ from distillspec.decoding.acceptance import (
     f_sq,
     residual_distribution,
     verify,
+    verify_tree,
 )
 from distillspec.decoding.sampling import sample
+from distillspec.decoding.tree import Tree
 
 TRIALS = 200_000
 V = 6
@@ -150,3 +153,130 @@ def test_greedy_fast_path_equals_the_rule_on_one_hot_distributions():
     assert torch.equal(full.num_accepted, fast.num_accepted)
     assert torch.equal(full.next_tokens, fast.next_tokens)
     assert torch.equal(full.accepted_mask, fast.accepted_mask)
+
+
+# -- several candidates per position: a sampled tree, SpecInfer's multi-step rule ---------------
+
+
+def tree_case(seed=0):
+    """p and q after the root, and after each token (``[V, V]`` tables: row t = after t)."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.softmax(torch.randn(*shape, generator=generator) * 1.5, -1)  # noqa: E731
+    return draw(V), draw(V), draw(V, V), draw(V, V)
+
+
+def run_tree_trials(tree, case, trials=TRIALS, seed=1, sampled_from=None, **rule):
+    """Draw every node i.i.d. from q after its parent (``sampled_from``: from another q than
+    the one the rule is given) and verify all ``trials`` trees at once."""
+    target_root, draft_root, target_next, draft_next = case
+    source_root, source_next = sampled_from or (draft_root, draft_next)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(trials, tree.size, dtype=torch.long)
+    for node, parent in enumerate(tree.parent):
+        probs = source_root.expand(trials, V) if parent < 0 else source_next[tokens[:, parent]]
+        tokens[:, node] = sample(probs, generator)
+    draft_probs = torch.stack(
+        [draft_root.expand(trials, V)] + [draft_next[tokens[:, n]] for n in tree.internal], dim=1)
+    target_probs = torch.stack(
+        [target_root.expand(trials, V)] + [target_next[tokens[:, n]] for n in range(tree.size)],
+        dim=1)
+    return tokens, verify_tree(tree, tokens, draft_probs, target_probs, generator=generator,
+                               **rule)
+
+
+def emitted(tokens, outcome, position):
+    """The ``position``-th token each block emits (-1 where the block emitted fewer)."""
+    path, count, next_tokens = outcome
+    node = path[:, min(position, path.shape[1] - 1)].clamp_min(0)
+    drafted = tokens.gather(1, node.unsqueeze(1)).squeeze(1)
+    token = torch.where(count > position, drafted, next_tokens)
+    return torch.where(count >= position, token, -1)
+
+
+def conditional_tv(previous, following, table):
+    """sum_t P(previous = t) TV(following | previous = t, table[t]) over rows with both."""
+    keep = following >= 0
+    previous, following = previous[keep], following[keep]
+    total = 0.0
+    for token in range(V):
+        chosen = following[previous == token]
+        if len(chosen):
+            total += len(chosen) / len(previous) * tv(chosen, table[token])
+    return total
+
+
+def multi_draft_acceptance(target, draft, candidates):
+    """P(one of k i.i.d. candidates is accepted) = 1 - prod_j (1 - sum min(r_j, q)),
+    r_1 = p, r_{j+1} = norm(max(0, r_j - q))."""
+    rejected, residual = 1.0, target
+    for _ in range(candidates):
+        rejected *= 1.0 - analytic_acceptance(residual, draft).item()
+        residual = residual_distribution(residual, draft)
+    return 1.0 - rejected
+
+
+def test_multi_draft_rule_output_follows_target_at_one_node():
+    """Three i.i.d. candidates (repeats are common on 6 tokens): the emitted token follows p,
+    and a candidate is accepted as often as the recursive residuals predict."""
+    tree = Tree.parse("0,1,2")
+    case = tree_case(0)
+    tokens, outcome = run_tree_trials(tree, case)
+    assert (tokens[:, 0] == tokens[:, 1]).float().mean() > 0.1, "the test needs repeated siblings"
+    assert tv(emitted(tokens, outcome, 0), case[0]) < 0.01
+    expected = multi_draft_acceptance(case[0], case[1], 3)
+    assert (outcome[1] > 0).float().mean().item() == pytest.approx(expected, abs=0.005)
+    assert expected > analytic_acceptance(case[0], case[1]).item() + 0.1  # more than one draft
+
+
+@pytest.mark.parametrize("spec", ["0,1,0.0,0.1,1.0", "0,0.0,0.1,0.2"])
+def test_multi_draft_rule_follows_target_along_tree_paths(spec):
+    """Two levels: the first token follows p, the second p(. | first), the third (the bonus
+    after a full path) p(. | second); also when a cap stops rows after one token."""
+    tree = Tree.parse(spec)
+    case = tree_case(1)
+    tokens, outcome = run_tree_trials(tree, case)
+    first, second, third = (emitted(tokens, outcome, i) for i in range(3))
+    assert tv(first, case[0]) < 0.01
+    assert conditional_tv(first, second, case[2]) < 0.015
+    assert conditional_tv(second, third, case[2]) < 0.02
+    caps = torch.randint(0, 3, (TRIALS,), generator=torch.Generator().manual_seed(2))
+    tokens, outcome = run_tree_trials(tree, case, max_accepted=caps)
+    assert bool((outcome[1] <= caps).all()) and bool((outcome[1] == caps).any())
+    first, second = emitted(tokens, outcome, 0), emitted(tokens, outcome, 1)
+    assert tv(first, case[0]) < 0.01
+    assert conditional_tv(first, second, case[2]) < 0.015
+
+
+def test_wrong_multi_draft_rules_fail_the_same_bound(monkeypatch):
+    """Negative controls: (a) testing every candidate against p itself (no residual), (b) the
+    rule given q while the candidates came from a sharper q (temperature 0.5): both biased."""
+    tree = Tree.parse("0,1,2")
+    case = tree_case(0)
+    sharper = torch.softmax(case[1].log() / 0.5, -1), torch.softmax(case[3].log() / 0.5, -1)
+    tokens, outcome = run_tree_trials(tree, case, sampled_from=sharper)
+    assert tv(emitted(tokens, outcome, 0), case[0]) > 0.03
+    monkeypatch.setattr(acceptance, "residual_distribution", lambda target, draft: target)
+    tokens, outcome = run_tree_trials(tree, case)
+    assert tv(emitted(tokens, outcome, 0), case[0]) > 0.03
+
+
+def test_multi_draft_rule_cases_by_hand():
+    """p = q: the first child is always accepted, down to the cap. A repeated sibling after a
+    rejection has residual mass 0 and is rejected; the last token avoids it."""
+    tree = Tree.parse("0,1,0.0")  # nodes (0,) (1,) (0, 0); internal: (0,)
+    same = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(3)), -1)
+    path, count, _ = verify_tree(tree, torch.tensor([[1, 2, 3]] * 4), same.expand(4, 2, V),
+                                 same.expand(4, 4, V), max_accepted=torch.tensor([0, 1, 2, 2]))
+    assert count.tolist() == [0, 1, 2, 2]
+    assert path.tolist() == [[-1, -1], [0, -1], [0, 2], [0, 2]]
+    rows = 500
+    target = torch.full((rows, 4, V), 1.0 / V)
+    draft = torch.zeros(rows, 2, V)
+    draft[:, :, 4] = 1.0  # both root children are token 4, where q = 1 > p = 1/6
+    accept_uniforms = torch.tensor([[0.5, 0.0, 0.0]]).expand(rows, 3)  # 0.5 > p/q: rejected
+    final_uniforms = torch.rand(rows, generator=torch.Generator().manual_seed(4))
+    path, count, next_tokens = verify_tree(tree, torch.tensor([[4, 4, 0]]).expand(rows, 3),
+                                           draft, target, uniforms=(accept_uniforms,
+                                                                    final_uniforms))
+    assert bool((count == 0).all()) and not bool((next_tokens == 4).any())
+    assert len(set(next_tokens.tolist())) == V - 1

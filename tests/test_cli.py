@@ -224,7 +224,7 @@ def test_generate_uses_a_measured_tree_and_tree_flags(model_folder, tmp_path, ca
         return captured.err, json.loads(captured.out)
 
     err, tree_out = run()
-    assert "tree 6:2 (greedy rows) (measured fastest" in err
+    assert "tree 6:2 (timed at greedy) (measured fastest" in err
     assert len(tree_out["metrics"]["accepted_length_histogram"]) == 3  # depth 2 per block
     err, chain_out = run("--tree", "")
     assert "measured fastest" not in err

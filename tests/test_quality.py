@@ -281,7 +281,6 @@ def test_bad_setups_say_the_grammar(setup, message):
 
 @pytest.mark.parametrize("values,message", [
     (dict(setups=["sd:4:exp=0.5"]), "lenience changes nothing"),
-    (dict(setups=["tree:4"], sampling={"temperature": 1.0}), "greedy rows only"),
     (dict(samples=3), "temperature 0"),
     (dict(samples=2, pass_k=[1, 5], sampling={"temperature": 1.0}), "pass_k"),
     (dict(setups=["target", "target"]), "twice"),

@@ -48,7 +48,7 @@ def test_tree_knob_is_checked_before_anything_loads():
         SpeculationConfig(tree="1.0")
     with pytest.raises(ValueError, match="must be a string"):
         SpeculationConfig(tree=None)
-    # lenience applies to the sampled steps, which run the chain; greedy steps use the tree
+    # lenience applies to the sampled rows' rule (chain or tree); greedy rows are exact
     SpeculationConfig(tree="4", lenience="lin", epsilon=0.5)
 
 
@@ -126,7 +126,7 @@ def test_tree_rows_stop_at_eos_and_budget(models):
     assert result.sequences == reference
 
 
-def test_tree_rows_joining_mid_run_and_sampled_rows_use_the_chain(models):
+def test_tree_rows_joining_mid_run_produce_what_they_produce_alone(models):
     target, draft = models["target"], models["partial"]
     decoder = Decoder(target, draft, SpeculationConfig(gamma=3, tree="8:2"))
     prompts = [left_padded([n], seed=n)[0][0].tolist() for n in (5, 8, 3)]
@@ -144,16 +144,60 @@ def test_tree_rows_joining_mid_run_and_sampled_rows_use_the_chain(models):
         if not decoder.has_work and step > 4:
             break
     assert [outputs[i] for i in range(3)] == alone
-    # a sampled row in the batch: the block is a chain (lossless sampling), greedy rows unchanged
-    decoder = Decoder(target, draft, SpeculationConfig(gamma=3, tree="8:2"))
-    decoder.add(Request(prompts[0], MAX_NEW, request_id=0))
-    decoder.add(Request(prompts[1], MAX_NEW, SamplingConfig(temperature=1.0), request_id=1,
-                        seed=3))
-    outputs = {}
-    while decoder.has_work:
-        for update in decoder.step():
-            outputs.setdefault(update.request_id, []).extend(update.new_tokens)
-    assert outputs[0] == alone[0] and len(outputs[1]) == MAX_NEW
+
+
+SAMPLED = SamplingConfig(temperature=1.0, top_p=0.9)
+
+
+def run_rows(target, draft, plan, tree="8:2"):
+    """``plan``: (step it joins, prompt, sampling, seed) per row; returns each row's output and
+    accepted lengths, by row index."""
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3, tree=tree),
+                      generator=torch.Generator().manual_seed(0))
+    step = 0
+    while step <= max(p[0] for p in plan) or decoder.has_work:
+        for index, (join, prompt, sampling, seed) in enumerate(plan):
+            if join == step:
+                decoder.add(Request(prompt, MAX_NEW, sampling, seed=seed, request_id=index))
+        decoder.step()
+        step += 1
+    rows = sorted(decoder.finished, key=lambda row: row.request.request_id)
+    return [(row.output, row.counts.accepted_lengths) for row in rows]
+
+
+@pytest.mark.parametrize("tree", ["8:2", "0,1,2,0.0,0.1,1.0,0.0.0", ""])
+def test_greedy_rows_keep_their_tree_path_beside_sampled_rows(models, tree):
+    """Per-row modes: sampled rows (seeded or not) in the batch leave a greedy row's tokens and
+    its accepted length at every block exactly as when it decodes alone, which is the target's
+    own greedy output (before, one sampled row sent every row back to the chain). Tree "" is
+    the chain, where greedy rows in a mixed block use one-hot p and q: the same decisions."""
+    target, draft = models["target"], models["partial"]
+    prompts = [left_padded([n], seed=n)[0][0].tolist() for n in (5, 8, 3, 6)]
+    plan = [(0, prompts[0], SamplingConfig(), None), (0, prompts[1], SAMPLED, 4),
+            (1, prompts[2], SamplingConfig(), None), (0, prompts[3], SAMPLED, None)]
+    mixed = run_rows(target, draft, plan, tree)
+    for index in (0, 2):
+        alone = run_rows(target, draft, [(0, prompts[index], SamplingConfig(), None)], tree)
+        assert mixed[index] == alone[0], f"row {index}"
+        reference = hf_greedy(target, torch.tensor([prompts[index]]), None, MAX_NEW).tolist()
+        assert mixed[index][0] == reference[0]
+    assert all(len(output) == MAX_NEW for output, _ in mixed)
+
+
+def test_seeded_sampled_tree_rows_are_what_they_are_alone(models):
+    """A seeded sampled row draws its nodes and decisions from its own generator only: joining
+    mid-run beside greedy and other sampled rows, it emits what it emits alone."""
+    target, draft = models["target"], models["partial"]
+    prompts = [left_padded([n], seed=n)[0][0].tolist() for n in (4, 9, 2, 7)]
+    plan = [(0, prompts[0], SAMPLED, 1), (0, prompts[1], SamplingConfig(), None),
+            (2, prompts[2], SamplingConfig(temperature=0.7, top_k=20), 2),
+            (3, prompts[3], SAMPLED, None)]
+    mixed = run_rows(target, draft, plan)
+    for index in (0, 2):
+        join, prompt, sampling, seed = plan[index]
+        assert mixed[index] == run_rows(target, draft, [(0, prompt, sampling, seed)])[0]
+    assert mixed[0][0] != run_rows(target, draft, [(0, prompts[0], SAMPLED, 5)])[0][0]
+    assert any(length > 0 for _, lengths in mixed for length in lengths)
 
 
 def test_long_ragged_tree_runs_compact_and_stay_exact(models, monkeypatch):

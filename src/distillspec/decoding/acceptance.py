@@ -19,10 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from distillspec.decoding.sampling import sample
+
+if TYPE_CHECKING:
+    from distillspec.decoding.tree import Tree
 
 
 def f_lin(target_token_probs: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -176,3 +180,120 @@ def _next_tokens(
 def analytic_acceptance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
     """Per-position sum_v min(p, q) = 1 - TVD(p, q); ``[..., V] -> [...]``."""
     return torch.minimum(target_probs, draft_probs).sum(dim=-1)
+
+
+# -- several candidates per position: a sampled token tree -------------------------------------
+# Why the tree rule is exact: at a node u, candidate j emits min(r_j, q_u) and otherwise hands
+# over to r_{j+1} = norm(max(0, r_j - q_u)); x_{j+1} is a fresh draw from q_u, independent of
+# that decision, so by induction from the last candidate (whose fallback is the final draw from
+# r) the token emitted at u follows r_1 = p_u exactly. The accepted child's own children were
+# drawn from q after it, whatever happened at u, so the next level is the same rule again.
+# Repeated siblings need nothing special: a repeat is another independent draw, tested against
+# the smaller residual. The without-replacement variant (Yang et al. 2024; SpecTr's k-sequential
+# draft selection) renormalises q after each rejected token instead: a different rule, not this.
+
+
+def verify_tree(
+    tree: Tree,
+    node_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    max_accepted: torch.Tensor | None = None,
+    lenience: str | None = None,
+    epsilon: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampled rule on a token tree: SpecInfer's multi-step speculative sampling (Miao et
+    al. 2024, arXiv:2305.09781, §4) with candidates drawn i.i.d. (with replacement) from one q.
+
+    At the current node u (first the root), children c_1..c_k in rank order, x_j = token(c_j)
+    each an independent draw from q_u, r = p_u:
+        for j = 1..k: accept c_j with probability min(1, r(x_j) / q_u(x_j));
+                      on rejection r <- norm(max(0, r - q_u))   (the same q_u for every j).
+    An accepted child becomes u (one level deeper); when every child is rejected (or u is a
+    leaf, or the row accepted ``max_accepted[b]`` nodes) one last token is drawn from r. The
+    emitted tokens follow p exactly (see above). ``lenience`` applies f to r(x_j) as in
+    ``acceptance_probability`` (epsilon = 1: lossless).
+
+    ``node_tokens [B, N]``; ``draft_probs [B, 1 + len(tree.internal), V]`` the warped q the
+    children were drawn from, after the root then each of ``tree.internal``;
+    ``target_probs [B, N + 1, V]`` the warped p after the root (column 0) and node n (n + 1);
+    ``uniforms = (accept [B, N] (column n tests node n), final [B])``. Returns
+    ``(path [B, depth], num_accepted [B], next_tokens [B])`` as ``accept_tree_greedy``.
+    """
+    batch, device = node_tokens.shape[0], node_tokens.device
+    if uniforms is None:
+        uniforms = (torch.rand(batch, tree.size, generator=generator, device=device),
+                    torch.rand(batch, generator=generator, device=device))
+    children = torch.tensor(tree.child_table, device=device)
+    columns = torch.tensor(tree.draft_columns, device=device).clamp_min(0)  # leaves: unused
+    rows = torch.arange(batch, device=device)
+    current = torch.zeros(batch, dtype=torch.long, device=device)  # input column: 0 = root
+    num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+    if max_accepted is None:
+        max_accepted = torch.full_like(num_accepted, tree.depth)
+    going = max_accepted > 0
+    path = torch.full((batch, tree.depth), -1, dtype=torch.long, device=device)
+    final, failed = target_probs[:, 0], torch.zeros_like(going)  # rows that rejected all
+    for depth in range(tree.depth):
+        residual = target_probs[rows, current]
+        chosen, residual = _try_children(children[current], node_tokens, residual,
+                                         draft_probs[rows, columns[current]], uniforms[0],
+                                         going, lenience, epsilon)
+        found = chosen >= 0
+        stopped = going & ~found
+        final = torch.where(stopped.unsqueeze(1), residual, final)
+        failed |= stopped
+        path[:, depth] = chosen
+        current = torch.where(found, chosen + 1, current)
+        num_accepted += found.long()
+        going = found & (num_accepted < max_accepted)
+    # the others stopped after an acceptance (cap, depth) or never started: the bonus from p
+    final = torch.where(failed.unsqueeze(1), final, target_probs[rows, current])
+    return path, num_accepted, sample(final, generator, uniforms[1])
+
+
+def _try_children(children, node_tokens, residual, draft, uniforms, going, lenience, epsilon):
+    """One level of ``verify_tree``: the first accepted child per row (-1: none) and the
+    residual after the rejected ones. ``children [B, K]`` node ids in rank order (-1: none);
+    ``residual`` and ``draft [B, V]`` are r and q_u; ``uniforms [B, N]`` per node."""
+    rows = torch.arange(children.shape[0], device=children.device)
+    chosen = torch.full_like(children[:, 0], -1)
+    for rank in range(children.shape[1]):
+        child = children[:, rank]
+        live = going & (chosen < 0) & (child >= 0)
+        node = child.clamp_min(0)
+        token = node_tokens[rows, node]
+        accept = acceptance_probability(residual[rows, token], draft[rows, token], lenience,
+                                        epsilon)
+        accepted = live & (uniforms[rows, node] < accept)
+        chosen = torch.where(accepted, child, chosen)
+        rejected = (live & ~accepted).unsqueeze(1)
+        residual = torch.where(rejected, residual_distribution(residual, draft), residual)
+    return chosen, residual
+
+
+def tree_acceptance(
+    tree: Tree,
+    path: torch.Tensor,
+    num_accepted: torch.Tensor,
+    max_accepted: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Analytic alpha of a sampled tree block, per row: the sum over the levels whose candidates
+    were tested of sum_v min(p_u, q_u) at the node u they hang from (one candidate's acceptance
+    probability), and the number of such levels; ``[B]`` each. Shapes as ``verify_tree``."""
+    batch, depth = path.shape
+    device = path.device
+    root = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    parents = torch.cat([root, path[:, :-1] + 1], dim=1)  # input column of each level's u
+    columns = torch.tensor(tree.draft_columns, device=device)[parents]  # -1: u is a leaf
+    level = torch.arange(depth, device=device).unsqueeze(0)
+    tested = ((level <= num_accepted.unsqueeze(1)) & (level < max_accepted.unsqueeze(1))
+              & (columns >= 0))
+    rows = torch.arange(batch, device=device).unsqueeze(1)
+    alpha = analytic_acceptance(target_probs[rows, parents], draft_probs[rows, columns.clamp_min(0)])
+    return (alpha * tested).sum(dim=1, dtype=torch.float64), tested.sum(dim=1)

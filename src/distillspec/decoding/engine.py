@@ -21,16 +21,29 @@ results to the host once. Every random number a row uses comes from its own gene
 request has a seed (else from the decoder's), and its draft length depends only on its own state,
 so a seeded or greedy row produces exactly what it would produce alone, whatever else is in the
 batch. Plain decoding is the same block with no draft (g = 0).
+
+With a tree (``--tree``) a block drafts several tokens per position instead and verifies them
+in one target pass; each row takes its own mode in the same block (a per-row greedy mask, as
+vLLM's rejection sampler): a greedy row's nodes are the draft's top-k and its rule exact argmax
+matching (``tree.accept_tree_greedy``), a sampled row's nodes are i.i.d. draws from its warped q
+and its rule SpecInfer's multi-step speculative sampling (``acceptance.verify_tree``). A
+sampled row thus no longer changes a greedy row's path, and sampled decoding gets trees too.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
 
-from distillspec.decoding.acceptance import analytic_acceptance, verify, verify_greedy
+from distillspec.decoding.acceptance import (
+    analytic_acceptance,
+    tree_acceptance,
+    verify,
+    verify_greedy,
+    verify_tree,
+)
 from distillspec.decoding.kv_cache import CachedModel, TreeCall, ensure_croppable, takes_4d_mask
 from distillspec.decoding.logprobs import host_logprobs
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
@@ -38,7 +51,12 @@ from distillspec.decoding.params import SamplingConfig, SpeculationConfig, check
 from distillspec.decoding.requests import Request, RowUpdate, _Row, context_length, output_width
 from distillspec.decoding.sampling import greedy_tokens, pad_vocab, sample, warp_rows
 from distillspec.decoding.timing import timed
-from distillspec.decoding.tree import Tree, accept_tree_greedy, tree_node_tokens
+from distillspec.decoding.tree import (
+    Tree,
+    accept_tree_greedy,
+    tree_node_samples,
+    tree_node_tokens,
+)
 
 
 def check_deterministic(target, draft=None) -> None:
@@ -53,6 +71,14 @@ def check_deterministic(target, draft=None) -> None:
                 "Load it with dtype='float32' (load_model / load_pair), or pass "
                 "deterministic=False to accept bf16's near-tie flips."
             )
+
+
+class _SampledRows(NamedTuple):
+    """The sampled rows of a tree block: their indices ``[S]``, configs and uniforms."""
+
+    index: torch.Tensor
+    samplings: list[SamplingConfig]
+    uniforms: torch.Tensor  # [S, 2N + 1]: node draws, acceptance draws, the final draw
 
 
 class Decoder:
@@ -84,9 +110,9 @@ class Decoder:
         self.queue: list[_Row] = []
         self.finished: list[_Row] = []
         self.metrics = GenerationMetrics(rows=[], finish_reasons=[])
-        self.greedy = False  # every live row greedy: argmax fast path (set per step)
-        # Tree drafting (greedy steps only): the draft's top few tokens per position, verified
-        # in one target pass (decoding/tree.py).
+        self.greedy = False  # every live row greedy: the chain's argmax fast path (per step)
+        # Tree drafting: several draft tokens per position, verified in one target pass
+        # (decoding/tree.py); greedy rows take the draft's top few, sampled rows draws from q.
         self.tree = Tree.parse(self.speculation.tree) if draft is not None else None
         # A row near the end of the context still writes every node; one past the last position
         # can never be accepted (the row's budget stops it first), so it sits at the last one.
@@ -103,6 +129,8 @@ class Decoder:
             self._tree_verify = self.tree.ancestors([-1, *range(self.tree.size)]).to(self.device)
             top1 = [rank == 0 for rank in self.tree.rank]
             self._tree_rank0 = torch.tensor([*top1, False], device=self.device)  # [-1]: none
+            parents = [n in self.tree.top1_parents for n in range(-1, self.tree.size)]
+            self._tree_top1_parent = torch.tensor(parents, device=self.device)  # by input column
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -115,7 +143,7 @@ class Decoder:
         if generator is None and request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
         gamma = self.speculation.gamma if self.draft is not None else 0
-        if self.tree is not None:  # a block drafts up to the tree's depth, or gamma (sampled)
+        if self.tree is not None:  # a tree block drafts up to the tree's depth
             gamma = max(gamma, self.tree.depth)
         counts = DecodeCounts(gamma=min(gamma, request.max_new_tokens))
         self.queue.append(_Row(request, counts, generator))
@@ -174,7 +202,7 @@ class Decoder:
         if not self.rows:
             return updates
         self.greedy = all(row.request.sampling.greedy for row in self.rows)
-        if self.tree is not None and self.draft is not None and self.greedy:
+        if self.tree is not None and self.draft is not None:  # greedy and sampled rows alike
             caps = [min(self.tree.depth, row.remaining - 1) for row in self.rows]
             if max(caps) > 0:
                 return updates + self._tree_step(caps)
@@ -223,52 +251,80 @@ class Decoder:
         return updates + self._leave()
 
     def _tree_step(self, caps: list[int]) -> list[RowUpdate]:
-        """One greedy tree block: draft the tree level by level, verify every node in one target
-        pass, keep each row's accepted path in both caches (``kv_cache.keep_slots``)."""
-        tree = self.tree
-        draft_time, (node_tokens, draft_start, fed, calls) = timed(
-            self._draft_tree, device=self.device)
-        target_time, (target_start, logits, (path, accepted, next_tokens)) = timed(
-            self._verify_tree, node_tokens, caps, device=self.device)
+        """One tree block for every row, each with its own rule: greedy rows take the draft's
+        top-k nodes and the greedy rule, sampled rows i.i.d. draws from q and the multi-draft
+        rule (``acceptance.verify_tree``); one draft pass per level and one target pass for all.
+        Each row keeps its accepted path in both caches (``kv_cache.keep_slots``)."""
+        sampled = self._sampled_rows(caps)
+        draft_time, (node_tokens, draft_probs, draft_start, fed, calls) = timed(
+            self._draft_tree, sampled, device=self.device)
+        target_time, (target_start, logits, outcome) = timed(
+            self._verify_tree, node_tokens, draft_probs, caps, sampled, device=self.device)
         self.metrics.draft_time_s += draft_time
         self.metrics.target_time_s += target_time
         self.metrics.draft_forward_passes += calls
         self.metrics.target_forward_passes += 1
-        top1 = (self._tree_rank0[path] & (path >= 0)).sum(dim=1)  # accepted nodes that were the top-1 token
-        packed = torch.cat([node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
-                            top1.unsqueeze(1)], dim=1).tolist()  # one device-to-host transfer
+        path, accepted, next_tokens, alpha, compared = outcome
+        columns = [node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
+                   alpha.unsqueeze(1), compared.unsqueeze(1)]
+        packed = torch.cat([c.double() for c in columns], dim=1).tolist()  # one transfer
         fed_slot = {node: i for i, node in enumerate(fed)}
         target_kept, draft_kept, taken, updates = [], [], [], []
         for row, cap, values in zip(self.rows, caps, packed):
-            nodes, token = values[: tree.size], values[-2]
-            count = values[tree.size + tree.depth]
-            on_path = values[tree.size : tree.size + count]
+            nodes, on_path, token, alpha_sum, levels = self._unpack_tree(values)
             drafted = [nodes[n] for n in on_path]
             target_kept.append([0] + [n + 1 for n in on_path])
             draft_kept.append([fed_slot[n] for n in on_path if n in fed_slot])
             row.target_pending = token
-            last_fed = count == 0 or on_path[-1] in fed_slot
+            last_fed = not on_path or on_path[-1] in fed_slot
             row.draft_pending = [token] if last_fed else [drafted[-1], token]
-            # alpha: the draft's top-1 token against the target's choice at each verified level
-            # ... a level counts when it was verified and the draft's top-1 token was on it
-            last = on_path[-1] if count else -1
-            compared = count + int(count < cap and last in tree.top1_parents)
-            row.counts.record_block(cap, count, float(values[-1]), compared)
+            row.counts.record_block(cap, len(on_path), alpha_sum, levels)
             row.counts.draft_calls += calls
             new = row.emit(drafted + [token])
             taken.append(drafted + [token])
             done = row.finish_reason is not None
             updates.append(RowUpdate(row.request.request_id, new, done, row.finish_reason,
-                                     cap, count))
+                                     cap, len(on_path)))
         self._tree_logprobs(updates, logits, target_kept, taken)
         self.target.keep_slots(target_start, target_kept)
         self.draft.keep_slots(draft_start, draft_kept)
         return updates + self._leave()
 
-    def _draft_tree(self):
+    def _unpack_tree(self, values: list[float]):
+        """One row of a tree block's packed results: its node tokens, accepted nodes, next
+        token, alpha sum and the number of levels alpha was measured at."""
+        size, depth = self.tree.size, self.tree.depth
+        count = int(values[size + depth])
+        nodes = [int(t) for t in values[:size]]
+        on_path = [int(n) for n in values[size : size + count]]
+        token, alpha_sum, levels = values[size + depth + 1 :]
+        return nodes, on_path, int(token), alpha_sum, int(levels)
+
+    def _sampled_rows(self, caps: list[int]) -> _SampledRows | None:
+        """The rows of a tree block that sample (None: all greedy), with their uniforms
+        ``[S, 2N + 1]``: node draws, acceptance draws, the final draw. A seeded row takes them
+        from its own generator, ``2N + 1`` numbers (1 when its cap is 0, like a chain block
+        with nothing to draft), so what it consumes depends on its own state only."""
+        chosen = [i for i, row in enumerate(self.rows) if not row.request.sampling.greedy]
+        if not chosen:
+            return None
+        width = 2 * self.tree.size + 1
+        uniforms = torch.rand(len(chosen), width, generator=self.generator, device=self.device)
+        for slot, index in enumerate(chosen):
+            generator = self.rows[index].generator
+            if generator is None:
+                continue
+            own = torch.rand(width if caps[index] > 0 else 1, generator=generator,
+                             device=self.device)
+            uniforms[slot, -own.shape[0]:] = own
+        samplings = [self.rows[i].request.sampling for i in chosen]
+        return _SampledRows(torch.tensor(chosen, device=self.device), samplings, uniforms)
+
+    def _draft_tree(self, sampled: _SampledRows | None):
         """The tree's node tokens ``[B, N]``: the draft reads each row's pending tokens, then the
         internal nodes one level per call (each sees its ancestors only). Returns the tokens,
-        the first draft slot holding a node, the nodes fed (in slot order) and the call count."""
+        the sampled rows' q ``[S, 1 + len(internal), V]`` (None: no sampled row), the first
+        draft slot holding a node, the nodes fed (in slot order) and the call count."""
         tree, batch = self.tree, len(self.rows)
         width = max(len(row.draft_pending) for row in self.rows)
         self.draft.make_room(width + len(tree.internal))
@@ -277,18 +333,37 @@ class Decoder:
             [[0] * pad + row.draft_pending for row, pad in zip(self.rows, pads)],
             device=self.device,
         )
-        logits = self.draft.forward(tokens, pads, logits_to_keep=1)[:, -1]
+        logits = self.draft.forward(tokens, pads, logits_to_keep=1)[:, -1:]
         node_tokens = torch.zeros(batch, tree.size, dtype=torch.long, device=self.device)
-        tree_node_tokens(tree, logits, -1, node_tokens)
+        draft_probs: list[torch.Tensor] = []
+        self._tree_children(logits, (-1,), node_tokens, sampled, draft_probs)
         start, fed = self.draft.length, []
         for level, offsets, visible in self._tree_levels:
             call = TreeCall(start, offsets, visible, self._last_position)
             logits = self.draft.forward(node_tokens[:, level], tree=call,
                                         logits_to_keep=len(level))
-            for column, node in enumerate(level):
-                tree_node_tokens(tree, logits[:, column], node, node_tokens)
+            self._tree_children(logits, level, node_tokens, sampled, draft_probs)
             fed += level
-        return node_tokens, start, fed, 1 + len(self._tree_levels)
+        probs = torch.stack(draft_probs, dim=1) if draft_probs else None
+        return node_tokens, probs, start, fed, 1 + len(self._tree_levels)
+
+    def _tree_children(self, logits, parents, node_tokens, sampled, draft_probs: list) -> None:
+        """Fill the children of ``parents`` from the draft's logits after each ``[B, P, V]``:
+        the top-k tokens for greedy rows (``tree_node_tokens``), i.i.d. draws from the warped q
+        for sampled rows (``tree_node_samples``), whose q is appended to ``draft_probs``: the
+        very distribution the draws came from, which the rule divides by."""
+        for column, parent in enumerate(parents):
+            tree_node_tokens(self.tree, logits[:, column], parent, node_tokens)
+        if sampled is None:
+            return
+        probs = warp_rows(pad_vocab(logits[sampled.index], self.vocab), sampled.samplings)
+        draws = sampled.uniforms[:, : self.tree.size]
+        for column, parent in enumerate(parents):
+            draft_probs.append(probs[:, column])
+            children, tokens = tree_node_samples(self.tree, probs[:, column], parent, draws)
+            if children:
+                where = torch.tensor(children, device=self.device)
+                node_tokens[sampled.index.unsqueeze(1), where.unsqueeze(0)] = tokens
 
     def _tree_plan(self, tree: Tree) -> list[tuple[list[int], tuple[int, ...], torch.Tensor]]:
         """Per draft call after the first: the internal nodes of one level, their position
@@ -301,10 +376,10 @@ class Decoder:
             fed += level
         return plan
 
-    def _verify_tree(self, node_tokens, caps):
+    def _verify_tree(self, node_tokens, draft_probs, caps, sampled):
         """One target pass over ``[pending, nodes]`` (node n at depth(n) past the pending token,
-        seeing its ancestors) and the greedy tree rule (``tree.accept_tree_greedy``); returns
-        the first slot written (after any compaction) and the rule's outcome."""
+        seeing its ancestors), then each row's rule; returns the first slot written (after any
+        compaction), the logits and ``(path, num_accepted, next_tokens, alpha_sum, levels)``."""
         tree = self.tree
         self.target.make_room(tree.size + 1)
         start = self.target.length
@@ -312,8 +387,33 @@ class Decoder:
         call = TreeCall(start, (0, *tree.depths), self._tree_verify, self._last_position)
         logits = self.target.forward(torch.cat([pending, node_tokens], dim=1), tree=call)
         max_accepted = torch.tensor(caps, device=self.device)
-        return start, logits, accept_tree_greedy(tree, node_tokens, greedy_tokens(logits),
-                                                 max_accepted)
+        path, count, next_tokens = accept_tree_greedy(tree, node_tokens, greedy_tokens(logits),
+                                                      max_accepted)
+        outcome = (path, count, next_tokens, *self._greedy_tree_alpha(path, count, max_accepted))
+        if sampled is not None:  # the per-row mode mask: sampled rows replace their results
+            index = sampled.index
+            target_probs = warp_rows(pad_vocab(logits[index], self.vocab), sampled.samplings)
+            size = tree.size
+            chosen = verify_tree(
+                tree, node_tokens[index], draft_probs, target_probs,
+                max_accepted=max_accepted[index], lenience=self.speculation.lenience,
+                epsilon=self.speculation.epsilon,
+                uniforms=(sampled.uniforms[:, size : 2 * size], sampled.uniforms[:, -1]))
+            stats = tree_acceptance(tree, chosen[0], chosen[1], max_accepted[index],
+                                    draft_probs, target_probs)
+            for whole, part in zip(outcome, (*chosen, *stats)):
+                whole[index] = part.to(whole.dtype)
+        return start, logits, outcome
+
+    def _greedy_tree_alpha(self, path, count, max_accepted):
+        """Greedy rows' alpha: accepted nodes that were the draft's top-1 token, over the levels
+        verified where the top-1 token was proposed (after a node without a rank-0 child the
+        next level is not a miss); ``[B]`` each."""
+        top1 = (self._tree_rank0[path] & (path >= 0)).sum(dim=1)
+        last = path.gather(1, (count - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+        last = torch.where(count > 0, last, -1)
+        proposed = self._tree_top1_parent[last + 1]
+        return top1.double(), count + ((count < max_accepted) & proposed).long()
 
     @torch.inference_mode()
     def replace_draft(self, draft: PreTrainedModel | None) -> None:

@@ -93,8 +93,8 @@ def speculative_generate(
     ``input_ids [B, L]`` with ``attention_mask`` 1 on real tokens (left padding). Returns the new
     tokens per row; each row stops on its own at an EOS id or after ``max_new_tokens``.
     ``eos_token_id=None`` means no early stop. ``generator`` seeds sampling.
-    ``confidence_threshold`` > 0 turns on adaptive drafting, ``tree`` tree drafting for greedy
-    rows (see ``SpeculationConfig``).
+    ``confidence_threshold`` > 0 turns on adaptive drafting, ``tree`` tree drafting (greedy
+    rows: the draft's top-k; sampled rows: draws from q; see ``SpeculationConfig``).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     speculation = SpeculationConfig(

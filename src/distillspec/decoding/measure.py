@@ -338,7 +338,7 @@ class SpeedProbe:
         cost_ratio = (draft_time / max(draft_passes, 1)) / (plain_time / max(plain_calls, 1))
         alpha = total.analytic_alpha or 0.0
         c = cost_model.cost_ratio if cost_model is not None else cost_ratio
-        tree = Tree.parse(tree_spec) if self.temperature == 0 else None  # sampled: the chain
+        tree = Tree.parse(tree_spec)  # greedy and sampled rows alike run the tree
         if tree is not None:  # tau measured; its cost from the tree's depth and node count
             verify = cost_model.verify_cost(tree.size + 1) if cost_model is not None else 1.0
             predicted = predicted_tree_speedup(total.block_efficiency or 1.0, tree.depth, c, verify)

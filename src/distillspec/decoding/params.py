@@ -88,10 +88,11 @@ class SpeculationConfig:
     epsilon: float = knob(1.0, "Lenience strength in (0, 1]; 1 is exactly lossless.")
     tree: str = knob(
         "",
-        "Tree drafting: the target verifies the draft's top few tokens per position in one "
-        "pass. 'N' = the N most likely rank paths, 'N:D' = at most D deep, or explicit paths "
-        "such as '0,1,2,0.0' (ranks joined by '.'). Empty: a chain of gamma tokens. Greedy "
-        "only: a step in which any row samples runs the chain (gamma, threshold, lenience).",
+        "Tree drafting: the target verifies several draft tokens per position in one pass "
+        "(greedy rows: the draft's top few; sampled rows: i.i.d. draws from q, checked with "
+        "SpecInfer's lossless multi-draft rule). 'N' = the N most likely rank paths, 'N:D' = "
+        "at most D deep, or explicit paths such as '0,1,2,0.0' (ranks joined by '.'). Empty: "
+        "a chain of gamma tokens.",
     )
 
     def __post_init__(self) -> None:

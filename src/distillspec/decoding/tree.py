@@ -1,4 +1,4 @@
-"""Token trees for greedy speculative decoding (SpecInfer / Medusa / EAGLE-2's idea), pure parts.
+"""Token trees for speculative decoding (SpecInfer / Medusa / EAGLE-2's idea), pure parts.
 
 A chain drafts one token per position, so a block ends at the first position where the draft's
 top-1 token is not the target's. A tree also proposes the draft's 2nd, 3rd, ... most likely
@@ -15,9 +15,11 @@ A tree is a set of *rank paths*: ``(0,)`` is the draft's top-1 token after the p
 of a path is in the tree. Node ``n`` has ``parent[n]`` (-1 = the root, the pending token),
 ``rank[n]`` among its parent's children and ``depth[n]`` (1 for the root's children).
 
-Greedy only: the nodes are the draft's top-k, not samples from q, so the sampled acceptance rule
-does not apply to them; a step in which any row samples decodes every row with the chain
-(``Decoder``).
+Sampled rows (temperature > 0) use the same tree shape with other nodes: the children of a
+node are i.i.d. samples from the draft's warped q after it (rank r = the r-th sample), and
+``acceptance.verify_tree`` checks them with SpecInfer's multi-step speculative sampling, so
+their output follows the target's distribution exactly. Greedy and sampled rows share a step,
+each with its own rule (``Decoder``).
 """
 
 from __future__ import annotations
@@ -127,6 +129,23 @@ class Tree:
         """Nodes (-1: the root) whose children include the draft's top-1 token."""
         return frozenset(p for p, r in zip(self.parent, self.rank) if r == 0)
 
+    @cached_property
+    def child_table(self) -> tuple[tuple[int, ...], ...]:
+        """Row c (an input column: 0 = the root, n + 1 = node n): that node's children in rank
+        order, padded with -1 to the widest node's child count."""
+        children = [[] for _ in range(self.size + 1)]
+        for node, parent in enumerate(self.parent):  # nodes are sorted: siblings in rank order
+            children[parent + 1].append(node)
+        width = max(map(len, children))
+        return tuple(tuple(c + [-1] * (width - len(c))) for c in children)
+
+    @cached_property
+    def draft_columns(self) -> tuple[int, ...]:
+        """Per input column (0 = root, n + 1 = node n): which draft distribution the node's
+        children come from, 0 = the root's, 1 + i = ``internal[i]``'s; -1 for a leaf."""
+        column = {node: 1 + i for i, node in enumerate(self.internal)}
+        return (0, *(column.get(n, -1) for n in range(self.size)))
+
     def level(self, depth: int) -> tuple[int, ...]:
         return tuple(n for n, d in enumerate(self.depths) if d == depth)
 
@@ -197,6 +216,20 @@ def tree_node_tokens(tree: Tree, parent_logits: torch.Tensor, parent: int,
     top = torch.topk(parent_logits.float(), k, dim=-1).indices
     ranks = torch.tensor([tree.rank[n] for n in children], device=top.device)
     node_tokens[:, list(children)] = top[:, ranks]
+
+
+def tree_node_samples(tree: Tree, parent_probs: torch.Tensor, parent: int,
+                      uniforms: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor | None]:
+    """The children of ``parent`` for sampled rows: ``(children, tokens [S, k])``, child n the
+    inverse-CDF draw of ``uniforms[:, n]`` from ``parent_probs [S, V]`` (the warped q the rule
+    divides by), so siblings are i.i.d. samples of q and may repeat."""
+    from distillspec.decoding.sampling import sample
+
+    children, _ = tree.children_topk(parent)
+    if not children:
+        return children, None
+    probs = parent_probs.unsqueeze(1).expand(-1, len(children), -1)
+    return children, sample(probs, uniforms=uniforms[:, list(children)])
 
 
 def accept_tree_greedy(

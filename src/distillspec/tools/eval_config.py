@@ -8,7 +8,8 @@ A decoding setup is one string (``EvalSetup.parse``):
   DistillSpec's lenience f_lin / f_sq / f_exp at strength EPS in (0, 1]; sampled decoding only)
   and/or ``threshold=X`` (adaptive drafting);
 * ``tree:SPEC``: tree drafting (generate's ``--tree``, e.g. ``tree:15:2``; explicit rank paths
-  joined with ``/``, e.g. ``tree:0/1/0.0``); greedy only.
+  joined with ``/``, e.g. ``tree:0/1/0.0``); greedy rows take the draft's top-k, sampled rows
+  i.i.d. draws checked with SpecInfer's lossless multi-draft rule.
 """
 
 from __future__ import annotations
@@ -170,10 +171,6 @@ class EvalConfig:
                     f"Setup {setup.label!r} is lossy, but at temperature 0 p and q are one-hot, "
                     "so lenience changes nothing (f(0) = 0): it would measure lossless SD under "
                     "another name. Use --temperature > 0 (e.g. 1.0) for lossy setups.")
-            if setup.speculation is not None and setup.speculation.tree and not greedy:
-                raise ValueError(
-                    f"Setup {setup.label!r} drafts a tree, which the engine uses for greedy rows "
-                    "only (sampled rows run the chain). Use --temperature 0, or an sd:G setup.")
         if self.draft == "none" and any(s.uses_draft for s in setups):
             raise ValueError(
                 "--draft none, but these setups need a draft: "

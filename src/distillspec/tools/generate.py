@@ -9,6 +9,7 @@ step-level engine.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -93,7 +94,7 @@ def speculation_for(
     saved = recommended_for(draft_spec, target_spec, target.device, target.dtype)
     if saved is None:
         return speculation
-    tree = f", tree {saved['tree']} (greedy rows)" if saved["tree"] else ""
+    tree = f", tree {saved['tree']} (timed at greedy)" if saved["tree"] else ""
     print(f"distillspec: gamma {saved['gamma']}, confidence threshold "
           f"{saved['confidence_threshold']:g}{tree} (measured fastest for this draft on this "
           "machine; --gamma / --confidence-threshold / --tree override)", file=sys.stderr)
@@ -216,12 +217,13 @@ def _print_batch(config: GenerateConfig, tokenizer, lines, result: GenerationRes
 
 
 def run_datagen(config: DatagenConfig) -> int:
-    """Sample target completions for a prompt set and write them atomically as JSONL."""
+    """Sample target completions for a prompt set and write them atomically as JSONL; under
+    torchrun / ``accelerate launch`` every rank answers its shards of the prompts."""
     from tqdm.auto import tqdm
 
     from distillspec.models.loading import check_model_spec
     from distillspec.training.datagen import (
-        datagen,
+        datagen_sharded,
         is_datagen_file,
         prompt_openers,
         self_prompts,
@@ -238,8 +240,8 @@ def run_datagen(config: DatagenConfig) -> int:
             "it is not a file datagen wrote, so it is left alone; choose another --out")
         raise ValueError(f"{out} exists: {reason}.")
     check_model_spec(config.target, config.runtime.allow_download)
-    runtime = config.runtime
-    target, tokenizer = load_model(config.target, **load_options(runtime))
+    ranks, options = _datagen_ranks(config)
+    target, tokenizer = load_model(config.target, **options)
     eos = eos_token_ids(target, tokenizer)
     if config.self_prompts:
         with tqdm(total=config.self_prompts, unit="prompt", desc="self-prompts") as bar:
@@ -254,11 +256,40 @@ def run_datagen(config: DatagenConfig) -> int:
         return 0
     examples = load_examples(config.data, tokenizer, max_prompt_tokens=config.max_prompt_tokens)
     generator = torch.Generator(device=target.device).manual_seed(config.seed)
-    with tqdm(total=len(examples), unit="prompt", desc="datagen", dynamic_ncols=True) as bar:
-        count = datagen(
-            target, tokenizer, examples, out, temperature=config.temperature,
-            max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-            eos_token_id=eos, generator=generator, progress=bar.update,
-        )
-    print(f"wrote {count} target completions to {out}", file=sys.stderr)
+    count = datagen_sharded(
+        target, tokenizer, examples, out, temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+        eos_token_id=eos, generator=generator, job=config.target,
+        shard_prompts=config.shard_prompts, ranks=ranks, replace=config.overwrite,
+    )
+    if ranks.is_main_process:
+        where = f" ({ranks.num_processes} ranks)" if ranks.num_processes > 1 else ""
+        print(f"wrote {count} target completions to {out}{where}", file=sys.stderr)
     return 0
+
+
+def _datagen_ranks(config: DatagenConfig):
+    """The ranks datagen runs on (one without torchrun / accelerate launch) and how each loads
+    the target: on its own device when there are several."""
+    options = load_options(config.runtime)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # set by torchrun and accelerate launch
+        from distillspec.training.shards import ONE_RANK
+
+        return ONE_RANK, options
+    runtime = config.runtime
+    if config.self_prompts:
+        raise ValueError(
+            "--self-prompts runs in one process: a prompt is kept only if it repeats none kept "
+            "before it, so ranks cannot split the work. Run it without torchrun / accelerate "
+            "launch, then answer the pool on several ranks with --data."
+        )
+    if runtime.device_map or runtime.device.startswith("cuda:"):
+        raise ValueError(
+            f"With several ranks each rank loads the target on its own device, so "
+            f"{'--device-map' if runtime.device_map else '--device ' + runtime.device} cannot "
+            "apply; use --device auto, cuda or cpu (one device per rank)."
+        )
+    from accelerate import PartialState
+
+    state = PartialState(cpu=runtime.device == "cpu")
+    return state, {**options, "device": state.device}

@@ -206,6 +206,99 @@ def test_a_dead_engine_says_so_and_refuses_at_once(folder, monkeypatch):
         local.__exit__(None, None, None)
 
 
+# -- a client that stops reading ------------------------------------------------------------------
+
+
+def long_greedy_prompt(folder, tokens: int) -> str:
+    """A prompt whose greedy answer runs the whole budget (no end-of-sequence)."""
+    target, tokenizer = load_model(folder, device="cpu", dtype="float32")
+    for i in range(20):
+        prompt = f"w{5 + i} w{40 + i}"
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        result = autoregressive_generate(target, ids, max_new_tokens=tokens,
+                                         eos_token_id=target.generation_config.eos_token_id)
+        if len(result.sequences[0]) == tokens:
+            return prompt
+    raise AssertionError("no prompt of the tiny model runs to its budget")
+
+
+def sse_texts(raw: bytes) -> dict[int, str]:
+    """Each choice's text from a raw HTTP/1.1 response of server-sent events (ending [DONE])."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    if b"transfer-encoding: chunked" in head.lower():  # undo the chunked framing
+        chunks, rest = [], body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            chunks.append(rest[: int(size, 16)])
+            rest = rest[int(size, 16) + 2:]
+        body = b"".join(chunks)
+    events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    texts: dict[int, str] = {}
+    for event in events[:-1]:
+        for choice in json.loads(event)["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    return texts
+
+
+def test_a_client_that_stops_reading_does_not_stall_the_others(folder, served):
+    """A stream that its client stops reading (a small receive window, then nothing read)
+    keeps decoding and the server keeps what it could not send, while other requests are
+    answered in normal time; read later, the stream is whole and correct."""
+    import fcntl
+    import socket
+    import struct
+    import termios
+
+    _, url = served
+    budget = 240
+    slow_prompt = long_greedy_prompt(folder, budget)
+    slow_text = greedy_text(folder, slow_prompt, budget)
+    prompts = [f"w{4 + i} w{9 + i} w{20 + i}" for i in range(6)]
+    expected = [greedy_text(folder, p, 12) for p in prompts]
+    host, port = url.removeprefix("http://").split(":")
+    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    slow.settimeout(TIMEOUT)
+    slow.connect((host, int(port)))
+    body = json.dumps({"prompt": slow_prompt, "max_tokens": budget, "n": 4, "logprobs": 5,
+                       "temperature": 0, "stream": True}).encode()
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body)
+    try:
+        deadline = time.time() + TIMEOUT
+        while health(url)[1]["running"] < 4:  # the slow request decodes
+            assert time.time() < deadline
+            time.sleep(0.05)
+        results: dict[str, tuple] = {}
+        begin = time.perf_counter()
+        threads = [threading.Thread(target=lambda p=p: results.__setitem__(p, (
+            post(url, {"prompt": p, "max_tokens": 12, "temperature": 0}),
+            time.perf_counter() - begin))) for p in prompts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=TIMEOUT)
+        assert [results[p][0][0] for p in prompts] == [200] * len(prompts)
+        assert [results[p][0][1]["choices"][0]["text"] for p in prompts] == expected
+        assert max(results[p][1] for p in prompts) < 10, results  # normal time, not blocked
+        while health(url)[1]["running"] > 0:  # the engine finishes the unread stream too
+            assert time.time() < deadline + TIMEOUT
+            time.sleep(0.05)
+        received = struct.unpack("i", fcntl.ioctl(slow, termios.FIONREAD, b"\0" * 4))[0]
+        raw = b""
+        while chunk := slow.recv(65536):
+            raw += chunk
+    finally:
+        slow.close()
+    # What the client had not received when decoding ended was still held by the server.
+    assert len(raw) - received > 100_000, (len(raw), received)
+    assert sse_texts(raw) == {i: slow_text for i in range(4)}
+    good(url)
+
+
 # -- reproduction 3: the waiting bound ------------------------------------------------------------
 
 

@@ -140,8 +140,11 @@ class EngineWorker:
     def cancel(self, request_id: int) -> None:
         self.inbox.put(("cancel", request_id))
 
-    def swap_draft(self, draft, version: int) -> None:
-        self.inbox.put(("swap", (draft, version)))
+    def swap_draft(self, draft, version: int,
+                   on_swapped: Callable[[], None] | None = None) -> None:
+        """Serve ``draft`` from the next step on; ``on_swapped`` runs on the engine thread once
+        it is in. A draft that cannot be swapped in is logged and the served one stays."""
+        self.inbox.put(("swap", (draft, version, on_swapped)))
 
     @property
     def load(self) -> tuple[int, int]:
@@ -198,12 +201,19 @@ class EngineWorker:
             else:
                 self.decoder.cancel(payload)
         elif kind == "swap":
-            draft, version = payload
+            draft, version, on_swapped = payload
+            try:  # replace_draft assigns the new draft last: a failure leaves the old one
+                self.decoder.replace_draft(draft)
+            except Exception as error:  # noqa: BLE001 - the served draft stays
+                log.error("distillspec: draft %s could not be swapped in, the served draft "
+                          "stays: %s: %s", version, type(error).__name__, error)
+                return
             self.models = (self.models[0], draft, self.models[2])
-            self.decoder.replace_draft(draft)
             self.draft_version = version
             if self.metrics is not None:
                 self.metrics.draft_version.set(version)
+            if on_swapped is not None:
+                on_swapped()
 
     def _admit(self) -> None:
         running, _ = self.load
@@ -327,7 +337,11 @@ class EngineWorker:
             self.scored.discard(update.request_id)
             reason = getattr(update, "finish_reason", "error")
             if self.on_finished is not None and reason not in ("cancelled", "error"):
-                self.on_finished(job.request, output)
+                try:  # a bystander (the online buffer): its fault must not stop the engine
+                    self.on_finished(job.request, output)
+                except Exception:  # noqa: BLE001 - logged; the request was answered
+                    log.exception("distillspec: on_finished failed for request %s",
+                                  update.request_id)
 
     def _gauges(self) -> None:
         if self.metrics is not None:

@@ -164,7 +164,11 @@ def test_completion_logprobs_are_the_targets_and_tile_the_text(served):
             if text.strip():
                 assert value == pytest.approx(float(row[vocab[text.strip()]]), abs=TOL)
     assert "".join(out.tokens) == choice.text
-    assert all(choice.text[o:].startswith(t) for o, t in zip(out.text_offset, out.tokens))
+    # OpenAI's text_offset: into the prompt followed by the answer, also without echo (vLLM
+    # counts from the answer's start there); so the first is the prompt's length
+    assert out.text_offset[0] == len(PROMPT)
+    whole = PROMPT + choice.text
+    assert all(whole[o:].startswith(t) for o, t in zip(out.text_offset, out.tokens))
     assert reply.usage.completion_tokens == len(out.tokens)
 
 
@@ -224,6 +228,21 @@ def test_streamed_logprobs_add_up_to_the_whole_answer(served):
                                                              abs=TOL)
         assert "".join(merged["tokens"]).startswith(text)
         assert (cut < 0) == (kept == len(expected["tokens"]))
+
+
+def test_text_offsets_count_from_the_prompts_start_with_echo_or_without(served):
+    """OpenAI's ``text_offset``: where each token starts in the prompt followed by the answer,
+    so an answer's offsets are the same with and without echo (vLLM starts them at 0 without
+    echo), streamed or not."""
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+    echoed = post(served, "/completions", {**body, "echo": True})[1]["choices"][0]["logprobs"]
+    plain = post(served, "/completions", body)[1]["choices"][0]["logprobs"]
+    status, events = post(served, "/completions", {**body, "stream": True})
+    streamed = sum((e["choices"][0]["logprobs"]["text_offset"] for e in events[:-1]), [])
+    prompt = len(ids_of(served, PROMPT))
+    assert status == 200 and plain["tokens"] == echoed["tokens"][prompt:]
+    assert plain["text_offset"][0] == len(PROMPT) == echoed["text_offset"][prompt]
+    assert plain["text_offset"] == echoed["text_offset"][prompt:] == streamed
 
 
 def test_chat_logprobs_and_top_logprobs(served):
@@ -506,28 +525,49 @@ metric_list:
 """
 
 
-def test_lm_evaluation_harness_scores_a_multiple_choice_task_through_the_server(
-        served, tmp_path, monkeypatch):
-    """lm-eval's ``local-completions`` model, a task from local files, the tokenizer from the
-    tiny model's folder; its log-likelihoods equal the target's own."""
+def harness(tmp_path, monkeypatch, tasks, model: str, model_args: dict, **fields) -> dict:
+    """lm-eval's ``simple_evaluate`` offline (nothing from the hub, nothing written to the
+    user's HF cache) on tasks from local files: ``tasks`` is a list of (YAML template, its
+    documents); ``{data}``, ``{cache}`` and ``fields`` fill the template."""
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # nothing written to the user's
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     evaluator = pytest.importorskip(  # heavy, so not in [test]: see docs/serve.md
         "lm_eval.evaluator", reason="pip install 'distillspec[eval-harness]'")
     from lm_eval.tasks import TaskManager
 
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in MC_DOCS))
-    (tmp_path / "task.yaml").write_text(MC_TASK.format(data=data, cache=tmp_path / "cache"))
-    results = evaluator.simple_evaluate(
-        model="local-completions",
-        model_args={"model": "tiny", "base_url": served["url"] + "/completions",
-                    "tokenizer": str(served["folder"]), "tokenizer_backend": "huggingface",
-                    "max_length": 256, "num_concurrent": 1, "max_retries": 1},
-        tasks=["distillspec_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
-        log_samples=True, batch_size=2)
-    samples = sorted(results["samples"]["distillspec_tiny_mc"], key=lambda s: s["doc_id"])
+    names = []
+    for template, docs in tasks:
+        name = template.split("\n", 1)[0].removeprefix("task: ")
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+        (tmp_path / f"{name}.yaml").write_text(
+            template.format(data=data, cache=tmp_path / "cache", **fields))
+        names.append(name)
+    return evaluator.simple_evaluate(
+        model=model, model_args=model_args, tasks=names,
+        task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True, batch_size=2)
+
+
+def through_server(served) -> dict:
+    """lm-eval's ``local-completions`` model on the served tiny model, its tokenizer from the
+    tiny model's folder (lm-eval sends token ids)."""
+    return {"model": "tiny", "base_url": served["url"] + "/completions",
+            "tokenizer": str(served["folder"]), "tokenizer_backend": "huggingface",
+            "max_length": 256, "num_concurrent": 1, "max_retries": 1}
+
+
+def samples_of(results: dict, task: str) -> list[dict]:
+    return sorted(results["samples"][task], key=lambda sample: sample["doc_id"])
+
+
+def test_lm_evaluation_harness_scores_a_multiple_choice_task_through_the_server(
+        served, tmp_path, monkeypatch):
+    """lm-eval's ``local-completions`` model, a task from local files, the tokenizer from the
+    tiny model's folder; its log-likelihoods equal the target's own."""
+    results = harness(tmp_path, monkeypatch, [(MC_TASK, MC_DOCS)], "local-completions",
+                      through_server(served))
+    samples = samples_of(results, "distillspec_tiny_mc")
     correct = []
     for doc, sample in zip(MC_DOCS, samples):
         context = ids_of(served, doc["question"])
@@ -542,3 +582,90 @@ def test_lm_evaluation_harness_scores_a_multiple_choice_task_through_the_server(
         correct.append(max(range(len(expected)), key=expected.__getitem__) == doc["answer"])
     accuracy = results["results"]["distillspec_tiny_mc"]["acc,none"]
     assert accuracy == pytest.approx(sum(correct) / len(correct))
+
+
+GEN_TASK = """task: distillspec_tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {cache}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: answer
+generation_kwargs:
+  until: ["{stop}"]
+  max_gen_toks: {steps}
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+GEN_PROMPTS = ["w5 w17 w3", "w1 w2", "w70", "w9 w33 w12 w4", "w60 w61", "w88 w20"]
+GEN_STEPS = 8
+
+
+def greedy_text(served, prompt: str, steps: int) -> str:
+    """The target's own greedy continuation of ``prompt`` tokenized as lm-eval does (no special
+    tokens added): a full forward per token, no cache, no draft; its text up to the eos."""
+    ids, out = served["tokenizer"](prompt, add_special_tokens=False)["input_ids"], []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(served["target"](torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token == served["tokenizer"].eos_token_id:
+                break
+            out.append(token)
+    return served["tokenizer"].decode(out, skip_special_tokens=True)
+
+
+def generation_docs(served) -> tuple[list[dict], str, list[str]]:
+    """(documents, a stop string, the expected answers): the stop string is the third word of
+    a greedy continuation (so it cuts at least one), every other document's answer is right."""
+    uncut = [greedy_text(served, prompt, GEN_STEPS) for prompt in GEN_PROMPTS]
+    words = next((text.split() for text in uncut if len(text.split()) >= 4), None)
+    assert words, "every greedy continuation ends within 3 words: pick other prompts"
+    stop = " " + words[2]
+    expected = [text.split(stop)[0] for text in uncut]
+    assert expected != uncut
+    docs = [{"question": prompt, "answer": answer if i % 2 == 0 else "none"}
+            for i, (prompt, answer) in enumerate(zip(GEN_PROMPTS, expected))]
+    return docs, stop, expected
+
+
+def test_lm_evaluation_harness_generates_until_a_stop_string_through_the_server(
+        served, tmp_path, monkeypatch):
+    """A generate_until task (greedy, a stop string, max_gen_toks) through SD: each answer is
+    the target's own greedy continuation cut before the stop string, and exact match counts
+    the right ones."""
+    docs, stop, expected = generation_docs(served)
+    results = harness(tmp_path, monkeypatch, [(GEN_TASK, docs)], "local-completions",
+                      through_server(served), stop=stop, steps=GEN_STEPS)
+    samples = samples_of(results, "distillspec_tiny_gen")
+    assert [sample["filtered_resps"][0] for sample in samples] == expected
+    right = sum(doc["answer"] == answer for doc, answer in zip(docs, expected))
+    assert results["results"]["distillspec_tiny_gen"]["exact_match,none"] == pytest.approx(
+        right / len(docs))
+
+
+@pytest.mark.slow
+def test_lm_evaluation_harness_hf_model_and_the_server_agree(served, tmp_path, monkeypatch):
+    """The same two tasks through lm-eval's ``hf`` model (transformers on the same folder,
+    float32) and through the server with SD: equal log-likelihoods, identical generations."""
+    docs, stop, expected = generation_docs(served)
+    tasks = [(MC_TASK, MC_DOCS), (GEN_TASK, docs)]
+    ours = harness(tmp_path, monkeypatch, tasks, "local-completions", through_server(served),
+                   stop=stop, steps=GEN_STEPS)
+    theirs = harness(tmp_path, monkeypatch, tasks, "hf", {
+        "pretrained": str(served["folder"]), "dtype": "float32", "device": "cpu",
+        "max_length": 256}, stop=stop, steps=GEN_STEPS)
+    for a, b in zip(samples_of(ours, "distillspec_tiny_mc"),
+                    samples_of(theirs, "distillspec_tiny_mc"), strict=True):
+        assert [float(r[0][0]) for r in a["resps"]] == pytest.approx(
+            [float(r[0][0]) for r in b["resps"]], abs=TOL)
+    texts = [[sample["filtered_resps"][0] for sample in samples_of(run, "distillspec_tiny_gen")]
+             for run in (ours, theirs)]
+    assert texts[0] == texts[1] == expected
+    for task, metric in (("distillspec_tiny_mc", "acc,none"), ("distillspec_tiny_gen",
+                                                               "exact_match,none")):
+        assert ours["results"][task][metric] == theirs["results"][task][metric]

@@ -362,10 +362,10 @@ class Server:
         tokens: list[int] = []
         sent, stops = "", request.stop
         try:
-            base = 0
             if request.echo:
                 yield await self._echo(choice, request)
-                base = len(choice.prompt.text)
+            # text_offset counts from the prompt's start, echoed or not (OpenAI's convention)
+            base = len(choice.prompt.text)
             texts = None if request.logprobs is None else TokenTexts(self.tokenizer, base)
             waiting: list[TokenOut] = []  # tokens whose text is not all sent yet
             while True:

@@ -397,8 +397,9 @@ def request_schema(chat: bool, context: int, vocab: int) -> dict:
 
 @dataclass
 class TokenOut:
-    """One token as a response shows it: its text, where that text starts in the choice's
-    text, its log-probability (None for an echoed first prompt token) and the alternatives'."""
+    """One token as a response shows it: its text, where that text starts in the prompt
+    followed by the answer (OpenAI's ``text_offset``, echo or not), its log-probability (None
+    for an echoed first prompt token) and the alternatives'."""
 
     text: str
     offset: int

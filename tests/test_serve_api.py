@@ -508,14 +508,14 @@ def test_every_openai_request_field_is_honoured_or_refused_by_name(served, chat)
 MC_DOCS = [{"question": "w5 w17 w3", "choices": ["w40", "w8", "w60 w61"], "answer": 0},
            {"question": "w1 w2", "choices": ["w3 w4", "w90", "w12"], "answer": 2},
            {"question": "w70", "choices": ["w71", "w72 w73 w74"], "answer": 1}]
-MC_TASK = """task: distillspec_tiny_mc
-dataset_path: json
+LOCAL_DATA = """dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
-output_type: multiple_choice
+"""  # a task's documents: the JSONL file it is formatted with
+MC_TASK = "task: distillspec_tiny_mc\n" + LOCAL_DATA + """output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
@@ -584,14 +584,7 @@ def test_lm_evaluation_harness_scores_a_multiple_choice_task_through_the_server(
     assert accuracy == pytest.approx(sum(correct) / len(correct))
 
 
-GEN_TASK = """task: distillspec_tiny_gen
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: generate_until
+GEN_TASK = "task: distillspec_tiny_gen\n" + LOCAL_DATA + """output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: answer
 generation_kwargs:

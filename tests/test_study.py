@@ -354,13 +354,17 @@ def test_a_killed_study_resumes_the_cell_it_was_in_and_keeps_finished_ones(works
     assert main(["study", *args]) == 0
     assert (first.read_bytes(), first.stat().st_mtime_ns,
             (out / "cells" / "tiny-fkl-teacher-greedy-s0" / "metrics.jsonl").read_bytes()) == before
-    lines = [json.loads(line) for line in (out / "cells" / killed / "metrics.jsonl").read_text()
-             .splitlines()]
-    assert [r["eval"] for r in lines if "eval" in r] == ["start", "resume", "final"]
-    # Resumed, not restarted: each step once, and the warm start switched at step 3 of 6.
-    assert [r["policy"] for r in lines if "loss" in r] == ["fixed"] * 3 + ["draft"] * 3
+    assert_resumed_once(out / "cells" / killed)
     study = json.loads((out / "study.json").read_text())
     assert len(study["cells"]) == 4 and all(r["steps"] == 6 for r in study["cells"])
+
+
+def assert_resumed_once(cell: Path) -> None:
+    """The cell was resumed, not restarted: each step once, and the warm start switched at step
+    3 of 6."""
+    lines = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval"] for r in lines if "eval" in r] == ["start", "resume", "final"]
+    assert [r["policy"] for r in lines if "loss" in r] == ["fixed"] * 3 + ["draft"] * 3
 
 
 def record_values(out: Path) -> dict[str, dict]:
@@ -408,10 +412,7 @@ def test_a_killed_worker_has_its_cell_rerun_from_its_checkpoint(workspace):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"stopped (signal 9) in cell {killed}; a new worker reruns it" in result.stderr
     out = workspace / "killed-worker"
-    lines = [json.loads(line) for line in (out / "cells" / killed / "metrics.jsonl").read_text()
-             .splitlines()]
-    assert [r["eval"] for r in lines if "eval" in r] == ["start", "resume", "final"]
-    assert [r["policy"] for r in lines if "loss" in r] == ["fixed"] * 3 + ["draft"] * 3
+    assert_resumed_once(out / "cells" / killed)
     study = json.loads((out / "study.json").read_text())
     assert len(study["cells"]) == 4 and all(r["steps"] == 6 for r in study["cells"])
     assert len(list((out / "logs").glob("worker-*.log"))) == 3  # the dead one and its successor

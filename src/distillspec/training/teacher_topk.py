@@ -88,6 +88,7 @@ def build(target, examples: Sequence, completions: dict[str, list[int]], k: int,
                         shard_batches * batch_size, "safetensors")
         _score_shards(target, examples, completions, k, shards, digest, ranks,
                       pad_id=pad_id, batch_size=batch_size, token_ids=token_ids)
+        ranks.wait_for_everyone()  # every shard written before the main rank merges them
         result = _merge(shards, examples, path, digest) if ranks.is_main_process else None
         ranks.wait_for_everyone()
         return result if result is not None else _load_current(path, digest)

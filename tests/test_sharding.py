@@ -1,4 +1,5 @@
-"""Sharded training (FSDP2 over 2 CPU processes, gloo) against one unsharded process."""
+"""Sharded training (FSDP2 over 2 CPU processes, gloo), of the draft and of the frozen target,
+against unsharded runs."""
 
 from __future__ import annotations
 
@@ -27,12 +28,27 @@ COMMON = dict(draft_init="target-layers:2", policy="fixed", max_steps=6, eval_ta
               eval_every=3, keep_checkpoints=3, teacher_topk=16)
 
 
-def _torchrun(config, path: Path, port: int) -> None:
+def _torchrun(config, path: Path, port: int, timeout: int = 600) -> None:
+    """``distill`` on 2 processes; a hang (a collective one process never joins) fails the test
+    at ``timeout`` seconds instead of stalling the suite."""
     command = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(port),
                *_cli(config, path)[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _held(run: Path, key: str) -> list[int]:
+    """What each of a run's processes held at the end (``rank-<r>.json``)."""
+    return [json.loads(path.read_text())[key] for path in sorted(run.glob("rank-*.json"))]
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    """The run's step records (kind "step") or evaluation records (kind "eval"), timings dropped."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    chosen = [r for r in lines if ("eval" in r) == (kind == "eval")]
+    return [{k: v for k, v in r.items() if "seconds" not in k and not k.startswith("time_")}
+            for r in chosen]
 
 
 def _assert_same_weights(actual: Path, expected: Path) -> None:
@@ -73,5 +89,64 @@ def test_fsdp_on_two_processes_equals_one_process_and_resumes_on_one(workspace):
 def test_fsdp_without_a_process_group_says_how_to_launch(workspace):  # noqa: F811
     config = recipe(workspace, output_dir=str(workspace / "shard-alone"), sharding="fsdp",
                     **COMMON)
+    with pytest.raises(ValueError, match="torchrun"):
+        distill(config)
+
+
+# Live target forwards on 2 processes, the draft sharded in both runs, the target in one: a mixed
+# policy (with seed 0 steps 1-2 sample the teacher through the gathered target, steps 3-4 the
+# draft), every batch scored by the target inside the step; a pruned head (:vocab=48), so the step
+# runs the target's restricted head, sharded with the rest; tau measured through the engine at
+# the start, at step 2 and at the end (rank 0 alone runs the target then).
+LIVE = dict(draft_init="target-layers:2:vocab=48", policy="mixed", mix="draft=0.5,teacher=0.5",
+            max_steps=4, batch_size=4, eval_every=2, eval_tau_prompts=2, sharding="fsdp")
+
+
+def test_sharded_target_trains_exactly_as_a_whole_one(workspace):  # noqa: F811
+    whole = workspace / "target-whole"
+    _torchrun(recipe(workspace, output_dir=str(whole), **LIVE), workspace / "target-whole.yaml",
+              port=29533, timeout=300)
+    sharded = workspace / "target-fsdp"
+    _torchrun(recipe(workspace, output_dir=str(sharded), target_sharding="fsdp", **LIVE),
+              workspace / "target-fsdp.yaml", port=29534, timeout=300)
+    # Exact: the gathered weights are the shards' bytes, and both runs compute the same forwards
+    # in the same order on the same thread counts; any wrong or stale shard changes the logits.
+    expected, actual = final_weights(whole), final_weights(sharded)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+    steps, evaluations = _records(sharded, "step"), _records(sharded, "eval")
+    assert steps == _records(whole, "step") and evaluations == _records(whole, "eval")
+    assert {r["policy"] for r in steps} == {"teacher", "draft"}
+    assert [r["eval"] for r in evaluations] == ["start", "periodic", "final"]
+    assert all(r["tau"] >= 1.0 for r in evaluations)
+    # Each process held about half of the target at the end (whole in the unsharded run), so a
+    # target silently left whole, or left gathered after an evaluation, fails here.
+    total = _held(whole, "target_held")
+    held = _held(sharded, "target_held")
+    assert total[0] == total[1] and sum(held) == total[0] and max(held) < 0.6 * total[0]
+
+
+def test_sharded_target_with_a_data_parallel_draft_equals_one_process(workspace):  # noqa: F811
+    # Fixed data scored live by the target every step (no top-k cache), the draft data-parallel
+    # (sharding none) and the target sharded; 2 processes x batch 4 against 1 x batch 8.
+    common = dict(COMMON, teacher_topk=0, eval_tau_prompts=2, save_every=0)
+    reference = workspace / "target-ref"
+    distill(recipe(workspace, output_dir=str(reference), batch_size=8, **common))
+    sharded = workspace / "target-ddp"
+    _torchrun(recipe(workspace, output_dir=str(sharded), batch_size=4, target_sharding="fsdp",
+                     **common), workspace / "target-ddp.yaml", port=29535, timeout=300)
+    _assert_same_weights(sharded, reference)
+    held, total = _held(sharded, "target_held"), _held(reference, "target_held")[0]
+    assert sum(held) == total and max(held) < 0.6 * total
+    whole_draft = _held(reference, "trainable_held")[0]
+    assert _held(sharded, "trainable_held") == [whole_draft, whole_draft]  # DDP: whole on each
+
+
+def test_target_sharding_refuses_a_given_target_and_a_lone_process(workspace):  # noqa: F811
+    config = recipe(workspace, output_dir=str(workspace / "target-alone"),
+                    target_sharding="fsdp", **COMMON)
+    with pytest.raises(ValueError, match="shards the target in place"):
+        distill(config, target=object(), tokenizer=object())
     with pytest.raises(ValueError, match="torchrun"):
         distill(config)

@@ -135,3 +135,127 @@ def test_impossible_requests_are_refused_before_anything_runs(pair):
     with pytest.raises(ValueError, match="gamma must be an integer >= 1 and <= 64"):
         SpeculationConfig(gamma=1_000_000_000)
     assert not decoder.has_work
+
+
+class CountingProbe:
+    """A probe that records which phase it measured and reports a fixed duration."""
+
+    def __init__(self):
+        self.phases = []
+
+    def __call__(self, fn, *args):
+        self.phases.append(fn.__name__)
+        return 0.25, fn(*args)
+
+
+def decode_all(decoder, texts, sampling=SAMPLED):
+    for index, text in enumerate(texts):
+        decoder.add(request(text, 10, sampling, seed=index, name=index))
+    outputs = {index: [] for index in range(len(texts))}
+    while decoder.has_work:
+        for update in decoder.step():
+            outputs[update.request_id] += update.new_tokens
+    return outputs
+
+
+@pytest.mark.parametrize("tree", ["", "8:2"])
+def test_a_step_measures_only_through_its_probe(pair, tree, monkeypatch):
+    """Without a probe a step never reaches the synchronised timer (it would wait for the device
+    on a GPU) and reports no times; with one, every prefill, draft and target phase goes through
+    it, its seconds land in the metrics, and the tokens are the same."""
+    from distillspec.decoding import timing
+
+    target, draft = pair
+    texts = prompts(3, seed=4)
+    speculation = SpeculationConfig(gamma=3, tree=tree)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a step synchronised or timed with no probe")
+
+    with monkeypatch.context() as patch:
+        for name in ("synchronize", "timed"):
+            patch.setattr(timing, name, refuse)
+        patch.setattr(torch.cuda, "synchronize", refuse)
+        unmeasured = Decoder(target, draft, speculation)
+        plain = decode_all(unmeasured, texts)
+    assert unmeasured.probe is None
+    assert (unmeasured.metrics.draft_time_s, unmeasured.metrics.target_time_s,
+            unmeasured.metrics.prefill_time_s) == (0.0, 0.0, 0.0)
+
+    probe = CountingProbe()
+    measured = Decoder(target, draft, speculation, probe=probe)
+    assert decode_all(measured, texts) == plain
+    blocks = measured.metrics.target_forward_passes - measured.metrics.prefill_passes
+    assert probe.phases.count("_prefill") == 1
+    assert probe.phases.count("_draft") == probe.phases.count("_verify") == blocks > 0
+    metrics = measured.metrics
+    assert (metrics.prefill_time_s, metrics.draft_time_s, metrics.target_time_s) == (
+        0.25, 0.25 * blocks, 0.25 * blocks)
+
+
+def test_sync_timer_is_the_probe_the_generate_functions_use(pair):
+    """``speculative_generate`` times its phases by default (the reported draft, target and
+    prefill times) and not with ``timed=False``; the tokens are the same either way."""
+    target, draft = pair
+    ids, mask = left_padded([4, 7])
+    timed = speculative_generate(target, draft, ids, mask, gamma=3, max_new_tokens=8)
+    untimed = speculative_generate(target, draft, ids, mask, gamma=3, max_new_tokens=8,
+                                   timed=False)
+    assert timed.sequences == untimed.sequences
+    assert timed.metrics.draft_time_s > 0 and timed.metrics.target_time_s > 0
+    assert untimed.metrics.draft_time_s == untimed.metrics.target_time_s == 0.0
+
+
+# -- a lookahead limit per step (the server's ModePolicy) ------------------------------------------
+
+LIMITS = [None, 0, 0, 1, None, 0, 1, 1, 0, None, None, 0, 0, 0, None]
+
+
+def decode_with_limits(decoder, requests, joins):
+    """Run the rows (``joins[i]``: the step row i joins at) with the limit of ``LIMITS`` at each
+    step; per-row outputs, and the (limit, drafted, accepted) of every row update."""
+    outputs, blocks, step = {i: [] for i in range(len(requests))}, [], 0
+    while step < 200 and (step <= max(joins) or decoder.has_work):
+        for index, join in enumerate(joins):
+            if join == step:
+                decoder.add(requests[index])
+        decoder.lookahead_limit = LIMITS[step % len(LIMITS)]
+        for update in decoder.step():
+            outputs[update.request_id] += update.new_tokens
+            if update.new_tokens:
+                blocks.append((decoder.lookahead_limit, update.drafted, update.accepted))
+        step += 1
+    return outputs, blocks
+
+
+@pytest.mark.parametrize("tree", ["", "6:2"])
+def test_plain_and_short_steps_between_speculative_ones_keep_greedy_rows_exact(pair, tree):
+    # Rows joining mid-run, greedy and sampled (seeded) together; every step's limit changes.
+    target, draft = pair
+    texts = prompts(5, seed=7)
+    joins = [0, 0, 2, 5, 6]
+    requests = [request(t, 14, GREEDY if i != 1 else SAMPLED, seed=i, name=i)
+                for i, t in enumerate(texts)]
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3, tree=tree),
+                      generator=torch.Generator().manual_seed(0))
+    outputs, blocks = decode_with_limits(decoder, requests, joins)
+    for index in (0, 2, 3, 4):
+        plain = autoregressive_generate(target, torch.tensor([texts[index]]), max_new_tokens=14)
+        assert outputs[index] == plain.sequences[0], f"row {index}"
+    assert len(outputs[1]) == 14
+    assert all(drafted == 0 for limit, drafted, _ in blocks if limit == 0)
+    assert all(drafted <= 1 for limit, drafted, _ in blocks if limit == 1)
+    assert any(drafted > 1 for limit, drafted, _ in blocks if limit is None)
+
+
+def test_the_draft_reads_every_token_of_its_plain_steps(pair):
+    # The draft is the target itself: with its cache in step, every drafted token is accepted.
+    # A draft that missed the tokens of the plain steps before (one or several) would propose
+    # from a wrong context and be rejected.
+    target, _ = pair
+    texts = prompts(3, seed=9)
+    requests = [request(t, 30, name=i) for i, t in enumerate(texts)]
+    decoder = Decoder(target, target, SpeculationConfig(gamma=3))
+    _, blocks = decode_with_limits(decoder, requests, [0, 1, 4])
+    drafting = [(drafted, accepted) for _, drafted, accepted in blocks if drafted > 0]
+    assert len(drafting) > 10 and all(accepted == drafted for drafted, accepted in drafting)

@@ -232,7 +232,16 @@ def test_a_client_that_disconnects_mid_stream_is_cleaned_up(served):
 
 
 def test_metrics_in_prometheus_format(served):
+    # Alone (batch 1), two 12-token answers take more steps than --sd-policy auto's warm-up
+    # (each of speculate, gamma1 and plain measured twice), whatever ran before.
+    for i in range(2):
+        served["client"].completions.create(model="tiny", prompt=prompt_of(i), max_tokens=12,
+                                            temperature=0)
     text = urllib.request.urlopen(served["url"].removesuffix("/v1") + "/metrics").read().decode()
+    for mode in ("speculate", "gamma1", "plain"):
+        assert f'distillspec_spec_decode_steps_total{{mode="{mode}"}}' in text, mode
+        assert (f'distillspec_spec_decode_mode_tokens_per_second{{batch_bucket="1",mode="{mode}"}}'
+                in text), mode
     for name in ("distillspec_spec_decode_num_draft_tokens_total",
                  "distillspec_spec_decode_num_accepted_tokens_total",
                  "distillspec_spec_decode_num_emitted_tokens_total",

@@ -238,3 +238,32 @@ def test_tree_alpha_counts_only_levels_where_the_top1_token_was_proposed(models)
     total = speculative_generate(target, draft, input_ids, attention_mask, gamma=1,
                                  tree="0,1,1.0", max_new_tokens=MAX_NEW).metrics.total
     assert total.accepted_tokens > 0 and total.analytic_alpha == 1.0
+
+
+def test_a_tree_spec_is_parsed_once_into_a_typed_tree(models, monkeypatch):
+    """The config parses ``--tree`` once into ``tree_shape`` (its text stays in ``tree`` and in
+    the saved config); the decoder, its steps and a config built from the parsed tree never
+    parse it again."""
+    from distillspec.common.config import to_dict
+    from distillspec.tools.configs import BenchConfig
+
+    parsed = []
+    parse = Tree.parse.__func__
+    monkeypatch.setattr(Tree, "parse", classmethod(
+        lambda cls, spec: parsed.append(spec) or parse(cls, spec)))
+    speculation = SpeculationConfig(gamma=2, tree="0/1/0.0")
+    assert parsed == ["0/1/0.0"]
+    assert speculation.tree_shape == Tree(((0,), (1,), (0, 0))) and speculation.tree == "0/1/0.0"
+    assert to_dict(speculation)["tree"] == "0/1/0.0"  # saved configs keep the text
+    again = SpeculationConfig(gamma=3, tree=speculation.tree_shape)
+    assert again.tree_shape is speculation.tree_shape and again.tree == "0/1/0.0"
+    target, draft = models["target"], models["partial"]
+    decoder = Decoder(target, draft, speculation)
+    decoder.add(Request(left_padded([5])[0][0].tolist(), 12))
+    while decoder.has_work:
+        decoder.step()
+    assert decoder.tree is speculation.tree_shape and parsed == ["0/1/0.0"]
+    assert SpeculationConfig().tree_shape is None
+    bench = BenchConfig(trees=["4:1", "0/1/0.0"])
+    assert [tree.spec for tree in bench.tree_shapes] == ["4:1", "0/1/0.0"]
+    assert bench.tree_shapes[1] == speculation.tree_shape and len(parsed) == 3

@@ -18,7 +18,8 @@ from distillspec.decoding.engine import Decoder
 from distillspec.decoding.metrics import GenerationMetrics
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate
-from distillspec.decoding.timing import synchronize
+from distillspec.decoding.timing import SyncTimer, synchronize
+from distillspec.decoding.tree import Tree
 
 
 @dataclass
@@ -84,17 +85,20 @@ def speculative_generate(
     lenience: str | None = None,
     epsilon: float = 1.0,
     confidence_threshold: float = 0.0,
-    tree: str = "",
+    tree: str | Tree | None = "",
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
+    timed: bool = True,
 ) -> GenerationResult:
     """Speculative decoding of a (left-padded) batch: lossless unless ``lenience`` is set.
 
     ``input_ids [B, L]`` with ``attention_mask`` 1 on real tokens (left padding). Returns the new
     tokens per row; each row stops on its own at an EOS id or after ``max_new_tokens``.
     ``eos_token_id=None`` means no early stop. ``generator`` seeds sampling.
-    ``confidence_threshold`` > 0 turns on adaptive drafting, ``tree`` tree drafting (greedy
-    rows: the draft's top-k; sampled rows: draws from q; see ``SpeculationConfig``).
+    ``confidence_threshold`` > 0 turns on adaptive drafting, ``tree`` tree drafting (a spec or a
+    parsed ``Tree``; greedy rows: the draft's top-k; sampled rows: draws from q; see
+    ``SpeculationConfig``). ``timed``: measure the draft, target and prefill times (the
+    metrics' ``*_time_s``; a synchronised timer around each phase of a step).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     speculation = SpeculationConfig(
@@ -102,10 +106,11 @@ def speculative_generate(
         lenience=lenience or "none",
         epsilon=epsilon,
         confidence_threshold=confidence_threshold,
-        tree=tree,
+        tree=tree or "",
     )
     requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
-    decoder = Decoder(target, draft, speculation, generator=generator)
+    probe = SyncTimer(target.device) if timed else None
+    decoder = Decoder(target, draft, speculation, generator=generator, probe=probe)
     return run_to_completion(decoder, requests)
 
 
@@ -120,11 +125,14 @@ def autoregressive_generate(
     top_p: float = 1.0,
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
+    timed: bool = True,
 ) -> GenerationResult:
-    """Plain decoding through the same cache, warp and sampling code: the fair baseline."""
+    """Plain decoding through the same cache, warp and sampling code: the fair baseline
+    (``timed``: as for ``speculative_generate``)."""
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
-    return run_to_completion(Decoder(model, None, generator=generator), requests)
+    probe = SyncTimer(model.device) if timed else None
+    return run_to_completion(Decoder(model, None, generator=generator, probe=probe), requests)
 
 
 def generate_many(
@@ -199,5 +207,6 @@ def generate_ids(
         temperature=temperature,
         eos_token_id=eos_token_id,
         generator=generator,
+        timed=False,
     )
     return result.sequences

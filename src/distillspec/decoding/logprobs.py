@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from distillspec.decoding.requests import TokenLogprobs
+from distillspec.decoding.requests import RowUpdate, TokenLogprobs, _Row
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int):
@@ -42,3 +42,21 @@ def host_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int | N
         rows[row] = [TokenLogprobs(lp, list(zip(ids[slot][t][:top], values[slot][t][:top])))
                      for t, lp in enumerate(chosen[slot])]
     return rows
+
+
+def prompt_logprobs(joining: list[_Row], logits: torch.Tensor, pads: list[int],
+                    device) -> list[RowUpdate]:
+    """Each scoring row's prompt tokens under the target, from the prefill's logits: the
+    logits at prefill column pad + i predict prompt token i + 1 (the first has none)."""
+    updates = []
+    for index, (row, pad) in enumerate(zip(joining, pads)):
+        top, prompt = row.request.prompt_logprobs, row.request.prompt_ids
+        if top is None:
+            continue
+        entries: list = [None]
+        if len(prompt) > 1:
+            taken = torch.tensor([prompt[1:]], device=device)
+            entries += host_logprobs(logits[index : index + 1, pad:], taken, [top])[0]
+        updates.append(RowUpdate(row.request.request_id, [], False, None,
+                                 prompt_logprobs=entries))
+    return updates

@@ -257,7 +257,8 @@ class SpeedProbe:
         return [autoregressive_generate(self.target, i, m, **common)
                 for i, m in self.batches[:batches]]
 
-    def speculative(self, draft, gamma: int, threshold: float = 0.0, tree: str = "",
+    def speculative(self, draft, gamma: int, threshold: float = 0.0,
+                    tree: Tree | str | None = None,
                     batches: int | None = None) -> list[GenerationResult]:
         common = self._common()
         return [
@@ -269,7 +270,7 @@ class SpeedProbe:
     def sweep(
         self,
         draft,
-        settings: Sequence[tuple[int, float] | tuple[int, float, str]],
+        settings: Sequence[tuple[int, float] | tuple[int, float, Tree | str | None]],
         repeats: int,
         cost_model: CostModel | None = None,
         progress: Callable[[str], None] | None = None,
@@ -284,10 +285,10 @@ class SpeedProbe:
         medians of those in-sweep measurements: on a busy or throttling machine a cost model
         timed minutes earlier describes another machine state.
 
-        A setting is ``(gamma, threshold)`` or ``(gamma, threshold, tree)``; a tree's
-        prediction needs the cost model's verify curve to reach its node count + 1."""
+        A setting is ``(gamma, threshold[, tree])`` (a ``Tree``, or a spec parsed here once); a
+        tree's prediction needs the cost model's verify curve to reach its node count + 1."""
         draft.eval()
-        settings = [(*setting, "")[:3] for setting in settings]
+        settings = [_typed_setting(*setting) for setting in settings]
         self.plain(batches=1)  # warm-ups, discarded
         for gamma, threshold, tree in settings:
             self.speculative(draft, gamma, threshold, tree, batches=1)
@@ -315,10 +316,8 @@ class SpeedProbe:
                 progress(f"round {done}/{repeats} done, ~{left:.0f} s left")
         if in_sweep:
             cost_model = median_cost_model(in_sweep)
-        rows = [
-            self._row(setting, walls[i], results[i], plain_results, cost_model)
-            for i, setting in enumerate(settings)
-        ]
+        rows = [self._row(setting, walls[i], results[i], plain_results, cost_model)
+                for i, setting in enumerate(settings)]
         tokens = sum(len(s) for r in plain_results for s in r.sequences)
         plain_tps = tokens / statistics.median(plain_walls)
         for row in rows:
@@ -327,7 +326,7 @@ class SpeedProbe:
         return Sweep(plain_tps, plain_walls, rows, cost_model)
 
     def _row(self, setting, walls, results, plain_results, cost_model) -> SweepRow:
-        gamma, threshold, tree_spec = setting
+        gamma, threshold, tree = setting
         total = combined_counts(results)
         draft_time = sum(r.metrics.draft_time_s for r in results)
         draft_passes = sum(r.metrics.draft_forward_passes - r.metrics.prefill_passes for r in results)
@@ -338,7 +337,6 @@ class SpeedProbe:
         cost_ratio = (draft_time / max(draft_passes, 1)) / (plain_time / max(plain_calls, 1))
         alpha = total.analytic_alpha or 0.0
         c = cost_model.cost_ratio if cost_model is not None else cost_ratio
-        tree = Tree.parse(tree_spec)  # greedy and sampled rows alike run the tree
         if tree is not None:  # tau measured; its cost from the tree's depth and node count
             verify = cost_model.verify_cost(tree.size + 1) if cost_model is not None else 1.0
             predicted = predicted_tree_speedup(total.block_efficiency or 1.0, tree.depth, c, verify)
@@ -361,7 +359,7 @@ class SpeedProbe:
             speedup=float("nan"),
             measured_over_predicted=float("nan"),
             accepted_length_histogram=total.accepted_length_histogram,
-            tree=tree_spec,
+            tree=tree.spec if tree is not None else "",
             agreement=self._agreement(results, plain_results),
         )
 
@@ -373,6 +371,11 @@ class SpeedProbe:
         rows = [list(s) for r in results for s in r.sequences]
         reference = [list(s) for r in plain_results for s in r.sequences]
         return agreement(rows, reference).to_dict()
+
+
+def _typed_setting(gamma: int, threshold: float, tree: Tree | str | None = None):
+    """A sweep setting with its tree parsed (None: a chain of gamma tokens)."""
+    return gamma, threshold, Tree.parse(tree) if isinstance(tree, str) else tree
 
 
 @dataclass

@@ -93,7 +93,7 @@ class SpeculationConfig:
         "SpecInfer's lossless multi-draft rule). 'N' = the N most likely rank paths, 'N:D' = "
         "at most D deep, or explicit paths such as '0,1,2,0.0' (ranks joined by '.'). Empty: "
         "a chain of gamma tokens.",
-    )
+    )  # parsed once into ``tree_shape``
 
     def __post_init__(self) -> None:
         if not _is_int(self.gamma) or not 1 <= self.gamma <= MAX_GAMMA:
@@ -106,9 +106,7 @@ class SpeculationConfig:
                 f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}. "
                 "0 disables adaptive drafting; 0.3 to 0.6 is typical."
             )
-        if not isinstance(self.tree, str):
-            raise ValueError(f"tree must be a string such as '12' or '0,1,0.0', got {self.tree!r}.")
-        Tree.parse(self.tree)  # a clear error now, before any model loads
+        self._parse_tree()
         if self.lenience not in LENIENCE_CHOICES:
             raise ValueError(
                 f"lenience must be one of {', '.join(LENIENCE_CHOICES)}, got {self.lenience!r}."
@@ -118,3 +116,21 @@ class SpeculationConfig:
                 f"epsilon must be in (0, 1], got {self.epsilon}. 1 is lossless; smaller values "
                 "accept more draft tokens at some cost in quality."
             )
+
+    def _parse_tree(self) -> None:
+        """Parse ``tree`` once, here (a clear error before any model loads): ``tree_shape`` is
+        the typed value everything downstream uses; ``tree`` stays its text (CLI, YAML, saved
+        configs). A parsed ``Tree`` may be passed as ``tree`` too: it is taken as it is."""
+        tree = self.tree
+        if isinstance(tree, Tree):
+            object.__setattr__(self, "tree", tree.spec)
+        elif isinstance(tree, str):
+            tree = Tree.parse(tree) if tree.strip() else None  # "": a chain
+        else:
+            raise ValueError(f"tree must be a string such as '12' or '0,1,0.0', got {tree!r}.")
+        object.__setattr__(self, "_tree_shape", tree)
+
+    @property
+    def tree_shape(self) -> Tree | None:
+        """The parsed tree (None: a chain of gamma tokens)."""
+        return self._tree_shape

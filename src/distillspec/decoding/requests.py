@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distillspec.decoding.metrics import DecodeCounts
-from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.params import SamplingConfig, check_seed
 
 
 @dataclass
@@ -58,7 +58,7 @@ class _Row:
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     target_pending: int = 0  # the last token, not yet in the target's cache
-    draft_pending: list[int] = field(default_factory=list)  # 1 or 2 tokens for the draft
+    draft_pending: list[int] = field(default_factory=list)  # tokens the draft has not read
     finish_reason: str | None = None
 
     @property
@@ -87,3 +87,38 @@ def output_width(model: PreTrainedModel) -> int:
 
 def context_length(model: PreTrainedModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_request(request: Request, vocab: int, context: int | None) -> None:
+    """Refuse an impossible request (for models of ``vocab`` output columns and ``context``
+    positions) before anything is allocated for it."""
+    check_seed(request.seed, "Request.seed")
+    budget = request.max_new_tokens
+    scoring = request.prompt_logprobs is not None  # a budget of 0 only scores the prompt
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1 - scoring:
+        raise ValueError(f"max_new_tokens must be an integer >= 1 (0 with prompt_logprobs), "
+                         f"got {budget!r}.")
+    for name in ("logprobs", "prompt_logprobs"):
+        top = getattr(request, name)
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int)
+                                or not 0 <= top <= vocab):
+            raise ValueError(f"{name} must be None or an integer in [0, {vocab}], got {top!r}.")
+    if not request.prompt_ids:
+        raise ValueError("Empty prompt: every row needs at least one token.")
+    length = len(request.prompt_ids)
+    if context is not None:
+        if length > context or (length == context and budget > 0):
+            raise ValueError(
+                f"Prompt of {length} tokens is longer than the context of the model "
+                f"({context} positions). Shorten the prompt."
+            )
+        if length + budget > context:
+            raise ValueError(
+                f"Prompt ({length} tokens) + max_new_tokens ({budget}) exceeds the "
+                f"context ({context} positions). Use max_new_tokens <= {context - length}."
+            )
+    if max(request.prompt_ids) >= vocab or min(request.prompt_ids) < 0:
+        raise ValueError(
+            f"Prompt token ids must be in [0, {vocab}) for this model; got "
+            f"{min(request.prompt_ids)}..{max(request.prompt_ids)}."
+        )

@@ -1,10 +1,15 @@
-"""The one synchronised timer: queued GPU work is finished before the clock is read."""
+"""The one synchronised timer: queued GPU work is finished before the clock is read.
+
+A ``Decoder`` measures through an optional probe (``Probe``): with none, a step never waits for
+the device; with ``SyncTimer`` every phase of a step (prefill, draft, target) is timed with
+``timed`` and summed into the decoder's metrics.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -24,3 +29,19 @@ def timed(fn: Callable[..., T], *args: Any, device=None) -> tuple[float, T]:
     result = fn(*args)
     synchronize(device)
     return time.perf_counter() - start, result
+
+
+class Probe(Protocol):
+    """Measures one phase of a decoding step: ``(seconds, fn(*args))``."""
+
+    def __call__(self, fn: Callable[..., T], *args: Any) -> tuple[float, T]: ...
+
+
+class SyncTimer:
+    """The probe behind every reported time: ``timed`` on one device."""
+
+    def __init__(self, device: torch.device | str | None):
+        self.device = device
+
+    def __call__(self, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
+        return timed(fn, *args, device=self.device)

@@ -25,7 +25,7 @@ each with its own rule (``Decoder``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -47,9 +47,14 @@ RANK_PROFILE = (0.329, 0.103, 0.054, 0.033, 0.026, 0.020, 0.014, 0.013,
 @dataclass(frozen=True)
 class Tree:
     """A static draft tree: node ``n`` is the ``rank[n]``-th most likely draft token after its
-    parent (``parent[n]`` = -1: after the pending token); nodes are ordered by depth."""
+    parent (``parent[n]`` = -1: after the pending token); nodes are ordered by depth.
+
+    ``spec`` is the text it was parsed from (``--tree``, a YAML list, a saved report), kept for
+    reports and labels; a tree built from paths spells its paths. Parse a setting once, at the
+    boundary (``SpeculationConfig``, a tool's config), and pass the ``Tree`` on."""
 
     paths: tuple[tuple[int, ...], ...]
+    spec: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         paths = self.paths
@@ -76,18 +81,20 @@ class Tree:
                 )
         ordered = tuple(sorted(paths, key=lambda p: (len(p), p)))
         object.__setattr__(self, "paths", ordered)
+        if not self.spec:
+            object.__setattr__(self, "spec", format_paths(ordered))
 
     @classmethod
     def parse(cls, spec: str) -> Tree | None:
         """``""`` -> None (chain); ``"N"`` or ``"N:D"`` -> ``best_first(N, D)``; otherwise rank
         paths joined by commas (or ``/``, for lists whose items commas separate), ranks joined by
         dots: ``"0,1,2,0.0,0.1,1.0"`` = ``"0/1/2/0.0/0.1/1.0"``."""
-        spec = spec.strip().replace("/", ",")
+        text, spec = spec, spec.strip().replace("/", ",")
         if not spec:
             return None
         head, _, depth = spec.partition(":")
         if head.isdigit() and (not depth or depth.isdigit()):
-            return best_first(int(head), int(depth) if depth else None)
+            return replace(best_first(int(head), int(depth) if depth else None), spec=text)
         try:
             paths = [tuple(int(r) for r in part.split(".")) for part in spec.split(",")]
         except ValueError:
@@ -95,7 +102,7 @@ class Tree:
                 f"tree must be '' (chain), a node count 'N' or 'N:D' (at most depth D), or rank "
                 f"paths such as '0,1,0.0,0.1'; got {spec!r}."
             ) from None
-        return cls(tuple(paths))
+        return cls(tuple(paths), text)
 
     @property
     def size(self) -> int:

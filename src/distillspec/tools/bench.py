@@ -36,7 +36,6 @@ from distillspec.decoding.generate import autoregressive_generate, speculative_g
 from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
 from distillspec.decoding.metrics import describe_agreement
 from distillspec.decoding.timing import timed
-from distillspec.decoding.tree import Tree
 from distillspec.models.compilation import apply_compile, record_verdict
 from distillspec.models.pruned_head import full_vocabulary, is_pruned
 from distillspec.tools.configs import BenchConfig
@@ -123,7 +122,7 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
     """Every method at one (temperature, batch size)."""
     settings = [(g, t, "") for g in config.gammas for t in config.confidence_thresholds]
     if probe.temperature == 0:  # trees are greedy
-        settings += [(Tree.parse(tree).depth, 0.0, tree) for tree in config.trees]
+        settings += [(tree.depth, 0.0, tree) for tree in config.tree_shapes]
     sweep = probe.sweep(
         hf.draft, settings, config.repeats, cost_model,
         progress=lambda message: progress(f"  {message}"),
@@ -203,7 +202,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
     for decision in decisions:
         progress(f"bench: {decision.describe()}")
     progress("bench: measuring the cost model (draft step, verify curve) ...")
-    widest = max([max(config.gammas) + 1, *(Tree.parse(t).size + 1 for t in config.trees)])
+    widest = max([max(config.gammas) + 1, *(tree.size + 1 for tree in config.tree_shapes)])
     cost_model = measure_cost_model(target, draft, max_verify=widest)
     settings = []
     total = len(config.temperatures) * len(config.batch_sizes)

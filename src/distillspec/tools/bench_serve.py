@@ -86,6 +86,22 @@ def _acceptance(metrics_text: str) -> dict[str, float]:
             if drafted else None}
 
 
+def _steps_by_mode(metrics_text: str) -> dict[str, int]:
+    """``distillspec_spec_decode_steps_total{mode=...}``: the engine steps so far, per mode."""
+    steps = {}
+    for line in metrics_text.splitlines():
+        if line.startswith('distillspec_spec_decode_steps_total{mode="'):
+            mode = line.split('"')[1]
+            steps[mode] = int(float(line.split()[-1]))
+    return steps
+
+
+def _metrics(url: str) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
+
+
 class LocalServer:
     """A ``distillspec serve`` app on a free loopback port, in a background thread."""
 
@@ -149,35 +165,19 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
                         measured_setting=config.measured_setting, runtime=config.runtime)
     _, tokenizer = load_model(config.target, device="cpu")
     prompts = _prompts(config, tokenizer)
-    modes = {"url": config.url} if config.url else {"target alone": replace(serve, draft="none"),
-                                                     "speculative": serve}
+    modes: dict = {"url": config.url} if config.url else {"target alone": replace(serve, draft="none")}
+    if not config.url:  # one SD server per --sd-policy; the first is "speculative"
+        for index, policy in enumerate(config.sd_policy):
+            name = "speculative" if index == 0 else f"speculative, sd-policy {policy}"
+            modes[name] = replace(serve, sd_policy=policy)
     report = {"command": "distillspec bench-serve", "config": to_dict(config), "modes": {}}
     for name, mode in modes.items():
-        rows = []
         if isinstance(mode, str):
             rows = [drive(mode, config.target, prompts, c, config.num_requests, config.max_tokens,
                           tokenizer) for c in config.concurrency]
             report["modes"][name] = {"rows": rows}
             continue
-        local = LocalServer(mode)
-        decoder = local.server.engine.decoder  # the setting it really runs (may be the draft's)
-        speculation = to_dict(decoder.speculation) if decoder.draft is not None else None
-        if name == "speculative" and speculation is None:
-            raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
-        with local as url:
-            model = mode.model_name or mode.target
-            drive(url, model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
-            for concurrency in config.concurrency:
-                print(f"bench-serve: {name}, concurrency {concurrency} ...", file=sys.stderr,
-                      flush=True)
-                rows.append(drive(url, model, prompts, concurrency, config.num_requests,
-                                  config.max_tokens, tokenizer))
-            import urllib.request
-
-            metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
-        report["modes"][name] = {"rows": rows, "server": _acceptance(metrics),
-                                 "speculation": speculation}
-        del local, decoder  # free this server's models before the next one loads
+        report["modes"][name] = _measure_server(name, mode, config, prompts, tokenizer)
     atomic_write_json(out.child("bench-serve.json"), report)
     atomic_write_text(out.child("bench-serve.md"), markdown(report))
     plot(report, out.child("bench-serve.png"))
@@ -185,16 +185,47 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
     return report
 
 
+def _measure_server(name: str, mode: ServeConfig, config: BenchServeConfig, prompts,
+                    tokenizer) -> dict:
+    """Start ``mode`` on loopback, drive it at every concurrency, read its /metrics."""
+    local = LocalServer(mode)
+    decoder = local.server.engine.decoder  # the setting it really runs (may be the draft's)
+    speculation = to_dict(decoder.speculation) if decoder.draft is not None else None
+    del decoder
+    if name.startswith("speculative") and speculation is None:
+        raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
+    rows = []
+    with local as url:
+        model = mode.model_name or mode.target
+        drive(url, model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
+        before = _steps_by_mode(_metrics(url))
+        for concurrency in config.concurrency:
+            print(f"bench-serve: {name}, concurrency {concurrency} ...", file=sys.stderr,
+                  flush=True)
+            row = drive(url, model, prompts, concurrency, config.num_requests,
+                        config.max_tokens, tokenizer)
+            metrics = _metrics(url)
+            after = _steps_by_mode(metrics)  # the engine steps of this level, by mode
+            row["steps_by_mode"] = {m: n - before.get(m, 0) for m, n in after.items()
+                                    if n > before.get(m, 0)}
+            rows.append(row)
+            before = after
+    # The whole run's steps by mode, warm-up included (where a policy measures its modes first).
+    return {"rows": rows, "server": _acceptance(metrics), "speculation": speculation,
+            "sd_policy": mode.sd_policy, "steps_by_mode": after}
+
+
 def markdown(report: dict) -> str:
     lines = ["| mode | concurrency | req/s | output tok/s | TTFT p50 | TTFT p99 | per-token p50 "
-             "| per-token p99 |", "|---|---|---|---|---|---|---|---|"]
+             "| per-token p99 | engine steps by mode |", "|---|---|---|---|---|---|---|---|---|"]
     for name, mode in report["modes"].items():
         for r in mode["rows"]:
+            steps = ", ".join(f"{m} {n}" for m, n in sorted(r.get("steps_by_mode", {}).items()))
             lines.append(
                 f"| {name} | {r['concurrency']} | {r['requests_per_s']:.2f} "
                 f"| {r['output_tokens_per_s']:.1f} | {r['ttft_p50_s'] * 1000:.0f} ms "
                 f"| {r['ttft_p99_s'] * 1000:.0f} ms | {r['per_token_p50_s'] * 1000:.1f} ms "
-                f"| {r['per_token_p99_s'] * 1000:.1f} ms |")
+                f"| {r['per_token_p99_s'] * 1000:.1f} ms | {steps or '-'} |")
     server = report["modes"].get("speculative", {}).get("server")
     if server and server.get("acceptance_rate") is not None:
         lines += ["", f"Server-side acceptance rate (SD): {server['acceptance_rate']:.3f}."]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig
+from distillspec.decoding.mode_policy import POLICIES
 from distillspec.decoding.params import (
     COMPILE_CHOICES,
     MAX_GAMMA,
@@ -35,6 +36,14 @@ def measured_setting_knob() -> bool:
         "Use the gamma, threshold and tree `distillspec demo` measured fastest for this draft, "
         "target and machine kind (off when --gamma, --confidence-threshold or --tree is given).",
     )
+
+
+def parse_trees(specs: list[str]) -> tuple[Tree, ...]:
+    """A config's tree list (``--trees``), each spec parsed once; an empty entry is refused."""
+    trees = tuple(Tree.parse(spec) for spec in specs)
+    if any(tree is None for tree in trees):
+        raise ValueError("trees must not hold an empty entry: the chains are --gammas.")
+    return trees
 
 
 def compile_knob(default: str = "auto", note: str = "") -> str:
@@ -149,9 +158,12 @@ class BenchConfig:
             0 <= t < 1 for t in self.confidence_thresholds
         ):
             raise ValueError("confidence_thresholds must lie in [0, 1).")
-        for tree in self.trees:
-            if Tree.parse(tree) is None:
-                raise ValueError("trees must not hold an empty entry: the chains are --gammas.")
+        object.__setattr__(self, "_tree_shapes", parse_trees(self.trees))
+
+    @property
+    def tree_shapes(self) -> tuple[Tree, ...]:
+        """``trees``, parsed once (here) into typed trees."""
+        return self._tree_shapes
 
 
 DEMO_RECIPE = dict(
@@ -243,9 +255,12 @@ class DemoConfig:
             raise ValueError(f"draft_layers must list layer counts >= 1, got {self.draft_layers}.")
         if not all(0 <= t < 1 for t in self.confidence_thresholds):
             raise ValueError("confidence_thresholds must lie in [0, 1).")
-        for tree in self.trees:
-            if Tree.parse(tree) is None:
-                raise ValueError("trees must not hold an empty entry: the chains are --gammas.")
+        object.__setattr__(self, "_tree_shapes", parse_trees(self.trees))
+
+    @property
+    def tree_shapes(self) -> tuple[Tree, ...]:
+        """``trees``, parsed once (here) into typed trees."""
+        return self._tree_shapes
 
     @property
     def runtime(self) -> RuntimeConfig:
@@ -314,6 +329,15 @@ class ServeConfig:
     distill_every: int = knob(64, "Start a distillation round after this many new prompts.")
     distill_minutes: float = knob(2.0, "Training budget of each online round.")
     distill_threads: int = knob(1, "CPU threads of the trainer process (the server keeps the rest).")
+    sd_policy: str = knob(
+        "auto", "When the server speculates: auto (each step picks speculate as configured, a "
+        "1-token chain or plain decoding, whichever has produced the most tokens/s at this "
+        "batch size, measured as it serves; a step in 32 re-measures another; rows with a seed "
+        "and a temperature keep speculating as configured, so their seed reproduces) or always "
+        "(every step as configured). Lossless either way. See /metrics "
+        "distillspec_spec_decode_steps.",
+        choices=POLICIES,
+    )
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
@@ -344,11 +368,18 @@ class BenchServeConfig:
     concurrency: list[int] = knob([1, 4, 16], "Concurrent clients.")
     max_tokens: int = knob(48, "max_tokens of every request (temperature 0).")
     out: str = knob("bench-serve", "Output folder: bench-serve.json, .md, .png.")
+    sd_policy: list[str] = knob(
+        ["auto"], "--sd-policy of the SD server; several (auto,always): one SD server each, "
+        "measured one after the other."
+    )
     measured_setting: bool = measured_setting_knob()
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
     def __post_init__(self) -> None:
+        if not self.sd_policy or not set(self.sd_policy) <= set(POLICIES):
+            raise ValueError(f"sd_policy must list policies among {', '.join(POLICIES)}; got "
+                             f"{self.sd_policy}.")
         require_at_least(self, 1, "num_requests", "max_tokens")
         require_at_most(self, 10_000, "num_requests")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:

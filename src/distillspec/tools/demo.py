@@ -237,7 +237,7 @@ class Measurement:
         # A threshold cannot change a 1-token draft (it stops after that token anyway): at
         # gamma 1 it would only add a second sample of the same computation.
         settings = [(g, t, "") for t in thresholds for g in self.config.gammas if t == 0 or g > 1]
-        settings += [(1, 0.0, tree) for tree in self.config.trees]
+        settings += [(1, 0.0, tree) for tree in self.config.tree_shapes]
         _say(f"{label}: alpha_t0 {alpha['alpha_t0']:.3f}; timing {len(settings)} settings x "
              f"{self.config.repeats} rounds on {len(self.probe.batches)} choice prompts against "
              "the target alone ...")
@@ -346,9 +346,6 @@ def _check_inputs(config: DemoConfig) -> None:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    from distillspec.tools.plots import plot_alpha_over_training, plot_gamma_sweep
-    from distillspec.training.loop import distill
-
     started = time.perf_counter()
     apply_threads(config.runtime)
     _check_inputs(config)  # before anything is written or removed
@@ -376,55 +373,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             _prompts(data_info["prompts"], tokenizer, recipe.max_prompt_tokens),
             data_info["prompts"])
     if not reuse:
-        spec, choice = choose_draft(config, target, measurement.cost)
-        _say(f"draft: {choice.get('why', spec)}")
-        _say(f"plan: measure the undistilled draft, distil for {config.minutes:g} min, measure "
-             "the distilled one; each measurement says how long it has left")
-        keep = split_vocab_option(spec)[1]
-        eos = eos_token_ids(target, tokenizer)
-        vocab = target.get_input_embeddings().weight.shape[0]
-        ids = answer_vocabulary(data, keep, eos, vocab) if keep else None
-        undistilled = build_draft(spec, target, tokenizer, token_ids=ids)
-        before = measurement.measure(undistilled, "before", [0.0])
-        before["report_split"] = measurement.report_evaluator.alpha(undistilled)
-        del undistilled
-        scoring = (f"the target first scores the answers once (its top-{recipe.teacher_topk} per "
-                   "token, cached beside them), then " if recipe.teacher_topk else "")
-        _say(f"{scoring}distilling for {config.minutes:g} minutes, then measuring again "
-             f"(~{before['measure_seconds'] / 60 * _after_settings(config) / _before_settings(config):.1f}"
-             " min) ...")
-        policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)
-        # The target's top-k on the cached answers is scored once and kept beside them, so a
-        # --fresh demo (or another draft size) on the same data does not score it again.
-        training = replace(recipe, data=policy_data, draft_init=spec, max_minutes=config.minutes,
-                           output_dir=str(run_dir),
-                           teacher_topk_dir=recipe.teacher_topk_dir or str(data.answers.parent))
-        # The target loaded above, not a second copy, unless training wants it in another
-        # dtype (e.g. --dtype float32 on a CPU where training autocasts to bf16).
-        shared = target.dtype == target_dtype(training, target.device)
-        distill(training, target=target if shared else None, tokenizer=tokenizer if shared else None)
+        before, choice = _measure_and_distil(config, target, tokenizer, measurement, data, run_dir)
         data_info["scoring_minutes"] = _scoring_seconds(run_dir) / 60
     distilled, _ = load_model(run_dir / "final", device=target.device, dtype=target.dtype)
     after = measurement.measure(distilled, "after", [0.0, *[t for t in config.confidence_thresholds
                                                             if t > 0]])
     record_distilled_draft(recipe.target, run_dir / "final")
-    best = after["best"]
-    reported = measurement.report(distilled, best)
-    agreement = split_agreement(after, reported)
-    # The saved chain is the fastest chain measured, whichever won overall: what runs when the
-    # tree is turned off (--tree ''). The tree, timed at greedy only, also runs sampled rows.
-    chain = max((r for r in after["all"] if not r.get("tree")), key=lambda r: r["sd_tokens_per_s"])
-    save_recommended(
-        run_dir / "final", target=recipe.target, gamma=chain["gamma"],
-        confidence_threshold=chain.get("confidence_threshold", 0.0), tree=best.get("tree", ""),
-        device=target.device,
-        # The report split's figure decides whether `generate` uses the draft: the choice
-        # split's is biased upwards by the choice itself.
-        dtype=target.dtype, measured={"speedup": reported["setting"]["speedup"],
-                                      "choice_speedup": best["speedup"],
-                                      "alpha_t0": reported["alpha_t0"],
-                                      "cost_model": after["cost_model"]},
-    )
+    reported = measurement.report(distilled, after["best"])
+    _save_setting(recipe, run_dir, after, reported, target)
     evals = _evals(run_dir)
     report = {
         "command": ("distillspec demo " + changed_flags(config)).strip(),
@@ -442,14 +398,80 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "before": before,
         "after": after,
         "report_split": reported,
-        "split_agreement": agreement,
+        "split_agreement": split_agreement(after, reported),
         "evals": evals,
     }
     atomic_write_json(report_path, report)
+    _show(report, out, run_dir, report_path)
+    return report
+
+
+def _measure_and_distil(config: DemoConfig, target, tokenizer, measurement: Measurement, data,
+                        run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Choose the draft, measure it undistilled, distil it into ``run_dir``; returns the
+    before-measurement and the choice."""
+    from distillspec.training.loop import distill
+
+    recipe = config.distill
+    spec, choice = choose_draft(config, target, measurement.cost)
+    _say(f"draft: {choice.get('why', spec)}")
+    _say(f"plan: measure the undistilled draft, distil for {config.minutes:g} min, measure "
+         "the distilled one; each measurement says how long it has left")
+    keep = split_vocab_option(spec)[1]
+    eos = eos_token_ids(target, tokenizer)
+    vocab = target.get_input_embeddings().weight.shape[0]
+    ids = answer_vocabulary(data, keep, eos, vocab) if keep else None
+    undistilled = build_draft(spec, target, tokenizer, token_ids=ids)
+    before = measurement.measure(undistilled, "before", [0.0])
+    before["report_split"] = measurement.report_evaluator.alpha(undistilled)
+    del undistilled
+    scoring = (f"the target first scores the answers once (its top-{recipe.teacher_topk} per "
+               "token, cached beside them), then " if recipe.teacher_topk else "")
+    _say(f"{scoring}distilling for {config.minutes:g} minutes, then measuring again "
+         f"(~{before['measure_seconds'] / 60 * _after_settings(config) / _before_settings(config):.1f}"
+         " min) ...")
+    policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)
+    # The target's top-k on the cached answers is scored once and kept beside them, so a
+    # --fresh demo (or another draft size) on the same data does not score it again.
+    training = replace(recipe, data=policy_data, draft_init=spec, max_minutes=config.minutes,
+                       output_dir=str(run_dir),
+                       teacher_topk_dir=recipe.teacher_topk_dir or str(data.answers.parent))
+    # The target loaded above, not a second copy, unless training wants it in another
+    # dtype (e.g. --dtype float32 on a CPU where training autocasts to bf16).
+    shared = target.dtype == target_dtype(training, target.device)
+    distill(training, target=target if shared else None, tokenizer=tokenizer if shared else None)
+    return before, choice
+
+
+def _save_setting(recipe, run_dir: Path, after: dict[str, Any], reported: dict[str, Any],
+                  target) -> None:
+    """Save the distilled draft's fastest measured setting beside it (``recommended.json``)."""
+    best = after["best"]
+    # The saved chain is the fastest chain measured, whichever won overall: what runs when the
+    # tree is turned off (--tree ''). The tree, timed at greedy only, also runs sampled rows.
+    chain = max((r for r in after["all"] if not r.get("tree")), key=lambda r: r["sd_tokens_per_s"])
+    save_recommended(
+        run_dir / "final", target=recipe.target, gamma=chain["gamma"],
+        confidence_threshold=chain.get("confidence_threshold", 0.0), tree=best.get("tree", ""),
+        device=target.device,
+        # The report split's figure decides whether `generate` uses the draft: the choice
+        # split's is biased upwards by the choice itself.
+        dtype=target.dtype, measured={"speedup": reported["setting"]["speedup"],
+                                      "choice_speedup": best["speedup"],
+                                      "alpha_t0": reported["alpha_t0"],
+                                      "cost_model": after["cost_model"]},
+    )
+
+
+def _show(report: dict[str, Any], out, run_dir: Path, report_path: Path) -> None:
+    """The plots, the before/after table and what ``generate`` will do now."""
+    from distillspec.tools.plots import plot_alpha_over_training, plot_gamma_sweep
+
+    before, after, evals = report["before"], report["after"], report["evals"]
     plot_alpha_over_training(evals, out.child("alpha_over_training.png"))
     plot_gamma_sweep(before["by_gamma"], after["by_gamma"], out.child("gamma_sweep.png"))
     print(before_after_table(report))
-    held_out = reported["setting"]["speedup"]
+    held_out = report["report_split"]["setting"]["speedup"]
     if held_out >= 1.0:
         use = "`distillspec generate` now uses this draft"
     else:  # auto_draft reads the saved setting and keeps plain decoding here
@@ -458,7 +480,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                "uses the draft anyway)")
     _say(f"wrote {report_path} and plots in {out.path} after {report['wall_minutes']:.1f} min; "
          f"{use}")
-    return report
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
@@ -486,8 +507,7 @@ def _after_settings(config: DemoConfig) -> int:
 def verify_width(config: DemoConfig) -> int:
     """The most tokens one verify call scores among the settings measured (the chain's gamma +
     1, a tree's nodes + 1): the verify curve is measured up to there."""
-    trees = [Tree.parse(spec) for spec in config.trees]
-    return max([max(config.gammas) + 1, *(tree.size + 1 for tree in trees)])
+    return max([max(config.gammas) + 1, *(tree.size + 1 for tree in config.tree_shapes)])
 
 
 def _scoring_seconds(run_dir: Path) -> float:

@@ -69,7 +69,7 @@ class EvalSetup:
                 raise bad(str(error).rstrip(".")) from None
             if tree is None:
                 raise bad("the tree is empty")
-            return cls(text, SpeculationConfig(gamma=min(tree.depth, MAX_GAMMA), tree=spec))
+            return cls(text, SpeculationConfig(gamma=min(tree.depth, MAX_GAMMA), tree=tree))
         if kind != "sd":
             raise bad(f"unknown kind {kind!r}")
         gamma_text, *options = rest.split(":")

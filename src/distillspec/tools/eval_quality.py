@@ -46,6 +46,7 @@ from distillspec.decoding.quality import (
     truncate_at_stops,
 )
 from distillspec.decoding.requests import Request, RowUpdate
+from distillspec.decoding.timing import SyncTimer
 from distillspec.tools.code_problems import STOP_SEQUENCES, CodeProblem, load_problems
 from distillspec.tools.eval_config import EvalConfig, EvalSetup
 from distillspec.tools.sandbox import check_sandbox, run_many
@@ -138,7 +139,7 @@ def decode_rows(target, draft, setup: EvalSetup, items: Sequence[Item], rows: Se
         chunk = rows[start:start + batch_size]
         generator = torch.Generator(device=target.device).manual_seed(seed + start)
         decoder = Decoder(target, draft if setup.uses_draft else None, setup.speculation,
-                          generator=generator)
+                          generator=generator, probe=SyncTimer(target.device))
         prompts = [items[row.item].prompt_ids for row in chunk]
         requests = [Request(list(prompt), max_new_tokens, sampling, stop_ids, seed=row.seed)
                     for prompt, row in zip(prompts, chunk)]

@@ -22,6 +22,7 @@ from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
 from distillspec.decoding.params import SpeculationConfig
 from distillspec.decoding.requests import Request
+from distillspec.decoding.timing import SyncTimer
 from distillspec.models.compilation import apply_compile, summary
 from distillspec.models.loading import eos_token_ids, load_model, load_pair
 from distillspec.models.recommended import recommended_for
@@ -163,6 +164,7 @@ def run_generate(config: GenerateConfig) -> int:
             draft,
             speculation,
             generator=torch.Generator(device=target.device).manual_seed(config.seed + start),
+            probe=SyncTimer(target.device),  # the report's draft and target times
         )
         requests = [
             Request(ids, config.max_new_tokens, config.sampling, stop)

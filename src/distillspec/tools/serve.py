@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import NoReturn
 
+from distillspec.decoding.mode_policy import ModePolicy
 from distillspec.tools.configs import ServeConfig
 from distillspec.tools.serve_api import (
     APIError,
@@ -96,6 +97,22 @@ class ServeMetrics:
                                  registry=registry)
         self.swaps = Counter("distillspec_draft_swaps", "Drafts replaced by online distillation",
                              registry=registry)
+        self.steps = Counter("distillspec_spec_decode_steps",
+                             "Engine steps by mode: speculate (as configured), gamma1 (a 1-token "
+                             "chain) or plain (no draft token; --sd-policy auto picks per step)",
+                             ["mode"], registry=registry)
+        self.mode_rate = Gauge("distillspec_spec_decode_mode_tokens_per_second",
+                               "Measured tokens/s of each mode per batch-size bucket (moving "
+                               "average; what --sd-policy auto chooses by)",
+                               ["batch_bucket", "mode"], registry=registry)
+
+    def record_mode(self, mode: str, policy) -> None:
+        """One engine step ran in ``mode``; refresh the policy's measured rates."""
+        self.steps.labels(mode).inc()
+        if policy is not None:
+            self.mode_rate.clear()  # a new draft drops the speculative estimates
+            for (size, name), rate in policy.estimates().items():
+                self.mode_rate.labels(str(size), name).set(rate)
 
     def record_step(self, update) -> None:
         self.emitted.inc(len(update.new_tokens))
@@ -212,11 +229,15 @@ class Server:
             speculation = speculation_for(speculation, draft_spec, config.target, target,
                                           config.measured_setting)
         self.on_dead = None  # set by whoever runs the HTTP server: stop it (the engine died)
+        policy = None
+        if draft is not None and config.sd_policy == "auto":
+            policy = ModePolicy.for_speculation(speculation.gamma,
+                                                speculation.tree_shape is not None)
         self.engine = EngineWorker(
             target, draft, speculation, max_batch=config.max_batch,
             max_waiting=config.max_waiting, metrics=self.metrics,
             on_finished=self.distiller.record if self.distiller else None,
-            on_dead=lambda: self.on_dead and self.on_dead(),
+            on_dead=lambda: self.on_dead and self.on_dead(), policy=policy,
         )
 
     def check_auth(self, request) -> None:

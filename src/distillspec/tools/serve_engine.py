@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from distillspec.decoding.engine import Decoder
+from distillspec.decoding.mode_policy import ModePolicy, arm_name
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate
 
@@ -73,9 +74,10 @@ class EngineWorker:
 
     def __init__(self, target, draft, speculation: SpeculationConfig, *, max_batch: int,
                  max_waiting: int = 1 << 30, metrics=None, on_finished=None,
-                 on_dead: Callable[[], None] | None = None):
+                 on_dead: Callable[[], None] | None = None, policy: ModePolicy | None = None):
         self.models = (target, draft, speculation)  # to rebuild the Decoder after a fault
         self.decoder = Decoder(target, draft, speculation)
+        self.policy = policy  # per step: speculate, a 1-token chain or plain, by measured tok/s
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.metrics = metrics
         self.on_finished = on_finished  # (request, output tokens) for the online buffer
@@ -166,15 +168,39 @@ class EngineWorker:
             self._die(f"{type(error).__name__}: {error}")
 
     def _step(self) -> None:
+        decoder = self.decoder
+        batch, admitting = len(decoder.rows) + len(decoder.queue), bool(decoder.queue)
+        arm = self._arm(batch)
+        decoder.lookahead_limit = arm
+        start = time.perf_counter()
         try:
-            updates = self.decoder.step()
+            updates = decoder.step()
         except Exception as error:  # noqa: BLE001 - contained: see _recover
             self._recover(error)
             return
+        seconds = time.perf_counter() - start
+        # A step that admitted rows also ran their prefill: not a measure of the arm's speed.
+        if self.policy is not None and not admitting:
+            self.policy.record(batch, arm, sum(len(u.new_tokens) for u in updates), seconds)
+        if self.metrics is not None:
+            self.metrics.record_mode(arm_name(arm) if decoder.draft is not None else "plain",
+                                     self.policy)
         self.failed_steps = 0
         self.decoder.finished.clear()  # the server keeps no finished rows (bounded memory)
         for update in updates:
             self._post(update)
+
+    def _arm(self, batch: int) -> int | None:
+        """This step's draft-length limit (``Decoder.lookahead_limit``): the policy's choice,
+        except while a seeded sampled row is live: its tokens depend on its draft lengths, so
+        it speculates as configured and its seed reproduces its answer whatever shares the
+        batch (greedy rows are the target's own tokens under every arm)."""
+        if self.policy is None or self.decoder.draft is None:
+            return None
+        rows = self.decoder.rows + self.decoder.queue
+        if any(r.request.seed is not None and not r.request.sampling.greedy for r in rows):
+            return None
+        return self.policy.choose(batch)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -210,6 +236,8 @@ class EngineWorker:
                 return
             self.models = (self.models[0], draft, self.models[2])
             self.draft_version = version
+            if self.policy is not None:  # the new draft's acceptance is another
+                self.policy.forget_speculative()
             if self.metrics is not None:
                 self.metrics.draft_version.set(version)
             if on_swapped is not None:

@@ -131,8 +131,17 @@ class DistillConfig:
         "How the draft is spread over processes: none (each process holds it whole; several "
         "processes train data-parallel) or fsdp (PyTorch FSDP2: parameters, gradients and "
         "optimiser state sharded over the processes of torchrun/accelerate launch; the target "
-        "stays whole on each). Checkpoints are whole either way, so a run resumes on any number "
-        "of processes.",
+        "is sharded by target_sharding). Checkpoints are whole either way, so a run resumes on "
+        "any number of processes.",
+        choices=SHARDING_CHOICES,
+    )
+    target_sharding: str = knob(
+        "none",
+        "How the frozen target is spread over processes, whatever sharding does with the draft: "
+        "none (whole on each process) or fsdp (PyTorch FSDP2, no gradients or optimiser state: "
+        "each of N processes holds 1/N of its weights; the training steps' target forwards run "
+        "on all processes together, and the whole target is gathered only while sampling live "
+        "teacher answers or measuring tau). Needs torchrun/accelerate launch.",
         choices=SHARDING_CHOICES,
     )
     bf16: str = knob(
@@ -201,8 +210,8 @@ class DistillConfig:
             )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: pick one.")
-        if self.policy == "mixed":
-            self.mix_fractions()  # validates
+        # Parsed once, here (a clear error before anything loads); mix_fractions() returns it.
+        object.__setattr__(self, "_mix", _parse_mix(self.mix) if self.policy == "mixed" else {})
         require_at_least(self, 0, "teacher_topk")
         require_at_most(self, 4096, "teacher_topk")
         fixed_data = self.replays_completions
@@ -274,20 +283,25 @@ class DistillConfig:
         )
 
     def mix_fractions(self) -> dict[str, float]:
-        """Parse ``mix`` ("draft=0.5,teacher=0.5") into {policy: fraction}."""
-        fractions: dict[str, float] = {}
-        for part in self.mix.split(","):
-            name, _, value = part.partition("=")
-            name = name.strip()
-            try:
-                fractions[name] = float(value)
-            except ValueError:
-                raise ValueError(
-                    f"Bad mix entry {part!r}: expected name=fraction, e.g. draft=0.5,teacher=0.5."
-                ) from None
-            if name not in ("fixed", "teacher", "draft"):
-                raise ValueError(f"mix names must be fixed, teacher or draft; got {name!r}.")
-        return fractions
+        """``mix`` as {policy: fraction}, parsed once (policy mixed; else empty)."""
+        return dict(self._mix)
+
+
+def _parse_mix(mix: str) -> dict[str, float]:
+    """Parse ``mix`` ("draft=0.5,teacher=0.5") into {policy: fraction}."""
+    fractions: dict[str, float] = {}
+    for part in mix.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        try:
+            fractions[name] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"Bad mix entry {part!r}: expected name=fraction, e.g. draft=0.5,teacher=0.5."
+            ) from None
+        if name not in ("fixed", "teacher", "draft"):
+            raise ValueError(f"mix names must be fixed, teacher or draft; got {name!r}.")
+    return fractions
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,7 @@ class SDEvaluator:
                     gamma=self.gamma,
                     max_new_tokens=self.max_new_tokens,
                     eos_token_id=self.eos_token_id,
+                    timed=False,  # tau only: no device synchronisation per step
                 )
                 results.append(result)
         total = combined_counts(results)

@@ -16,6 +16,7 @@ distill ...`` on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -31,6 +32,7 @@ from distillspec.common.io import atomic_write_json
 from distillspec.common.rundir import RunFolder
 from distillspec.common.runtime import apply_threads, autocast_bf16
 from distillspec.models.loading import eos_token_ids, pad_token_id
+from distillspec.models.pruned_head import restricted_logits
 from distillspec.training import checkpoint, setup, sharding
 from distillspec.training.config import DistillConfig
 from distillspec.training.divergences import get_divergence
@@ -104,6 +106,7 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     vocabulary = setup.draft_vocabulary(config, (cached or {}).values(), eos,
                                         target.get_input_embeddings().weight.shape[0])
     draft = setup.trainable_draft(config, target, tokenizer, vocabulary)
+    head_ids = getattr(draft.get_output_embeddings(), "token_ids", None)  # a pruned head's
     if resume_from is not None:  # whole weights, before any sharding
         checkpoint.load_weights(resume_from, draft, accelerator.device)
     replica = sharding.Replica(draft) if config.sharding == "fsdp" else None
@@ -127,29 +130,52 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     scheduler = setup.make_scheduler(optimizer, config, state)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
     if resume_from is not None:
-        saved = checkpoint.load_trainer_state(resume_from)
-        if replica is not None:
-            sharding.load_full_optimizer_state(draft, optimizer, saved["optimizer"])
-        else:
-            optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        checkpoint.restore_state(saved, state, generator, policy, accelerator.process_index)
+        _restore(resume_from, draft, optimizer, scheduler, replica, state, generator, policy,
+                 accelerator.process_index)
     if replica is None:  # FSDP already spreads the draft; DDP would wrap it a second time
         draft, optimizer = accelerator.prepare(draft, optimizer)
-    evaluator = None
-    if accelerator.is_main_process:
-        evaluator = SDEvaluator(
-            target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
-            max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,
-            gamma=config.eval_gamma, eos_token_id=eos, seed=config.seed, pad_id=pad_id,
-        )
+    evaluator = _evaluator(config, target, eval_examples, eos, pad_id) \
+        if accelerator.is_main_process else None
+    reference = setup.filter_reference(config, target, tokenizer, vocabulary)
+    if config.target_sharding == "fsdp":  # last: everything above ran the target whole
+        _shard_target(target, head_ids)
     opt = Optimisation(accelerator, draft, target, divergence, optimizer, scheduler,
                        config.clip_grad_norm, use_bf16, filter_keep=config.filter_keep,
-                       reference=setup.filter_reference(config, target, tokenizer, vocabulary))
+                       reference=reference)
     run = _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state,
                replica=replica)
     run.saved_step = state.step if resume_from is not None else -1
     return run
+
+
+def _evaluator(config: DistillConfig, target, eval_examples, eos, pad_id) -> SDEvaluator:
+    """The main process's evaluator: alpha on the held-out prompts, tau if asked."""
+    return SDEvaluator(
+        target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
+        max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,
+        gamma=config.eval_gamma, eos_token_id=eos, seed=config.seed, pad_id=pad_id,
+    )
+
+
+def _restore(resume_from, draft, optimizer, scheduler, replica, state, generator, policy,
+             process_index: int) -> None:
+    """Optimiser, schedule, counters, RNG and policy state of a checkpoint (whole either way)."""
+    saved = checkpoint.load_trainer_state(resume_from)
+    if replica is not None:
+        sharding.load_full_optimizer_state(draft, optimizer, saved["optimizer"])
+    else:
+        optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    checkpoint.restore_state(saved, state, generator, policy, process_index)
+
+
+def _shard_target(target, head_ids) -> None:
+    """``target_sharding: fsdp``. A pruned draft is scored against the target's head restricted
+    to its kept ids (``head_ids``); that head is built first, while the target is whole, and is
+    then sharded with the rest of the target."""
+    with restricted_logits(target, head_ids):
+        pass
+    sharding.shard_frozen(target)
 
 
 def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, Any]:
@@ -157,6 +183,12 @@ def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, 
     ``target`` and ``tokenizer`` (from ``setup.load_target(config)``; left unchanged) replace
     loading ``config.target``: several runs in one process load it once."""
     apply_threads(config.runtime)
+    if target is not None and config.target_sharding != "none":
+        raise ValueError(
+            "target_sharding fsdp shards the target in place, and a target passed to distill is "
+            "left unchanged for the caller's other runs: let distill load it (pass no target), "
+            "or use target_sharding none."
+        )
     setup.check_inputs(config)
     folder, resume_from = setup.open_folders(config)
     run = _build(config, folder, resume_from, target, tokenizer)
@@ -231,16 +263,21 @@ def _one_step(run: _Run) -> float:
     # The policy samples from the draft only in on-policy runs; a sharded draft is gathered
     # into its replica only then (every process takes this branch alike).
     draft = run.whole_draft() if config.policy in _SAMPLES_DRAFT or run.replica is None else None
+    # Live teacher samples take a different number of target forwards on each process, so a
+    # sharded target is gathered whole for them (every process alike; a no-op when whole).
+    live_teacher = config.uses_teacher and not config.teacher_cache
     batches = []
-    for _ in range(config.grad_accum):
-        chosen = setup.next_examples(
-            run.train_examples, state, config.batch_size, config.seed,
-            accelerator.process_index, accelerator.num_processes,
-        )
-        batches.append(run.policy.sample_batch(chosen, target=run.opt.target, draft=draft,
-                                               generator=run.generator))
+    with sharding.gathered(run.opt.target) if live_teacher else contextlib.nullcontext():
+        for _ in range(config.grad_accum):
+            chosen = setup.next_examples(
+                run.train_examples, state, config.batch_size, config.seed,
+                accelerator.process_index, accelerator.num_processes,
+            )
+            batches.append(run.policy.sample_batch(chosen, target=run.opt.target, draft=draft,
+                                                   generator=run.generator))
     generation = time.perf_counter() - step_start
-    result = run.opt.step(batches)
+    result = run.opt.step(batches)  # a sharded target's forwards run on every process together
+    sharding.clear_forward_record(run.opt.target)
     state.step += 1
     state.train_seconds += time.perf_counter() - step_start
     run.log({
@@ -255,12 +292,18 @@ def _one_step(run: _Run) -> float:
 
 def _evaluate(run: _Run, kind: str) -> None:
     draft = run.whole_draft()  # every process: a collective under sharding
-    if run.evaluator is not None:
-        start = time.perf_counter()
-        run.last_eval = run.evaluator.evaluate(draft)
-        run.log({"step": run.state.step, "eval": kind, **run.last_eval,
-                 "train_seconds": run.state.train_seconds,
-                 "eval_seconds": time.perf_counter() - start})
+    # tau decodes through the target on rank 0 alone, so a sharded target is gathered whole
+    # there for it (the other processes free their copy at once); alpha reuses the target
+    # logits the evaluator computed before the target was sharded.
+    tau = run.config.eval_tau_prompts > 0
+    whole_target = sharding.gathered(run.opt.target, keep=run.evaluator is not None)
+    with whole_target if tau else contextlib.nullcontext():
+        if run.evaluator is not None:
+            start = time.perf_counter()
+            run.last_eval = run.evaluator.evaluate(draft)
+            run.log({"step": run.state.step, "eval": kind, **run.last_eval,
+                     "train_seconds": run.state.train_seconds,
+                     "eval_seconds": time.perf_counter() - start})
     run.accelerator.wait_for_everyone()
 
 
@@ -312,6 +355,8 @@ def _finish(run: _Run) -> None:
         "parameter_checksum": checksum, "metrics": run.last_eval,
         # What this process holds of the trainable weights (all of them unless sharded).
         "trainable_held": sharding.held_numel(run.opt.draft),
+        # ... and of the target's weights (all of them unless target_sharding shards it).
+        "target_held": sharding.held_numel(run.opt.target, trainable=False),
     }
     name = f"rank-{accelerator.process_index}.json"
     atomic_write_json(run.folder.child(name), summary)

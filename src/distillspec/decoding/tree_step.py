@@ -1,0 +1,225 @@
+"""The tree strategy (``--tree``): several draft tokens per position, verified in one target pass.
+
+The draft reads each row's pending tokens, then the tree's internal nodes one level per call;
+the target scores ``[pending, all nodes]`` once (each node sees its ancestors only). Each row
+takes its own mode in the same block (a per-row greedy mask, as vLLM's rejection sampler): a
+greedy row's nodes are the draft's top-k and its rule exact argmax matching
+(``tree.accept_tree_greedy``), a sampled row's nodes are i.i.d. draws from its warped q and its
+rule SpecInfer's multi-step speculative sampling (``acceptance.verify_tree``). Each row keeps its
+accepted path in both caches (``CachedModel.keep_slots``). The tree is static: its masks are
+built once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from distillspec.decoding.acceptance import tree_acceptance, verify_tree
+from distillspec.decoding.kv_cache import TreeCall, takes_4d_mask
+from distillspec.decoding.logprobs import host_logprobs
+from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.requests import RowUpdate, _Row
+from distillspec.decoding.sampling import greedy_tokens, pad_vocab, warp_rows
+from distillspec.decoding.strategy import Models, first, pending_tokens
+from distillspec.decoding.tree import Tree, accept_tree_greedy, tree_node_samples, tree_node_tokens
+
+
+class _SampledRows(NamedTuple):
+    """The sampled rows of a tree block: their indices ``[S]``, configs and uniforms."""
+
+    index: torch.Tensor
+    samplings: list[SamplingConfig]
+    uniforms: torch.Tensor  # [S, 2N + 1]: node draws, acceptance draws, the final draw
+
+
+class TreeStep:
+    """One tree block for every row, greedy and sampled rows alike (``Strategy``)."""
+
+    def __init__(self, models: Models, tree: Tree):
+        for cached in (models.target, models.draft):  # fail now, not halfway through a block
+            model = cached.model
+            if not takes_4d_mask(model):
+                raise ValueError(
+                    f"Tree drafting needs sdpa or eager attention (a 4-D mask); "
+                    f"{type(model).__name__} uses "
+                    f"{model.config._attn_implementation!r}. Decode without --tree."
+                )
+        self.models, self.tree, device = models, tree, models.device
+        # A row near the end of the context still writes every node; one past the last position
+        # can never be accepted (the row's budget stops it first), so it sits at the last one.
+        self.last_position = models.context - 1 if models.context else None
+        self.levels = self._plan()
+        self.verify_mask = tree.ancestors([-1, *range(tree.size)]).to(device)
+        top1 = [rank == 0 for rank in tree.rank]
+        self.rank0 = torch.tensor([*top1, False], device=device)  # [-1]: none
+        parents = [n in tree.top1_parents for n in range(-1, tree.size)]
+        self.top1_parent = torch.tensor(parents, device=device)  # by input column
+
+    @property
+    def lookahead(self) -> int:
+        return self.tree.depth
+
+    def step(self, rows: list[_Row], caps: list[int]) -> list[RowUpdate]:
+        models = self.models
+        sampled = self._sampled_rows(rows, caps)
+        node_tokens, draft_probs, draft_start, fed, calls = models.measure(
+            "draft", self._draft, rows, sampled)
+        target_start, logits, outcome = models.measure(
+            "target", self._verify, rows, node_tokens, draft_probs, caps, sampled)
+        models.metrics.draft_forward_passes += calls
+        models.metrics.target_forward_passes += 1
+        path, accepted, next_tokens, alpha, compared = outcome
+        columns = [node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
+                   alpha.unsqueeze(1), compared.unsqueeze(1)]
+        packed = torch.cat([c.double() for c in columns], dim=1).tolist()  # one transfer
+        fed_slot = {node: i for i, node in enumerate(fed)}
+        target_kept, draft_kept, taken, updates = [], [], [], []
+        for row, cap, values in zip(rows, caps, packed):
+            nodes, on_path, token, alpha_sum, levels = self._unpack(values)
+            drafted = [nodes[n] for n in on_path]
+            target_kept.append([0] + [n + 1 for n in on_path])
+            draft_kept.append([fed_slot[n] for n in on_path if n in fed_slot])
+            row.target_pending = token
+            last_fed = not on_path or on_path[-1] in fed_slot
+            row.draft_pending = [token] if last_fed else [drafted[-1], token]
+            row.counts.record_block(cap, len(on_path), alpha_sum, levels)
+            row.counts.draft_calls += calls
+            new = row.emit(drafted + [token])
+            taken.append(drafted + [token])
+            updates.append(RowUpdate(row.request.request_id, new, row.finish_reason is not None,
+                                     row.finish_reason, cap, len(on_path)))
+        self._logprobs(rows, updates, logits, target_kept, taken)
+        models.target.keep_slots(target_start, target_kept)
+        models.draft.keep_slots(draft_start, draft_kept)
+        return updates
+
+    def _unpack(self, values: list[float]):
+        """One row of a tree block's packed results: its node tokens, accepted nodes, next
+        token, alpha sum and the number of levels alpha was measured at."""
+        size, depth = self.tree.size, self.tree.depth
+        count = int(values[size + depth])
+        nodes = [int(t) for t in values[:size]]
+        on_path = [int(n) for n in values[size : size + count]]
+        token, alpha_sum, levels = values[size + depth + 1 :]
+        return nodes, on_path, int(token), alpha_sum, int(levels)
+
+    def _sampled_rows(self, rows: list[_Row], caps: list[int]) -> _SampledRows | None:
+        """The rows that sample (None: all greedy), with their uniforms ``[S, 2N + 1]``: node
+        draws, acceptance draws, the final draw. A seeded row takes them from its own
+        generator, ``2N + 1`` numbers (1 when its cap is 0, like a chain block with nothing to
+        draft), so what it consumes depends on its own state only."""
+        chosen = [i for i, row in enumerate(rows) if not row.request.sampling.greedy]
+        if not chosen:
+            return None
+        device, width = self.models.device, 2 * self.tree.size + 1
+        uniforms = torch.rand(len(chosen), width, generator=self.models.generator, device=device)
+        for slot, index in enumerate(chosen):
+            generator = rows[index].generator
+            if generator is None:
+                continue
+            own = torch.rand(width if caps[index] > 0 else 1, generator=generator, device=device)
+            uniforms[slot, -own.shape[0]:] = own
+        samplings = [rows[i].request.sampling for i in chosen]
+        return _SampledRows(torch.tensor(chosen, device=device), samplings, uniforms)
+
+    def _draft(self, rows: list[_Row], sampled: _SampledRows | None):
+        """The tree's node tokens ``[B, N]``: the draft reads each row's pending tokens, then the
+        internal nodes one level per call (each sees its ancestors only). Returns the tokens,
+        the sampled rows' q ``[S, 1 + len(internal), V]`` (None: no sampled row), the first
+        draft slot holding a node, the nodes fed (in slot order) and the call count."""
+        tree, draft, device = self.tree, self.models.draft, self.models.device
+        draft.make_room(max(len(row.draft_pending) for row in rows) + len(tree.internal))
+        tokens, pads = pending_tokens(rows, device)
+        logits = draft.forward(tokens, pads, logits_to_keep=1)[:, -1:]
+        node_tokens = torch.zeros(len(rows), tree.size, dtype=torch.long, device=device)
+        draft_probs: list[torch.Tensor] = []
+        self._children(logits, (-1,), node_tokens, sampled, draft_probs)
+        start, fed = draft.length, []
+        for level, offsets, visible in self.levels:
+            call = TreeCall(start, offsets, visible, self.last_position)
+            logits = draft.forward(node_tokens[:, level], tree=call, logits_to_keep=len(level))
+            self._children(logits, level, node_tokens, sampled, draft_probs)
+            fed += level
+        probs = torch.stack(draft_probs, dim=1) if draft_probs else None
+        return node_tokens, probs, start, fed, 1 + len(self.levels)
+
+    def _children(self, logits, parents, node_tokens, sampled, draft_probs: list) -> None:
+        """Fill the children of ``parents`` from the draft's logits after each ``[B, P, V]``:
+        the top-k tokens for greedy rows (``tree_node_tokens``), i.i.d. draws from the warped q
+        for sampled rows (``tree_node_samples``), whose q is appended to ``draft_probs``: the
+        very distribution the draws came from, which the rule divides by."""
+        for column, parent in enumerate(parents):
+            tree_node_tokens(self.tree, logits[:, column], parent, node_tokens)
+        if sampled is None:
+            return
+        probs = warp_rows(pad_vocab(logits[sampled.index], self.models.vocab), sampled.samplings)
+        draws = sampled.uniforms[:, : self.tree.size]
+        for column, parent in enumerate(parents):
+            draft_probs.append(probs[:, column])
+            children, tokens = tree_node_samples(self.tree, probs[:, column], parent, draws)
+            if children:
+                where = torch.tensor(children, device=self.models.device)
+                node_tokens[sampled.index.unsqueeze(1), where.unsqueeze(0)] = tokens
+
+    def _plan(self) -> list[tuple[list[int], tuple[int, ...], torch.Tensor]]:
+        """Per draft call after the first: the internal nodes of one level, their position
+        offsets and what each sees among the nodes fed so far (its ancestors and itself)."""
+        tree, plan, fed = self.tree, [], []
+        for depth in range(1, tree.depth):
+            level = [n for n in tree.level(depth) if n in tree.internal]
+            visible = tree.ancestors(fed + level)[len(fed):].to(self.models.device)
+            plan.append((level, (depth - 1,) * len(level), visible))
+            fed += level
+        return plan
+
+    def _verify(self, rows: list[_Row], node_tokens, draft_probs, caps, sampled):
+        """One target pass over ``[pending, nodes]`` (node n at depth(n) past the pending token,
+        seeing its ancestors), then each row's rule; returns the first slot written (after any
+        compaction), the logits and ``(path, num_accepted, next_tokens, alpha_sum, levels)``."""
+        tree, models = self.tree, self.models
+        models.target.make_room(tree.size + 1)
+        start = models.target.length
+        pending = torch.tensor([[row.target_pending] for row in rows], device=models.device)
+        call = TreeCall(start, (0, *tree.depths), self.verify_mask, self.last_position)
+        logits = models.target.forward(torch.cat([pending, node_tokens], dim=1), tree=call)
+        max_accepted = torch.tensor(caps, device=models.device)
+        path, count, next_tokens = accept_tree_greedy(tree, node_tokens, greedy_tokens(logits),
+                                                      max_accepted)
+        outcome = (path, count, next_tokens, *self._greedy_alpha(path, count, max_accepted))
+        if sampled is not None:  # the per-row mode mask: sampled rows replace their results
+            index, size = sampled.index, tree.size
+            target_probs = warp_rows(pad_vocab(logits[index], models.vocab), sampled.samplings)
+            chosen = verify_tree(
+                tree, node_tokens[index], draft_probs, target_probs,
+                max_accepted=max_accepted[index], lenience=models.speculation.lenience,
+                epsilon=models.speculation.epsilon,
+                uniforms=(sampled.uniforms[:, size : 2 * size], sampled.uniforms[:, -1]))
+            stats = tree_acceptance(tree, chosen[0], chosen[1], max_accepted[index],
+                                    draft_probs, target_probs)
+            for whole, part in zip(outcome, (*chosen, *stats)):
+                whole[index] = part.to(whole.dtype)
+        return start, logits, outcome
+
+    def _greedy_alpha(self, path, count, max_accepted):
+        """Greedy rows' alpha: accepted nodes that were the draft's top-1 token, over the levels
+        verified where the top-1 token was proposed (after a node without a rank-0 child the
+        next level is not a miss); ``[B]`` each."""
+        top1 = (self.rank0[path] & (path >= 0)).sum(dim=1)
+        last = path.gather(1, (count - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+        last = torch.where(count > 0, last, -1)
+        proposed = self.top1_parent[last + 1]
+        return top1.double(), count + ((count < max_accepted) & proposed).long()
+
+    def _logprobs(self, rows: list[_Row], updates, logits, kept, taken) -> None:
+        """Log-probabilities of each row's path: the token after kept slot i is taken[i]."""
+        tops = [row.request.logprobs for row in rows]
+        if all(top is None for top in tops):
+            return
+        device, width = self.models.device, max(map(len, kept))
+        index = torch.tensor([k + [0] * (width - len(k)) for k in kept], device=device)
+        tokens = torch.tensor([t + [0] * (width - len(t)) for t in taken], device=device)
+        batch = torch.arange(len(kept), device=device).unsqueeze(1)
+        for update, entries in zip(updates, host_logprobs(logits[batch, index], tokens, tops)):
+            update.logprobs = first(entries, len(update.new_tokens))

@@ -1,0 +1,42 @@
+"""``distillspec bench-serve`` end to end on tiny models: servers on loopback, the openai client."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import save_tiny, tiny_tokenizer
+
+from distillspec.common.config import from_dict
+from distillspec.tools.bench_serve import run_bench_serve
+from distillspec.tools.configs import BenchServeConfig
+
+pytest.importorskip("openai")
+
+
+def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_path):
+    save_tiny(tmp_path / "target", layers=3, lm_scale=10.0, tokenizer=tiny_tokenizer())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) + "\n"
+                               for i in range(6)))
+    config = from_dict(BenchServeConfig, dict(
+        target=str(tmp_path / "target"), draft="target-layers:1", prompts=str(prompts),
+        num_requests=4, concurrency=[1, 4], max_tokens=10, sd_policy=["auto", "always"],
+        out=str(tmp_path / "bench"), speculation={"gamma": 3},
+        runtime={"device": "cpu", "dtype": "float32"}))
+    report = run_bench_serve(config)
+    assert list(report["modes"]) == ["target alone", "speculative", "speculative, sd-policy always"]
+    alone, auto, always = report["modes"].values()
+    assert [r["concurrency"] for r in auto["rows"]] == [1, 4]
+    assert all(set(r["steps_by_mode"]) == {"plain"} for r in alone["rows"])
+    assert all(set(r["steps_by_mode"]) == {"speculate"} for r in always["rows"])
+    # auto measured its three modes (at batch 1 the warm-up's 2 requests and the first level's
+    # 4 are well past its 2 measured steps per mode); always ran one.
+    assert set(auto["steps_by_mode"]) == {"speculate", "gamma1", "plain"}
+    assert set(always["steps_by_mode"]) == {"speculate"}
+    assert sum(auto["steps_by_mode"].values()) >= sum(sum(r["steps_by_mode"].values())
+                                                     for r in auto["rows"])
+    assert auto["sd_policy"] == "auto" and always["sd_policy"] == "always"
+    written = json.loads((tmp_path / "bench" / "bench-serve.json").read_text())
+    assert written["modes"].keys() == report["modes"].keys()
+    assert "engine steps by mode" in (tmp_path / "bench" / "bench-serve.md").read_text()

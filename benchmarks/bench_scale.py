@@ -81,7 +81,7 @@ def bench_study(args, work: Path) -> dict:
         return [*CLI, "study", "--tasks", "chat=builtin:chat", "--divergences", "fkl,rkl,tvd,jsd",
                 "--data-sources", "onpolicy", "--seeds", "0,1", "--minutes", "0", "--steps",
                 str(args.steps), "--recipe.target", args.target, "--recipe.draft-init",
-                "target-layers:2", "--recipe.save-every", "0", "--gammas", "1,2,3",
+                "target-layers:2", "--no-recipe.train-lm-head", "--recipe.save-every", "0", "--gammas", "1,2,3",
                 "--workers", str(workers), "--threads", str(args.threads), "--device", "cpu",
                 "--dtype", "float32", "--out", str(work / out)]
 

@@ -249,23 +249,28 @@ def replace(config: Any, **overrides: Any) -> Any:
 
 def changed_flags(config: Any, prefix: str = "", defaults: Any = None) -> str:
     """The command-line flags that differ from the defaults (for reports)."""
-    parts = []
+    return " ".join(changed_args(config, prefix, defaults))
+
+
+def changed_args(config: Any, prefix: str = "", defaults: Any = None) -> list[str]:
+    """The command-line arguments that differ from the defaults, one list item per argument
+    (to run the command: ``[..., "serve", *changed_args(config)]``)."""
+    args: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         base = getattr(defaults, f.name) if defaults is not None else field_default(f)
         if "section" in f.metadata:
             inner = "" if f.metadata["flat"] else f"{prefix}{f.name}."
-            nested = changed_flags(value, inner, base)
-            parts += [nested] if nested else []
+            args += changed_args(value, inner, base)
         elif value != base:
             flag = "--" + prefix + f.name.replace("_", "-")
             if isinstance(value, bool):
-                parts.append(flag if value else "--" + prefix + "no-" + f.name.replace("_", "-"))
+                args.append(flag if value else "--" + prefix + "no-" + f.name.replace("_", "-"))
             elif isinstance(value, list):
-                parts.append(f"{flag} {','.join(map(str, value))}")
+                args += [flag, ",".join(map(str, value))]
             else:
-                parts.append(f"{flag} {value}")
-    return " ".join(parts)
+                args += [flag, str(value)]
+    return args
 
 
 # -- argparse --------------------------------------------------------------------------------------

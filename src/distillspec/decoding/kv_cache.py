@@ -305,17 +305,7 @@ class CachedModel:
             end = start + width
             self.reserve(self.rows, end)
             self.slot_mask[: self.rows, self.length : end] = False  # other rows: no token there
-        pads = torch.tensor(pad_left, device=self.device)
-        columns = torch.arange(width, device=self.device)
-        valid = columns.unsqueeze(0) >= pads.unsqueeze(1)
-        base = torch.tensor(self.positions[rows], device=self.device)
-        if tree is not None:
-            offsets = torch.tensor(tree.offsets, device=self.device).unsqueeze(0)
-        else:
-            offsets = (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
-        positions = base.unsqueeze(1) + offsets
-        if tree is not None and tree.last_position is not None:
-            positions = positions.clamp(max=tree.last_position)
+        valid, positions = self._columns(rows, pad_left, width, tree)
         self.slot_mask[rows, start:end] = valid
         self.cache.write_rows, self.cache.write_start = rows, start
         input_ids = tokens.clamp(max=self.embedding_rows - 1)
@@ -333,6 +323,24 @@ class CachedModel:
             for offset, pad in enumerate(pad_left):
                 self.positions[rows.start + offset] += width - pad
         return logits
+
+    def _columns(self, rows: slice, pad_left: list[int], width: int,
+                 tree: TreeCall | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which of the ``width`` new columns hold a token (not left padding), and each one's
+        position: the row's next position counted from its first real column, or the tree's
+        offsets (clamped to ``tree.last_position``)."""
+        pads = torch.tensor(pad_left, device=self.device)
+        columns = torch.arange(width, device=self.device)
+        valid = columns.unsqueeze(0) >= pads.unsqueeze(1)
+        base = torch.tensor(self.positions[rows], device=self.device)
+        if tree is not None:
+            offsets = torch.tensor(tree.offsets, device=self.device).unsqueeze(0)
+        else:
+            offsets = (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
+        positions = base.unsqueeze(1) + offsets
+        if tree is not None and tree.last_position is not None:
+            positions = positions.clamp(max=tree.last_position)
+        return valid, positions
 
     def make_room(self, width: int) -> None:
         """Compact if holes dominate and reserve ``width`` more slots (before a tree block)."""

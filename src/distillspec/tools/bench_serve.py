@@ -1,16 +1,24 @@
 """``distillspec bench-serve``: drive the server with concurrent streaming clients.
 
-For each mode (the target alone, then SD; or the one server at ``--url``) and each concurrency
-C, ``--num-requests`` greedy requests are sent by C client threads through the official
-``openai`` client, streaming, so each request's time to first token and per-output-token time
-are measured where a user sees them. Reported per (mode, C): requests/s, output tokens/s,
+For each mode (the target alone, then SD once per ``--sd-policy``; or the one server at
+``--url``) and each concurrency C, ``--num-requests`` greedy requests are sent by C client
+threads through the official ``openai`` client, streaming, so each request's time to first token
+and per-output-token time are measured where a user sees them. Each server is a ``distillspec
+serve`` process of its own (``ServerProcess``), as deployed: clients in the server's process
+would compete with its engine thread for the GIL, and an SD step, with its many small draft
+operations, pays for that more than a plain step (measured on 2 cores: SD 0.64x the target
+alone at one client in-process, 0.75x with the servers as processes;
+docs/results/bench-serve-policy). Reported per (mode, C): requests/s, output tokens/s,
 TTFT and per-token latency p50 and p99, and the server's acceptance counters. JSON, Markdown
 and a PNG.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from distillspec.common.config import replace, to_dict
+from distillspec.common.config import changed_args, replace, to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
 from distillspec.tools.configs import BenchServeConfig, ServeConfig
@@ -100,6 +108,60 @@ def _metrics(url: str) -> str:
     import urllib.request
 
     return urllib.request.urlopen(url.removesuffix("/v1") + "/metrics").read().decode()
+
+
+def _speculation(metrics_text: str) -> dict | None:
+    """The setting the server runs, from ``distillspec_speculation_info`` (None: no draft)."""
+    for line in metrics_text.splitlines():
+        if line.startswith("distillspec_speculation_info{"):
+            labels = dict(part.split("=", 1) for part in
+                          line[line.index("{") + 1: line.rindex("}")].split('",'))
+            labels = {k.strip(): v.strip().strip('"') for k, v in labels.items()}
+            if labels.get("draft") == "none":
+                return None
+            return {"gamma": int(labels["gamma"]),
+                    "confidence_threshold": float(labels["confidence_threshold"]),
+                    "tree": labels["tree"], "draft": labels["draft"]}
+    return None
+
+
+class ServerProcess:
+    """``distillspec serve --port 0`` as a process of its own (``config`` as its flags), its
+    URL once it listens; stopped with SIGTERM (then killed) on exit."""
+
+    def __init__(self, config: ServeConfig, start_seconds: float = 300.0):
+        flags = changed_args(replace(config, port=0, drain_seconds=1.0))
+        self.command = [sys.executable, "-m", "distillspec", "serve", *flags]
+        self.start_seconds = start_seconds
+        self.said: list[str] = []
+
+    def __enter__(self) -> str:
+        self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.time() + self.start_seconds
+        while time.time() < deadline:
+            line = self.process.stderr.readline()
+            self.said.append(line)
+            if "listening on " in line:
+                threading.Thread(target=self._drain, daemon=True).start()
+                return line.split("listening on ")[1].strip()
+            if not line and self.process.poll() is not None:
+                break
+        self.__exit__()
+        raise RuntimeError("the server did not start:\n" + "".join(self.said[-30:]))
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:  # keep its pipe from filling; kept for errors
+            self.said.append(line)
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 class LocalServer:
@@ -187,18 +249,17 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
 
 def _measure_server(name: str, mode: ServeConfig, config: BenchServeConfig, prompts,
                     tokenizer) -> dict:
-    """Start ``mode`` on loopback, drive it at every concurrency, read its /metrics."""
-    local = LocalServer(mode)
-    decoder = local.server.engine.decoder  # the setting it really runs (may be the draft's)
-    speculation = to_dict(decoder.speculation) if decoder.draft is not None else None
-    del decoder
-    if name.startswith("speculative") and speculation is None:
-        raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
+    """Start ``mode`` as a server process on loopback, drive it at every concurrency, read its
+    /metrics."""
     rows = []
-    with local as url:
+    with ServerProcess(mode) as url:
         model = mode.model_name or mode.target
         drive(url, model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
-        before = _steps_by_mode(_metrics(url))
+        metrics = _metrics(url)
+        speculation = _speculation(metrics)  # the setting it really runs (may be the draft's)
+        if name.startswith("speculative") and speculation is None:
+            raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
+        before = _steps_by_mode(metrics)
         for concurrency in config.concurrency:
             print(f"bench-serve: {name}, concurrency {concurrency} ...", file=sys.stderr,
                   flush=True)

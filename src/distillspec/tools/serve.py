@@ -106,6 +106,16 @@ class ServeMetrics:
                                "average; what --sd-policy auto chooses by)",
                                ["batch_bucket", "mode"], registry=registry)
 
+    def describe(self, draft_spec: str, speculation, sd_policy: str) -> None:
+        """``distillspec_speculation_info``: the draft and the setting this server runs."""
+        from prometheus_client import Info
+
+        info = Info("distillspec_speculation", "The served draft and speculation setting",
+                    registry=self.registry)
+        info.info({"draft": draft_spec, "gamma": str(speculation.gamma),
+                   "confidence_threshold": f"{speculation.confidence_threshold:g}",
+                   "tree": speculation.tree, "sd_policy": sd_policy})
+
     def record_mode(self, mode: str, policy) -> None:
         """One engine step ran in ``mode``; refresh the policy's measured rates."""
         self.steps.labels(mode).inc()
@@ -229,6 +239,8 @@ class Server:
             speculation = speculation_for(speculation, draft_spec, config.target, target,
                                           config.measured_setting)
         self.on_dead = None  # set by whoever runs the HTTP server: stop it (the engine died)
+        self.metrics.describe(draft_spec if draft is not None else "none", speculation,
+                              config.sd_policy)
         policy = None
         if draft is not None and config.sd_policy == "auto":
             policy = ModePolicy.for_speculation(speculation.gamma,

@@ -6,6 +6,7 @@ One declaration per knob; YAML keys are the field names (``runtime:`` is a neste
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
@@ -210,8 +211,8 @@ class DistillConfig:
             )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: pick one.")
-        # Parsed once, here (a clear error before anything loads); mix_fractions() returns it.
-        object.__setattr__(self, "_mix", _parse_mix(self.mix) if self.policy == "mixed" else {})
+        if self.policy == "mixed":  # parsed here (a clear error before anything loads), once
+            self.mix_fractions()
         require_at_least(self, 0, "teacher_topk")
         require_at_most(self, 4096, "teacher_topk")
         fixed_data = self.replays_completions
@@ -283,10 +284,11 @@ class DistillConfig:
         )
 
     def mix_fractions(self) -> dict[str, float]:
-        """``mix`` as {policy: fraction}, parsed once (policy mixed; else empty)."""
-        return dict(self._mix)
+        """``mix`` as {policy: fraction} (a copy of the one parse of this text)."""
+        return dict(_parse_mix(self.mix))
 
 
+@functools.lru_cache(maxsize=64)
 def _parse_mix(mix: str) -> dict[str, float]:
     """Parse ``mix`` ("draft=0.5,teacher=0.5") into {policy: fraction}."""
     fractions: dict[str, float] = {}

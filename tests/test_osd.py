@@ -72,10 +72,13 @@ def shifted(tmp_path_factory):
 
 
 def serve_config(root, folder, **overrides) -> ServeConfig:
+    # sd_policy always: these tests compare the served acceptance rate before and after a swap,
+    # which only means the same thing at one draft length (auto would mix gamma 4, 1 and plain
+    # steps differently in each phase, by timing).
     values = dict(
         target=str(root / "target"), draft=str(root / "draft-a" / "final"), port=0,
         model_name="tiny", max_batch=8, online_distill=str(folder), distill_every=24,
-        distill_minutes=0.15, buffer_size=400, speculation={"gamma": 4},
+        distill_minutes=0.15, buffer_size=400, speculation={"gamma": 4}, sd_policy="always",
         runtime={"device": "cpu", "dtype": "float32"})
     return from_dict(ServeConfig, {**values, **overrides})
 

@@ -111,6 +111,11 @@ class ModePolicy:
         estimate.samples += 1
         estimate.last_step = state.steps
 
+    def rate(self, batch: int, arm: int | None) -> float | None:
+        """The current tokens/s estimate of ``arm`` at this batch's bucket (None: unmeasured)."""
+        estimate = self.buckets.get(bucket(batch), _Bucket()).estimates.get(arm)
+        return None if estimate is None else estimate.tokens_per_second
+
     def forget_speculative(self) -> None:
         """A new draft: every drafting arm's estimate is stale (plain's still holds)."""
         for state in self.buckets.values():

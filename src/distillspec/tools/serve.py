@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import NoReturn
 
-from distillspec.decoding.mode_policy import ModePolicy
+from distillspec.decoding.mode_policy import ModePolicy, arm_name, bucket
 from distillspec.tools.configs import ServeConfig
 from distillspec.tools.serve_api import (
     APIError,
@@ -116,13 +116,17 @@ class ServeMetrics:
                    "confidence_threshold": f"{speculation.confidence_threshold:g}",
                    "tree": speculation.tree, "sd_policy": sd_policy})
 
-    def record_mode(self, mode: str, policy) -> None:
-        """One engine step ran in ``mode``; refresh the policy's measured rates."""
-        self.steps.labels(mode).inc()
-        if policy is not None:
-            self.mode_rate.clear()  # a new draft drops the speculative estimates
-            for (size, name), rate in policy.estimates().items():
-                self.mode_rate.labels(str(size), name).set(rate)
+    def record_rate(self, batch: int, arm, policy) -> None:
+        """The policy just measured ``arm`` at ``batch`` rows: its gauge, and no other, moves."""
+        rate = policy.rate(batch, arm)
+        if rate is not None:
+            self.mode_rate.labels(str(bucket(batch)), arm_name(arm)).set(rate)
+
+    def reset_rates(self, policy) -> None:
+        """After a draft swap: the gauges show what the policy still holds (plain's rates)."""
+        self.mode_rate.clear()
+        for (size, name), rate in policy.estimates().items():
+            self.mode_rate.labels(str(size), name).set(rate)
 
     def record_step(self, update) -> None:
         self.emitted.inc(len(update.new_tokens))

@@ -182,9 +182,10 @@ class EngineWorker:
         # A step that admitted rows also ran their prefill: not a measure of the arm's speed.
         if self.policy is not None and not admitting:
             self.policy.record(batch, arm, sum(len(u.new_tokens) for u in updates), seconds)
+            if self.metrics is not None:
+                self.metrics.record_rate(batch, arm, self.policy)
         if self.metrics is not None:
-            self.metrics.record_mode(arm_name(arm) if decoder.draft is not None else "plain",
-                                     self.policy)
+            self.metrics.steps.labels(arm_name(arm) if decoder.draft is not None else "plain").inc()
         self.failed_steps = 0
         self.decoder.finished.clear()  # the server keeps no finished rows (bounded memory)
         for update in updates:
@@ -238,6 +239,8 @@ class EngineWorker:
             self.draft_version = version
             if self.policy is not None:  # the new draft's acceptance is another
                 self.policy.forget_speculative()
+                if self.metrics is not None:
+                    self.metrics.reset_rates(self.policy)
             if self.metrics is not None:
                 self.metrics.draft_version.set(version)
             if on_swapped is not None:

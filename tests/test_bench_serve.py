@@ -40,3 +40,8 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
     written = json.loads((tmp_path / "bench" / "bench-serve.json").read_text())
     assert written["modes"].keys() == report["modes"].keys()
     assert "engine steps by mode" in (tmp_path / "bench" / "bench-serve.md").read_text()
+
+
+def test_sd_policy_with_url_is_refused():
+    with pytest.raises(ValueError, match="drop --url"):
+        from_dict(BenchServeConfig, dict(url="http://127.0.0.1:1/v1", sd_policy=["always"]))

@@ -380,6 +380,10 @@ class BenchServeConfig:
         if not self.sd_policy or not set(self.sd_policy) <= set(POLICIES):
             raise ValueError(f"sd_policy must list policies among {', '.join(POLICIES)}; got "
                              f"{self.sd_policy}.")
+        if self.url and self.sd_policy != ["auto"]:
+            raise ValueError("--sd-policy chooses the policy of the SD servers bench-serve starts; "
+                             "with --url it drives a running server whose policy is its own. Drop "
+                             "--sd-policy, or drop --url.")
         require_at_least(self, 1, "num_requests", "max_tokens")
         require_at_most(self, 10_000, "num_requests")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:

@@ -91,13 +91,15 @@ def test_compiled_greedy_sd_equals_eager_target(compiled_pair):
     assert compiled.metrics.acceptance_rate > 0  # the draft's compiled steps took part
 
 
-def test_compiled_greedy_tree_sd_equals_eager_target(compiled_pair):
-    """Tree steps run compiled too: their mask and positions are tensors like a chain's."""
+@pytest.mark.parametrize("tree", ["6:2", "dyn:5:3:2"])
+def test_compiled_greedy_tree_sd_equals_eager_target(compiled_pair, tree):
+    """Tree steps run compiled too, static and dynamic (a mask and positions per row): their
+    masks and positions are tensors like a chain's."""
     target, draft = compiled_pair
     input_ids, attention_mask = left_padded([4, 9])
     graphs = compiled_graphs()
     compiled = speculative_generate(target, draft, input_ids, attention_mask, gamma=1,
-                                    tree="6:2", max_new_tokens=20)
+                                    tree=tree, max_new_tokens=20)
     assert compiled_graphs() > graphs
     assert compiled.sequences == eager_greedy(target, input_ids, attention_mask, 20)
 

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distillspec.decoding.chain import ChainStep
+from distillspec.decoding.dynamic_tree_step import DynamicTreeStep
 from distillspec.decoding.kv_cache import CachedModel, ensure_croppable
 from distillspec.decoding.logprobs import prompt_logprobs
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
@@ -33,6 +34,7 @@ from distillspec.decoding.requests import (
 )
 from distillspec.decoding.strategy import Strategy, caps_for
 from distillspec.decoding.timing import Probe
+from distillspec.decoding.tree import DynamicTree
 from distillspec.decoding.tree_step import TreeStep
 
 T = TypeVar("T")
@@ -50,6 +52,13 @@ def check_deterministic(target, draft=None) -> None:
                 "Load it with dtype='float32' (load_model / load_pair), or pass "
                 "deterministic=False to accept bf16's near-tie flips."
             )
+
+
+def make_tree_step(models, tree) -> Strategy:
+    """The strategy of a parsed tree: a static ``Tree`` or a ``DynamicTree``."""
+    if isinstance(tree, DynamicTree):
+        return DynamicTreeStep(models, tree)
+    return TreeStep(models, tree)
 
 
 class Decoder:
@@ -94,7 +103,7 @@ class Decoder:
         self.lookahead_limit: int | None = None
         # Tree drafting (decoding/tree_step.py): the typed tree, parsed once by the config.
         self.tree = self.speculation.tree_shape if draft is not None else None
-        self.tree_step = TreeStep(self, self.tree) if self.tree is not None else None
+        self.tree_step = make_tree_step(self, self.tree) if self.tree is not None else None
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -160,11 +160,13 @@ class SlotCache(Cache):
 @dataclass(frozen=True)
 class TreeCall:
     """A forward over tree nodes: their position offsets from the row's next position, and
-    which of the slots ``[start, end of this call)`` each of them may see."""
+    which of the slots ``[start, end of this call)`` each of them may see. One tree for every
+    row (a tuple of offsets, ``visible [width, end - start]``) or one per row (a dynamic tree:
+    offsets ``[rows, width]``, ``visible [rows, width, end - start]``)."""
 
     start: int
-    offsets: tuple[int, ...]
-    visible: torch.Tensor  # [width, end - start] bool
+    offsets: tuple[int, ...] | torch.Tensor
+    visible: torch.Tensor  # [width, end - start] or [rows, width, end - start] bool
     last_position: int | None = None  # positions are clamped here (the model's context - 1)
 
 
@@ -334,7 +336,8 @@ class CachedModel:
         valid = columns.unsqueeze(0) >= pads.unsqueeze(1)
         base = torch.tensor(self.positions[rows], device=self.device)
         if tree is not None:
-            offsets = torch.tensor(tree.offsets, device=self.device).unsqueeze(0)
+            offsets = torch.as_tensor(tree.offsets, device=self.device)
+            offsets = offsets if offsets.dim() == 2 else offsets.unsqueeze(0)
         else:
             offsets = (columns.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)
         positions = base.unsqueeze(1) + offsets
@@ -415,10 +418,13 @@ class CachedModel:
         query_slots = torch.arange(start, end, device=self.device)
         key_slots = torch.arange(capacity or end, device=self.device)
         causal = key_slots.unsqueeze(0) <= query_slots.unsqueeze(1)  # [W, S]
+        causal = causal.unsqueeze(0)  # [1, W, S]
         if tree is not None:  # within the tree's slots a node sees its ancestors and itself
-            causal = causal.clone()
-            causal[:, tree.start : end] = tree.visible.to(self.device)
-        visible = causal.unsqueeze(0) & slot_mask.unsqueeze(1)  # [B, W, S]
+            tree_visible = tree.visible.to(self.device)
+            causal = causal.expand(tree_visible.shape[0] if tree_visible.dim() == 3 else 1,
+                                   -1, -1).clone()
+            causal[:, :, tree.start : end] = tree_visible
+        visible = causal & slot_mask.unsqueeze(1)  # [B, W, S]
         visible |= key_slots.unsqueeze(0) == query_slots.unsqueeze(1)
         visible = visible.unsqueeze(1)  # [B, 1, W, S]
         if self.attention_impl == "eager":  # eager adds the mask to the scores

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from distillspec.common.config import knob
-from distillspec.decoding.tree import Tree
+from distillspec.decoding.tree import DynamicTree, Tree
 
 LENIENCE_CHOICES = ("none", "lin", "sq", "exp")
 COMPILE_CHOICES = ("auto", "on", "off")  # compiled decoding steps (models.compilation)
@@ -92,7 +92,9 @@ class SpeculationConfig:
         "(greedy rows: the draft's top few; sampled rows: i.i.d. draws from q, checked with "
         "SpecInfer's lossless multi-draft rule). 'N' = the N most likely rank paths, 'N:D' = "
         "at most D deep, or explicit paths such as '0,1,2,0.0' (ranks joined by '.'). Empty: "
-        "a chain of gamma tokens.",
+        "a chain of gamma tokens. 'dyn:N:D:K': a dynamic tree per greedy row and block (EAGLE-2): "
+        "D draft calls, the K most confident nodes expanded per call, the N most probable "
+        "paths verified.",
     )  # parsed once into ``tree_shape``
 
     def __post_init__(self) -> None:
@@ -122,7 +124,7 @@ class SpeculationConfig:
         the typed value everything downstream uses; ``tree`` stays its text (CLI, YAML, saved
         configs). A parsed ``Tree`` may be passed as ``tree`` too: it is taken as it is."""
         tree = self.tree
-        if isinstance(tree, Tree):
+        if isinstance(tree, (Tree, DynamicTree)):
             object.__setattr__(self, "tree", tree.spec)
         elif isinstance(tree, str):
             tree = Tree.parse(tree) if tree.strip() else None  # "": a chain
@@ -131,6 +133,6 @@ class SpeculationConfig:
         object.__setattr__(self, "_tree_shape", tree)
 
     @property
-    def tree_shape(self) -> Tree | None:
+    def tree_shape(self) -> Tree | DynamicTree | None:
         """The parsed tree (None: a chain of gamma tokens)."""
         return self._tree_shape

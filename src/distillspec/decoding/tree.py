@@ -85,13 +85,16 @@ class Tree:
             object.__setattr__(self, "spec", format_paths(ordered))
 
     @classmethod
-    def parse(cls, spec: str) -> Tree | None:
-        """``""`` -> None (chain); ``"N"`` or ``"N:D"`` -> ``best_first(N, D)``; otherwise rank
-        paths joined by commas (or ``/``, for lists whose items commas separate), ranks joined by
-        dots: ``"0,1,2,0.0,0.1,1.0"`` = ``"0/1/2/0.0/0.1/1.0"``."""
+    def parse(cls, spec: str) -> Tree | DynamicTree | None:
+        """``""`` -> None (chain); ``"N"`` or ``"N:D"`` -> ``best_first(N, D)``;
+        ``"dyn:N[:D[:K]]"`` -> a ``DynamicTree``; otherwise rank paths joined by commas (or
+        ``/``, for lists whose items commas separate), ranks joined by dots:
+        ``"0,1,2,0.0,0.1,1.0"`` = ``"0/1/2/0.0/0.1/1.0"``."""
         text, spec = spec, spec.strip().replace("/", ",")
         if not spec:
             return None
+        if spec.startswith(DynamicTree.PREFIX):
+            return DynamicTree.parse(text)
         head, _, depth = spec.partition(":")
         if head.isdigit() and (not depth or depth.isdigit()):
             return replace(best_first(int(head), int(depth) if depth else None), spec=text)
@@ -181,6 +184,80 @@ class Tree:
 
     def __str__(self) -> str:
         return format_paths(self.paths)
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """A tree grown per row and per block from the draft's own confidence (EAGLE-2, Li et al.
+    2024, "dynamic draft trees"): ``depth`` draft calls; each call after the first feeds the
+    ``top_k`` candidates of the newest level with the highest path probability (the product of
+    the draft's probabilities along the path, i.e. its estimate that the target accepts the
+    whole path) and gives each its ``top_k`` most likely children; then the ``nodes`` candidates
+    of highest path probability, over all levels, form the tree the target verifies. A node's
+    path probability is at most its parent's, so the chosen set holds every chosen node's
+    ancestors (ties: the shallower node first).
+
+    Greedy rows only: the re-ranking keeps a candidate by its draft probability, which would bias
+    i.i.d. samples of q, and SpecInfer's rule is exact only for unselected samples. A block with a
+    sampled row uses ``static`` (``best_first(nodes, depth)``) for every row, with each row's own
+    rule."""
+
+    PREFIX = "dyn"
+
+    nodes: int = 16
+    depth: int = 5
+    top_k: int = 4
+    spec: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.nodes <= MAX_TREE_NODES:
+            raise ValueError(
+                f"A dynamic tree needs 1..{MAX_TREE_NODES} nodes, got {self.nodes}: its node "
+                "budget is the width of every verify. 'dyn:16' is a good start on a CPU."
+            )
+        if not 1 <= self.depth <= MAX_TREE_NODES or not 1 <= self.top_k <= MAX_TREE_RANK:
+            raise ValueError(
+                f"A dynamic tree's depth must be in [1, {MAX_TREE_NODES}] and its top-k in "
+                f"[1, {MAX_TREE_RANK}]; got depth {self.depth}, top-k {self.top_k}. Write "
+                "'dyn:N:D:K', e.g. 'dyn:16:5:4'."
+            )
+        if self.nodes > self.candidates:
+            raise ValueError(
+                f"A dynamic tree of depth {self.depth} and top-k {self.top_k} proposes only "
+                f"{self.candidates} candidates, fewer than its {self.nodes} nodes. Raise the "
+                "depth or the top-k, or lower the node count."
+            )
+        if not self.spec:
+            object.__setattr__(self, "spec", f"{self.PREFIX}:{self.nodes}:{self.depth}:{self.top_k}")
+
+    @classmethod
+    def parse(cls, spec: str) -> DynamicTree:
+        """``"dyn:N"``, ``"dyn:N:D"`` or ``"dyn:N:D:K"`` (defaults D = 5, K = 4)."""
+        head, *numbers = spec.strip().split(":")
+        if head != cls.PREFIX or not 1 <= len(numbers) <= 3 or not all(
+                n.strip().isdigit() for n in numbers):
+            raise ValueError(
+                f"A dynamic tree is written 'dyn:N[:D[:K]]' (N nodes, depth D, top-k K), e.g. "
+                f"'dyn:16:5:4'; got {spec!r}."
+            )
+        return cls(*(int(n) for n in numbers), spec=spec.strip())
+
+    @property
+    def size(self) -> int:
+        return self.nodes
+
+    @property
+    def candidates(self) -> int:
+        """Candidates a block proposes: ``top_k`` after the root, ``top_k ** 2`` per later call."""
+        return self.top_k + (self.depth - 1) * self.top_k**2
+
+    @cached_property
+    def static(self) -> Tree:
+        """The static tree of the same node budget and depth (blocks with a sampled row)."""
+        return best_first(self.nodes, self.depth)
+
+    def __str__(self) -> str:
+        return self.spec
 
 
 def format_paths(paths: Sequence[Sequence[int]]) -> str:

@@ -68,42 +68,11 @@ class TreeStep:
             "draft", self._draft, rows, sampled)
         target_start, logits, outcome = models.measure(
             "target", self._verify, rows, node_tokens, draft_probs, caps, sampled)
-        models.metrics.draft_forward_passes += calls
-        models.metrics.target_forward_passes += 1
-        path, accepted, next_tokens, alpha, compared = outcome
-        columns = [node_tokens, path, accepted.unsqueeze(1), next_tokens.unsqueeze(1),
-                   alpha.unsqueeze(1), compared.unsqueeze(1)]
-        packed = torch.cat([c.double() for c in columns], dim=1).tolist()  # one transfer
-        fed_slot = {node: i for i, node in enumerate(fed)}
-        target_kept, draft_kept, taken, updates = [], [], [], []
-        for row, cap, values in zip(rows, caps, packed):
-            nodes, on_path, token, alpha_sum, levels = self._unpack(values)
-            drafted = [nodes[n] for n in on_path]
-            target_kept.append([0] + [n + 1 for n in on_path])
-            draft_kept.append([fed_slot[n] for n in on_path if n in fed_slot])
-            row.target_pending = token
-            last_fed = not on_path or on_path[-1] in fed_slot
-            row.draft_pending = [token] if last_fed else [drafted[-1], token]
-            row.counts.record_block(cap, len(on_path), alpha_sum, levels)
-            row.counts.draft_calls += calls
-            new = row.emit(drafted + [token])
-            taken.append(drafted + [token])
-            updates.append(RowUpdate(row.request.request_id, new, row.finish_reason is not None,
-                                     row.finish_reason, cap, len(on_path)))
-        self._logprobs(rows, updates, logits, target_kept, taken)
-        models.target.keep_slots(target_start, target_kept)
-        models.draft.keep_slots(draft_start, draft_kept)
-        return updates
-
-    def _unpack(self, values: list[float]):
-        """One row of a tree block's packed results: its node tokens, accepted nodes, next
-        token, alpha sum and the number of levels alpha was measured at."""
-        size, depth = self.tree.size, self.tree.depth
-        count = int(values[size + depth])
-        nodes = [int(t) for t in values[:size]]
-        on_path = [int(n) for n in values[size : size + count]]
-        token, alpha_sum, levels = values[size + depth + 1 :]
-        return nodes, on_path, int(token), alpha_sum, int(levels)
+        slots = torch.full((self.tree.size,), -1, dtype=torch.long, device=models.device)
+        slots[torch.tensor(fed, dtype=torch.long, device=models.device)] = torch.arange(
+            len(fed), device=models.device)
+        block = TreeBlock(node_tokens, slots.expand(len(rows), -1), outcome, calls)
+        return finish_tree_block(models, rows, caps, block, logits, (target_start, draft_start))
 
     def _sampled_rows(self, rows: list[_Row], caps: list[int]) -> _SampledRows | None:
         """The rows that sample (None: all greedy), with their uniforms ``[S, 2N + 1]``: node
@@ -212,14 +181,61 @@ class TreeStep:
         proposed = self.top1_parent[last + 1]
         return top1.double(), count + ((count < max_accepted) & proposed).long()
 
-    def _logprobs(self, rows: list[_Row], updates, logits, kept, taken) -> None:
-        """Log-probabilities of each row's path: the token after kept slot i is taken[i]."""
-        tops = [row.request.logprobs for row in rows]
-        if all(top is None for top in tops):
-            return
-        device, width = self.models.device, max(map(len, kept))
-        index = torch.tensor([k + [0] * (width - len(k)) for k in kept], device=device)
-        tokens = torch.tensor([t + [0] * (width - len(t)) for t in taken], device=device)
-        batch = torch.arange(len(kept), device=device).unsqueeze(1)
-        for update, entries in zip(updates, host_logprobs(logits[batch, index], tokens, tops)):
-            update.logprobs = first(entries, len(update.new_tokens))
+
+class TreeBlock(NamedTuple):
+    """A verified tree block, per row: ``node_tokens [B, N]``, ``node_slots [B, N]`` (the draft
+    slot holding each node from the block's first, -1: not fed to the draft), ``outcome``
+    ``(path [B, depth], num_accepted, next_tokens, alpha_sum, levels)`` and the draft calls."""
+
+    node_tokens: torch.Tensor
+    node_slots: torch.Tensor
+    outcome: tuple[torch.Tensor, ...]
+    calls: int
+
+
+def finish_tree_block(models: Models, rows: list[_Row], caps: list[int], block: TreeBlock,
+                      logits: torch.Tensor, starts: tuple[int, int]) -> list[RowUpdate]:
+    """Emit each row's accepted path and next token, keep the path in both caches (the target's
+    slots from ``starts[0]``, the draft's from ``starts[1]``) and count the block."""
+    models.metrics.draft_forward_passes += block.calls
+    models.metrics.target_forward_passes += 1
+    path, accepted, next_tokens, alpha, compared = block.outcome
+    columns = [block.node_tokens, block.node_slots, path, accepted.unsqueeze(1),
+               next_tokens.unsqueeze(1), alpha.unsqueeze(1), compared.unsqueeze(1)]
+    packed = torch.cat([c.double() for c in columns], dim=1).tolist()  # one transfer
+    size, depth = block.node_tokens.shape[1], path.shape[1]
+    target_kept, draft_kept, taken, updates = [], [], [], []
+    for row, cap, values in zip(rows, caps, packed):
+        nodes, slots = [int(t) for t in values[:size]], values[size : 2 * size]
+        count = int(values[2 * size + depth])
+        on_path = [int(n) for n in values[2 * size : 2 * size + count]]
+        token, alpha_sum, levels = values[2 * size + depth + 1 :]
+        token, drafted = int(token), [nodes[n] for n in on_path]
+        target_kept.append([0] + [n + 1 for n in on_path])
+        draft_kept.append([int(slots[n]) for n in on_path if slots[n] >= 0])
+        row.target_pending = token
+        last_fed = not on_path or slots[on_path[-1]] >= 0
+        row.draft_pending = [token] if last_fed else [drafted[-1], token]
+        row.counts.record_block(cap, len(on_path), alpha_sum, int(levels))
+        row.counts.draft_calls += block.calls
+        new = row.emit(drafted + [token])
+        taken.append(drafted + [token])
+        updates.append(RowUpdate(row.request.request_id, new, row.finish_reason is not None,
+                                 row.finish_reason, cap, len(on_path)))
+    _path_logprobs(models, rows, updates, logits, target_kept, taken)
+    models.target.keep_slots(starts[0], target_kept)
+    models.draft.keep_slots(starts[1], draft_kept)
+    return updates
+
+
+def _path_logprobs(models: Models, rows: list[_Row], updates, logits, kept, taken) -> None:
+    """Log-probabilities of each row's path: the token after kept slot i is taken[i]."""
+    tops = [row.request.logprobs for row in rows]
+    if all(top is None for top in tops):
+        return
+    device, width = models.device, max(map(len, kept))
+    index = torch.tensor([k + [0] * (width - len(k)) for k in kept], device=device)
+    tokens = torch.tensor([t + [0] * (width - len(t)) for t in taken], device=device)
+    batch = torch.arange(len(kept), device=device).unsqueeze(1)
+    for update, entries in zip(updates, host_logprobs(logits[batch, index], tokens, tops)):
+        update.logprobs = first(entries, len(update.new_tokens))

@@ -1,0 +1,109 @@
+"""Dynamic draft trees (EAGLE-2), pure parts: grow candidates by path probability, choose the
+nodes to verify, and the greedy rule on a tree of its own per row.
+
+Candidates are numbered in the order they are proposed, level by level: ``top_k`` children of
+the root, then ``top_k ** 2`` per later level (``top_k`` children of each of the ``top_k``
+expanded nodes). A candidate's *score* is the log of its path probability under the draft,
+``sum_i log q(x_i | x_<i)``; a node's score is at most its parent's. ``lineage [B, C, D]`` holds
+each candidate's ancestor at every depth (itself at its own depth, -1 below it), so "j is an
+ancestor of i or i itself" is ``lineage[i, depth(j) - 1] == j``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Log-probabilities are floored here: a pruned head's -inf logits would give -inf scores whose
+# ties could choose a node without its parent; 1e4 nats below the top is probability 0 anyway.
+LOGPROB_FLOOR = -1.0e4
+# Scores are float64 and a deeper node loses this much more, so a node never ties its parent.
+DEPTH_TIE_BREAK = 1.0e-9
+
+
+def top_children(draft_logits: torch.Tensor, parent_scores: torch.Tensor,
+                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` most likely draft tokens after each of P parents and their scores.
+
+    ``draft_logits [B, P, V]``, ``parent_scores [B, P]`` (float64) -> ``tokens [B, P * top_k]``
+    and ``scores = parent_score + log q(token | parent)`` in the same order (parent-major, then
+    rank), float64."""
+    logprobs = torch.log_softmax(draft_logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)
+    top = torch.topk(logprobs, top_k, dim=-1)
+    scores = parent_scores.unsqueeze(-1) + top.values.double()
+    return top.indices.flatten(1), scores.flatten(1)
+
+
+def extend_lineage(lineage: torch.Tensor | None, parents: torch.Tensor, first: int,
+                   depth: int, max_depth: int) -> torch.Tensor:
+    """``lineage [B, C, max_depth]`` with the candidates ``first ..`` (one level, at ``depth``,
+    their parents ``parents [B, P]``, -1: the root) appended."""
+    batch, count = parents.shape
+    new = torch.full((batch, count, max_depth), -1, dtype=torch.long, device=parents.device)
+    if lineage is not None and depth > 1:
+        index = parents.clamp_min(0).unsqueeze(-1).expand(-1, -1, max_depth)
+        new = lineage.gather(1, index).clone()
+    new[:, :, depth - 1] = torch.arange(first, first + count, device=parents.device)
+    return new if lineage is None else torch.cat([lineage, new], dim=1)
+
+
+def sees(lineage: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+         key_depths: torch.Tensor) -> torch.Tensor:
+    """``[B, Q, K]`` bool: key candidate ``keys[b, k]`` (at depth ``key_depths[b, k]``) is
+    query candidate ``queries[b, q]`` or one of its ancestors."""
+    depth_count = lineage.shape[2]
+    query_lineage = lineage.gather(1, queries.unsqueeze(-1).expand(-1, -1, depth_count))
+    at_key_depth = query_lineage.gather(
+        2, (key_depths - 1).unsqueeze(1).expand(-1, queries.shape[1], -1))
+    return at_key_depth == keys.unsqueeze(1)
+
+
+def select_nodes(scores: torch.Tensor, depths: torch.Tensor, nodes: int) -> torch.Tensor:
+    """The ``nodes`` candidates of highest score per row, ``[B, nodes]`` in candidate order
+    (so by depth: a parent before its children). With the depth tie-break a chosen node's
+    parent always scores higher, so the choice holds every chosen node's ancestors."""
+    ranked = scores - DEPTH_TIE_BREAK * depths.double()
+    chosen = torch.topk(ranked, nodes, dim=1).indices
+    return chosen.sort(dim=1).values
+
+
+def node_parents(chosen: torch.Tensor, candidate_parents: torch.Tensor) -> torch.Tensor:
+    """Each chosen node's parent as a node index (its position in ``chosen``), -1: the root."""
+    batch, count = candidate_parents.shape
+    position = torch.full((batch, count), -1, dtype=torch.long, device=chosen.device)
+    position.scatter_(1, chosen, torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen))
+    parents = candidate_parents.gather(1, chosen)
+    return torch.where(parents >= 0, position.gather(1, parents.clamp_min(0)), -1)
+
+
+def accept_rows_greedy(
+    parents: torch.Tensor,
+    node_tokens: torch.Tensor,
+    target_tokens: torch.Tensor,
+    depth: int,
+    max_accepted: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The greedy tree rule when every row has a tree of its own.
+
+    ``parents [B, N]`` (node index, -1 = the root), ``node_tokens [B, N]`` (siblings distinct),
+    ``target_tokens [B, N + 1]`` (the target's argmax after the root, column 0, and after each
+    node, column n + 1). From the root, move to the child whose token is the target's argmax
+    after the current node, while one exists and fewer than ``max_accepted[b]`` are accepted.
+    Returns ``(path [B, depth], num_accepted [B], next_tokens [B])`` as
+    ``tree.accept_tree_greedy`` does."""
+    batch = node_tokens.shape[0]
+    rows = torch.arange(batch, device=node_tokens.device)
+    current = torch.zeros(batch, dtype=torch.long, device=node_tokens.device)  # 0 = the root
+    going = max_accepted > 0
+    path = torch.full((batch, depth), -1, dtype=torch.long, device=node_tokens.device)
+    num_accepted = torch.zeros_like(current)
+    for level in range(depth):
+        wanted = target_tokens[rows, current]
+        match = (parents + 1 == current.unsqueeze(1)) & (node_tokens == wanted.unsqueeze(1))
+        match &= going.unsqueeze(1)
+        found = match.any(dim=1)
+        chosen = match.to(torch.int8).argmax(dim=1)
+        path[:, level] = torch.where(found, chosen, -1)
+        current = torch.where(found, chosen + 1, current)
+        num_accepted += found.long()
+        going = found & (num_accepted < max_accepted)
+    return path, num_accepted, target_tokens[rows, current]

@@ -1,6 +1,7 @@
 """Dynamic trees (EAGLE-2): the pure parts (candidate growth, the choice of nodes, the per-row
 greedy rule) against hand-built cases, and the engine: greedy output equal to the target's own
-in float32 for every draft, batch and budget; sampled rows fall back to the static tree."""
+in float32 for every draft, batch and budget, and beside sampled rows (which use a layout fixed
+in advance; their distribution is tested in test_engine_sampled.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from distillspec.decoding.dynamic_tree import (
     accept_rows_greedy,
     extend_lineage,
     node_parents,
+    prior_plan,
     sees,
     select_nodes,
     top_children,
 )
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
-from distillspec.decoding.tree import DynamicTree, Tree, accept_tree_greedy, best_first
+from distillspec.decoding.tree import DynamicTree, Tree, accept_tree_greedy
 
 models = test_engine_greedy.models
 DYNAMIC = ["dyn:1:1:1", "dyn:6:3:2", "dyn:16:5:4", "dyn:12:2:8"]
@@ -32,7 +34,7 @@ def test_dynamic_specs_parse_and_bad_ones_say_what_to_do():
     assert isinstance(tree, DynamicTree) and (tree.nodes, tree.depth, tree.top_k) == (16, 5, 4)
     assert tree.size == 16 and tree.spec == "dyn:16:5:4"
     assert Tree.parse("dyn:8") == DynamicTree(8, 5, 4)
-    assert tree.static == best_first(16, 5) and tree.candidates == 4 + 4 * 16
+    assert tree.candidates == 4 + 4 * 16
     assert SpeculationConfig(tree="dyn:16:5:4").tree_shape == tree
     for spec, message in [("dyn:", "dyn:N"), ("dyn:x", "dyn:N"), ("dyn:1:2:3:4", "dyn:N"),
                           ("dyn:0", "nodes"), ("dyn:65", "nodes"), ("dyn:8:1:4", "fewer than"),
@@ -129,18 +131,36 @@ def test_dynamic_tree_rows_stop_at_eos_and_budget_and_compact(models):
     assert result.sequences == long_reference
 
 
-def test_greedy_rows_beside_sampled_rows_in_a_dynamic_tree_decoder(models):
-    """Blocks with a sampled row run the static tree of the same budget for every row: greedy
-    rows still emit the target's greedy output, rows joining mid-run included, and a seeded
-    sampled row emits what it emits alone."""
+def test_prior_plan_is_a_static_tree_that_fits_the_dynamic_layout():
+    """Sampled rows' layout: chosen by the rank profile, not by any row's q; its tree is the
+    same nodes as rank paths (rank r = the r-th draw), parents before children."""
+    plan = prior_plan(16, 5, 4)
+    assert plan.tree.size == 16 and plan.tree.depth <= 5
+    assert all(len(picked) == 4 for picked in plan.picks) and len(plan.picks) == 4
+    assert sorted(plan.order) == list(range(16))
+    assert plan.tree.paths[:4] == ((0,), (1,), (2,), (3,))  # the root's four draws first
+    small = prior_plan(6, 2, 3)
+    assert small.tree == Tree.parse("0,1,2,0.0,0.1,1.0")
+
+
+@pytest.mark.parametrize("tree", ["dyn:8:3:3", "dyn:6:2:3"])
+def test_greedy_rows_keep_their_dynamic_path_beside_sampled_rows(models, tree):
+    """Per-row modes in a dynamic tree block: sampled rows (seeded or not, joining mid-run)
+    leave a greedy row's tokens and its accepted length at every block exactly as when it
+    decodes alone, which is the target's own greedy output; a seeded sampled row emits what it
+    emits alone, and another seed changes it (the control)."""
     target, draft = models["target"], models["partial"]
     prompts = [left_padded([n], seed=n)[0][0].tolist() for n in (5, 8, 3, 6)]
     plan = [(0, prompts[0], SamplingConfig(), None), (0, prompts[1], SAMPLED, 4),
             (1, prompts[2], SamplingConfig(), None), (2, prompts[3], SAMPLED, None)]
-    mixed = run_rows(target, draft, plan, "dyn:8:3:3")
+    mixed = run_rows(target, draft, plan, tree)
     for index in (0, 2):
+        alone = run_rows(target, draft, [(0, prompts[index], SamplingConfig(), None)], tree)
+        assert mixed[index] == alone[0], f"row {index}"
         reference = hf_greedy(target, torch.tensor([prompts[index]]), None, MAX_NEW).tolist()
         assert mixed[index][0] == reference[0]
-    alone = run_rows(target, draft, [(0, prompts[1], SAMPLED, 4)], "dyn:8:3:3")
+    alone = run_rows(target, draft, [(0, prompts[1], SAMPLED, 4)], tree)
     assert mixed[1] == alone[0]
+    assert mixed[1][0] != run_rows(target, draft, [(0, prompts[1], SAMPLED, 5)], tree)[0][0]
     assert all(len(output) == MAX_NEW for output, _ in mixed)
+    assert any(length > 0 for _, lengths in mixed[1::2] for length in lengths)

@@ -44,6 +44,9 @@ def tv(a, b):
         # sampled trees: i.i.d. candidates from the warped q, SpecInfer's multi-draft rule
         (SamplingConfig(temperature=1.0), 3, 0.0, "0,1,2,0.0,0.1,1.0"),
         (SamplingConfig(temperature=0.8, top_k=5, top_p=0.9), 2, 0.0, "4:2"),
+        # dynamic trees: sampled rows take the prior plan's static layout, same rule
+        (SamplingConfig(temperature=1.0), 3, 0.0, "dyn:6:3:3"),
+        (SamplingConfig(temperature=0.8, top_k=5, top_p=0.9), 2, 0.0, "dyn:5:2:3"),
     ],
 )
 def test_sampled_sd_matches_target_joint(sampling, gamma, threshold, tree):

@@ -11,7 +11,13 @@ ancestor of i or i itself" is ``lineage[i, depth(j) - 1] == j``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
+
+from distillspec.decoding.tree import RANK_PROFILE, Tree
 
 # Log-probabilities are floored here: a pruned head's -inf logits would give -inf scores whose
 # ties could choose a node without its parent; 1e4 nats below the top is probability 0 anyway.
@@ -107,3 +113,48 @@ def accept_rows_greedy(
         num_accepted += found.long()
         going = found & (num_accepted < max_accepted)
     return path, num_accepted, target_tokens[rows, current]
+
+
+class PriorPlan(NamedTuple):
+    """The candidates a sampled row feeds and verifies, fixed in advance: ``picks[l]`` the
+    ``K`` candidates fed at draft call ``l + 2``, ``chosen [N]`` those verified (candidate
+    order), and ``tree``, the same nodes as a static ``Tree`` (rank r = the r-th i.i.d. draw)
+    with ``order[n]`` = the position in ``chosen`` of the tree's node n."""
+
+    picks: list[torch.Tensor]
+    chosen: torch.Tensor
+    tree: Tree
+    order: tuple[int, ...]
+
+
+def prior_plan(nodes: int, depth: int, top_k: int,
+               profile: Sequence[float] = RANK_PROFILE) -> PriorPlan:
+    """A dynamic tree's layout for sampled rows: grown as for greedy rows, but scored by the
+    rank profile instead of the row's draft probabilities. A sampled row's children are i.i.d.
+    draws of q; choosing among them by their q would bias them (SpecInfer's rule needs
+    unselected draws), choosing by index does not. The result is a static tree that fits the
+    dynamic layout (``K`` fed nodes per call, ``K`` children each), so its rows share the block."""
+    rank_scores = torch.tensor([math.log(max(p, 1e-12)) for p in profile[:top_k]]
+                               + [math.log(1e-12)] * max(0, top_k - len(profile)),
+                               dtype=torch.float64)
+    scores, parents, ranks = [rank_scores], [[-1] * top_k], list(range(top_k))
+    picks, newest = [], 0
+    for _ in range(1, depth):
+        picked = torch.topk(scores[-1], top_k).indices + newest
+        flat = torch.cat(scores)
+        newest = flat.shape[0]
+        scores.append((flat[picked].unsqueeze(1) + rank_scores).flatten())
+        parents.append(picked.repeat_interleave(top_k).tolist())
+        ranks += list(range(top_k)) * top_k
+        picks.append(picked)
+    parent_of = [p for level in parents for p in level]
+    depths = torch.tensor([1] * top_k + [d for d in range(2, depth + 1) for _ in range(top_k**2)])
+    chosen = select_nodes(torch.cat(scores).unsqueeze(0), depths.unsqueeze(0), nodes)[0]
+
+    def path(candidate: int) -> tuple[int, ...]:
+        parent = parent_of[candidate]
+        return (path(parent) if parent >= 0 else ()) + (ranks[candidate],)
+
+    paths = [path(int(c)) for c in chosen]
+    tree = Tree(tuple(paths))
+    return PriorPlan(picks, chosen, tree, tuple(paths.index(p) for p in tree.paths))

@@ -197,10 +197,10 @@ class DynamicTree:
     path probability is at most its parent's, so the chosen set holds every chosen node's
     ancestors (ties: the shallower node first).
 
-    Greedy rows only: the re-ranking keeps a candidate by its draft probability, which would bias
-    i.i.d. samples of q, and SpecInfer's rule is exact only for unselected samples. A block with a
-    sampled row uses ``static`` (``best_first(nodes, depth)``) for every row, with each row's own
-    rule."""
+    That is for greedy rows. Choosing among a sampled row's i.i.d. draws of q by their q would
+    bias them (SpecInfer's rule is exact for unselected draws), so a sampled row in the same
+    block feeds and verifies a layout fixed in advance by the rank profile
+    (``dynamic_tree.prior_plan``), a static tree checked with SpecInfer's rule."""
 
     PREFIX = "dyn"
 
@@ -250,11 +250,6 @@ class DynamicTree:
     def candidates(self) -> int:
         """Candidates a block proposes: ``top_k`` after the root, ``top_k ** 2`` per later call."""
         return self.top_k + (self.depth - 1) * self.top_k**2
-
-    @cached_property
-    def static(self) -> Tree:
-        """The static tree of the same node budget and depth (blocks with a sampled row)."""
-        return best_first(self.nodes, self.depth)
 
     def __str__(self) -> str:
         return self.spec

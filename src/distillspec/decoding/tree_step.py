@@ -31,7 +31,37 @@ class _SampledRows(NamedTuple):
 
     index: torch.Tensor
     samplings: list[SamplingConfig]
-    uniforms: torch.Tensor  # [S, 2N + 1]: node draws, acceptance draws, the final draw
+    uniforms: torch.Tensor  # [S, width]: node draws, acceptance draws, the final draw
+
+
+def check_tree_attention(model) -> None:
+    """Trees need a 4-D mask (each node sees its ancestors only): sdpa or eager attention."""
+    if not takes_4d_mask(model):
+        raise ValueError(
+            f"Tree drafting needs sdpa or eager attention (a 4-D mask); {type(model).__name__} "
+            f"uses {model.config._attn_implementation!r}. Decode without --tree."
+        )
+
+
+def sampled_rows(models: Models, rows: list[_Row], caps: list[int],
+                 width: int) -> _SampledRows | None:
+    """The rows that sample (None: all greedy), with ``width`` uniforms each (a static tree:
+    ``2N + 1``, node draws, acceptance draws, the final draw). A seeded row takes them from its
+    own generator (1 number when its cap is 0, like a chain block with nothing to draft), so
+    what it consumes depends on its own state only."""
+    chosen = [i for i, row in enumerate(rows) if not row.request.sampling.greedy]
+    if not chosen:
+        return None
+    device = models.device
+    uniforms = torch.rand(len(chosen), width, generator=models.generator, device=device)
+    for slot, index in enumerate(chosen):
+        generator = rows[index].generator
+        if generator is None:
+            continue
+        own = torch.rand(width if caps[index] > 0 else 1, generator=generator, device=device)
+        uniforms[slot, -own.shape[0]:] = own
+    samplings = [rows[i].request.sampling for i in chosen]
+    return _SampledRows(torch.tensor(chosen, device=device), samplings, uniforms)
 
 
 class TreeStep:
@@ -39,13 +69,7 @@ class TreeStep:
 
     def __init__(self, models: Models, tree: Tree):
         for cached in (models.target, models.draft):  # fail now, not halfway through a block
-            model = cached.model
-            if not takes_4d_mask(model):
-                raise ValueError(
-                    f"Tree drafting needs sdpa or eager attention (a 4-D mask); "
-                    f"{type(model).__name__} uses "
-                    f"{model.config._attn_implementation!r}. Decode without --tree."
-                )
+            check_tree_attention(cached.model)
         self.models, self.tree, device = models, tree, models.device
         # A row near the end of the context still writes every node; one past the last position
         # can never be accepted (the row's budget stops it first), so it sits at the last one.
@@ -63,7 +87,7 @@ class TreeStep:
 
     def step(self, rows: list[_Row], caps: list[int]) -> list[RowUpdate]:
         models = self.models
-        sampled = self._sampled_rows(rows, caps)
+        sampled = sampled_rows(models, rows, caps, 2 * self.tree.size + 1)
         node_tokens, draft_probs, draft_start, fed, calls = models.measure(
             "draft", self._draft, rows, sampled)
         target_start, logits, outcome = models.measure(
@@ -73,25 +97,6 @@ class TreeStep:
             len(fed), device=models.device)
         block = TreeBlock(node_tokens, slots.expand(len(rows), -1), outcome, calls)
         return finish_tree_block(models, rows, caps, block, logits, (target_start, draft_start))
-
-    def _sampled_rows(self, rows: list[_Row], caps: list[int]) -> _SampledRows | None:
-        """The rows that sample (None: all greedy), with their uniforms ``[S, 2N + 1]``: node
-        draws, acceptance draws, the final draw. A seeded row takes them from its own
-        generator, ``2N + 1`` numbers (1 when its cap is 0, like a chain block with nothing to
-        draft), so what it consumes depends on its own state only."""
-        chosen = [i for i, row in enumerate(rows) if not row.request.sampling.greedy]
-        if not chosen:
-            return None
-        device, width = self.models.device, 2 * self.tree.size + 1
-        uniforms = torch.rand(len(chosen), width, generator=self.models.generator, device=device)
-        for slot, index in enumerate(chosen):
-            generator = rows[index].generator
-            if generator is None:
-                continue
-            own = torch.rand(width if caps[index] > 0 else 1, generator=generator, device=device)
-            uniforms[slot, -own.shape[0]:] = own
-        samplings = [rows[i].request.sampling for i in chosen]
-        return _SampledRows(torch.tensor(chosen, device=device), samplings, uniforms)
 
     def _draft(self, rows: list[_Row], sampled: _SampledRows | None):
         """The tree's node tokens ``[B, N]``: the draft reads each row's pending tokens, then the

@@ -36,7 +36,6 @@ from distillspec.decoding.generate import autoregressive_generate, speculative_g
 from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
 from distillspec.decoding.metrics import describe_agreement
 from distillspec.decoding.timing import timed
-from distillspec.decoding.tree import Tree
 from distillspec.models.compilation import apply_compile, record_verdict
 from distillspec.models.pruned_head import full_vocabulary, is_pruned
 from distillspec.tools.configs import BenchConfig
@@ -122,10 +121,8 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
                   cost_model, progress: Callable[[str], None]) -> dict[str, Any]:
     """Every method at one (temperature, batch size)."""
     settings = [(g, t, "") for g in config.gammas for t in config.confidence_thresholds]
-    # Static trees serve greedy and sampled rows; a dynamic tree grows for greedy rows only (a
-    # sampled block runs its static twin, measured as that static tree at T > 0).
-    settings += [(tree.depth, 0.0, tree) for tree in config.tree_shapes
-                 if probe.temperature == 0 or isinstance(tree, Tree)]
+    # every tree serves greedy and sampled rows (sampled: SpecInfer's rule on i.i.d. draws)
+    settings += [(tree.depth, 0.0, tree) for tree in config.tree_shapes]
     sweep = probe.sweep(
         hf.draft, settings, config.repeats, cost_model,
         progress=lambda message: progress(f"  {message}"),

@@ -10,7 +10,7 @@ import test_engine_greedy
 import torch
 from conftest import left_padded
 from test_engine_greedy import MAX_NEW, hf_greedy, strip_after_eos
-from test_tree import SAMPLED, run_rows
+from test_tree import SAMPLED, run_rows, trees_equal_target
 
 from distillspec import speculative_generate
 from distillspec.decoding.dynamic_tree import (
@@ -88,13 +88,7 @@ def test_per_row_rule_equals_the_static_rule_on_a_static_tree():
 @pytest.mark.parametrize("lengths", [[7], [5, 11, 2, 8]], ids=["batch1", "batch4-ragged"])
 @pytest.mark.parametrize("draft_kind", ["same", "random", "partial"])
 def test_dynamic_tree_equals_target(models, draft_kind, lengths):
-    target, draft = models["target"], models[draft_kind]
-    input_ids, attention_mask = left_padded(lengths)
-    reference = hf_greedy(target, input_ids, attention_mask, MAX_NEW).tolist()
-    for spec in DYNAMIC:
-        result = speculative_generate(target, draft, input_ids, attention_mask, gamma=4,
-                                      tree=spec, max_new_tokens=MAX_NEW)
-        assert result.sequences == reference, f"tree={spec}"
+    for _, result in trees_equal_target(models, draft_kind, lengths, DYNAMIC):
         total = result.metrics.total
         if draft_kind == "same":  # the root's top-1 child scores highest: always chosen, right
             assert all(min(row.accepted_lengths[:-1]) >= 1 for row in result.metrics.rows)

@@ -83,16 +83,23 @@ def test_greedy_tree_rule_walks_the_matching_children():
     assert count.tolist() == [1, 0, 0] and next_tokens.tolist() == [8, 4, 5]
 
 
-@pytest.mark.parametrize("lengths", [[7], [5, 11, 2, 8]], ids=["batch1", "batch4-ragged"])
-@pytest.mark.parametrize("draft_kind", ["same", "random", "partial"])
-def test_greedy_tree_equals_target(models, draft_kind, lengths):
+def trees_equal_target(models, draft_kind, lengths, specs):
+    """Each tree's greedy SD output equals transformers' greedy decoding of the target (fp32);
+    yields ``(spec, result)`` for further checks."""
     target, draft = models["target"], models[draft_kind]
     input_ids, attention_mask = left_padded(lengths)
     reference = hf_greedy(target, input_ids, attention_mask, MAX_NEW).tolist()
-    for spec in TREES:
+    for spec in specs:
         result = speculative_generate(target, draft, input_ids, attention_mask, gamma=4,
                                       tree=spec, max_new_tokens=MAX_NEW)
         assert result.sequences == reference, f"tree={spec}"
+        yield spec, result
+
+
+@pytest.mark.parametrize("lengths", [[7], [5, 11, 2, 8]], ids=["batch1", "batch4-ragged"])
+@pytest.mark.parametrize("draft_kind", ["same", "random", "partial"])
+def test_greedy_tree_equals_target(models, draft_kind, lengths):
+    for spec, result in trees_equal_target(models, draft_kind, lengths, TREES):
         total = result.metrics.total
         if draft_kind == "same":  # the top-1 path is always right: a full depth per block
             assert total.acceptance_rate == 1.0

@@ -36,6 +36,7 @@ from distillspec.decoding.tree_step import (
     TreeBlock,
     check_tree_attention,
     finish_tree_block,
+    last_tree_position,
     sampled_rows,
 )
 
@@ -57,10 +58,9 @@ class DynamicTreeStep:
     """One dynamic tree block for every row, greedy and sampled (``Strategy``)."""
 
     def __init__(self, models: Models, tree: DynamicTree):
-        for cached in (models.target, models.draft):  # fail now, not halfway through a block
-            check_tree_attention(cached.model)
+        check_tree_attention(models)
         self.models, self.tree = models, tree
-        self.last_position = models.context - 1 if models.context else None
+        self.last_position = last_tree_position(models)
         k, device = tree.top_k, models.device
         # Candidate depths and ranks among siblings, in proposal order (the same for every row).
         depths = [1] * k + [d for d in range(2, tree.depth + 1) for _ in range(k * k)]
@@ -111,25 +111,24 @@ class DynamicTreeStep:
         token_parts, score_parts = [first_tokens], [first_scores]
         parents = [torch.full((batch, k), -1, dtype=torch.long, device=device)]
         lineage = extend_lineage(None, parents[0], 0, 1, tree.depth)
-        start, fed, newest = draft.length, [], 0
+        start, fed, level_start = draft.length, [], 0
         for depth in range(1, tree.depth):
-            picked = torch.topk(score_parts[-1], k, dim=1).indices + newest  # [B, K]
+            local = torch.topk(score_parts[-1], k, dim=1).indices  # within the newest level
             if sampled is not None:
-                picked[sampled.index] = self.prior.picks[depth - 1].to(device)
+                local[sampled.index] = self.prior.picks[depth - 1].to(device) - level_start
+            picked = local + level_start  # [B, K] candidate indices
             fed_index = torch.cat([*fed, picked], dim=1)
             visible = sees(lineage, picked, fed_index, self.depths[fed_index])
             offsets = torch.full((batch, k), depth - 1, dtype=torch.long, device=device)
             call = TreeCall(start, offsets, visible, self.last_position)
-            scores = torch.cat(score_parts, dim=1)
-            logits = draft.forward(torch.cat(token_parts, dim=1).gather(1, picked), tree=call,
-                                   logits_to_keep=k)
-            newest = scores.shape[1]
-            new_tokens, new_scores = self._children(logits, scores.gather(1, picked), sampled,
-                                                    newest, probs)
+            logits = draft.forward(token_parts[-1].gather(1, local), tree=call, logits_to_keep=k)
+            level_start += score_parts[-1].shape[1]
+            new_tokens, new_scores = self._children(
+                logits, score_parts[-1].gather(1, local), sampled, level_start, probs)
             token_parts.append(new_tokens)
             score_parts.append(new_scores)
             parents.append(picked.repeat_interleave(k, dim=1))
-            lineage = extend_lineage(lineage, parents[-1], newest, depth + 1, tree.depth)
+            lineage = extend_lineage(lineage, parents[-1], level_start, depth + 1, tree.depth)
             fed.append(picked)
         fed_all = torch.cat(fed, dim=1) if fed else root.new_zeros(batch, 0, dtype=torch.long)
         candidates = _Candidates(torch.cat(token_parts, dim=1), torch.cat(score_parts, dim=1),

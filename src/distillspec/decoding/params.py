@@ -94,7 +94,7 @@ class SpeculationConfig:
         "at most D deep, or explicit paths such as '0,1,2,0.0' (ranks joined by '.'). Empty: "
         "a chain of gamma tokens. 'dyn:N:D:K': a dynamic tree per greedy row and block (EAGLE-2): "
         "D draft calls, the K most confident nodes expanded per call, the N most probable "
-        "paths verified.",
+        "paths verified; sampled rows in the block use a layout fixed in advance.",
     )  # parsed once into ``tree_shape``
 
     def __post_init__(self) -> None:

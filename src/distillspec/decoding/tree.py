@@ -213,7 +213,8 @@ class DynamicTree:
         if not 1 <= self.nodes <= MAX_TREE_NODES:
             raise ValueError(
                 f"A dynamic tree needs 1..{MAX_TREE_NODES} nodes, got {self.nodes}: its node "
-                "budget is the width of every verify. 'dyn:6:2:3' ran best of those measured on a 2-core CPU."
+                "budget is the width of every verify. 'dyn:6:2:3' ran best of those measured "
+                "on a 2-core CPU."
             )
         if not 1 <= self.depth <= MAX_TREE_NODES or not 1 <= self.top_k <= MAX_TREE_RANK:
             raise ValueError(

@@ -34,13 +34,23 @@ class _SampledRows(NamedTuple):
     uniforms: torch.Tensor  # [S, width]: node draws, acceptance draws, the final draw
 
 
-def check_tree_attention(model) -> None:
-    """Trees need a 4-D mask (each node sees its ancestors only): sdpa or eager attention."""
-    if not takes_4d_mask(model):
-        raise ValueError(
-            f"Tree drafting needs sdpa or eager attention (a 4-D mask); {type(model).__name__} "
-            f"uses {model.config._attn_implementation!r}. Decode without --tree."
-        )
+def check_tree_attention(models: Models) -> None:
+    """Trees need a 4-D mask (each node sees its ancestors only): sdpa or eager attention in
+    both models. Checked when a tree strategy is made, not halfway through a block."""
+    for model in (models.target.model, models.draft.model):
+        if not takes_4d_mask(model):
+            raise ValueError(
+                f"Tree drafting needs sdpa or eager attention (a 4-D mask); "
+                f"{type(model).__name__} uses {model.config._attn_implementation!r}. Decode "
+                "without --tree."
+            )
+
+
+def last_tree_position(models: Models) -> int | None:
+    """Where tree nodes' positions are clamped. A row near the end of the context still writes
+    every node; one past the last position can never be accepted (the row's budget stops it
+    first), so it sits at the last one."""
+    return models.context - 1 if models.context else None
 
 
 def sampled_rows(models: Models, rows: list[_Row], caps: list[int],
@@ -68,12 +78,9 @@ class TreeStep:
     """One tree block for every row, greedy and sampled rows alike (``Strategy``)."""
 
     def __init__(self, models: Models, tree: Tree):
-        for cached in (models.target, models.draft):  # fail now, not halfway through a block
-            check_tree_attention(cached.model)
+        check_tree_attention(models)
         self.models, self.tree, device = models, tree, models.device
-        # A row near the end of the context still writes every node; one past the last position
-        # can never be accepted (the row's budget stops it first), so it sits at the last one.
-        self.last_position = models.context - 1 if models.context else None
+        self.last_position = last_tree_position(models)
         self.levels = self._plan()
         self.verify_mask = tree.ancestors([-1, *range(tree.size)]).to(device)
         top1 = [rank == 0 for rank in tree.rank]

@@ -455,7 +455,10 @@ def test_a_full_disk_for_the_buffer_leaves_no_partial_line_and_every_answer(faul
             assert time.time() < deadline and not users.errors, users.errors
             time.sleep(0.05)
         assert local.server.engine.alive
-        assert whole_lines(folder / "buffer.jsonl") == whole_lines(folder / "heldout.jsonl") == []
+        # Read between two appends (under the buffer's lock): a failed append has undone its
+        # half line by then. Without the lock this read could land mid-write.
+        with local.server.distiller.lock:
+            assert whole_lines(folder / "buffer.jsonl") == whole_lines(folder / "heldout.jsonl") == []
         assert local.server.distiller.rounds == 0
         disk.full = False  # room again: requests are kept from now on
         users.wait_for(users.answered + 8)

@@ -293,6 +293,9 @@ def test_teacher_topk_dir_that_is_a_file_is_refused(workspace):
         (dict(filter_keep=0.5), "filter_reference is not set"),
         (dict(filter_reference="target-layers:2"), "filter_keep 1 turns off"),
         (dict(teacher_topk=8, divergence="tvd", loss_temperature=2.0), "loss_temperature 1"),
+        (dict(train_layers="last:0"), r"last:N needs N >= 1"),
+        (dict(train_layers="top:2"), r"is not all, last:N or i,j"),
+        (dict(train_layers="1,x"), r"is not all, last:N or i,j"),
     ],
 )
 def test_divergence_and_filter_knobs_are_validated(workspace, overrides, message):
@@ -383,3 +386,25 @@ def test_token_filter_run_trains_and_logs_the_kept_tokens(workspace):
     assert not torch.equal(final_weights(run)[name], target[name])
     saved = yaml.safe_load((run / "final" / "distill_config.yaml").read_text())
     assert saved["filter_keep"] == 0.5 and saved["filter_reference"] == "target-layers:2"
+
+
+def test_train_layers_freezes_the_others_and_checks_the_draft(workspace):
+    """train_layers last:1 on a 2-layer draft: layer 0 and the frozen embeddings end bit-equal
+    to the initial draft (target's layer 0), layer 1 moves; an index past the draft's layers
+    is refused when the draft is built."""
+    run = workspace / "run-last1"
+    distill(recipe(workspace, draft_init="target-layers:2", train_layers="last:1",
+                   train_embeddings=False, train_lm_head=False, max_steps=4,
+                   output_dir=str(run)))
+    trained, target = final_weights(run), load_file(workspace / "target" / "model.safetensors")
+    assert torch.equal(trained["model.layers.0.mlp.up_proj.weight"],
+                       target["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(trained["model.embed_tokens.weight"], target["model.embed_tokens.weight"])
+    assert not torch.equal(trained["model.layers.1.mlp.up_proj.weight"],
+                           target["model.layers.1.mlp.up_proj.weight"])
+    with pytest.raises(ValueError, match=r"the draft has only 2 layers; use last:2"):
+        distill(recipe(workspace, draft_init="target-layers:2", train_layers="last:3",
+                       output_dir=str(workspace / "run-last3")))
+    with pytest.raises(ValueError, match=r"layers are 0..1; 5 is not one of them"):
+        distill(recipe(workspace, draft_init="target-layers:2", train_layers="0,5",
+                       output_dir=str(workspace / "run-index5")))

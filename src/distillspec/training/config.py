@@ -28,6 +28,35 @@ def target_knob(role: str = "Target model") -> str:
     return knob(DEFAULT_TARGET, f"{role}: {MODEL_SPECS}.")
 
 
+def parse_train_layers(spec: str, layer_count: int | None) -> list[int] | None:
+    """``all`` -> None (every layer trains); ``last:N`` -> the last N indices; ``i,j,...`` ->
+    those indices. ``layer_count`` None checks the syntax only (the draft is not built yet)."""
+    value = spec.strip()
+    if value == "all":
+        return None
+    count_text = value[5:] if value.startswith("last:") else None
+    parts = [count_text] if count_text is not None else value.split(",")
+    if not all(part.strip().isdigit() for part in parts):
+        raise ValueError(
+            f"train_layers {spec!r} is not all, last:N or i,j,... (decoder layer indices of the "
+            "draft), e.g. last:4 or 20,21,22,23."
+        )
+    numbers = [int(part) for part in parts]
+    if count_text is not None and numbers[0] < 1:
+        raise ValueError(f"train_layers {spec!r}: last:N needs N >= 1.")
+    if layer_count is None:
+        return numbers
+    if count_text is not None:
+        if numbers[0] > layer_count:
+            raise ValueError(f"train_layers {spec!r}: the draft has only {layer_count} layers; "
+                             f"use last:{layer_count} or all.")
+        return list(range(layer_count - numbers[0], layer_count))
+    if max(numbers) >= layer_count:
+        raise ValueError(f"train_layers {spec!r}: the draft's layers are 0..{layer_count - 1}; "
+                         f"{max(numbers)} is not one of them.")
+    return sorted(set(numbers))
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """``distillspec distill``: a DistillSpec recipe. YAML keys are these field names."""
@@ -40,6 +69,12 @@ class DistillConfig:
     )
     train_embeddings: bool = knob(True, "Train the draft's input embeddings (else frozen).")
     train_lm_head: bool = knob(True, "Train the draft's output head (else frozen).")
+    train_layers: str = knob(
+        "all",
+        "Which of the draft's decoder layers train: all, last:N (its last N layers, the "
+        "earlier ones frozen: with frozen embeddings backward stops at the first trained "
+        "layer) or i,j,... (those indices of the draft's layers). The final norm always trains.",
+    )
     data: str = knob(
         "", "Training prompts: JSONL (prompt/completion or messages), .txt, a folder of .txt "
         "or builtin:NAME."
@@ -199,6 +234,7 @@ class DistillConfig:
                 "(1 - w) (-log acceptance) + w KL(target || draft); 0 is the pure acceptance loss."
             )
         self._check_filter()
+        parse_train_layers(self.train_layers, None)
         if not self.loss_temperature > 0 or not self.sample_temperature >= 0:
             raise ValueError("loss_temperature must be > 0 and sample_temperature >= 0.")
         if self.policy not in POLICY_CHOICES:

@@ -27,7 +27,7 @@ from distillspec.models.pruned_head import frequent_tokens
 from distillspec.models.registry import BUILTIN_PREFIX
 from distillspec.training import checkpoint, teacher_topk
 from distillspec.training.builtin_data import check_builtin_dataset
-from distillspec.training.config import DistillConfig
+from distillspec.training.config import DistillConfig, parse_train_layers
 from distillspec.training.datagen import teacher_cache
 from distillspec.training.datasets import load_examples, split_examples
 
@@ -150,11 +150,27 @@ def run_target(config: DistillConfig, device: torch.device, target, tokenizer):
     return target, tokenizer
 
 
+def freeze_layers(draft, spec: str) -> None:
+    """Freeze every decoder layer of ``draft`` that ``spec`` (``train_layers``) leaves out.
+    With frozen embeddings too, autograd stops at the first trained layer: a draft that trains
+    its last few layers runs backward through those alone."""
+    if spec.strip() == "all":
+        return
+    layers = getattr(getattr(draft, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"train_layers {spec!r} needs a decoder-only draft with "
+                         f"model.model.layers; {type(draft).__name__} has none. Use all.")
+    trained = parse_train_layers(spec, len(layers))
+    for index, layer in enumerate(layers):
+        layer.requires_grad_(index in trained)
+
+
 def trainable_draft(config: DistillConfig, target, tokenizer, token_ids=None):
     """The draft to train, in float32, with the chosen parameters trainable (``token_ids``:
     the kept vocabulary of a ``:vocab=K`` draft)."""
     draft = build_draft(config.draft_init, target, tokenizer, dtype=torch.float32,
                         token_ids=token_ids)
+    freeze_layers(draft, config.train_layers)
     draft.get_input_embeddings().weight.requires_grad_(config.train_embeddings)
     draft.get_output_embeddings().weight.requires_grad_(config.train_lm_head)
     if draft.config.tie_word_embeddings and config.train_embeddings != config.train_lm_head:

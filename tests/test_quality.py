@@ -286,6 +286,7 @@ def test_bad_setups_say_the_grammar(setup, message):
     (dict(setups=["target", "target"]), "twice"),
     (dict(draft="none"), "need a draft"),
     (dict(setups=[]), "at least one"),
+    (dict(setups=["target"], compare_draft="target-layers:1"), "no setup uses a draft"),
 ])
 def test_config_refuses_meaningless_combinations(values, message):
     from distillspec.common.config import from_dict
@@ -400,6 +401,29 @@ def test_eval_text_sampled_with_a_lossy_setup(model_folder, tmp_path):
     lossless, lossy = report["setups"][1:]
     assert lossy["lenience"] == "exp" and lossy["epsilon"] == 0.3
     assert lossy["acceptance_rate"] > lossless["acceptance_rate"]
+
+
+def test_a_compare_draft_runs_every_draft_setup_beside_the_draft(model_folder, tmp_path):
+    """--compare-draft: each sd setup runs again right after itself with the second draft. The
+    target as its own draft (fp32) accepts every token, the 1-layer draft does not, so the two
+    entries really come from two drafts; both stay lossless."""
+    from distillspec.tools.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("w1 w2 w3", "w7 w9")))
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "text", "--target", str(model_folder), "--draft",
+                 "target-layers:1", "--compare-draft", str(model_folder), "--data", str(prompts),
+                 "--setups", "target,sd:2", "--max-new-tokens", "8", "--dtype", "float32",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert [(e["setup"], e["draft"]) for e in report["setups"]] == [
+        ("target", None), ("sd:2", "draft"), ("sd:2 [compare]", "compare")]
+    _, draft, compare = report["setups"]
+    assert compare["acceptance_rate"] == 1.0 > draft["acceptance_rate"]
+    assert draft["agreement"]["exact_match"] == compare["agreement"]["exact_match"] == 1.0
+    assert report["compare_draft"] == str(model_folder)
+    assert "([compare]: " in (out / "eval.md").read_text()
 
 
 def test_eval_refuses_before_writing(model_folder, tmp_path, capsys):

@@ -14,7 +14,7 @@ A decoding setup is one string (``EvalSetup.parse``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig
@@ -44,6 +44,7 @@ class EvalSetup:
 
     label: str
     speculation: SpeculationConfig | None  # None: the target alone
+    compare: bool = False  # drafted by --compare-draft instead of --draft
 
     @property
     def uses_draft(self) -> bool:
@@ -109,6 +110,11 @@ class EvalConfig:
     draft: str = knob(
         "auto", "Draft for the sd/tree setups: an HF folder, .gguf, builtin:NAME or "
         "target-layers:N; auto = the draft `distillspec demo` distilled for the target.",
+    )
+    compare_draft: str = knob(
+        "", "A second draft (same forms as --draft, e.g. the draft as shipped beside the "
+        "distilled --draft): every sd/tree setup also runs with it, in the same run and against "
+        "the same target setup, labelled 'SETUP [compare]'. Empty: none.",
     )
     setups: list[str] = knob(
         ["target", "sd:4"], f"Decoding setups to measure, in order: {SETUP_GRAMMAR}.",
@@ -180,7 +186,16 @@ class EvalConfig:
     def parsed_setups(self) -> list[EvalSetup]:
         if not self.setups:
             raise ValueError(f"setups must list at least one setup: {SETUP_GRAMMAR}.")
-        return [EvalSetup.parse(text) for text in self.setups]
+        setups = [EvalSetup.parse(text) for text in self.setups]
+        if not self.compare_draft:
+            return setups
+        if not any(setup.uses_draft for setup in setups):
+            raise ValueError("compare_draft is set but no setup uses a draft: add an sd:G or "
+                             "tree:SPEC setup, or drop --compare-draft.")
+        # each compare setup right after its own, so that both see the same machine state
+        return [each for setup in setups for each in (
+            [setup, replace(setup, label=f"{setup.label} [compare]", compare=True)]
+            if setup.uses_draft else [setup])]
 
     def sandbox_limits(self) -> SandboxLimits:
         return SandboxLimits(self.timeout_s, self.memory_mb, self.max_processes)

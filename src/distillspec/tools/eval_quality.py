@@ -196,6 +196,7 @@ def _speed(run: SetupRun, target_tps: float | None) -> dict[str, Any]:
     tokens_per_s = kept / wall if wall > 0 else None
     return {
         "setup": run.setup.label,
+        "draft": None if spec is None else ("compare" if run.setup.compare else "draft"),
         "kind": "target" if spec is None else ("tree" if spec.tree else "sd"),
         "gamma": spec.gamma if spec is not None and not spec.tree else None,
         "tree": spec.tree if spec is not None and spec.tree else None,
@@ -225,8 +226,10 @@ def _rows(items: Sequence[Item], samples: int, seed: int) -> list[Row]:
 
 
 def run_eval(config: EvalConfig, target, draft, tokenizer, items: Sequence[Item],
-             progress: Callable[[str], None] = print, sandbox: dict | None = None) -> dict[str, Any]:
-    """Decode, time and score every setup (see the module docstring); returns the report."""
+             progress: Callable[[str], None] = print, sandbox: dict | None = None,
+             compare=None) -> dict[str, Any]:
+    """Decode, time and score every setup (see the module docstring); returns the report.
+    ``compare``: the --compare-draft model, which drafts the setups marked ``compare``."""
     from distillspec.models.loading import eos_token_ids, pad_token_id
 
     setups = config.parsed_setups()
@@ -240,10 +243,11 @@ def run_eval(config: EvalConfig, target, draft, tokenizer, items: Sequence[Item]
     for number, setup in enumerate(setups, 1):
         progress(f"eval: setup {number}/{len(setups)} {setup.label}: decoding {len(rows)} "
                  f"rows of up to {config.new_tokens} tokens ...")
+        drafter = compare if setup.compare else draft
         if config.warmup:
-            decode_rows(target, draft, setup, items, rows[:1], sampling=config.sampling,
+            decode_rows(target, drafter, setup, items, rows[:1], sampling=config.sampling,
                         **{**common, "max_new_tokens": min(WARMUP_TOKENS, config.new_tokens)})
-        runs.append(decode_rows(target, draft, setup, items, rows, sampling=config.sampling,
+        runs.append(decode_rows(target, drafter, setup, items, rows, sampling=config.sampling,
                                 **common))
     reference, source = _reference(runs, config, target, draft, items, common, progress)
     target_run = next((run for run in runs if run.setup.speculation is None), None)
@@ -345,10 +349,12 @@ def markdown_report(report: dict[str, Any]) -> str:
     ks = list(report["setups"][0].get("pass_at_k", {})) if code else []
     head = ["setup", "tok/s", "÷ target", "τ", "acceptance", "α"]
     head += [f"pass@{k}" for k in ks] + ["log-lik/token", "identical", "first diff"]
+    compared = (f" ([compare]: {report['compare_draft']})" if report.get("compare_draft")
+                else "")
     lines = [
         f"# distillspec eval: {report['task']} on {report['data']}",
         "",
-        f"Target {report['config']['target']}, draft {report.get('draft') or '–'}; "
+        f"Target {report['config']['target']}, draft {report.get('draft') or '–'}{compared}; "
         f"{report['items']} items × {report['samples_per_item']} samples, temperature "
         f"{report['temperature']:g}, {report['device']} {report['dtype']}. Agreement "
         f"reference: {report['reference']}.",
@@ -438,7 +444,7 @@ def build_items(config: EvalConfig, tokenizer, context: int | None,
 
 def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate every input, load, claim the output folder, run every setup, write reports."""
-    from distillspec.models.loading import check_model_spec, load_model, load_pair
+    from distillspec.models.loading import build_draft, check_model_spec, load_model, load_pair
 
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     apply_threads(config.runtime)
@@ -455,12 +461,18 @@ def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None)
         draft = None
     else:
         target, draft, tokenizer = load_pair(config.target, draft_spec, **options)
+    compare = None
+    if config.compare_draft:
+        compare = build_draft(config.compare_draft, target, tokenizer,
+                              trust_remote_code=config.runtime.trust_remote_code,
+                              allow_download=config.runtime.allow_download)
     context = getattr(target.config, "max_position_embeddings", None)
     items = build_items(config, tokenizer, context, problems)
     run_folder = claim(config.out, "eval")
     run_folder.track(*REPORTS)
-    report = run_eval(config, target, draft, tokenizer, items, progress, sandbox)
+    report = run_eval(config, target, draft, tokenizer, items, progress, sandbox, compare)
     report["draft"] = draft_spec  # what auto resolved to
+    report["compare_draft"] = config.compare_draft or None
     write_reports(report, run_folder)
     print(markdown_report(report))
     progress(f"eval: wrote {run_folder.path}/eval.json, eval.md, samples.jsonl")

@@ -2,8 +2,9 @@
 each cut to its signature and docstring (HumanEval's prompt shape), as JSONL ``{"prompt": ...}``
 lines for ``distillspec eval --task text --data``.
 
-Modules are those of ``MODULES`` (none of them in ``builtin:stdlib-code``, so no draft trained on
-that corpus has seen them); in each, the top-level functions with a docstring of at least
+Modules are those of ``MODULES`` (none of them in ``builtin:stdlib-code``'s list, so no draft
+trained on that corpus has seen them; a module that is a package in this Python version is read
+from its ``__init__.py``, one that is gone is skipped); in each, the top-level functions with a docstring of at least
 ``MIN_DOC`` characters, in file order; then ``--count`` of them, round-robin over the modules so
 that no module dominates. Deterministic for one Python version.
 
@@ -49,8 +50,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="JSONL file to write")
     args = parser.parse_args()
     root = Path(sysconfig.get_paths()["stdlib"])
-    per_module = [function_prompts(root / f"{name}.py") for name in MODULES
-                  if (root / f"{name}.py").exists()]
+    if args.count < 1:
+        parser.error("--count must be >= 1")
+    files = [root / f"{name}.py" if (root / f"{name}.py").exists() else root / name / "__init__.py"
+             for name in MODULES]
+    per_module = [function_prompts(path) for path in files if path.exists()]
     chosen = [prompt for group in itertools.zip_longest(*per_module) for prompt in group
               if prompt is not None][: args.count]
     with open(args.out, "w", encoding="utf-8") as handle:

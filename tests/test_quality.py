@@ -417,7 +417,7 @@ def test_a_compare_draft_runs_every_draft_setup_beside_the_draft(model_folder, t
                  "--setups", "target,sd:2", "--max-new-tokens", "8", "--dtype", "float32",
                  "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads((out / "eval.json").read_text())
-    assert [(e["setup"], e["draft"]) for e in report["setups"]] == [
+    assert [(e["setup"], e["draft_role"]) for e in report["setups"]] == [
         ("target", None), ("sd:2", "draft"), ("sd:2 [compare]", "compare")]
     _, draft, compare = report["setups"]
     assert compare["acceptance_rate"] == 1.0 > draft["acceptance_rate"]
@@ -449,3 +449,14 @@ def test_quality_module_needs_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, env={**os.environ})
     assert result.stdout.strip() == "False"
+
+
+def test_compare_setups_sit_beside_their_own_and_alternate_first():
+    from distillspec.common.config import from_dict
+
+    config = from_dict(EvalConfig, {"setups": ["target", "sd:2", "tree:4:1", "sd:3"],
+                                    "compare_draft": "target-layers:1"})
+    assert [(s.label, s.compare) for s in config.parsed_setups()] == [
+        ("target", False), ("sd:2", False), ("sd:2 [compare]", True),
+        ("tree:4:1 [compare]", True), ("tree:4:1", False), ("sd:3", False),
+        ("sd:3 [compare]", True)]

@@ -416,3 +416,22 @@ def test_a_killed_worker_has_its_cell_rerun_from_its_checkpoint(workspace):
     study = json.loads((out / "study.json").read_text())
     assert len(study["cells"]) == 4 and all(r["steps"] == 6 for r in study["cells"])
     assert len(list((out / "logs").glob("worker-*.log"))) == 3  # the dead one and its successor
+
+
+def test_a_study_saved_before_a_knob_existed_resumes_at_that_knob_s_default(tmp_path):
+    """A knob added after a study was saved (its saved config lacks the key) reads as its default:
+    the study resumes with the knob at its default and is refused with it changed."""
+    from distillspec.common.config import to_dict
+    from distillspec.common.rundir import RunFolder
+    from distillspec.tools.study import CONFIG_FILE, _check_saved_config
+
+    config = StudyConfig(tasks=["c=builtin:chat"], seeds=[0])
+    saved = to_dict(config)
+    del saved["recipe"]["train_layers"]  # as written before train_layers existed
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(saved))
+    folder = RunFolder(tmp_path, "study")
+    _check_saved_config(folder, config)  # no error
+    changed = from_dict(StudyConfig, {**to_dict(config),
+                                      "recipe": {**to_dict(config)["recipe"], "train_layers": "last:1"}})
+    with pytest.raises(ValueError, match=r"recipe.train_layers: 'all' -> 'last:1'"):
+        _check_saved_config(folder, changed)

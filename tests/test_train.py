@@ -408,3 +408,17 @@ def test_train_layers_freezes_the_others_and_checks_the_draft(workspace):
     with pytest.raises(ValueError, match=r"layers are 0..1; 5 is not one of them"):
         distill(recipe(workspace, draft_init="target-layers:2", train_layers="0,5",
                        output_dir=str(workspace / "run-index5")))
+
+
+def test_resume_refuses_other_trainable_parameters(workspace):
+    """A checkpoint's optimiser moments belong to the parameters that trained: resuming it with
+    another train_layers is refused, with the same one it goes on."""
+    run = workspace / "run-resume-layers"
+    base = dict(draft_init="target-layers:2", train_layers="last:1", train_embeddings=False,
+                train_lm_head=False, save_every=2, output_dir=str(run))
+    distill(recipe(workspace, max_steps=2, **base))
+    with pytest.raises(ValueError, match=r"was trained with train_layers 'last:1', this run sets "
+                                         r"'all'"):
+        distill(recipe(workspace, max_steps=4, resume=True, **{**base, "train_layers": "all"}))
+    distill(recipe(workspace, max_steps=4, resume=True, **base))
+    assert json.loads((run / "rank-0.json").read_text())["step"] == 4

@@ -112,9 +112,10 @@ class EvalConfig:
         "target-layers:N; auto = the draft `distillspec demo` distilled for the target.",
     )
     compare_draft: str = knob(
-        "", "A second draft (same forms as --draft, e.g. the draft as shipped beside the "
-        "distilled --draft): every sd/tree setup also runs with it, in the same run and against "
-        "the same target setup, labelled 'SETUP [compare]'. Empty: none.",
+        "", "A second draft (an HF folder, .gguf, builtin:NAME or target-layers:N; e.g. the "
+        "draft as shipped beside the distilled --draft): every sd/tree setup also runs with it, "
+        "in the same run and against the same target setup, labelled 'SETUP [compare]' (the "
+        "two alternate which goes first, setup by setup). Empty: none.",
     )
     setups: list[str] = knob(
         ["target", "sd:4"], f"Decoding setups to measure, in order: {SETUP_GRAMMAR}.",
@@ -192,10 +193,17 @@ class EvalConfig:
         if not any(setup.uses_draft for setup in setups):
             raise ValueError("compare_draft is set but no setup uses a draft: add an sd:G or "
                              "tree:SPEC setup, or drop --compare-draft.")
-        # each compare setup right after its own, so that both see the same machine state
-        return [each for setup in setups for each in (
-            [setup, replace(setup, label=f"{setup.label} [compare]", compare=True)]
-            if setup.uses_draft else [setup])]
+        # each compare setup beside its own, so that both see the same machine state, the
+        # first of the two alternating so that neither is always the warmer one
+        ordered, drafted = [], 0
+        for setup in setups:
+            if not setup.uses_draft:
+                ordered.append(setup)
+                continue
+            pair = [setup, replace(setup, label=f"{setup.label} [compare]", compare=True)]
+            ordered += pair if drafted % 2 == 0 else pair[::-1]
+            drafted += 1
+        return ordered
 
     def sandbox_limits(self) -> SandboxLimits:
         return SandboxLimits(self.timeout_s, self.memory_mb, self.max_processes)

@@ -196,7 +196,7 @@ def _speed(run: SetupRun, target_tps: float | None) -> dict[str, Any]:
     tokens_per_s = kept / wall if wall > 0 else None
     return {
         "setup": run.setup.label,
-        "draft": None if spec is None else ("compare" if run.setup.compare else "draft"),
+        "draft_role": None if spec is None else ("compare" if run.setup.compare else "draft"),
         "kind": "target" if spec is None else ("tree" if spec.tree else "sd"),
         "gamma": spec.gamma if spec is not None and not spec.tree else None,
         "tree": spec.tree if spec is not None and spec.tree else None,
@@ -449,6 +449,8 @@ def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None)
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     apply_threads(config.runtime)
     check_model_spec(config.target, config.runtime.allow_download)
+    if config.compare_draft:
+        check_model_spec(config.compare_draft, config.runtime.allow_download)
     problems = load_problems(config.data_spec) if config.task == "code" else None
     draft_spec = resolve_draft(config)
     sandbox = None

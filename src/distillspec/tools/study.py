@@ -19,6 +19,7 @@ The grid, its parsing and the summaries are pure functions in ``study_grid``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from distillspec.common.config import changed_flags, replace, to_dict
+from distillspec.common.config import changed_flags, from_dict, replace, to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text, read_jsonl
 from distillspec.common.rundir import RunFolder, claim
 from distillspec.common.runtime import apply_threads
@@ -127,7 +128,12 @@ def _check_saved_config(out: RunFolder, config: StudyConfig) -> None:
     path = out.path / CONFIG_FILE
     if not path.is_file():
         return
-    differences = grid_differences(json.loads(path.read_text(encoding="utf-8")), to_dict(config))
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    with contextlib.suppress(ValueError, TypeError):
+        # a knob added since the study was saved reads as its default, so that an older study
+        # resumes when that knob is left at its default (and is refused when it is not)
+        saved = to_dict(from_dict(StudyConfig, saved))
+    differences = grid_differences(saved, to_dict(config))
     if differences:
         raise ValueError(
             f"{out.path} holds a study with other settings ({'; '.join(differences)}), so its "

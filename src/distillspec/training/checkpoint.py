@@ -201,6 +201,28 @@ def load_weights(folder: Path, draft, device) -> None:
         draft.tie_weights()
 
 
+# Knobs that decide which parameters train: the optimiser state of a checkpoint holds moments
+# for exactly those, matched by position, so a resume must keep them.
+TRAINABLE_KNOBS = {"train_layers": "all", "train_embeddings": True, "train_lm_head": True}
+
+
+def check_same_trainables(folder: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume ``folder`` with other trainable parameters than it was trained with (a
+    knob missing from an older checkpoint reads as its default)."""
+    path = folder / "distill_config.yaml"
+    saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(saved, dict):
+        return  # nothing recorded to compare (the weights and state are checked elsewhere)
+    for key, default in TRAINABLE_KNOBS.items():
+        before, now = saved.get(key, default), config.get(key, default)
+        if before != now:
+            raise ValueError(
+                f"{folder} was trained with {key} {before!r}, this run sets {now!r}: its optimiser "
+                "state belongs to the parameters that trained then. Resume with the same "
+                f"{key}, or start a new run (--overwrite, or another --output-dir)."
+            )
+
+
 def load_trainer_state(folder: Path) -> dict[str, Any]:
     """The trainer state saved beside the weights: counters, optimiser, schedule, RNG."""
     return torch.load(folder / STATE, weights_only=True)

@@ -108,6 +108,7 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     draft = setup.trainable_draft(config, target, tokenizer, vocabulary)
     head_ids = getattr(draft.get_output_embeddings(), "token_ids", None)  # a pruned head's
     if resume_from is not None:  # whole weights, before any sharding
+        checkpoint.check_same_trainables(resume_from, to_dict(config))
         checkpoint.load_weights(resume_from, draft, accelerator.device)
     replica = sharding.Replica(draft) if config.sharding == "fsdp" else None
     if replica is not None:

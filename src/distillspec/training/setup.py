@@ -21,7 +21,7 @@ import torch
 
 from distillspec.common.rundir import RunFolder, claim
 from distillspec.common.runtime import autocast_bf16, load_options
-from distillspec.models.drafts import split_vocab_option
+from distillspec.models.drafts import parse_layer_spec, split_vocab_option
 from distillspec.models.loading import build_draft, check_model_spec, eos_token_ids, load_model
 from distillspec.models.pruned_head import frequent_tokens
 from distillspec.models.registry import BUILTIN_PREFIX
@@ -59,6 +59,9 @@ def check_inputs(config: DistillConfig) -> None:
     """Fail before anything is loaded or written: models, data and trackers must exist."""
     check_model_spec(config.target, config.runtime.allow_download)
     check_model_spec(config.draft_init, config.runtime.allow_download)
+    layers = parse_layer_spec(split_vocab_option(config.draft_init)[0])
+    if layers is not None:  # a layer-subset draft's depth is known before any loading
+        parse_train_layers(config.train_layers, len(layers))
     if config.filter_reference:
         check_model_spec(config.filter_reference, config.runtime.allow_download)
     if not config.data:

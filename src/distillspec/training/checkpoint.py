@@ -22,13 +22,14 @@ import json
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from distillspec.common.config import field_default
 from distillspec.common.io import atomic_write_text
 from distillspec.models.pruned_head import (
     full_vocabulary,
@@ -203,18 +204,19 @@ def load_weights(folder: Path, draft, device) -> None:
 
 # Knobs that decide which parameters train: the optimiser state of a checkpoint holds moments
 # for exactly those, matched by position, so a resume must keep them.
-TRAINABLE_KNOBS = {"train_layers": "all", "train_embeddings": True, "train_lm_head": True}
+TRAINABLE_KNOBS = ("train_layers", "train_embeddings", "train_lm_head")
 
 
-def check_same_trainables(folder: Path, config: dict[str, Any]) -> None:
-    """Refuse to resume ``folder`` with other trainable parameters than it was trained with (a
-    knob missing from an older checkpoint reads as its default)."""
+def check_same_trainables(folder: Path, config) -> None:
+    """Refuse to resume ``folder`` with other trainable parameters than ``config`` (a
+    DistillConfig) trains; a knob missing from an older checkpoint reads as its default."""
     path = folder / "distill_config.yaml"
     saved = yaml.safe_load(path.read_text()) if path.is_file() else None
     if not isinstance(saved, dict):
         return  # nothing recorded to compare (the weights and state are checked elsewhere)
-    for key, default in TRAINABLE_KNOBS.items():
-        before, now = saved.get(key, default), config.get(key, default)
+    defaults = {f.name: field_default(f) for f in fields(config) if f.name in TRAINABLE_KNOBS}
+    for key in TRAINABLE_KNOBS:
+        before, now = saved.get(key, defaults[key]), getattr(config, key)
         if before != now:
             raise ValueError(
                 f"{folder} was trained with {key} {before!r}, this run sets {now!r}: its optimiser "

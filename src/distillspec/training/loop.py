@@ -108,7 +108,6 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     draft = setup.trainable_draft(config, target, tokenizer, vocabulary)
     head_ids = getattr(draft.get_output_embeddings(), "token_ids", None)  # a pruned head's
     if resume_from is not None:  # whole weights, before any sharding
-        checkpoint.check_same_trainables(resume_from, to_dict(config))
         checkpoint.load_weights(resume_from, draft, accelerator.device)
     replica = sharding.Replica(draft) if config.sharding == "fsdp" else None
     if replica is not None:
@@ -192,6 +191,8 @@ def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, 
         )
     setup.check_inputs(config)
     folder, resume_from = setup.open_folders(config)
+    if resume_from is not None:  # before anything loads
+        checkpoint.check_same_trainables(resume_from, config)
     run = _build(config, folder, resume_from, target, tokenizer)
     if run.accelerator.is_main_process:
         checkpoint.truncate_metrics(folder.child("metrics.jsonl"), run.state.step)

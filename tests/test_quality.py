@@ -401,6 +401,48 @@ def test_eval_text_sampled_with_a_lossy_setup(model_folder, tmp_path):
     lossless, lossy = report["setups"][1:]
     assert lossy["lenience"] == "exp" and lossy["epsilon"] == 0.3
     assert lossy["acceptance_rate"] > lossless["acceptance_rate"]
+    assert "## Lenience curves" in (out / "eval.md").read_text()
+    assert (out / "quality_speed.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "quality_speed_compare.png").exists()
+
+
+def _entry(setup, role, epsilon=1.0, lenience="none", gamma=3, speedup=1.2, tau=2.0, passed=0.5):
+    return {"setup": setup, "draft_role": role, "kind": "target" if role is None else "sd",
+            "gamma": None if role is None else gamma, "tree": None, "confidence_threshold": 0.0,
+            "lenience": lenience, "epsilon": epsilon, "speedup_vs_target": speedup,
+            "block_efficiency": tau, "pass_at_k": {"1": passed}, "mean_log_likelihood": -0.4}
+
+
+def test_lenience_curves_start_at_their_own_lossless_setup_and_run_to_the_most_lenient(tmp_path):
+    """Curves group by draft role, drafting setting and f; the lossless setup of the same role
+    and gamma opens each (epsilon 1, where every f is the identity), points by falling epsilon."""
+    from distillspec.tools.eval_quality import lenience_curves, lenience_lines, write_plots
+
+    setups = [_entry("target", None, speedup=1.0, tau=None),
+              _entry("sd:3", "draft"), _entry("sd:3 [compare]", "compare", speedup=1.1),
+              _entry("sd:3:exp=0.2", "draft", 0.2, "exp", speedup=1.5),
+              _entry("sd:3:exp=0.5", "draft", 0.5, "exp", speedup=1.3),
+              _entry("sd:3:lin=0.5 [compare]", "compare", 0.5, "lin"),
+              _entry("sd:4:exp=0.5", "draft", 0.5, "exp", gamma=4)]
+    report = {"task": "code", "setups": setups, "draft": "d", "compare_draft": "c"}
+    curves = {(c["role"], c["lenience"], c["points"][-1]["gamma"]): c
+              for c in lenience_curves(report)}
+    assert set(curves) == {("draft", "exp", 3), ("compare", "lin", 3), ("draft", "exp", 4)}
+    assert [p["setup"] for p in curves["draft", "exp", 3]["points"]] == [
+        "sd:3", "sd:3:exp=0.5", "sd:3:exp=0.2"]
+    assert [p["setup"] for p in curves["compare", "lin", 3]["points"]] == [
+        "sd:3 [compare]", "sd:3:lin=0.5 [compare]"]
+    # no lossless sd:4 was run: that curve has only its lossy point and no base
+    assert curves["draft", "exp", 4]["base"] is None
+    assert len(curves["draft", "exp", 4]["points"]) == 1
+    lines = "\n".join(lenience_lines(report))
+    assert "| draft | exp | 1: 1.20× / 2.00 / 0.500 / -0.400; 0.5: 1.30×" in lines
+    written = write_plots(report, lambda name: tmp_path / name)
+    assert written == ["quality_speed.png", "quality_speed_compare.png"]
+    assert all((tmp_path / name).stat().st_size > 1000 for name in written)
+    no_lossy = {**report, "setups": setups[:3]}
+    assert lenience_curves(no_lossy) == [] and lenience_lines(no_lossy) == []
+    assert write_plots(no_lossy, lambda name: tmp_path / "x" / name) == []
 
 
 def test_a_compare_draft_runs_every_draft_setup_beside_the_draft(model_folder, tmp_path):

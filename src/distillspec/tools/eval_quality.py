@@ -52,6 +52,7 @@ from distillspec.tools.eval_config import EvalConfig, EvalSetup
 from distillspec.tools.sandbox import check_sandbox, run_many
 
 REPORTS = ("eval.json", "eval.md", "samples.jsonl")
+PLOTS = {"draft": "quality_speed.png", "compare": "quality_speed_compare.png"}
 WARMUP_TOKENS = 8
 SCORE_BATCH = 4  # rows per teacher-forced forward when scoring log-likelihoods
 
@@ -387,7 +388,82 @@ def markdown_report(report: dict[str, Any]) -> str:
                   f"{limits['max_processes']} ({isolation.get('process_limit', '?')}); "
                   f"{limits['timeout_s']:g} s wall, {limits['cpu_s']} s CPU and "
                   f"{limits['memory_mb']} MiB address space per run."]
+    lines += lenience_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def lenience_curves(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The lossy-SD curves of an eval report, one per (draft role, drafting setting, lenience
+    function): ``{"role", "base", "lenience", "points"}``, points the setups' entries from the
+    strictest ε to the most lenient. Every f is the identity at ε = 1 (p^1 = p/1 = p/1² = p), so
+    the lossless entry with the same draft, γ or tree and threshold opens each curve (ε 1)."""
+    def setting(entry):
+        return (entry["draft_role"], entry["gamma"], entry["tree"], entry["confidence_threshold"])
+
+    lossless = {setting(e): e for e in report["setups"]
+                if e["draft_role"] is not None and e["lenience"] == "none"}
+    curves: dict[tuple, dict[str, Any]] = {}
+    for entry in report["setups"]:
+        if entry["draft_role"] is None or entry["lenience"] == "none":
+            continue
+        key = (*setting(entry), entry["lenience"])
+        start = lossless.get(setting(entry))
+        curve = curves.setdefault(key, {
+            "role": entry["draft_role"], "lenience": entry["lenience"],
+            "base": start["setup"] if start else None, "points": [start] if start else []})
+        curve["points"].append(entry)
+    for curve in curves.values():
+        curve["points"].sort(key=lambda entry: -entry["epsilon"])
+    return list(curves.values())
+
+
+def quality_metrics(report: dict[str, Any]) -> list[tuple[str, Callable[[dict], float | None]]]:
+    """(label, getter) of the quality figures a lenience plot shows: pass@k (code) and the
+    target's log-likelihood per token."""
+    metrics = []
+    if report["task"] == "code":
+        k = next(iter(report["setups"][0]["pass_at_k"]))
+        metrics.append((f"pass@{k}", lambda entry: entry["pass_at_k"][k]))
+    metrics.append(("target log-lik / token (nats)", lambda entry: entry["mean_log_likelihood"]))
+    return metrics
+
+
+def lenience_lines(report: dict[str, Any]) -> list[str]:
+    """eval.md's lenience section: per curve, ε → ÷ target, τ and quality."""
+    curves = lenience_curves(report)
+    if not curves:
+        return []
+    metrics = quality_metrics(report)
+    lines = ["", "## Lenience curves", "",
+             "Each lossy curve opens with lossless SD (ε 1). "
+             + ", ".join(f"`{PLOTS[role]}` ({role} draft)"
+                         for role in dict.fromkeys(c["role"] for c in curves))
+             + " plots quality against ÷ target and τ.", "",
+             "| draft | f | ε → ÷ target / τ / " + " / ".join(m for m, _ in metrics) + " |",
+             "|---|---|---|"]
+    for curve in curves:
+        cells = [f"{e['epsilon']:g}: {_figure(e['speedup_vs_target'], '.2f', '×')} / "
+                 f"{_figure(e['block_efficiency'], '.2f')} / "
+                 + " / ".join(_figure(get(e), ".3f") for _, get in metrics)
+                 for e in curve["points"]]
+        lines.append(f"| {curve['role']} | {curve['lenience']} | " + "; ".join(cells) + " |")
+    return lines
+
+
+def write_plots(report: dict[str, Any], folder) -> list[str]:
+    """quality_speed.png (and _compare.png) when the report has lenience curves."""
+    from distillspec.tools.plots import plot_quality_speed
+
+    curves = lenience_curves(report)
+    target = next((e for e in report["setups"] if e["kind"] == "target"), None)
+    written = []
+    for role, name in PLOTS.items():
+        mine = [curve for curve in curves if curve["role"] == role]
+        if mine:
+            title = f"{report.get(role if role == 'draft' else 'compare_draft') or role} draft"
+            plot_quality_speed(mine, target, quality_metrics(report), title, folder(name))
+            written.append(name)
+    return written
 
 
 def write_reports(report: dict[str, Any], run_folder) -> None:
@@ -396,6 +472,7 @@ def write_reports(report: dict[str, Any], run_folder) -> None:
     atomic_write_text(run_folder.child("samples.jsonl"),
                       "".join(json.dumps(line) + "\n" for line in samples))
     atomic_write_text(run_folder.child("eval.md"), markdown_report(report))
+    write_plots(report, run_folder.child)
 
 
 # -- entry point ---------------------------------------------------------------------------------

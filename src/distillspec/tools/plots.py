@@ -127,3 +127,39 @@ def plot_study_heatmap(rows: list[str], columns: list[str],
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+QUALITY_SPEED_AXES = (("speedup_vs_target", "SD tokens/s ÷ target alone"),
+                      ("block_efficiency", "τ (tokens per target call)"))
+
+
+def plot_quality_speed(curves: list[dict[str, Any]], target: dict[str, Any] | None,
+                       metrics: list[tuple[str, Any]], title: str, path: Path) -> Path:
+    """Lossy SD's trade-off for one draft: each quality metric (rows) against the speed-up over
+    the target alone and against τ (columns), one line per lenience function from ε 1 (lossless)
+    to its most lenient ε, each point labelled with its ε; the target alone as a star at 1×."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(metrics), 2, figsize=(11, 4 * len(metrics)), squeeze=False)
+    for row, (label, quality) in enumerate(metrics):
+        for column, (x_key, x_label) in enumerate(QUALITY_SPEED_AXES):
+            axis = axes[row][column]
+            for curve in curves:
+                points = [p for p in curve["points"]
+                          if p[x_key] is not None and quality(p) is not None]
+                name = f"f_{curve['lenience']}" + (f" ({curve['base']})" if curve["base"] else "")
+                xs, ys = [p[x_key] for p in points], [quality(p) for p in points]
+                axis.plot(xs, ys, "o-", label=name)
+                for point, x, y in zip(points, xs, ys):
+                    axis.annotate(f"{point['epsilon']:g}", (x, y), fontsize=7,
+                                  textcoords="offset points", xytext=(3, 3))
+            if target is not None and column == 0 and quality(target) is not None:
+                axis.plot([1.0], [quality(target)], "k*", markersize=11, label="target alone")
+            axis.set_xlabel(x_label)
+            axis.set_ylabel(label)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+    figure.suptitle(f"Lossy SD with the {title}: quality against speed (labels: ε)", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

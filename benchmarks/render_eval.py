@@ -24,6 +24,9 @@ def main() -> None:
     if not source.is_file():
         raise SystemExit(f"{source} does not exist: give a folder written by distillspec eval.")
     report = json.loads(source.read_text())
+    for entry in report["setups"]:
+        # before 779b874 an entry named its draft's role "draft" ("draft", "compare" or None)
+        entry.setdefault("draft_role", entry.get("draft"))
     atomic_write_text(folder / "eval.md", markdown_report(report))
     written = write_plots(report, lambda name: folder / name)
     print(f"wrote {folder}/eval.md" + "".join(f", {name}" for name in written))

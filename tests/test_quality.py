@@ -436,13 +436,37 @@ def test_lenience_curves_start_at_their_own_lossless_setup_and_run_to_the_most_l
     assert curves["draft", "exp", 4]["base"] is None
     assert len(curves["draft", "exp", 4]["points"]) == 1
     lines = "\n".join(lenience_lines(report))
-    assert "| draft | exp | 1: 1.20× / 2.00 / 0.500 / -0.400; 0.5: 1.30×" in lines
+    assert "| draft | sd:3 | exp | 1: 1.20× / 2.00 / 0.500 / -0.400; 0.5: 1.30×" in lines
+    assert "| draft | sd:4 | exp | 0.5: 1.20×" in lines
     written = write_plots(report, lambda name: tmp_path / name)
     assert written == ["quality_speed.png", "quality_speed_compare.png"]
     assert all((tmp_path / name).stat().st_size > 1000 for name in written)
+    # a later run into the same folder without lossy setups leaves no stale figure behind
     no_lossy = {**report, "setups": setups[:3]}
     assert lenience_curves(no_lossy) == [] and lenience_lines(no_lossy) == []
-    assert write_plots(no_lossy, lambda name: tmp_path / "x" / name) == []
+    assert write_plots(no_lossy, lambda name: tmp_path / name) == []
+    assert not any((tmp_path / name).exists() for name in written)
+
+
+def test_render_eval_renders_an_older_report_again(tmp_path):
+    """benchmarks/render_eval.py on an eval.json of before draft_role (the role under "draft")."""
+    import subprocess
+    import sys
+
+    setups = [_entry("target", None), _entry("sd:3", "draft"),
+              _entry("sd:3:exp=0.5", "draft", 0.5, "exp")]
+    for entry in setups:
+        entry["draft"] = entry.pop("draft_role")
+        entry["agreement"] = {"exact_match": None, "mean_first_difference": None}
+        entry["tokens_per_s"] = entry["acceptance_rate"] = entry["analytic_alpha"] = None
+    report = {"task": "code", "data": "d", "config": {"target": "t"}, "items": 1,
+              "samples_per_item": 1, "temperature": 1.0, "device": "cpu", "dtype": "float32",
+              "reference": "r", "sandbox": None, "setups": setups, "draft": "d"}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    script = Path(__file__).parents[1] / "benchmarks" / "render_eval.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
+    assert "| draft | sd:3 | exp | 1: 1.20×" in (tmp_path / "eval.md").read_text()
+    assert (tmp_path / "quality_speed.png").exists()
 
 
 def test_a_compare_draft_runs_every_draft_setup_beside_the_draft(model_folder, tmp_path):

@@ -394,11 +394,17 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 def lenience_curves(report: dict[str, Any]) -> list[dict[str, Any]]:
     """The lossy-SD curves of an eval report, one per (draft role, drafting setting, lenience
-    function): ``{"role", "base", "lenience", "points"}``, points the setups' entries from the
-    strictest ε to the most lenient. Every f is the identity at ε = 1 (p^1 = p/1 = p/1² = p), so
-    the lossless entry with the same draft, γ or tree and threshold opens each curve (ε 1)."""
+    function): ``{"role", "setting", "base", "lenience", "points"}``, points the setups' entries
+    from the strictest ε to the most lenient. Every f is the identity at ε = 1 (p^1 = p/1 = p/1²
+    = p), so the lossless entry with the same draft, γ or tree and threshold, when it ran, opens
+    the curve as its ε 1 point (``base`` its label, else None)."""
     def setting(entry):
         return (entry["draft_role"], entry["gamma"], entry["tree"], entry["confidence_threshold"])
+
+    def label(entry):
+        drafting = f"sd:{entry['gamma']}" if entry["gamma"] is not None else f"tree:{entry['tree']}"
+        threshold = entry["confidence_threshold"]
+        return drafting + (f":threshold={threshold:g}" if threshold else "")
 
     lossless = {setting(e): e for e in report["setups"]
                 if e["draft_role"] is not None and e["lenience"] == "none"}
@@ -409,7 +415,7 @@ def lenience_curves(report: dict[str, Any]) -> list[dict[str, Any]]:
         key = (*setting(entry), entry["lenience"])
         start = lossless.get(setting(entry))
         curve = curves.setdefault(key, {
-            "role": entry["draft_role"], "lenience": entry["lenience"],
+            "role": entry["draft_role"], "setting": label(entry), "lenience": entry["lenience"],
             "base": start["setup"] if start else None, "points": [start] if start else []})
         curve["points"].append(entry)
     for curve in curves.values():
@@ -424,7 +430,7 @@ def quality_metrics(report: dict[str, Any]) -> list[tuple[str, Callable[[dict], 
     if report["task"] == "code":
         k = next(iter(report["setups"][0]["pass_at_k"]))
         metrics.append((f"pass@{k}", lambda entry: entry["pass_at_k"][k]))
-    metrics.append(("target log-lik / token (nats)", lambda entry: entry["mean_log_likelihood"]))
+    metrics.append(("log-lik/token", lambda entry: entry["mean_log_likelihood"]))
     return metrics
 
 
@@ -434,24 +440,30 @@ def lenience_lines(report: dict[str, Any]) -> list[str]:
     if not curves:
         return []
     metrics = quality_metrics(report)
+    flags = {"draft": "--draft", "compare": "--compare-draft"}
     lines = ["", "## Lenience curves", "",
-             "Each lossy curve opens with lossless SD (ε 1). "
-             + ", ".join(f"`{PLOTS[role]}` ({role} draft)"
+             "One curve per draft, drafting setting and lenience function f, by falling ε; the "
+             "lossless setup of the same setting (ε 1, where every f is the identity) opens it "
+             "when it ran. "
+             + ", ".join(f"`{PLOTS[role]}` ({flags[role]})"
                          for role in dict.fromkeys(c["role"] for c in curves))
              + " plots quality against ÷ target and τ.", "",
-             "| draft | f | ε → ÷ target / τ / " + " / ".join(m for m, _ in metrics) + " |",
-             "|---|---|---|"]
+             "| draft | setting | f | ε: ÷ target / τ / " + " / ".join(m for m, _ in metrics)
+             + " |", "|---|---|---|---|"]
     for curve in curves:
         cells = [f"{e['epsilon']:g}: {_figure(e['speedup_vs_target'], '.2f', '×')} / "
                  f"{_figure(e['block_efficiency'], '.2f')} / "
                  + " / ".join(_figure(get(e), ".3f") for _, get in metrics)
                  for e in curve["points"]]
-        lines.append(f"| {curve['role']} | {curve['lenience']} | " + "; ".join(cells) + " |")
+        lines.append(f"| {curve['role']} | {curve['setting']} | {curve['lenience']} | "
+                     + "; ".join(cells) + " |")
     return lines
 
 
 def write_plots(report: dict[str, Any], folder) -> list[str]:
-    """quality_speed.png (and _compare.png) when the report has lenience curves."""
+    """quality_speed.png (and _compare.png) when the report has lenience curves for that draft;
+    a plot of an earlier run into the same folder that this report has no curves for is removed,
+    so no figure outlives its eval.json."""
     from distillspec.tools.plots import plot_quality_speed
 
     curves = lenience_curves(report)
@@ -463,6 +475,8 @@ def write_plots(report: dict[str, Any], folder) -> list[str]:
             title = f"{report.get(role if role == 'draft' else 'compare_draft') or role} draft"
             plot_quality_speed(mine, target, quality_metrics(report), title, folder(name))
             written.append(name)
+        elif folder(name).exists():
+            folder(name).unlink()
     return written
 
 

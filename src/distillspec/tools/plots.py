@@ -146,7 +146,7 @@ def plot_quality_speed(curves: list[dict[str, Any]], target: dict[str, Any] | No
             for curve in curves:
                 points = [p for p in curve["points"]
                           if p[x_key] is not None and quality(p) is not None]
-                name = f"f_{curve['lenience']}" + (f" ({curve['base']})" if curve["base"] else "")
+                name = f"f_{curve['lenience']} ({curve['setting']})"
                 xs, ys = [p[x_key] for p in points], [quality(p) for p in points]
                 axis.plot(xs, ys, "o-", label=name)
                 for point, x, y in zip(points, xs, ys):

@@ -510,6 +510,12 @@ def test_a_damaged_buffer_line_from_a_killed_run_is_dropped_and_rounds_still_tra
         users.stop()
     kept = whole_lines(folder / "buffer.jsonl")
     assert kept[: len(good)] == good and len(kept) > len(good)
-    assert whole_lines(folder / "heldout.jsonl")[: len(heldout)] == heldout
+    # every line whole (the cut one was dropped); the earlier lines stay in order, though the
+    # held-out bound (16 lines here, trimmed past 20) may have dropped the oldest when many
+    # requests came in before the round: then the file holds exactly the newest 16
+    now = whole_lines(folder / "heldout.jsonl")
+    first = heldout.index(now[0]) if now and now[0] in heldout else len(heldout)
+    assert now[: len(heldout) - first] == heldout[first:]
+    assert first == 0 or len(now) >= 16, (first, len(now))
     record = records(folder)[0]
     assert "candidate_alpha" in record, record  # the trainer read the buffer and finished

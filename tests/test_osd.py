@@ -509,7 +509,13 @@ def test_a_damaged_buffer_line_from_a_killed_run_is_dropped_and_rounds_still_tra
         wait_for_rounds(local.server.distiller)
         users.stop()
     kept = whole_lines(folder / "buffer.jsonl")
-    assert kept[: len(good)] == good and len(kept) > len(good)
+    # the earlier whole lines stay, in order, and new ones follow; on a slow machine so many
+    # requests come before the round that the buffer's bound (400 here) trims the oldest
+    # (lines repeat, since users resend the same prompts: try every cut, not the first match)
+    start = next((cut for cut in range(len(good) + 1)
+                  if kept[: len(good) - cut] == good[cut:]), None)
+    assert start is not None and len(kept) > len(good) - start
+    assert start == 0 or len(kept) >= 400, (start, len(kept))
     # every line whole (the cut one was dropped); the earlier lines stay in order, though the
     # held-out bound (16 lines here, trimmed past 20) may have dropped the oldest when many
     # requests came in before the round: then the file holds exactly the newest 16

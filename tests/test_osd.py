@@ -488,6 +488,16 @@ def test_a_full_disk_when_a_round_starts_leaves_every_answer_and_retries(faults,
     assert len(whole_lines(tmp_path / "osd" / "buffer.jsonl")) >= 24
 
 
+def surviving_cut(before: list, after: list) -> int:
+    """How many of ``before``'s oldest lines a bounded file trimmed: ``after`` starts with the
+    rest of ``before``, in order. Lines repeat (users resend the same prompts), so every cut is
+    tried, not the first equal line."""
+    cut = next((cut for cut in range(len(before) + 1)
+                if after[: len(before) - cut] == before[cut:]), None)
+    assert cut is not None, "the earlier lines did not survive in order"
+    return cut
+
+
 def test_a_damaged_buffer_line_from_a_killed_run_is_dropped_and_rounds_still_train(
         faults, tmp_path):
     """A run killed mid-append leaves a cut line (and a disk error can leave junk): the next
@@ -508,20 +518,14 @@ def test_a_damaged_buffer_line_from_a_killed_run_is_dropped_and_rounds_still_tra
     with serving(root, folder, expected) as (local, _, users):
         wait_for_rounds(local.server.distiller)
         users.stop()
+    # every line whole (the damaged ones were dropped); the earlier lines stay in order and new
+    # ones follow, though on a slow machine so many requests come before the round that each
+    # file's bound (buffer 400, held-out 16) trims its oldest lines
     kept = whole_lines(folder / "buffer.jsonl")
-    # the earlier whole lines stay, in order, and new ones follow; on a slow machine so many
-    # requests come before the round that the buffer's bound (400 here) trims the oldest
-    # (lines repeat, since users resend the same prompts: try every cut, not the first match)
-    start = next((cut for cut in range(len(good) + 1)
-                  if kept[: len(good) - cut] == good[cut:]), None)
-    assert start is not None and len(kept) > len(good) - start
-    assert start == 0 or len(kept) >= 400, (start, len(kept))
-    # every line whole (the cut one was dropped); the earlier lines stay in order, though the
-    # held-out bound (16 lines here, trimmed past 20) may have dropped the oldest when many
-    # requests came in before the round: then the file holds exactly the newest 16
+    cut = surviving_cut(good, kept)
+    assert len(kept) > len(good) - cut and (cut == 0 or len(kept) >= 400), (cut, len(kept))
     now = whole_lines(folder / "heldout.jsonl")
-    first = heldout.index(now[0]) if now and now[0] in heldout else len(heldout)
-    assert now[: len(heldout) - first] == heldout[first:]
-    assert first == 0 or len(now) >= 16, (first, len(now))
+    cut = surviving_cut(heldout, now)
+    assert cut == 0 or len(now) >= 16, (cut, len(now))
     record = records(folder)[0]
     assert "candidate_alpha" in record, record  # the trainer read the buffer and finished

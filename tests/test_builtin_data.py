@@ -15,6 +15,7 @@ from conftest import tiny_tokenizer
 from distillspec.training import builtin_data as registry
 from distillspec.training.builtin_data import (
     BUILTIN_DATASETS,
+    CHAT_FILES,
     HELD_OUT_FRACTION,
     STDLIB_MODULES,
     DatasetItem,
@@ -107,7 +108,7 @@ def test_every_builtin_loads_within_limits(name, tok):
     for example in examples:
         assert 0 < len(example.prompt_ids) <= 48
         assert all(0 <= i < len(tok) for i in example.prompt_ids)
-        if name == "chat":
+        if name in CHAT_FILES:
             assert example.completion_ids is None  # prompts only
             assert example.prompt_ids[-1] == 1  # the template's generation prompt
         else:
@@ -182,6 +183,18 @@ def test_stdlib_selection_is_fixed_and_sorted():
     assert all(item.text_file.suffix == ".py" for item in items)
     held = [item.key for item in builtin_dataset_items("builtin:stdlib-code:heldout")]
     assert held == ["collections", "colorsys", "contextlib", "json.decoder"]
+
+
+def test_the_chat_training_pool_is_apart_from_the_chat_set():
+    """builtin:chat-pool trains the demo's draft; builtin:chat holds its evaluation prompts, so
+    no request may appear in both, not even with other case or spacing."""
+    def contents(spec):
+        return [item.record["messages"][0]["content"] for item in builtin_dataset_items(spec)]
+
+    pool, chat = contents("builtin:chat-pool:all"), contents("builtin:chat:all")
+    normal = {" ".join(text.lower().split()) for text in chat}
+    assert len(set(pool)) == len(pool) >= 400
+    assert not [text for text in pool if " ".join(text.lower().split()) in normal]
 
 
 def test_chat_set_has_at_least_100_distinct_single_turn_prompts(tok):

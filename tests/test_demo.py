@@ -110,6 +110,11 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert main(args + on_policy) == 2  # the demo's cached top-k needs fixed completions
     assert "set teacher_topk 0" in capsys.readouterr().err
     assert main(args + on_policy + ["--distill.teacher-topk", "0"]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "extra.jsonl", "a") as extra:  # an edited prompt file is answered again
+        extra.write(json.dumps({"prompt": "w90 w93 w97"}) + "\n")
+    assert main(args + ["--fresh"]) == 0
+    assert "the target answers 6 prompts of" in capsys.readouterr().err
 
 
 def test_draft_choice_takes_the_best_prediction_and_the_deeper_one_in_a_near_tie():

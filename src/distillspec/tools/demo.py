@@ -93,7 +93,10 @@ def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
     if config.extra_prompts == "none":
         return pool
     recipe = config.distill
-    folder = cache_dir() / "demo-data" / _digest(_data_key(config, target, config.extra_prompts))
+    # Keyed by the prompts themselves too: an edited prompt file is answered again.
+    records = json.dumps(_prompt_records(config.extra_prompts), sort_keys=True)
+    key = _data_key(config, target, f"{config.extra_prompts}|{_digest(records)}")
+    folder = cache_dir() / "demo-data" / _digest(key)
     extra = _answered(config, target, tokenizer, folder, config.extra_prompts)
     folder = cache_dir() / "demo-data" / _digest(f"{pool.answers}|{extra.answers}")
     prompts, answers = folder / "prompts.jsonl", folder / "answers.jsonl"

@@ -128,7 +128,7 @@ def test_demo_refuses_a_foreign_folder_with_valid_inputs(tmp_path, workspace, ca
     code = main(["demo", "--fresh", "--out", str(foreign), "--distill.target",
                  str(workspace / "target"), "--distill.data", str(workspace / "data.jsonl"),
                  "--distill.eval-data", str(workspace / "data.jsonl"), "--prompt-pool", "0",
-                 "--report-data", str(report)])
+                 "--extra-prompts", "none", "--report-data", str(report)])
     err = capsys.readouterr().err
     assert code == 2 and "is not empty" in err and "not a distillspec demo folder" in err
     assert snapshot(foreign) == before

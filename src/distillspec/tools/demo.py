@@ -342,8 +342,13 @@ class Splits:
         if config.extra_prompts != "none":
             known.append(("--extra-prompts", config.extra_prompts))
         for flag, spec in known:  # training prompts known before anything runs or is removed
-            _check_apart(report, _prompts(spec, tokenizer, recipe.max_prompt_tokens),
-                         f"--report-data {config.report_data}", f"{flag} {spec}")
+            try:
+                training = _prompts(spec, tokenizer, recipe.max_prompt_tokens)
+            except ValueError as error:
+                raise ValueError(f"{flag} {spec}: {error} (--extra-prompts none trains on the "
+                                 "pool alone)" if flag == "--extra-prompts" else str(error)) from None
+            _check_apart(report, training, f"--report-data {config.report_data}",
+                         f"{flag} {spec}")
         return cls(choice, report)
 
 

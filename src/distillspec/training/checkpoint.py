@@ -135,7 +135,11 @@ def _ours(checkpoints: Path) -> list[Path]:
 def prune(checkpoints: Path, keep: int) -> None:
     """Keep the newest ``keep`` of our checkpoints; remove our interrupted temporaries."""
     for old in _ours(checkpoints)[:-keep]:
-        shutil.rmtree(old)
+        # Renamed first (atomic), so a run killed mid-removal never leaves a half-removed folder
+        # under a checkpoint's name; the next prune removes the temporary.
+        doomed = old.with_name(old.name + ".tmp-removing")
+        old.rename(doomed)
+        shutil.rmtree(doomed)
     for leftover in checkpoints.glob("*.tmp-*"):  # from a run killed mid-save
         if leftover.is_symlink() or leftover.is_file():
             leftover.unlink()

@@ -94,8 +94,9 @@ def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
         return pool
     recipe = config.distill
     # Keyed by the prompts themselves too: an edited prompt file is answered again.
-    records = json.dumps(_prompt_records(config.extra_prompts), sort_keys=True)
-    key = _data_key(config, target, f"{config.extra_prompts}|{_digest(records)}")
+    extra_records = _prompt_records(config.extra_prompts)
+    content = _digest(json.dumps(extra_records, sort_keys=True))
+    key = _data_key(config, target, f"{config.extra_prompts}|{content}")
     folder = cache_dir() / "demo-data" / _digest(key)
     extra = _answered(config, target, tokenizer, folder, config.extra_prompts)
     folder = cache_dir() / "demo-data" / _digest(f"{pool.answers}|{extra.answers}")
@@ -104,7 +105,7 @@ def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
         with atomic_writer(prompts) as handle:
             for record in _prompt_records(pool.prompts):
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            for record in _prompt_records(config.extra_prompts):
+            for record in extra_records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         with atomic_writer(answers) as handle:
             for part in (pool.answers, extra.answers):
@@ -338,17 +339,18 @@ class Splits:
         report = report[: config.report_prompts]
         _check_apart(report, choice, f"--report-data {config.report_data}",
                      f"--distill.eval-data {recipe.eval_data}")
-        known = [] if config.prompt_pool else [("--distill.data", recipe.data)]
+        # Training prompts known before anything runs or is removed (a pool is checked later).
+        if not config.prompt_pool:
+            _check_apart(report, _prompts(recipe.data, tokenizer, recipe.max_prompt_tokens),
+                         f"--report-data {config.report_data}", f"--distill.data {recipe.data}")
         if config.extra_prompts != "none":
-            known.append(("--extra-prompts", config.extra_prompts))
-        for flag, spec in known:  # training prompts known before anything runs or is removed
             try:
-                training = _prompts(spec, tokenizer, recipe.max_prompt_tokens)
+                extra = _prompts(config.extra_prompts, tokenizer, recipe.max_prompt_tokens)
             except ValueError as error:
-                raise ValueError(f"{flag} {spec}: {error} (--extra-prompts none trains on the "
-                                 "pool alone)" if flag == "--extra-prompts" else str(error)) from None
-            _check_apart(report, training, f"--report-data {config.report_data}",
-                         f"{flag} {spec}")
+                raise ValueError(f"--extra-prompts {config.extra_prompts}: {error} "
+                                 "(--extra-prompts none trains on the pool alone)") from None
+            _check_apart(report, extra, f"--report-data {config.report_data}",
+                         f"--extra-prompts {config.extra_prompts}")
         return cls(choice, report)
 
 
@@ -437,7 +439,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                      "extra_prompts": config.extra_prompts,
                      "generated_now_minutes": data.seconds / 60,
                      "generation_minutes": data.generation_minutes}
-    if config.prompt_pool or config.extra_prompts != "none":  # else Splits.load checked them
+    if config.prompt_pool:  # without a pool, Splits.load checked the training prompts already
         measurement.check_training_prompts(
             _prompts(data_info["prompts"], tokenizer, recipe.max_prompt_tokens),
             data_info["prompts"])

@@ -12,8 +12,15 @@ from transformers import AutoModelForCausalLM
 
 from distillspec import autoregressive_generate, speculative_generate
 from distillspec.common.config import from_dict
+from distillspec.models.drafts import truncate_layers
 from distillspec.models.loading import load_model
-from distillspec.models.pruned_head import PrunedHead, frequent_tokens, full_vocabulary, prune_head
+from distillspec.models.pruned_head import (
+    PrunedHead,
+    frequent_tokens,
+    full_vocabulary,
+    prune_head,
+    restricted_logits,
+)
 from distillspec.training.config import DistillConfig
 from distillspec.training.loop import distill
 
@@ -34,6 +41,24 @@ def test_pruned_logits_are_the_kept_rows_and_minus_inf_elsewhere():
     with full_vocabulary(model):
         torch.testing.assert_close(model.get_output_embeddings()(hidden), full)
     assert model.get_output_embeddings() is head
+
+
+def test_restricted_logits_leave_the_model_as_it_was():
+    """A target scored through a restricted head (teacher top-k, live training steps) is shared
+    by several runs: afterwards its state_dict and its parameters are unchanged, so a draft can
+    still be built from it (this once failed the third run in one process)."""
+    model = tiny_model("llama", seed=0)
+    keys, count = list(model.state_dict()), len(list(model.parameters()))
+    ids = torch.tensor([1, 4, 9, 30])
+    hidden = torch.randint(0, VOCAB, (1, 5))
+    with restricted_logits(model, ids):
+        restricted = model(hidden).logits
+    torch.testing.assert_close(restricted, model(hidden).logits[..., ids])
+    with restricted_logits(model, ids):  # the cached head is reused, not registered
+        model(hidden)
+    assert list(model.state_dict()) == keys and len(list(model.parameters())) == count
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
+    truncate_layers(model, 1)
 
 
 def test_frequent_tokens_counts_ties_and_forced_ids():

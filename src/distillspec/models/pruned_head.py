@@ -127,7 +127,9 @@ def kept_logits_only(model: nn.Module) -> Iterator[torch.Tensor | None]:
 @contextlib.contextmanager
 def restricted_logits(model: nn.Module, token_ids: torch.Tensor | None) -> Iterator[None]:
     """Inside, a frozen model (the target) returns logits of ``token_ids`` only: its head
-    matmul runs over those rows (the restricted head is built once and kept on the model)."""
+    matmul runs over those rows. The restricted head is built once and kept on the model, but
+    outside its module tree, so the model's state_dict, parameters and drafts built from it
+    after the context are what they were before (a target shared by several runs)."""
     if token_ids is None:
         yield
         return
@@ -137,7 +139,8 @@ def restricted_logits(model: nn.Module, token_ids: torch.Tensor | None) -> Itera
         cached = PrunedHead(head.weight[token_ids], token_ids, head.weight[:1])
         cached.requires_grad_(False)
         cached.kept_only = True
-        model._distillspec_restricted = cached
+        # object.__setattr__: nn.Module would register it as a submodule.
+        object.__setattr__(model, "_distillspec_restricted", cached)
     model.set_output_embeddings(cached)
     try:
         yield

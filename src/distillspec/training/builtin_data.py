@@ -16,9 +16,11 @@ installed.
 * ``chat``: ``data/chat_prompts.jsonl``, about 115 single-turn user requests written for this
   project, rendered with the tokenizer's chat template; no reference replies. The demo's
   evaluation prompts (its choice and report splits) come from here.
-* ``chat-pool``: ``data/chat_pool_prompts.jsonl``, 404 more single-turn requests in 25 areas,
-  written for training apart from ``chat`` and de-duplicated against it (a prompt close to any
-  ``chat`` prompt, by wording or by shared content words, was dropped); same format.
+* ``chat-pool``: ``data/chat_pool_prompts.jsonl``, 1361 more single-turn requests written for
+  training apart from ``chat``, in two batches (404 in 25 areas, then 957 in 48 more areas and
+  styles: docs/results/written-prompts and written-prompts-2), each de-duplicated against
+  ``chat`` (a prompt close to any ``chat`` prompt, by wording or by shared content words, was
+  dropped) and the second also against the first and within itself; same format.
 
 Split: a dataset is a list of items, each with a stable key: a whole file for the text corpora
 (file stem, module name), a task for HumanEval (``task_id``), a prompt for chat (its messages).

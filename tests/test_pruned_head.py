@@ -59,6 +59,11 @@ def test_restricted_logits_leave_the_model_as_it_was():
     assert list(model.state_dict()) == keys and len(list(model.parameters())) == count
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
     truncate_layers(model, 1)
+    model.double()  # the cache, outside the module tree, is rebuilt in the new dtype
+    with restricted_logits(model, ids):
+        restricted = model(hidden).logits
+    assert restricted.dtype == torch.float64
+    torch.testing.assert_close(restricted, model(hidden).logits[..., ids])
 
 
 def test_frequent_tokens_counts_ties_and_forced_ids():

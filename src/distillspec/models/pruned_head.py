@@ -135,7 +135,10 @@ def restricted_logits(model: nn.Module, token_ids: torch.Tensor | None) -> Itera
         return
     head = model.get_output_embeddings()
     cached = getattr(model, "_distillspec_restricted", None)
-    if cached is None or not torch.equal(cached.token_ids, token_ids):
+    # Outside the module tree, the cache does not follow model.to(): rebuilt when it differs.
+    if (cached is None or cached.weight.dtype != head.weight.dtype
+            or cached.weight.device != head.weight.device
+            or not torch.equal(cached.token_ids, token_ids.to(cached.token_ids.device))):
         cached = PrunedHead(head.weight[token_ids], token_ids, head.weight[:1])
         cached.requires_grad_(False)
         cached.kept_only = True

@@ -1,0 +1,68 @@
+"""A/B of the demo's training data at equal minutes: held-out alpha of the demo's 2-layer draft.
+
+Arms (name -> answers file), 6 training minutes each, the demo's recipe otherwise (DEMO_RECIPE:
+fkl on the cached top-32, lr 3e-3, batch 8, 64-token answers, frozen embeddings), seed 0:
+  B  the demo's default data: 1024 Magpie prompts + 404 builtin:chat-pool, target's greedy answers
+  C  B + the target's greedy answers to the new written requests (new-written.jsonl)
+  D  written requests only (404 + new), no Magpie pool
+alpha (T=0 and T=1, the trainer's analytic alpha on the target's greedy 64-token answers) on:
+  choice99.jsonl   builtin:chat:all minus the demo's report split (first 16 of builtin:chat:train):
+                   the split this A/B decides on
+  other-eval.jsonl 120 requests written apart, under another brief, trained and chosen on by no one
+    python ab.py B C D
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+from distillspec.common.config import from_dict, replace
+from distillspec.common.io import atomic_write_json, read_jsonl
+from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
+from distillspec.tools.configs import DemoConfig
+from distillspec.tools.demo import demo_data
+from distillspec.training.datasets import load_examples
+from distillspec.training.evaluate import SDEvaluator
+from distillspec.training.loop import distill
+
+HERE = Path(__file__).resolve().parent
+MINUTES = float(__import__("os").environ.get("MIN", 6))
+
+
+def evaluator(target, tokenizer, path):
+    examples = load_examples(str(path), tokenizer, max_prompt_tokens=128)
+    return SDEvaluator(target, [e.prompt_ids for e in examples], max_new_tokens=64,
+                       tau_prompts=0, gamma=1, eos_token_id=eos_token_ids(target, tokenizer),
+                       seed=0, pad_id=pad_token_id(tokenizer))
+
+
+def main(arms):
+    demo = from_dict(DemoConfig, {})
+    target, tokenizer = load_model(demo.distill.target)
+    data = demo_data(demo, target, tokenizer)
+    files = {"B": data.answers, "C": HERE / "C-answers.jsonl", "D": HERE / "D-answers.jsonl"}
+    base = replace(demo.distill, draft_init="target-layers:2:vocab=8192", max_minutes=MINUTES,
+                   max_steps=100000, eval_data=str(HERE / "choice99.jsonl"), eval_prompts=99,
+                   eval_tau_prompts=0, eval_max_new_tokens=64, eval_every=0, save_every=0,
+                   teacher_topk_dir=str(HERE / "topk"), overwrite=True, resume=False)
+    path = HERE / "ab.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
+    for name in arms:
+        config = replace(base, data=str(files[name]), output_dir=str(HERE / f"run-{name}"))
+        start = time.time()
+        final = distill(config, target=target, tokenizer=tokenizer)
+        records = [r for _, r in read_jsonl(f"{config.output_dir}/metrics.jsonl")]
+        draft, _ = load_model(f"{config.output_dir}/final", device=target.device, dtype=target.dtype)
+        report["arms"][name] = {
+            "data": str(files[name]), "lines": sum(1 for _ in open(files[name])),
+            "choice99": final,
+            "other_eval": evaluator(target, tokenizer, HERE / "other-eval.jsonl").alpha(draft),
+            "steps": max(r.get("step", 0) for r in records),
+            "wall_seconds": time.time() - start,
+        }
+        print(name, json.dumps(report["arms"][name]), flush=True)
+        atomic_write_json(path, report)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -50,20 +50,20 @@ def test_restricted_logits_leave_the_model_as_it_was():
     model = tiny_model("llama", seed=0)
     keys, count = list(model.state_dict()), len(list(model.parameters()))
     ids = torch.tensor([1, 4, 9, 30])
-    hidden = torch.randint(0, VOCAB, (1, 5))
+    input_ids = torch.randint(0, VOCAB, (1, 5))
     with restricted_logits(model, ids):
-        restricted = model(hidden).logits
-    torch.testing.assert_close(restricted, model(hidden).logits[..., ids])
+        restricted = model(input_ids).logits
+    torch.testing.assert_close(restricted, model(input_ids).logits[..., ids])
     with restricted_logits(model, ids):  # the cached head is reused, not registered
-        model(hidden)
+        model(input_ids)
     assert list(model.state_dict()) == keys and len(list(model.parameters())) == count
     assert isinstance(model.get_output_embeddings(), torch.nn.Linear)
     truncate_layers(model, 1)
     model.double()  # the cache, outside the module tree, is rebuilt in the new dtype
     with restricted_logits(model, ids):
-        restricted = model(hidden).logits
+        restricted = model(input_ids).logits
     assert restricted.dtype == torch.float64
-    torch.testing.assert_close(restricted, model(hidden).logits[..., ids])
+    torch.testing.assert_close(restricted, model(input_ids).logits[..., ids])
 
 
 def test_frequent_tokens_counts_ties_and_forced_ids():

@@ -12,28 +12,23 @@ alpha (T=0 and T=1, the trainer's analytic alpha on the target's greedy 64-token
     python ab.py B C D
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from distillspec.common.config import from_dict, replace
 from distillspec.common.io import atomic_write_json, read_jsonl
-from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
+from distillspec.models.loading import load_model
 from distillspec.tools.configs import DemoConfig
 from distillspec.tools.demo import demo_data
-from distillspec.training.datasets import load_examples
-from distillspec.training.evaluate import SDEvaluator
 from distillspec.training.loop import distill
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from alpha_other import alpha_evaluator  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-MINUTES = float(__import__("os").environ.get("MIN", 6))
-
-
-def evaluator(target, tokenizer, path):
-    examples = load_examples(str(path), tokenizer, max_prompt_tokens=128)
-    return SDEvaluator(target, [e.prompt_ids for e in examples], max_new_tokens=64,
-                       tau_prompts=0, gamma=1, eos_token_id=eos_token_ids(target, tokenizer),
-                       seed=0, pad_id=pad_token_id(tokenizer))
+MINUTES = float(os.environ.get("MIN", 6))
 
 
 def main(arms):
@@ -56,7 +51,7 @@ def main(arms):
         report["arms"][name] = {
             "data": str(files[name]), "lines": sum(1 for _ in open(files[name])),
             "choice99": final,
-            "other_eval": evaluator(target, tokenizer, HERE / "other-eval.jsonl").alpha(draft),
+            "other_eval": alpha_evaluator(target, tokenizer, HERE / "other-eval.jsonl").alpha(draft),
             "steps": max(r.get("step", 0) for r in records),
             "wall_seconds": time.time() - start,
         }

@@ -11,8 +11,7 @@ import json
 import re
 import sys
 
-STOP = set("a an the of to in on and or for is are what how why do does i my me you your it with "
-           "about be as that this can at from by whats what's explain write give tell short".split())
+STOP = set(["a", "an", "the", "of", "to", "in", "on", "and", "or", "for", "is", "are", "what", "how", "why", "do", "does", "i", "my", "me", "you", "your", "it", "with", "about", "be", "as", "that", "this", "can", "at", "from", "by", "whats", "what's", "explain", "write", "give", "tell", "short"])
 
 
 def words(text):

@@ -124,6 +124,14 @@ def kept_logits_only(model: nn.Module) -> Iterator[torch.Tensor | None]:
         head.kept_only = False
 
 
+def _restricts(cached: PrunedHead | None, head: nn.Module, token_ids: torch.Tensor) -> bool:
+    """Whether a cached restricted head still serves ``head`` for ``token_ids``: outside the
+    module tree it does not follow model.to(), so dtype and device are checked too."""
+    return (cached is not None and cached.weight.dtype == head.weight.dtype
+            and cached.weight.device == head.weight.device
+            and torch.equal(cached.token_ids, token_ids.to(cached.token_ids.device)))
+
+
 @contextlib.contextmanager
 def restricted_logits(model: nn.Module, token_ids: torch.Tensor | None) -> Iterator[None]:
     """Inside, a frozen model (the target) returns logits of ``token_ids`` only: its head
@@ -135,10 +143,7 @@ def restricted_logits(model: nn.Module, token_ids: torch.Tensor | None) -> Itera
         return
     head = model.get_output_embeddings()
     cached = getattr(model, "_distillspec_restricted", None)
-    # Outside the module tree, the cache does not follow model.to(): rebuilt when it differs.
-    if (cached is None or cached.weight.dtype != head.weight.dtype
-            or cached.weight.device != head.weight.device
-            or not torch.equal(cached.token_ids, token_ids.to(cached.token_ids.device))):
+    if not _restricts(cached, head, token_ids):
         cached = PrunedHead(head.weight[token_ids], token_ids, head.weight[:1])
         cached.requires_grad_(False)
         cached.kept_only = True

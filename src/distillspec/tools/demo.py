@@ -1,11 +1,13 @@
 """``distillspec demo``: choose a draft, measure it, distil it, measure again, on the embedded default.
 
 1. Validate the inputs and claim the output folder (``--fresh`` removes only what a demo wrote).
-2. Training data: the target writes its own user prompts (Magpie) and answers them greedily,
-   and answers ``--extra-prompts`` (written requests, ``builtin:chat-pool``) greedily too; each
-   part is generated once, in batches, and cached (``DemoData``). Greedy SD is verified along
-   exactly such trajectories. The held-out prompts stay the hand-written ``builtin:chat:heldout``
-   (choice) and ``builtin:chat:train`` (report), apart from both training parts.
+2. Training data (``tools.demo_data``): the target writes its own user prompts (Magpie) and
+   answers them greedily, and answers ``--extra-prompts`` (written requests,
+   ``builtin:chat-pool``) greedily too, with ``--answer-samples`` answers sampled at T = 1 to
+   every prompt beside; each part is generated once, in batches, and cached. Greedy SD is
+   verified along exactly such trajectories. The held-out prompts stay the hand-written
+   ``builtin:chat:heldout`` (choice) and ``builtin:chat:train`` (report), apart from both
+   training parts.
 3. The draft: ``--draft auto`` measures the cost ratio c of each candidate (the target's first
    N layers with a pruned K-token head) and takes the best predicted speed-up at one planning
    alpha with the measured verify curve (``choose_draft``); the report says why.
@@ -22,10 +24,8 @@ function here, and the measurement itself lives in ``decoding.measure``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from distillspec.common.config import changed_flags, replace, to_dict
-from distillspec.common.io import atomic_write_json, atomic_writer, read_jsonl
+from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
@@ -46,14 +46,13 @@ from distillspec.models.loading import (
     eos_token_ids,
     load_model,
     pad_token_id,
-    resolve_model_path,
 )
-from distillspec.models.pruned_head import frequent_tokens, prune_head
+from distillspec.models.pruned_head import prune_head
 from distillspec.models.recommended import save_recommended
-from distillspec.models.registry import cache_dir, record_distilled_draft
+from distillspec.models.registry import record_distilled_draft
 from distillspec.tools.configs import DemoConfig
-from distillspec.training.builtin_data import builtin_dataset_items
-from distillspec.training.datagen import datagen, self_prompts, write_prompt_pool
+from distillspec.tools.demo_data import answer_vocabulary, demo_data
+from distillspec.tools.demo_data import say as _say
 from distillspec.training.datasets import load_examples
 from distillspec.training.evaluate import SDEvaluator
 from distillspec.training.setup import target_dtype
@@ -68,125 +67,6 @@ RECIPE_NOTE = (
 # a 2-core CPU: 0.35-0.41 with the 1361 written requests); it moves the predicted figures more
 # than their order.
 PLANNING_ALPHA = 0.4
-
-
-def _say(message: str) -> None:
-    print(f"demo: {message}", file=sys.stderr, flush=True)
-
-
-# -- training data ---------------------------------------------------------------------------------
-
-
-@dataclass
-class DemoData:
-    """The demo's training data, cached by what determines it (target, dtype, sizes, seed)."""
-
-    prompts: Path  # JSONL prompts (the Magpie pool, or --distill.data)
-    answers: Path  # the target's greedy answers (datagen format: the fixed policy's data)
-    seconds: float  # spent generating now (0 when cached)
-    generation_minutes: float | None = None  # what generating it took, now or when cached
-
-
-def demo_data(config: DemoConfig, target, tokenizer) -> DemoData:
-    """The pool's prompts and answers, with ``--extra-prompts`` and their answers appended
-    (each part generated once and cached on its own; the joined files cached beside them)."""
-    pool = _pool_data(config, target, tokenizer)
-    if config.extra_prompts == "none":
-        return pool
-    recipe = config.distill
-    # Keyed by the prompts themselves too: an edited prompt file is answered again.
-    extra_records = _prompt_records(config.extra_prompts)
-    content = _digest(json.dumps(extra_records, sort_keys=True))
-    key = _data_key(config, target, f"{config.extra_prompts}|{content}")
-    folder = cache_dir() / "demo-data" / _digest(key)
-    extra = _answered(config, target, tokenizer, folder, config.extra_prompts)
-    folder = cache_dir() / "demo-data" / _digest(f"{pool.answers}|{extra.answers}")
-    prompts, answers = folder / "prompts.jsonl", folder / "answers.jsonl"
-    if not answers.is_file():
-        with atomic_writer(prompts) as handle:
-            for record in _prompt_records(pool.prompts):
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            for record in extra_records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        with atomic_writer(answers) as handle:
-            for part in (pool.answers, extra.answers):
-                handle.write(part.read_text(encoding="utf-8"))
-    made = [m for m in (pool.generation_minutes, extra.generation_minutes) if m is not None]
-    _say(f"training data: {answers} ({recipe.target}'s answers to its own pool and to "
-         f"{config.extra_prompts})")
-    return DemoData(prompts, answers, pool.seconds + extra.seconds, sum(made) if made else None)
-
-
-def _digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def _data_key(config: DemoConfig, target, source: str) -> str:
-    recipe = config.distill
-    return "|".join(map(str, (resolve_model_path(recipe.target), target.dtype, source, recipe.seed,
-                              recipe.max_new_tokens, recipe.max_prompt_tokens)))
-
-
-def _prompt_records(spec) -> list:
-    """The JSONL records of a prompt file, or of a built-in prompt set (``builtin:NAME[:part]``)."""
-    if str(spec).startswith("builtin:"):
-        return [item.record for item in builtin_dataset_items(str(spec))]
-    return [record for _, record in read_jsonl(spec)]
-
-
-def _pool_data(config: DemoConfig, target, tokenizer) -> DemoData:
-    """The Magpie pool (``--prompt-pool`` prompts the target writes) or ``--distill.data``'s
-    prompts, answered greedily by the target; cached."""
-    recipe = config.distill
-    source = f"pool{config.prompt_pool}" if config.prompt_pool else recipe.data
-    folder = cache_dir() / "demo-data" / _digest(_data_key(config, target, source))
-    prompts = folder / "prompts.jsonl" if config.prompt_pool else Path(recipe.data)
-    if config.prompt_pool and not prompts.is_file() and not (folder / "answers.jsonl").is_file():
-        _say(f"training data: the target writes {config.prompt_pool} prompts (once, cached) ...")
-        from tqdm.auto import tqdm
-
-        eos = eos_token_ids(target, tokenizer)
-        with tqdm(total=config.prompt_pool, unit="prompt", desc="self-prompts") as bar:
-            pool = self_prompts(target, tokenizer, config.prompt_pool, seed=recipe.seed,
-                                eos_token_id=eos, batch_size=128, progress=bar.update)
-        write_prompt_pool(pool, prompts)
-    return _answered(config, target, tokenizer, folder, str(prompts), source, prompts)
-
-
-def _answered(config: DemoConfig, target, tokenizer, folder: Path, spec: str,
-              source: str | None = None, prompts: Path | None = None) -> DemoData:
-    """The target's greedy answers to ``spec``'s prompts (``source`` names them), cached in
-    ``folder``."""
-    recipe = config.distill
-    source = source or spec
-    answers, info = folder / "answers.jsonl", folder / "info.json"
-    prompts = prompts if prompts is not None else Path(spec)
-    if answers.is_file():
-        made = json.loads(info.read_text()).get("generation_minutes") if info.is_file() else None
-        note = f", generated in {made:.1f} min" if made is not None else ""
-        _say(f"training data: {answers} (cached{note})")
-        return DemoData(prompts, answers, 0.0, made)
-    start = time.perf_counter()
-    examples = load_examples(spec, tokenizer, max_prompt_tokens=recipe.max_prompt_tokens)
-    _say(f"training data: the target answers {len(examples)} prompts of {source} greedily "
-         "(once, cached) ...")
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(examples), unit="prompt", desc="greedy answers") as bar:
-        datagen(target, tokenizer, examples, answers, temperature=0.0,
-                max_new_tokens=recipe.max_new_tokens, batch_size=128,
-                eos_token_id=eos_token_ids(target, tokenizer), generator=None,
-                progress=bar.update)
-    seconds = time.perf_counter() - start
-    atomic_write_json(info, {"generation_minutes": seconds / 60, "examples": len(examples),
-                             "source": source, "target": recipe.target})
-    return DemoData(prompts, answers, seconds, seconds / 60)
-
-
-def answer_vocabulary(data: DemoData, keep: int, eos: list[int], vocab_size: int) -> torch.Tensor:
-    """The ids the trainer will keep for a :vocab=K draft (same rule, same data)."""
-    completions = [record["completion_ids"] for _, record in read_jsonl(data.answers)]
-    return frequent_tokens(completions, keep, vocab_size, always=eos)
 
 
 # -- choosing the draft ----------------------------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import save_tiny
 
+from distillspec.common.config import replace
 from distillspec.models.recommended import FILE
 from distillspec.tools.cli import main
 
@@ -125,3 +127,39 @@ def test_draft_choice_takes_the_best_prediction_and_the_deeper_one_in_a_near_tie
     assert pick_candidate(rows)["layers"] == 3
     rows[1]["predicted_speedup"] = 1.20 * (1 - TIE) - 0.01
     assert pick_candidate(rows)["layers"] == 2
+
+
+def test_demo_data_adds_sampled_answers_to_every_prompt_once(tmp_path, monkeypatch):
+    """--answer-samples N: N answers sampled at T=1 per prompt of both parts, after the greedy
+    ones, each seed its own; cached, so a second call generates nothing."""
+    from distillspec.common.config import from_dict
+    from distillspec.models.loading import load_model
+    from distillspec.tools.configs import DemoConfig
+    from distillspec.tools.demo_data import demo_data
+
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "cache"))
+    save_tiny(tmp_path / "target", layers=2, lm_scale=1.0)  # flat: samples differ from greedy
+    for name, start, count in (("train.jsonl", 0, 6), ("extra.jsonl", 50, 3)):
+        (tmp_path / name).write_text("".join(
+            json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) + "\n"
+            for i in range(start, start + count)))
+    config = from_dict(DemoConfig, {
+        "prompt_pool": 0, "extra_prompts": str(tmp_path / "extra.jsonl"), "answer_samples": 2,
+        "distill": {"target": str(tmp_path / "target"), "data": str(tmp_path / "train.jsonl"),
+                    "max_new_tokens": 8},
+    })
+    target, tokenizer = load_model(config.distill.target, device="cpu", dtype="float32")
+    data = demo_data(config, target, tokenizer)
+    rows = [json.loads(line) for line in data.answers.read_text().splitlines()]
+    greedy, first, second = rows[:9], rows[9:18], rows[18:]
+    assert len(rows) == 27 and len(second) == 9
+    prompts = [row["prompt_ids"] for row in greedy]
+    assert [row["prompt_ids"] for row in first] == prompts == [row["prompt_ids"] for row in second]
+    assert len(data.prompts.read_text().splitlines()) == 9  # samples add answers, not prompts
+    completions = [[row["completion_ids"] for row in part] for part in (greedy, first, second)]
+    assert completions[0] != completions[1] != completions[2] != completions[0]
+    assert data.seconds > 0 and data.generation_minutes > 0
+    again = demo_data(config, target, tokenizer)
+    assert again.answers == data.answers and again.seconds == 0.0
+    with pytest.raises(ValueError, match="answer_samples must be <= 8"):
+        replace(config, answer_samples=9)

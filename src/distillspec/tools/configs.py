@@ -208,6 +208,13 @@ class DemoConfig:
         "own pool: written requests make the draft hold on written prompts (builtin:chat-pool, "
         "1361 requests apart from the evaluation set builtin:chat). none: the pool only.",
     )
+    answer_samples: int = knob(
+        0,
+        "Answers the target also samples at T=1 for every training prompt (pool and "
+        "--extra-prompts; once each, cached), trained on beside its greedy answers: contexts "
+        "and targets of sampled decoding. 1 raised T=1 alpha by 0.02-0.04 at 6 min "
+        "(docs/results/written-prompts-3); the first run generates ~15 min more on 2 CPU cores.",
+    )
     draft: str = knob(
         "auto",
         "The draft to distil: auto (of --draft-layers layers with a --draft-vocab head, the one "
@@ -253,8 +260,10 @@ class DemoConfig:
             raise ValueError(f"minutes must be > 0, got {self.minutes}.")
         require_at_least(self, 1, "speed_prompts", "max_new_tokens", "repeats", "report_prompts",
                          "report_repeats")
-        require_at_least(self, 0, "prompt_pool", "draft_vocab")
+        require_at_least(self, 0, "prompt_pool", "draft_vocab", "answer_samples")
         require_at_most(self, MAX_TOKENS, "max_new_tokens")
+        require_at_most(self, 8, "answer_samples",
+                        why="Each sample is a generation pass of the target over every prompt.")
         require_at_most(self, 100, "repeats", "speed_prompts", "report_repeats")
         require_at_most(self, 1000, "report_prompts")
         require_at_most(self, 100_000, "prompt_pool")

@@ -14,18 +14,16 @@ alpha (T=0 and T=1, the trainer's analytic alpha on the target's greedy 64-token
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from distillspec.common.config import from_dict, replace
-from distillspec.common.io import atomic_write_json, read_jsonl
+from distillspec.common.io import atomic_write_json
 from distillspec.models.loading import load_model
 from distillspec.tools.configs import DemoConfig
-from distillspec.tools.demo import demo_data
-from distillspec.training.loop import distill
+from distillspec.tools.demo_data import demo_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alpha_other import alpha_evaluator  # noqa: E402
+from alpha_other import alpha_evaluator, train_arm  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MINUTES = float(os.environ.get("MIN", 6))
@@ -42,19 +40,10 @@ def main(arms):
                    teacher_topk_dir=str(HERE / "topk"), overwrite=True, resume=False)
     path = HERE / "ab.json"
     report = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
+    other = alpha_evaluator(target, tokenizer, HERE / "other-eval.jsonl")
     for name in arms:
         config = replace(base, data=str(files[name]), output_dir=str(HERE / f"run-{name}"))
-        start = time.time()
-        final = distill(config, target=target, tokenizer=tokenizer)
-        records = [r for _, r in read_jsonl(f"{config.output_dir}/metrics.jsonl")]
-        draft, _ = load_model(f"{config.output_dir}/final", device=target.device, dtype=target.dtype)
-        report["arms"][name] = {
-            "data": str(files[name]), "lines": sum(1 for _ in open(files[name])),
-            "choice99": final,
-            "other_eval": alpha_evaluator(target, tokenizer, HERE / "other-eval.jsonl").alpha(draft),
-            "steps": max(r.get("step", 0) for r in records),
-            "wall_seconds": time.time() - start,
-        }
+        report["arms"][name] = train_arm(config, target, tokenizer, other)
         print(name, json.dumps(report["arms"][name]), flush=True)
         atomic_write_json(path, report)
 

@@ -1,0 +1,54 @@
+"""A/B of two more data levers for the demo's draft at equal minutes (issue 20).
+
+Arms (name -> answers file), 6 training minutes each, the demo's recipe otherwise (fkl on the
+cached top-32, lr 3e-3, batch 8, 64-token answers, frozen embeddings), its 2-layer 8192-token
+draft, seed 0, the target loaded once:
+  C  the demo's data (v9): 1024 Magpie prompts + 1361 builtin:chat-pool, target's greedy answers
+  E  C + the target's T=1 samples for the same 2385 prompts (a second answer per prompt)
+  W  C + the target's greedy answers to 1202 newly written requests (gen3.sh)
+  WE E + the same 1202 greedy answers
+alpha (T=0 and T=1, the trainer's analytic alpha on the target's greedy 64-token answers) on:
+  choice99    ../written-prompts-2/choice99.jsonl: builtin:chat:all minus the demo's report
+              split (the split this A/B decides on)
+  other-eval  ../written-prompts-2/other-eval.jsonl: 77 requests written apart, trained and
+              chosen on by no one
+    ARM_C=... ARM_E=... python ab3.py C E      # each arm's answers file; gen3.sh has them all
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+from distillspec.common.config import from_dict, replace
+from distillspec.common.io import atomic_write_json
+from distillspec.models.loading import load_model
+from distillspec.tools.configs import DemoConfig
+
+HERE = Path(__file__).resolve().parent
+SETS = HERE.parent / "written-prompts-2"  # choice99, other-eval and the evaluator
+sys.path.insert(0, str(SETS))
+from alpha_other import alpha_evaluator, train_arm  # noqa: E402
+
+MINUTES = float(os.environ.get("MIN", 6))
+RUNS = Path(os.environ.get("RUNS", "/work/runs/alpha3"))
+
+
+def main(arms):
+    demo = from_dict(DemoConfig, {})
+    target, tokenizer = load_model(demo.distill.target)
+    base = replace(demo.distill, draft_init="target-layers:2:vocab=8192", max_minutes=MINUTES,
+                   max_steps=100000, eval_data=str(SETS / "choice99.jsonl"), eval_prompts=99,
+                   eval_tau_prompts=0, eval_max_new_tokens=64, eval_every=0, save_every=0,
+                   overwrite=True, resume=False)
+    other = alpha_evaluator(target, tokenizer, SETS / "other-eval.jsonl")
+    path = HERE / "ab3.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
+    for name in arms:
+        config = replace(base, data=os.environ[f"ARM_{name}"], output_dir=str(RUNS / f"run-{name}"))
+        report["arms"][name] = train_arm(config, target, tokenizer, other)
+        print(name, json.dumps(report["arms"][name]), flush=True)
+        atomic_write_json(path, report)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

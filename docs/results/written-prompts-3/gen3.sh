@@ -23,5 +23,6 @@ distillspec datagen --target builtin:smollm2-135m --data new-written.jsonl --out
   --temperature 0 --max-new-tokens 64 --batch-size 128
 cat $C/answers.jsonl new-answers.jsonl > W-answers.jsonl
 cat E-answers.jsonl new-answers.jsonl > WE-answers.jsonl
-# WE was killed at the session's end during its top-k scoring: ab3.json has C, E and W only.
+# (WE's first run was killed at a session boundary during top-k scoring; rerun alone as
+#  ARM_WE=$PWD/WE-answers.jsonl python $HERE/ab3.py WE.)
 ARM_W=$PWD/W-answers.jsonl ARM_WE=$PWD/WE-answers.jsonl python $HERE/ab3.py W WE

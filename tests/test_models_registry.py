@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -275,3 +276,18 @@ def test_hub_id_for_names_only_what_the_hub_knows(tmp_path):
     plain.mkdir()
     assert hub_id_for(str(plain)) is None  # a local folder: no Hub id, never its path
     assert hub_id_for("not-a-hub-id") is None
+
+
+def test_converted_cache_path_follows_content_not_path_or_mtime(tmp_path, cache):
+    """A reinstalled package (another venv, a new mtime) finds the same conversion, and the
+    caches keyed by it survive; other content is converted again."""
+    first = tmp_path / "venv-a" / "Model.Q4_1.gguf"
+    second = tmp_path / "venv-b" / "Model.Q4_1.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(JOINED)
+    os.utime(second, ns=(1_000_000_000, 1_000_000_000))
+    assert registry.converted_cache_path(first) == registry.converted_cache_path(second)
+    assert registry.converted_cache_path(first).parent == cache / "models"
+    second.write_bytes(JOINED[:-1] + b"!")
+    assert registry.converted_cache_path(first) != registry.converted_cache_path(second)

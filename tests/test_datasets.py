@@ -235,3 +235,20 @@ def test_split_is_seeded_disjoint_and_complete():
 def test_split_rejects_impossible_values(held_out, message):
     with pytest.raises(ValueError, match=message):
         split_examples(examples(10), held_out, seed=0)
+
+
+def test_jsonl_lines_split_at_newlines_only(tmp_path):
+    """A sampled answer written with ensure_ascii=False can hold U+2028, U+0085 or a form feed
+    raw; str.splitlines() would cut its record in two (the v10 demo's T=1 samples did)."""
+    from distillspec.common.io import jsonl_lines, read_jsonl
+
+    texts = ["one\u2028two", "three\x85four\x0cfive\x1csix", "plain"]
+    path = tmp_path / "answers.jsonl"
+    body = "".join(json.dumps({"prompt": "p", "completion": t}, ensure_ascii=False) + "\n"
+                   for t in texts)
+    path.write_text(body.replace("\n", "\r\n", 1), encoding="utf-8")  # one CRLF line too
+    assert [(n, r["completion"]) for n, r in read_jsonl(path)] == list(enumerate(texts, 1))
+    assert jsonl_lines("a\nb") == jsonl_lines("a\nb\n") == ["a", "b"] and jsonl_lines("") == []
+    path.write_text(body + '{"prompt": "cut\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"answers.jsonl:4: not valid JSON"):
+        list(read_jsonl(path))

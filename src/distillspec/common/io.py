@@ -97,10 +97,23 @@ def read_text_file(path: str | Path, what: str = "file") -> str:
         ) from None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL text, split at "\\n" only (a "\\r" before it dropped).
+
+    Not ``str.splitlines()``: that also splits at U+2028, U+0085, form feeds and more, which a
+    JSON string written with ``ensure_ascii=False`` holds raw (a sampled answer can), and would
+    cut one record in two.
+    """
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file."""
     path = Path(path)
-    for line_number, line in enumerate(read_text_file(path, "data file").splitlines(), 1):
+    for line_number, line in enumerate(jsonl_lines(read_text_file(path, "data file")), 1):
         if not line.strip():
             continue
         try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distillspec.common.io import read_jsonl
+from distillspec.common.io import jsonl_lines, read_jsonl
 from distillspec.models.registry import BUILTIN_PREFIX, package_file
 from distillspec.training.builtin_data import DatasetItem, split_items
 
@@ -60,7 +60,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise ValueError(f"The problem file {path} does not exist.")
     try:
         with gzip.open(path, "rt", encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+            lines = jsonl_lines(handle.read())
     except (OSError, UnicodeDecodeError, EOFError) as error:
         raise ValueError(f"{path}: not a readable gzip file of UTF-8 JSON lines ({error}).") from None
     for number, line in enumerate(lines, 1):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from distillspec.common.io import atomic_write_text
+from distillspec.common.io import atomic_write_text, jsonl_lines
 from distillspec.common.rundir import claim
 
 HELD_BACK_EVERY = 10
@@ -116,7 +116,7 @@ class OnlineDistiller:
         if not path.exists():
             return 0
         text = path.read_bytes().decode("utf-8", errors="replace")
-        lines = text.splitlines()
+        lines = jsonl_lines(text)
         kept = [line for line in lines if _is_record(line)]
         if len(kept) < len(lines) or not text.endswith("\n") and text:
             atomic_write_text(path, "".join(line + "\n" for line in kept))
@@ -128,14 +128,14 @@ class OnlineDistiller:
         """Keep the newest ``limit`` lines once there are 25 % more; the file is only read
         then (the line count is kept in memory, from one read of a pre-existing file)."""
         if self.line_counts[path] > limit * 1.25:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = jsonl_lines(path.read_text(encoding="utf-8"))
             atomic_write_text(path, "".join(line + "\n" for line in lines[-limit:]))
             self.line_counts[path] = min(len(lines), limit)
 
     # -- rounds ------------------------------------------------------------------------------------
 
     def _start_round(self) -> None:
-        heldout = self.heldout.read_text().splitlines() if self.heldout.is_file() else []
+        heldout = jsonl_lines(self.heldout.read_text(encoding="utf-8")) if self.heldout.is_file() else []
         if len(heldout) < 2:
             return  # nothing to judge a candidate on yet
         with self.lock:
@@ -187,7 +187,7 @@ class OnlineDistiller:
         problem = verify_folder(out / "final")
         if problem is not None:
             return {"swap": False, "why": f"incomplete candidate: {problem}"}
-        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+        evals = [json.loads(line) for line in jsonl_lines((out / "metrics.jsonl").read_text())
                  if '"eval"' in line]
         before = next(e for e in evals if e["eval"] == "start")["alpha_t0"]
         after = next(e for e in reversed(evals) if e["eval"] == "final")["alpha_t0"]

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from distillspec.common.config import field_default
-from distillspec.common.io import atomic_write_text
+from distillspec.common.io import atomic_write_text, jsonl_lines
 from distillspec.models.pruned_head import (
     full_vocabulary,
     is_pruned,
@@ -265,7 +265,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link; refusing to write through it.")
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
         try:
             record = json.loads(line)
         except ValueError:

@@ -81,8 +81,9 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
     cached = sorted((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"),
                     key=lambda path: len(path.read_text().splitlines()))
-    # The target's greedy answers to each part, generated once, and the two joined for training.
-    assert [len(path.read_text().splitlines()) for path in cached] == [5, 24, 29]
+    # The target's greedy answers to each part, generated once, the two joined, its T=1 samples
+    # for the same 29 prompts (--answer-samples 1, the default), and all joined for training.
+    assert [len(path.read_text().splitlines()) for path in cached] == [5, 24, 29, 29, 58]
     assert report["data"]["answers"] == str(cached[-1])
     joined = [json.loads(line)["prompt"]
               for line in Path(report["data"]["prompts"]).read_text().splitlines()]

@@ -209,11 +209,12 @@ class DemoConfig:
         "1361 requests apart from the evaluation set builtin:chat). none: the pool only.",
     )
     answer_samples: int = knob(
-        0,
+        1,
         "Answers the target also samples at T=1 for every training prompt (pool and "
         "--extra-prompts; once each, cached), trained on beside its greedy answers: contexts "
-        "and targets of sampled decoding. 1 raised T=1 alpha by 0.02-0.04 at 6 min "
-        "(docs/results/written-prompts-3); the first run generates ~15 min more on 2 CPU cores.",
+        "and targets of sampled decoding. 1 raised T=1 alpha by 0.02-0.05, greedy alpha level "
+        "(docs/results/written-prompts-3, demo-v10); the first run generates ~14 min more on 2 "
+        "CPU cores. 0: greedy answers only.",
     )
     draft: str = knob(
         "auto",

@@ -59,9 +59,10 @@ from distillspec.training.setup import target_dtype
 
 ENTRIES = ("run", "report.json", "alpha_over_training.png", "gamma_sweep.png")
 RECIPE_NOTE = (
-    "forward KL on the target's cached greedy answers (top-k scored once): the greedy winner of "
-    "the study in docs/results/study (2 min per cell, 1 seed: fkl 0.275 against lk 0.234, jsd "
-    "0.227, tvd 0.206, rkl 0.185; on-policy data at most 0.033 at equal minutes on a CPU)"
+    "forward KL on the target's cached answers, greedy and --answer-samples at T=1 (top-k scored "
+    "once): the greedy winner of the study in docs/results/study (2 min per cell, 1 seed: fkl "
+    "0.275 against lk 0.234, jsd 0.227, tvd 0.206, rkl 0.185; on-policy data at most 0.033 at "
+    "equal minutes on a CPU); T=1 samples: docs/results/written-prompts-3"
 )
 # Every draft candidate is priced at this alpha (about what the demo's drafts reach held out on
 # a 2-core CPU: 0.35-0.41 with the 1361 written requests); it moves the predicted figures more

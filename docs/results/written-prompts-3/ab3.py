@@ -13,6 +13,7 @@ alpha (T=0 and T=1, the trainer's analytic alpha on the target's greedy 64-token
   other-eval  ../written-prompts-2/other-eval.jsonl: 77 requests written apart, trained and
               chosen on by no one
     ARM_C=... ARM_E=... python ab3.py C E      # each arm's answers file; gen3.sh has them all
+  E3 E's data with a 3-layer draft (LAYERS=3): capacity at equal minutes
 """
 import json
 import os
@@ -30,13 +31,16 @@ sys.path.insert(0, str(SETS))
 from alpha_other import alpha_evaluator, train_arm  # noqa: E402
 
 MINUTES = float(os.environ.get("MIN", 6))
+LAYERS = int(os.environ.get("LAYERS", 2))  # the draft's depth (E3: 3)
 RUNS = Path(os.environ.get("RUNS", "/work/runs/alpha3"))
 
 
 def main(arms):
     demo = from_dict(DemoConfig, {})
     target, tokenizer = load_model(demo.distill.target)
-    base = replace(demo.distill, draft_init="target-layers:2:vocab=8192", max_minutes=MINUTES,
+    base = replace(demo.distill, draft_init=f"target-layers:{LAYERS}:vocab=8192",
+                   teacher_topk_dir=os.environ.get("TOPK"),  # reuse an arm's scores: same data
+                   max_minutes=MINUTES,
                    max_steps=100000, eval_data=str(SETS / "choice99.jsonl"), eval_prompts=99,
                    eval_tau_prompts=0, eval_max_new_tokens=64, eval_every=0, save_every=0,
                    overwrite=True, resume=False)

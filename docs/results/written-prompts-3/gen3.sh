@@ -26,3 +26,5 @@ cat E-answers.jsonl new-answers.jsonl > WE-answers.jsonl
 # (WE's first run was killed at a session boundary during top-k scoring; rerun alone as
 #  ARM_WE=$PWD/WE-answers.jsonl python $HERE/ab3.py WE.)
 ARM_W=$PWD/W-answers.jsonl ARM_WE=$PWD/WE-answers.jsonl python $HERE/ab3.py W WE
+# E3: E's data, a 3-layer draft (the top-k scored again into run-E, named by its fingerprint).
+LAYERS=3 TOPK=/work/runs/alpha3/run-E ARM_E3=$PWD/E-answers.jsonl python $HERE/ab3.py E3

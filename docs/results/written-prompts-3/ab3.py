@@ -20,15 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-from distillspec.common.config import from_dict, replace
+from distillspec.common.config import replace
 from distillspec.common.io import atomic_write_json
-from distillspec.models.loading import load_model
-from distillspec.tools.configs import DemoConfig
 
 HERE = Path(__file__).resolve().parent
 SETS = HERE.parent / "written-prompts-2"  # choice99, other-eval and the evaluator
 sys.path.insert(0, str(SETS))
-from alpha_other import alpha_evaluator, train_arm  # noqa: E402
+from alpha_other import ab_setup, train_arm  # noqa: E402
 
 MINUTES = float(os.environ.get("MIN", 6))
 LAYERS = int(os.environ.get("LAYERS", 2))  # the draft's depth (E3: 3)
@@ -36,15 +34,9 @@ RUNS = Path(os.environ.get("RUNS", "/work/runs/alpha3"))
 
 
 def main(arms):
-    demo = from_dict(DemoConfig, {})
-    target, tokenizer = load_model(demo.distill.target)
-    base = replace(demo.distill, draft_init=f"target-layers:{LAYERS}:vocab=8192",
-                   teacher_topk_dir=os.environ.get("TOPK"),  # reuse an arm's scores: same data
-                   max_minutes=MINUTES,
-                   max_steps=100000, eval_data=str(SETS / "choice99.jsonl"), eval_prompts=99,
-                   eval_tau_prompts=0, eval_max_new_tokens=64, eval_every=0, save_every=0,
-                   overwrite=True, resume=False)
-    other = alpha_evaluator(target, tokenizer, SETS / "other-eval.jsonl")
+    target, tokenizer, base, other = ab_setup(
+        MINUTES, draft_init=f"target-layers:{LAYERS}:vocab=8192",
+        teacher_topk_dir=os.environ.get("TOPK"))  # reuse an arm's scores: same data
     path = HERE / "ab3.json"
     report = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
     for name in arms:

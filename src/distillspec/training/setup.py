@@ -249,7 +249,7 @@ def make_optimizer(trainable: list, config: DistillConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters. PyTorch's fused kernel (one pass over each tensor
     instead of a dozen elementwise ops; the same update up to rounding) where it applies: a whole
     draft (sharding none) on CPU or CUDA. Measured on the demo's 2-layer draft (2-core AMD EPYC,
-    bf16): 10 % shorter steps."""
+    bf16, side by side): 7 % shorter steps."""
     fused = config.sharding == "none" and all(p.device.type in ("cpu", "cuda") for p in trainable)
     return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                              fused=fused or None)

@@ -262,7 +262,8 @@ class DistillConfig:
             )
         if self.train_attention not in ATTENTION_CHOICES:
             raise ValueError(
-                f"train_attention must be auto, eager or sdpa, got {self.train_attention!r}."
+                f"train_attention must be one of {', '.join(ATTENTION_CHOICES)}, got "
+                f"{self.train_attention!r} (auto lets the trainer pick per micro-batch)."
             )
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: pick one.")

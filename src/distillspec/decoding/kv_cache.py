@@ -30,6 +30,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from distillspec.decoding.attention import gqa_attention
+from distillspec.decoding.packed_linear import packed_linears, refresh
 
 
 def ensure_croppable(model: PreTrainedModel) -> None:
@@ -225,6 +226,7 @@ class CachedModel:
 
     def __init__(self, model: PreTrainedModel, rows: int = 0, slots: int = 64):
         self.model = model
+        refresh(model)  # the weights as they are now, whatever trained them since
         # Taken now: unmarking the model later leaves this cache's path as it started.
         self._compiled_forward = _compiled_by_model.get(model)
         self.compiled = self._compiled_forward is not None
@@ -313,7 +315,7 @@ class CachedModel:
         input_ids = tokens.clamp(max=self.embedding_rows - 1)
         static = (self.compiled and not right_align and rows == slice(0, self.rows)
                   and width <= MAX_COMPILED_WIDTH and self.cache.layers[0].is_initialized)
-        with gqa_attention(self.model):
+        with gqa_attention(self.model), packed_linears(self.model):
             if static:
                 logits = self._static_forward(input_ids, positions, start, logits_to_keep, tree)
             else:

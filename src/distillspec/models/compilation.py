@@ -23,6 +23,7 @@ import torch
 from distillspec.common.io import atomic_write_json
 from distillspec.common.runtime import machine_kind
 from distillspec.decoding.kv_cache import compile_steps
+from distillspec.decoding.packed_linear import packs
 from distillspec.decoding.params import COMPILE_CHOICES
 from distillspec.models.registry import cache_dir
 
@@ -57,8 +58,10 @@ def model_kind(model: torch.nn.Module) -> str:
 
 
 def verdict_key(model: torch.nn.Module) -> str:
+    # packed linear layers change both step paths: a verdict measured without them is not reused
+    steps = " | packed linears" if packs(model) else ""
     return (f"{machine_kind(model.device)} | {model.dtype} | torch {torch.__version__} | "
-            f"{model_kind(model)}")
+            f"{model_kind(model)}{steps}")
 
 
 def load_verdicts(path: Path | None = None) -> dict[str, Any]:

@@ -1,0 +1,171 @@
+"""Linear layers on packed weights (``decoding.packed_linear``) compute what ``F.linear`` does,
+follow weights changed in place, and leave training alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import left_padded, tiny_model
+
+from distillspec.decoding import packed_linear
+from distillspec.decoding.packed_linear import packed_linear_eager, packed_linears, packs
+
+needs_bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN has no bf16 kernels here")
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 2, 4, 9])
+def test_packed_bf16_linear_is_bit_for_bit_f_linear(rows):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 64, generator=generator).bfloat16()
+    bias = torch.randn(96, generator=generator).bfloat16()
+    x = torch.randn(1, rows, 64, generator=generator).bfloat16()
+    assert torch.equal(packed_linear_eager(x, weight, bias),
+                       torch.nn.functional.linear(x, weight, bias))
+
+
+def test_packed_float32_linear_matches_f_linear():
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(96, 64, generator=generator), torch.randn(3, 5, 64, generator=generator)
+    torch.testing.assert_close(packed_linear_eager(x, weight, None),
+                               torch.nn.functional.linear(x, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_a_weight_changed_in_place_is_packed_again():
+    weight, x = torch.randn(32, 16), torch.randn(2, 16)
+    before = packed_linear_eager(x, weight, None)
+    weight.mul_(-2.0)  # what an optimiser step or load_state_dict does: same storage, new values
+    after = packed_linear_eager(x, weight, None)
+    torch.testing.assert_close(after, -2.0 * before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, x @ weight.T, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_inside_the_context_gives_its_own_logits_and_is_restored():
+    model = tiny_model("llama")
+    assert packs(model)
+    input_ids, attention_mask = left_padded([5, 8])
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with packed_linears(model):
+            assert "forward" in model.lm_head.__dict__  # the layers did switch
+            packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all("forward" not in m.__dict__ for m in linears)
+
+
+def test_training_and_gradients_are_left_alone():
+    model = tiny_model("llama").train()
+    input_ids, _ = left_padded([6])
+    with packed_linears(model):  # gradients on: nothing is swapped
+        assert "forward" not in model.lm_head.__dict__
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
+def test_trained_weights_reach_the_next_packed_forward():
+    """A draft trained in place after decoding (the demo's before/after) decodes with its new
+    weights, not the packed copy of the old ones."""
+    model = tiny_model("llama")
+    input_ids, _ = left_padded([6])
+    with torch.inference_mode(), packed_linears(model):
+        model(input_ids=input_ids)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits
+        with packed_linears(model):
+            packed = model(input_ids=input_ids).logits
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_is_off_when_memory_is_short_when_switched_off_and_for_inference_weights(
+        monkeypatch):
+    monkeypatch.setattr(packed_linear, "_available_bytes", lambda: 1000)
+    assert not packs(tiny_model("llama"))
+    monkeypatch.undo()
+    monkeypatch.setenv(packed_linear.ENV_SWITCH, "0")
+    assert not packs(tiny_model("llama"))
+    monkeypatch.undo()
+    with torch.inference_mode():
+        made_inside = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert not packs(made_inside)
+    assert packs(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_a_compiled_forward_calls_the_packed_operator():
+    """torch.compile keeps ``distillspec::packed_linear`` as one opaque call per layer."""
+    model = tiny_model("llama")
+    seen = []
+
+    def recording_backend(graph_module, example_inputs):
+        seen.extend(str(node.target) for node in graph_module.graph.nodes
+                    if node.op == "call_function")
+        return graph_module.forward
+
+    compiled = torch.compile(lambda ids: model(input_ids=ids).logits, backend=recording_backend)
+    input_ids, _ = left_padded([7])
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits
+        with packed_linears(model):
+            logits = compiled(input_ids)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert sum("packed_linear" in target for target in seen) == linears
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_trained_with_fused_adamw_between_two_decodings_decodes_with_new_weights():
+    """PyTorch's fused AdamW updates weights in place without bumping their version counters:
+    each CachedModel packs afresh, so the next decoding sees the trained weights."""
+    from distillspec.decoding.kv_cache import CachedModel
+
+    model = tiny_model("llama")
+    input_ids, _ = left_padded([6])
+    CachedModel(model, rows=1).forward(input_ids)  # packs the weights as they are
+    versions = [p._version for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model.train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    assert [p._version for p in model.parameters()] == versions  # nothing to notice the change by
+    logits = CachedModel(model, rows=1).forward(input_ids)
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_optimiser_step_is_seen_by_a_cache_made_before_it():
+    from distillspec.decoding.kv_cache import CachedModel
+
+    model = tiny_model("llama")
+    input_ids, _ = left_padded([6])
+    cached = CachedModel(model, rows=1)
+    cached.forward(input_ids[:, :3])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    model.train()
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()  # no version bump: the step hook drops the packed copies
+    model.eval()
+    cached.rollback([3])
+    logits = cached.forward(input_ids[:, :3])
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids[:, :3]).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_write_through_data_is_seen_by_the_next_cache():
+    from distillspec.decoding.kv_cache import CachedModel
+
+    model = tiny_model("llama")
+    input_ids, _ = left_padded([6])
+    CachedModel(model, rows=1).forward(input_ids)
+    for parameter in model.parameters():
+        parameter.data.mul_(1.5)  # `.data` hides the write from the version counter
+    logits = CachedModel(model, rows=1).forward(input_ids)
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)

@@ -182,10 +182,11 @@ def packed_linears(model: torch.nn.Module) -> Iterator[None]:
     """Inside, ``model``'s linear layers run on packed weights where that pays (see above);
     gradients enabled or packing off: unchanged."""
     swaps = [] if torch.is_grad_enabled() else _swaps_for(model)
+    # straight into the instance dicts: nn.Module.__setattr__ costs ~2 % of an eager step here
     for module, forward in swaps:
-        module.forward = forward
+        module.__dict__["forward"] = forward
     try:
         yield
     finally:
         for module, _ in swaps:
-            del module.forward
+            module.__dict__.pop("forward", None)

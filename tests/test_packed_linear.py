@@ -169,3 +169,16 @@ def test_a_write_through_data_is_seen_by_the_next_cache():
     with torch.inference_mode():
         expected = model(input_ids=input_ids).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_call_with_gradients_on_inside_the_context_still_trains():
+    """Grad mode is per thread: a thread training the module while another decodes with it
+    (inside the context) must get F.linear, with its gradients."""
+    model = tiny_model("llama")
+    input_ids, _ = left_padded([6])
+    with torch.no_grad(), packed_linears(model):
+        assert "forward" in model.lm_head.__dict__
+        with torch.enable_grad():
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.lm_head.parameters())

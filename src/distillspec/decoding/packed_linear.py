@@ -44,10 +44,10 @@ ENV_SWITCH = "DISTILLSPEC_PACKED_LINEARS"
 class _Packed:
     """One weight's packed copy, valid while the weight keeps its storage and version."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, fingerprint: float | None = None):
         self.weight = weakref.ref(weight)
         self.key = _weight_key(weight)
-        self.fingerprint = _fingerprint(weight)
+        self.fingerprint = _fingerprint(weight) if fingerprint is None else fingerprint
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
@@ -65,9 +65,9 @@ def _weight_key(weight: torch.Tensor) -> tuple[int, int]:
 _by_storage: dict[int, _Packed] = {}
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
+def _pack(weight: torch.Tensor, fingerprint: float | None = None) -> torch.Tensor:
     with torch.inference_mode(False), torch.no_grad():
-        entry = _Packed(weight)
+        entry = _Packed(weight, fingerprint)
     if weight.data_ptr() not in _by_storage:  # forget the copy with the weight
         weakref.finalize(weight, _by_storage.pop, weight.data_ptr(), None)
     _by_storage[weight.data_ptr()] = entry
@@ -76,8 +76,9 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """The packed copy of ``weight``, packed again if the weight changed since."""
-    entry = _by_storage.get(weight.data_ptr())
-    if entry is None or entry.weight() is None or entry.key != _weight_key(weight):
+    key = _weight_key(weight)
+    entry = _by_storage.get(key[0])
+    if entry is None or entry.key != key or entry.weight() is None:
         return _pack(weight)
     return entry.packed
 
@@ -87,9 +88,9 @@ def refresh(model: torch.nn.Module) -> None:
     this when it is made): writes through ``.data`` bump no version counter."""
     for module, _ in _swaps_for(model):
         weight = module.weight
-        entry = _by_storage.get(weight.data_ptr())
-        if entry is None or entry.fingerprint != _fingerprint(weight):
-            _pack(weight)
+        entry, fingerprint = _by_storage.get(weight.data_ptr()), _fingerprint(weight)
+        if entry is None or entry.fingerprint != fingerprint:
+            _pack(weight, fingerprint)
 
 
 def _forget_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:

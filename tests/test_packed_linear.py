@@ -182,3 +182,28 @@ def test_a_call_with_gradients_on_inside_the_context_still_trains():
             loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
     assert all(p.grad is not None for p in model.lm_head.parameters())
+
+
+def test_a_model_cast_after_a_packed_decode_is_decided_again():
+    """The decision follows the weights: cast to float64 (no packed kernels), the layers run
+    F.linear and give the model's own logits; back to float32, they pack again."""
+    model = tiny_model("llama")
+    input_ids, _ = left_padded([6])
+    assert packs(model)
+    model.double()
+    assert not packs(model)
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids).logits
+        with packed_linears(model):
+            assert "forward" not in model.lm_head.__dict__
+            logits = model(input_ids=input_ids).logits
+    assert torch.equal(logits, expected)
+    model.float()
+    assert packs(model)
+
+
+@pytest.mark.parametrize("value", ["off", "false", "2"])
+def test_a_switch_value_that_would_be_ignored_is_refused(monkeypatch, value):
+    monkeypatch.setenv(packed_linear.ENV_SWITCH, value)
+    with pytest.raises(ValueError, match="use 1 .* or 0"):
+        packs(tiny_model("llama"))

@@ -23,7 +23,8 @@ off. Packing is skipped where it cannot pay or cannot run: gradients enabled (tr
 devices other than the CPU, weights made under ``torch.inference_mode`` (no version
 counter to watch), dtypes other than bf16/float32 (bf16 only where oneDNN has bf16
 kernels), a model whose packed copy would take more than half the memory still available, or
-``DISTILLSPEC_PACKED_LINEARS=0``.
+``DISTILLSPEC_PACKED_LINEARS=0`` (1 or unset: on; any other value is refused). The decision is
+taken again when the weights move to another device or dtype.
 """
 
 from __future__ import annotations
@@ -150,15 +151,36 @@ def packs(model: torch.nn.Module) -> bool:
 
 def _swaps_for(model: torch.nn.Module) -> list[tuple[torch.nn.Linear, object]]:
     """Each linear layer with its packed forward (the same function object every time, so a
-    compiled step's guards hold), or [] where packing is off for this model."""
-    if model not in _swaps:
+    compiled step's guards hold), or [] where packing is off for this model. Decided again
+    when the weights' device or dtype changed (``model.to("cuda")``, ``model.half()``)."""
+    linears, placement, swaps = _swaps.get(model, (None, None, None))
+    if linears is None:
         linears = _linears(model)
-        _swaps[model] = [(m, _forward(m)) for m in linears] if _decide(linears) else []
-    return _swaps[model]
+    now = _placement(linears)
+    if swaps is None or now != placement:
+        swaps = [(m, _forward(m)) for m in linears] if _decide(linears) else []
+        _swaps[model] = (linears, now, swaps)
+    return swaps
+
+
+def _placement(linears: list[torch.nn.Linear]) -> tuple | None:
+    return (linears[0].weight.device, linears[0].weight.dtype) if linears else None
+
+
+def switched_on() -> bool:
+    """``DISTILLSPEC_PACKED_LINEARS``: unset or 1 packs, 0 does not; anything else is refused
+    (an ``off`` that silently meant on would be worse than an error)."""
+    value = os.environ.get(ENV_SWITCH, "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(
+            f"{ENV_SWITCH}={value!r}: use 1 (pack linear weights for CPU decoding, the default) "
+            "or 0 (use F.linear as it is)."
+        )
+    return value == "1"
 
 
 def _decide(linears: list[torch.nn.Linear]) -> bool:
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not torch.backends.mkldnn.is_available():
+    if not switched_on() or not torch.backends.mkldnn.is_available():
         return False
     weights = [m.weight for m in linears]
     # inference tensors keep no version counter: a change to them could not be seen

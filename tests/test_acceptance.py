@@ -165,16 +165,21 @@ def tree_case(seed=0):
     return draw(V), draw(V), draw(V, V), draw(V, V)
 
 
-def run_tree_trials(tree, case, trials=TRIALS, seed=1, sampled_from=None, **rule):
-    """Draw every node i.i.d. from q after its parent (``sampled_from``: from another q than
-    the one the rule is given) and verify all ``trials`` trees at once."""
+def run_tree_trials(tree, case, trials=TRIALS, seed=1, sampled_from=None, replacement=False,
+                    **rule):
+    """Draw each node's children from q after it, without replacement in child order
+    (``torch.multinomial``, independent of the code under test), or i.i.d. with
+    ``replacement``; ``sampled_from``: from another q than the one the rule is given. Verify all
+    ``trials`` trees at once."""
     target_root, draft_root, target_next, draft_next = case
     source_root, source_next = sampled_from or (draft_root, draft_next)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.zeros(trials, tree.size, dtype=torch.long)
-    for node, parent in enumerate(tree.parent):
+    for parent in (-1, *tree.internal):
+        children = [n for n, p in enumerate(tree.parent) if p == parent]
         probs = source_root.expand(trials, V) if parent < 0 else source_next[tokens[:, parent]]
-        tokens[:, node] = sample(probs, generator)
+        tokens[:, children] = torch.multinomial(probs, len(children), replacement=replacement,
+                                                generator=generator)
     draft_probs = torch.stack(
         [draft_root.expand(trials, V)] + [draft_next[tokens[:, n]] for n in tree.internal], dim=1)
     target_probs = torch.stack(
@@ -207,7 +212,7 @@ def conditional_tv(previous, following, table):
 
 def multi_draft_acceptance(target, draft, candidates):
     """P(one of k i.i.d. candidates is accepted) = 1 - prod_j (1 - sum min(r_j, q)),
-    r_1 = p, r_{j+1} = norm(max(0, r_j - q))."""
+    r_1 = p, r_{j+1} = norm(max(0, r_j - q)): SpecInfer's rule with replacement."""
     rejected, residual = 1.0, target
     for _ in range(candidates):
         rejected *= 1.0 - analytic_acceptance(residual, draft).item()
@@ -215,16 +220,40 @@ def multi_draft_acceptance(target, draft, candidates):
     return 1.0 - rejected
 
 
+def without_replacement_acceptance(target, draft, candidates):
+    """P(one of k candidates drawn without replacement is accepted), by enumerating every
+    draw: sum_x q(x) [a(x) + (1 - a(x)) P(rest | r', q without x)], a = min(1, r(x) / q(x)),
+    r' = norm(max(0, r - q)); plain float arithmetic, no code under test."""
+    if candidates == 0 or draft.sum() <= 0:
+        return 0.0
+    draft = draft / draft.sum()
+    residual = (target - draft).clamp_min(0)
+    residual = residual / residual.sum() if residual.sum() > 0 else target
+    total = 0.0
+    for token in range(V):
+        q = draft[token].item()
+        if q <= 0:
+            continue
+        accept = min(1.0, target[token].item() / q)
+        rest = draft.clone()
+        rest[token] = 0.0
+        total += q * (accept + (1 - accept)
+                      * without_replacement_acceptance(residual, rest, candidates - 1))
+    return total
+
+
 def test_multi_draft_rule_output_follows_target_at_one_node():
-    """Three i.i.d. candidates (repeats are common on 6 tokens): the emitted token follows p,
-    and a candidate is accepted as often as the recursive residuals predict."""
+    """Three candidates drawn without replacement: all distinct, the emitted token follows p,
+    a candidate is accepted as often as the enumerated rule predicts, and more often than with
+    three i.i.d. candidates (what the draws without replacement gain)."""
     tree = Tree.parse("0,1,2")
     case = tree_case(0)
     tokens, outcome = run_tree_trials(tree, case)
-    assert (tokens[:, 0] == tokens[:, 1]).float().mean() > 0.1, "the test needs repeated siblings"
+    assert bool((tokens[:, 0] != tokens[:, 1]).all() & (tokens[:, 1] != tokens[:, 2]).all())
     assert tv(emitted(tokens, outcome, 0), case[0]) < 0.01
-    expected = multi_draft_acceptance(case[0], case[1], 3)
+    expected = without_replacement_acceptance(case[0], case[1], 3)
     assert (outcome[1] > 0).float().mean().item() == pytest.approx(expected, abs=0.005)
+    assert expected > multi_draft_acceptance(case[0], case[1], 3) + 0.02
     assert expected > analytic_acceptance(case[0], case[1]).item() + 0.1  # more than one draft
 
 
@@ -248,12 +277,15 @@ def test_multi_draft_rule_follows_target_along_tree_paths(spec):
 
 
 def test_wrong_multi_draft_rules_fail_the_same_bound(monkeypatch):
-    """Negative controls: (a) testing every candidate against p itself (no residual), (b) the
-    rule given q while the candidates came from a sharper q (temperature 0.5): both biased."""
+    """Negative controls: (a) the rule given q while the candidates came from a sharper q
+    (temperature 0.5), (b) i.i.d. candidates given to the rule for draws without replacement,
+    (c) testing every candidate against p itself (no residual): all biased."""
     tree = Tree.parse("0,1,2")
     case = tree_case(0)
     sharper = torch.softmax(case[1].log() / 0.5, -1), torch.softmax(case[3].log() / 0.5, -1)
     tokens, outcome = run_tree_trials(tree, case, sampled_from=sharper)
+    assert tv(emitted(tokens, outcome, 0), case[0]) > 0.03
+    tokens, outcome = run_tree_trials(tree, case, replacement=True)
     assert tv(emitted(tokens, outcome, 0), case[0]) > 0.03
     monkeypatch.setattr(acceptance, "residual_distribution", lambda target, draft: target)
     tokens, outcome = run_tree_trials(tree, case)
@@ -261,8 +293,9 @@ def test_wrong_multi_draft_rules_fail_the_same_bound(monkeypatch):
 
 
 def test_multi_draft_rule_cases_by_hand():
-    """p = q: the first child is always accepted, down to the cap. A repeated sibling after a
-    rejection has residual mass 0 and is rejected; the last token avoids it."""
+    """p = q: the first child is always accepted, down to the cap. When the first child used
+    up q's support (q one-hot), its sibling is never tested; the last token avoids the
+    rejected one."""
     tree = Tree.parse("0,1,0.0")  # nodes (0,) (1,) (0, 0); internal: (0,)
     same = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(3)), -1)
     path, count, _ = verify_tree(tree, torch.tensor([[1, 2, 3]] * 4), same.expand(4, 2, V),

@@ -41,7 +41,7 @@ def tv(a, b):
         (SamplingConfig(temperature=1.0), 3, 0.0, ""),
         (SamplingConfig(temperature=0.8, top_k=5, top_p=0.9), 2, 0.0, ""),
         (SamplingConfig(temperature=1.0), 3, 0.35, ""),  # adaptive drafting
-        # sampled trees: i.i.d. candidates from the warped q, SpecInfer's multi-draft rule
+        # sampled trees: candidates drawn without replacement from the warped q, multi-draft rule
         (SamplingConfig(temperature=1.0), 3, 0.0, "0,1,2,0.0,0.1,1.0"),
         (SamplingConfig(temperature=0.8, top_k=5, top_p=0.9), 2, 0.0, "4:2"),
         # dynamic trees: sampled rows take the prior plan's static layout, same rule

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
 )
 
 from distillspec.decoding.params import SamplingConfig
-from distillspec.decoding.sampling import sample, warp
+from distillspec.decoding.sampling import sample, sample_without_replacement, warp
 
 
 def test_greedy_is_one_hot_on_first_argmax():
@@ -50,3 +50,23 @@ def test_sample_follows_the_distribution():
     tokens = sample(probs, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(tokens, minlength=3).float() / 20000
     torch.testing.assert_close(frequencies, torch.tensor([0.1, 0.6, 0.3]), atol=0.015, rtol=0)
+
+
+def test_sample_without_replacement_draws_in_plackett_luce_order():
+    """Draw 1 follows q, draw 2 follows q without draw 1 renormalised (q(y) / (1 - q(x))), the
+    draws are distinct; with 2 ids of positive mass the third draw is past the support."""
+    q = torch.tensor([0.1, 0.6, 0.3, 0.0])
+    trials = 40000
+    uniforms = torch.rand(trials, 3, generator=torch.Generator().manual_seed(0))
+    tokens = sample_without_replacement(q.expand(trials, 4), uniforms[:, :2])
+    assert bool((tokens[:, 0] != tokens[:, 1]).all())
+    first = torch.bincount(tokens[:, 0], minlength=4).float() / trials
+    torch.testing.assert_close(first, q, atol=0.01, rtol=0)
+    pairs = torch.bincount(tokens[:, 0] * 4 + tokens[:, 1], minlength=16).float() / trials
+    expected = torch.tensor([[q[x] * q[y] / (1 - q[x]) if x != y else 0.0 for y in range(4)]
+                             for x in range(4)]).flatten()
+    torch.testing.assert_close(pairs, expected, atol=0.01, rtol=0)
+    two = torch.tensor([0.0, 0.7, 0.3, 0.0]).expand(5, 4)
+    drawn = sample_without_replacement(two, uniforms[:5])
+    assert sorted(drawn[0, :2].tolist()) == [1, 2]
+

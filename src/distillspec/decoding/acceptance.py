@@ -183,14 +183,17 @@ def analytic_acceptance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -
 
 
 # -- several candidates per position: a sampled token tree -------------------------------------
-# Why the tree rule is exact: at a node u, candidate j emits min(r_j, q_u) and otherwise hands
-# over to r_{j+1} = norm(max(0, r_j - q_u)); x_{j+1} is a fresh draw from q_u, independent of
-# that decision, so by induction from the last candidate (whose fallback is the final draw from
-# r) the token emitted at u follows r_1 = p_u exactly. The accepted child's own children were
-# drawn from q after it, whatever happened at u, so the next level is the same rule again.
-# Repeated siblings need nothing special: a repeat is another independent draw, tested against
-# the smaller residual. The without-replacement variant (Yang et al. 2024; SpecTr's k-sequential
-# draft selection) renormalises q after each rejected token instead: a different rule, not this.
+# Why the tree rule is exact: at a node u, candidate j is a draw from q_j (q_u without the
+# earlier siblings, renormalised) and emits min(r_j, q_j); otherwise it hands over to
+# r_{j+1} = norm(max(0, r_j - q_j)). Whatever x_j was, the rest of the procedure is the same rule
+# for r_{j+1} with some proposal drawn from the q it is tested against, so by induction from the
+# last candidate (whose fallback is the final draw from r) the token emitted at u follows
+# r_1 = p_u exactly; the rule is exact for any proposal that may depend on the earlier draws.
+# Drawing without replacement (Yang et al. 2024, arXiv:2401.06706; SpecTr's k-sequential
+# selection) wastes no candidate on a repeat, which i.i.d. draws (SpecInfer) do whenever q is
+# peaked. A rejected x_j had r_j(x_j) < q_j(x_j), so r_{j+1}(x_j) = 0: the siblings after it
+# lose nothing by never proposing it. The accepted child's own children were drawn from q after
+# it, whatever happened at u, so the next level is the same rule again.
 
 
 def verify_tree(
@@ -206,12 +209,15 @@ def verify_tree(
     uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sampled rule on a token tree: SpecInfer's multi-step speculative sampling (Miao et
-    al. 2024, arXiv:2305.09781, §4) with candidates drawn i.i.d. (with replacement) from one q.
+    al. 2024, arXiv:2305.09781, §4) with siblings drawn without replacement (the multi-candidate
+    rule of Yang et al. 2024, arXiv:2401.06706).
 
     At the current node u (first the root), children c_1..c_k in rank order, x_j = token(c_j)
-    each an independent draw from q_u, r = p_u:
-        for j = 1..k: accept c_j with probability min(1, r(x_j) / q_u(x_j));
-                      on rejection r <- norm(max(0, r - q_u))   (the same q_u for every j).
+    drawn from q_j = q_u without x_1..x_{j-1}, renormalised (``sampling.sample_without_
+    replacement``), r = p_u:
+        for j = 1..k: accept c_j with probability min(1, r(x_j) / q_j(x_j));
+                      on rejection r <- norm(max(0, r - q_j)).
+    A child whose q_j has no mass left (the earlier siblings used up q_u's support) is skipped.
     An accepted child becomes u (one level deeper); when every child is rejected (or u is a
     leaf, or the row accepted ``max_accepted[b]`` nodes) one last token is drawn from r. The
     emitted tokens follow p exactly (see above). ``lenience`` applies f to r(x_j) as in
@@ -261,17 +267,21 @@ def _try_children(children, node_tokens, residual, draft, uniforms, going, lenie
     ``residual`` and ``draft [B, V]`` are r and q_u; ``uniforms [B, N]`` per node."""
     rows = torch.arange(children.shape[0], device=children.device)
     chosen = torch.full_like(children[:, 0], -1)
+    remaining = draft  # q_u without the siblings drawn so far, unnormalised
     for rank in range(children.shape[1]):
         child = children[:, rank]
-        live = going & (chosen < 0) & (child >= 0)
+        mass = remaining.sum(dim=-1, keepdim=True)
+        live = going & (chosen < 0) & (child >= 0) & (mass.squeeze(1) > 0)
         node = child.clamp_min(0)
         token = node_tokens[rows, node]
-        accept = acceptance_probability(residual[rows, token], draft[rows, token], lenience,
+        proposal = remaining / mass.clamp_min(1e-30)  # q_j, the draw's own distribution
+        accept = acceptance_probability(residual[rows, token], proposal[rows, token], lenience,
                                         epsilon)
         accepted = live & (uniforms[rows, node] < accept)
         chosen = torch.where(accepted, child, chosen)
         rejected = (live & ~accepted).unsqueeze(1)
-        residual = torch.where(rejected, residual_distribution(residual, draft), residual)
+        residual = torch.where(rejected, residual_distribution(residual, proposal), residual)
+        remaining = remaining.scatter(1, token.unsqueeze(1), 0.0)  # the next sibling avoids it
     return chosen, residual
 
 

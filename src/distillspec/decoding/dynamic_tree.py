@@ -118,7 +118,7 @@ def accept_rows_greedy(
 class PriorPlan(NamedTuple):
     """The candidates a sampled row feeds and verifies, fixed in advance: ``picks[l]`` the
     ``K`` candidates fed at draft call ``l + 2``, ``chosen [N]`` those verified (candidate
-    order), and ``tree``, the same nodes as a static ``Tree`` (rank r = the r-th i.i.d. draw)
+    order), and ``tree``, the same nodes as a static ``Tree`` (rank r = the r-th draw)
     with ``order[n]`` = the position in ``chosen`` of the tree's node n."""
 
     picks: list[torch.Tensor]
@@ -130,12 +130,15 @@ class PriorPlan(NamedTuple):
 def prior_plan(nodes: int, depth: int, top_k: int,
                profile: Sequence[float] = RANK_PROFILE) -> PriorPlan:
     """A dynamic tree's layout for sampled rows: grown as for greedy rows, but scored by the
-    rank profile instead of the row's draft probabilities. A sampled row's children are i.i.d.
-    draws of q; choosing among them by their q would bias them (SpecInfer's rule needs
-    unselected draws), choosing by index does not. The result is a static tree that fits the
-    dynamic layout (``K`` fed nodes per call, ``K`` children each), so its rows share the block."""
-    rank_scores = torch.tensor([math.log(max(p, 1e-12)) for p in profile[:top_k]]
-                               + [math.log(1e-12)] * max(0, top_k - len(profile)),
+    rank profile instead of the row's draft probabilities. A sampled row's children are draws of
+    q without replacement; choosing among them by their q would bias them (the rule needs
+    unselected draws), choosing by index does not. The profile is made strictly decreasing, so
+    every node's children are its first draws (the rule removes exactly the siblings it tested
+    before). The result is a static tree that fits the dynamic layout (``K`` fed nodes per call,
+    ``K`` children each), so its rows share the block."""
+    weights = sorted([max(p, 1e-12) for p in profile[:top_k]], reverse=True)
+    weights += [1e-12] * max(0, top_k - len(weights))
+    rank_scores = torch.tensor([math.log(w) - DEPTH_TIE_BREAK * r for r, w in enumerate(weights)],
                                dtype=torch.float64)
     scores, parents, ranks = [rank_scores], [[-1] * top_k], list(range(top_k))
     picks, newest = [], 0
@@ -157,4 +160,8 @@ def prior_plan(nodes: int, depth: int, top_k: int,
 
     paths = [path(int(c)) for c in chosen]
     tree = Tree(tuple(paths))
+    for siblings in tree.child_table:
+        ranks = [tree.rank[n] for n in siblings if n >= 0]
+        if ranks != list(range(len(ranks))):  # an invariant of the decreasing scores above
+            raise RuntimeError(f"prior_plan chose children {ranks} that are not first draws")
     return PriorPlan(picks, chosen, tree, tuple(paths.index(p) for p in tree.paths))

@@ -7,8 +7,8 @@ so the shapes repeat block after block. Verify: the ``N`` candidates of highest 
 per row, each seeing its ancestors. Greedy rows: the greedy tree rule per row
 (``dynamic_tree.accept_rows_greedy``), so the output is the target's greedy decoding whatever the
 trees. Sampled rows share the block with a layout fixed in advance (``dynamic_tree.prior_plan``:
-children are i.i.d. draws of the row's warped q, fed and verified by index, never by their q)
-and SpecInfer's multi-step speculative sampling (``acceptance.verify_tree``) on that static tree.
+children are draws without replacement of the row's warped q, fed and verified by index, never
+by their q) and the multi-draft rule (``acceptance.verify_tree``) on that static tree.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ from distillspec.decoding.dynamic_tree import (
 )
 from distillspec.decoding.kv_cache import TreeCall
 from distillspec.decoding.requests import RowUpdate, _Row
-from distillspec.decoding.sampling import greedy_tokens, pad_vocab, sample, warp_rows
+from distillspec.decoding.sampling import (
+    greedy_tokens,
+    pad_vocab,
+    sample_without_replacement,
+    warp_rows,
+)
 from distillspec.decoding.strategy import Models, pending_tokens
 from distillspec.decoding.tree import DynamicTree
 from distillspec.decoding.tree_step import (
@@ -139,8 +144,8 @@ class DynamicTreeStep:
     def _children(self, logits, parent_scores, sampled, first: int, probs: list):
         """The children of P parents from the draft's logits after each ``[B, P, V]``: the
         top-K with their scores (``top_children``); a sampled row's tokens are replaced by K
-        i.i.d. draws of its warped q after each parent (uniforms from ``first`` on), and that q
-        is appended to ``probs``: the very distribution the draws came from."""
+        draws without replacement of its warped q after each parent (uniforms from ``first``
+        on), and that q is appended to ``probs``: the distribution the draws came from."""
         tokens, scores = top_children(logits, parent_scores, self.tree.top_k)
         if sampled is None:
             return tokens, scores
@@ -148,7 +153,7 @@ class DynamicTreeStep:
         q = warp_rows(pad_vocab(logits[sampled.index], self.models.vocab), sampled.samplings)
         probs.append(q)
         draws = sampled.uniforms[:, first : first + parent_count * k].reshape(-1, parent_count, k)
-        samples = sample(q.unsqueeze(2).expand(-1, -1, k, -1), uniforms=draws)
+        samples = sample_without_replacement(q, draws)
         tokens[sampled.index] = samples.flatten(1)
         return tokens, scores
 
@@ -183,7 +188,7 @@ class DynamicTreeStep:
         return start, logits, outcome
 
     def _verify_sampled(self, sampled, node_tokens, logits, draft_probs, max_accepted, outcome):
-        """SpecInfer's rule for the sampled rows on the prior plan's static tree (its nodes are
+        """The multi-draft rule for the sampled rows on the prior plan's static tree (its nodes are
         the rows' chosen columns in ``prior.order``); their results replace the greedy rule's."""
         models, tree, prior = self.models, self.tree, self.prior
         index, columns = sampled.index, self.prior_columns

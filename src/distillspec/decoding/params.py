@@ -89,8 +89,8 @@ class SpeculationConfig:
     tree: str = knob(
         "",
         "Tree drafting: the target verifies several draft tokens per position in one pass "
-        "(greedy rows: the draft's top few; sampled rows: i.i.d. draws from q, checked with "
-        "SpecInfer's lossless multi-draft rule). 'N' = the N most likely rank paths, 'N:D' = "
+        "(greedy rows: the draft's top few; sampled rows: draws from q without replacement, "
+        "checked with the lossless multi-draft rule). 'N' = the N most likely rank paths, 'N:D' = "
         "at most D deep, or explicit paths such as '0,1,2,0.0' (ranks joined by '.'). Empty: "
         "a chain of gamma tokens. 'dyn:N:D:K': a dynamic tree per greedy row and block (EAGLE-2): "
         "D draft calls, the K most confident nodes expanded per call, the N most probable "

@@ -113,3 +113,22 @@ def sample(
     point = (uniforms.unsqueeze(-1) * cdf[..., -1:]).contiguous()
     tokens = torch.searchsorted(cdf.contiguous(), point, right=True).squeeze(-1)
     return tokens.clamp(max=probs.shape[-1] - 1)
+
+
+def sample_without_replacement(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``k`` distinct ids per row of ``probs [..., V]``, in draw order; returns ``[..., k]``.
+
+    Draw j is ``sample`` at ``uniforms[..., j]`` from ``probs`` with draws 1..j-1 set to 0
+    (renormalised: ``sample`` scales the uniform by the mass left), i.e. q_j(x) =
+    q(x) / (1 - sum_{i<j} q(x_i)) off the earlier draws. Where the earlier draws used up every
+    id of positive mass, draw j is meaningless (id V - 1); ``acceptance.verify_tree`` sees the
+    same exhausted mass and never tests it.
+    """
+    remaining = probs.float().clone()
+    tokens = []
+    for column in range(uniforms.shape[-1]):
+        token = sample(remaining, uniforms=uniforms[..., column])
+        remaining.scatter_(-1, token.unsqueeze(-1), 0.0)
+        tokens.append(token)
+    return torch.stack(tokens, dim=-1)
+

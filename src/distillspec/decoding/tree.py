@@ -16,9 +16,10 @@ of a path is in the tree. Node ``n`` has ``parent[n]`` (-1 = the root, the pendi
 ``rank[n]`` among its parent's children and ``depth[n]`` (1 for the root's children).
 
 Sampled rows (temperature > 0) use the same tree shape with other nodes: the children of a
-node are i.i.d. samples from the draft's warped q after it (rank r = the r-th sample), and
-``acceptance.verify_tree`` checks them with SpecInfer's multi-step speculative sampling, so
-their output follows the target's distribution exactly. Greedy and sampled rows share a step,
+node are samples without replacement from the draft's warped q after it (its r-th child = the
+r-th draw), and ``acceptance.verify_tree`` checks them with SpecInfer's multi-step speculative
+sampling in its without-replacement form, so their output follows the target's distribution
+exactly. Greedy and sampled rows share a step,
 each with its own rule (``Decoder``).
 """
 
@@ -197,10 +198,10 @@ class DynamicTree:
     path probability is at most its parent's, so the chosen set holds every chosen node's
     ancestors (ties: the shallower node first).
 
-    That is for greedy rows. Choosing among a sampled row's i.i.d. draws of q by their q would
-    bias them (SpecInfer's rule is exact for unselected draws), so a sampled row in the same
+    That is for greedy rows. Choosing among a sampled row's draws of q by their q would bias
+    them (the multi-draft rule is exact for unselected draws), so a sampled row in the same
     block feeds and verifies a layout fixed in advance by the rank profile
-    (``dynamic_tree.prior_plan``), a static tree checked with SpecInfer's rule."""
+    (``dynamic_tree.prior_plan``), a static tree checked with the same rule."""
 
     PREFIX = "dyn"
 
@@ -300,16 +301,15 @@ def tree_node_tokens(tree: Tree, parent_logits: torch.Tensor, parent: int,
 
 def tree_node_samples(tree: Tree, parent_probs: torch.Tensor, parent: int,
                       uniforms: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor | None]:
-    """The children of ``parent`` for sampled rows: ``(children, tokens [S, k])``, child n the
-    inverse-CDF draw of ``uniforms[:, n]`` from ``parent_probs [S, V]`` (the warped q the rule
-    divides by), so siblings are i.i.d. samples of q and may repeat."""
-    from distillspec.decoding.sampling import sample
+    """The children of ``parent`` for sampled rows: ``(children, tokens [S, k])``, drawn without
+    replacement from ``parent_probs [S, V]`` (the warped q the rule divides by) in child order,
+    child n's draw at ``uniforms[:, n]`` (``sampling.sample_without_replacement``)."""
+    from distillspec.decoding.sampling import sample_without_replacement
 
     children, _ = tree.children_topk(parent)
     if not children:
         return children, None
-    probs = parent_probs.unsqueeze(1).expand(-1, len(children), -1)
-    return children, sample(probs, uniforms=uniforms[:, list(children)])
+    return children, sample_without_replacement(parent_probs, uniforms[:, list(children)])
 
 
 def accept_tree_greedy(

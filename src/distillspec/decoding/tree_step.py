@@ -4,8 +4,9 @@ The draft reads each row's pending tokens, then the tree's internal nodes one le
 the target scores ``[pending, all nodes]`` once (each node sees its ancestors only). Each row
 takes its own mode in the same block (a per-row greedy mask, as vLLM's rejection sampler): a
 greedy row's nodes are the draft's top-k and its rule exact argmax matching
-(``tree.accept_tree_greedy``), a sampled row's nodes are i.i.d. draws from its warped q and its
-rule SpecInfer's multi-step speculative sampling (``acceptance.verify_tree``). Each row keeps its
+(``tree.accept_tree_greedy``), a sampled row's nodes are draws without replacement from its
+warped q and its rule SpecInfer's multi-step speculative sampling in that form
+(``acceptance.verify_tree``). Each row keeps its
 accepted path in both caches (``CachedModel.keep_slots``). The tree is static: its masks are
 built once.
 """
@@ -128,9 +129,9 @@ class TreeStep:
 
     def _children(self, logits, parents, node_tokens, sampled, draft_probs: list) -> None:
         """Fill the children of ``parents`` from the draft's logits after each ``[B, P, V]``:
-        the top-k tokens for greedy rows (``tree_node_tokens``), i.i.d. draws from the warped q
-        for sampled rows (``tree_node_samples``), whose q is appended to ``draft_probs``: the
-        very distribution the draws came from, which the rule divides by."""
+        the top-k tokens for greedy rows (``tree_node_tokens``), draws without replacement from
+        the warped q for sampled rows (``tree_node_samples``), whose q is appended to
+        ``draft_probs``: the distribution the draws came from, which the rule divides by."""
         for column, parent in enumerate(parents):
             tree_node_tokens(self.tree, logits[:, column], parent, node_tokens)
         if sampled is None:

@@ -119,7 +119,7 @@ class BenchConfig:
     trees: list[str] = knob(
         [], "Draft trees to compare (generate's --tree, e.g. 4:1,15:2,dyn:16:5:4; join "
         "explicit rank paths with '/', e.g. 0/1/0.0), at every temperature (sampled rows: "
-        "SpecInfer's rule); none by default."
+        "the multi-draft rule); none by default."
     )
     temperatures: list[float] = knob([0.0, 1.0], "Temperatures (0 = greedy).")
     batch_sizes: list[int] = knob([1, 4], "Batch sizes.")

@@ -9,7 +9,7 @@ A decoding setup is one string (``EvalSetup.parse``):
   and/or ``threshold=X`` (adaptive drafting);
 * ``tree:SPEC``: tree drafting (generate's ``--tree``, e.g. ``tree:15:2``; explicit rank paths
   joined with ``/``, e.g. ``tree:0/1/0.0``); greedy rows take the draft's top-k, sampled rows
-  i.i.d. draws checked with SpecInfer's lossless multi-draft rule.
+  draws without replacement checked with the lossless multi-draft rule.
 """
 
 from __future__ import annotations

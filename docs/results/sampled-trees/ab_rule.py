@@ -4,7 +4,8 @@ drawn without replacement (the new rule), batch 1, the demo-v11 draft, interleav
 The old rule is restored by patching: its ``_try_children`` is copied below from the commit
 before, and i.i.d. draws replace ``sample_without_replacement``.
 
-Usage: python ab_rule.py PROMPTS TREES ROUNDS OUT.json [TEMPERATURE]
+Usage: python ab_rule.py PROMPTS TREES ROUNDS OUT.json [TEMPERATURE [TARGET DRAFT PROMPTS_N
+TOKENS]] (defaults: 1.0, the demo pair, 12 prompts, 64 new tokens)
 """
 
 import json
@@ -61,9 +62,12 @@ def main():
     prompts_spec, trees, rounds, out = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), \
         sys.argv[4]
     temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
-    target, tok = load_model("builtin:smollm2-135m")
-    draft, _ = load_model(DRAFT)
-    prompts = load_prompts_for_bench(BenchConfig(prompts=prompts_spec, num_prompts=12), tok)
+    target_spec, draft_spec, count, tokens = (sys.argv[6:10] if len(sys.argv) > 9
+                                              else ("builtin:smollm2-135m", DRAFT, 12, 64))
+    target, tok = load_model(target_spec)
+    draft, _ = load_model(draft_spec)
+    prompts = load_prompts_for_bench(BenchConfig(prompts=prompts_spec, num_prompts=int(count)),
+                                     tok)
     eos, pad = eos_token_ids(target, tok), pad_token_id(tok)
     rows = {}
 
@@ -78,7 +82,7 @@ def main():
         print(label, round(tokens / wall, 2), "tau", round(tokens / max(calls, 1), 3), flush=True)
 
     for round_ in range(rounds):
-        probe = SpeedProbe(target, prompts, max_new_tokens=64, batch_size=1,
+        probe = SpeedProbe(target, prompts, max_new_tokens=int(tokens), batch_size=1,
                            temperature=temperature, eos_token_id=eos, pad_id=pad, seed=round_)
         if round_ == 0:  # warm-up
             probe.plain(2)

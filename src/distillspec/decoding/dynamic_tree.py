@@ -161,7 +161,7 @@ def prior_plan(nodes: int, depth: int, top_k: int,
     paths = [path(int(c)) for c in chosen]
     tree = Tree(tuple(paths))
     for siblings in tree.child_table:
-        ranks = [tree.rank[n] for n in siblings if n >= 0]
-        if ranks != list(range(len(ranks))):  # an invariant of the decreasing scores above
-            raise RuntimeError(f"prior_plan chose children {ranks} that are not first draws")
+        sibling_ranks = [tree.rank[n] for n in siblings if n >= 0]
+        if sibling_ranks != list(range(len(sibling_ranks))):  # the decreasing scores ensure it
+            raise RuntimeError(f"prior_plan chose children {sibling_ranks}, not first draws")
     return PriorPlan(picks, chosen, tree, tuple(paths.index(p) for p in tree.paths))

@@ -188,8 +188,9 @@ class DynamicTreeStep:
         return start, logits, outcome
 
     def _verify_sampled(self, sampled, node_tokens, logits, draft_probs, max_accepted, outcome):
-        """The multi-draft rule for the sampled rows on the prior plan's static tree (its nodes are
-        the rows' chosen columns in ``prior.order``); their results replace the greedy rule's."""
+        """The multi-draft rule for the sampled rows on the prior plan's static tree (its nodes
+        are the rows' chosen columns in ``prior.order``); their results replace the greedy
+        rule's."""
         models, tree, prior = self.models, self.tree, self.prior
         index, columns = sampled.index, self.prior_columns
         target_columns = torch.cat([columns.new_zeros(1), columns + 1])

@@ -131,4 +131,3 @@ def sample_without_replacement(probs: torch.Tensor, uniforms: torch.Tensor) -> t
         remaining.scatter_(-1, token.unsqueeze(-1), 0.0)
         tokens.append(token)
     return torch.stack(tokens, dim=-1)
-

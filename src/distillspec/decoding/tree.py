@@ -19,8 +19,7 @@ Sampled rows (temperature > 0) use the same tree shape with other nodes: the chi
 node are samples without replacement from the draft's warped q after it (its r-th child = the
 r-th draw), and ``acceptance.verify_tree`` checks them with SpecInfer's multi-step speculative
 sampling in its without-replacement form, so their output follows the target's distribution
-exactly. Greedy and sampled rows share a step,
-each with its own rule (``Decoder``).
+exactly. Greedy and sampled rows share a step, each with its own rule (``Decoder``).
 """
 
 from __future__ import annotations

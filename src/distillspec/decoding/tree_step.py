@@ -6,9 +6,8 @@ takes its own mode in the same block (a per-row greedy mask, as vLLM's rejection
 greedy row's nodes are the draft's top-k and its rule exact argmax matching
 (``tree.accept_tree_greedy``), a sampled row's nodes are draws without replacement from its
 warped q and its rule SpecInfer's multi-step speculative sampling in that form
-(``acceptance.verify_tree``). Each row keeps its
-accepted path in both caches (``CachedModel.keep_slots``). The tree is static: its masks are
-built once.
+(``acceptance.verify_tree``). Each row keeps its accepted path in both caches
+(``CachedModel.keep_slots``). The tree is static: its masks are built once.
 """
 
 from __future__ import annotations

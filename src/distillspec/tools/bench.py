@@ -121,7 +121,8 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
                   cost_model, progress: Callable[[str], None]) -> dict[str, Any]:
     """Every method at one (temperature, batch size)."""
     settings = [(g, t, "") for g in config.gammas for t in config.confidence_thresholds]
-    # every tree serves greedy and sampled rows (sampled: the multi-draft rule, draws without replacement)
+    # every tree serves greedy and sampled rows (sampled: the multi-draft rule on draws
+    # without replacement)
     settings += [(tree.depth, 0.0, tree) for tree in config.tree_shapes]
     sweep = probe.sweep(
         hf.draft, settings, config.repeats, cost_model,

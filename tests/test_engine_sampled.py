@@ -35,6 +35,25 @@ def tv(a, b):
     return 0.5 * (a - b).abs().sum().item()
 
 
+PROMPT = torch.tensor([5, 3, 6, 4])
+
+
+def softened_target():
+    """A V-token target with softened logits, so that many two-token cells carry mass."""
+    target = tiny_model("llama", seed=0, vocab_size=V)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.1)
+    return target
+
+
+def sampled_two_tokens(target, draft, gamma: int = 3):
+    """SD's empirical joint of the first two tokens over N rows at T = 1, and the run."""
+    result = speculative_generate(target, draft, PROMPT.expand(N, -1), gamma=gamma,
+                                  max_new_tokens=2, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(0))
+    return empirical_joint(result.sequences), result
+
+
 @pytest.mark.parametrize(
     "sampling,gamma,threshold,tree",
     [

@@ -16,6 +16,7 @@ from typing import Any
 from distillspec.common.config import knob
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DRAFT_QUANTIZE_CHOICES = ("none", "int8")  # how a draft's weights are stored (models/quantize.py)
 MAX_THREADS = 1024
 
 
@@ -50,7 +51,23 @@ class RuntimeConfig:
         "bfloat16/float16.",
     )
 
+    draft_quantize: str = knob(
+        "none",
+        "Draft weights when decoding with a draft (generate, serve, bench, eval): none, or int8 "
+        "(CPU only: the draft's linear layers as int8 with one scale per row, about half the "
+        "time of a bf16 draft step where weights dominate it; SD stays lossless, as the rule "
+        "uses the int8 draft's own q, and acceptance drops a little). Not with --deterministic.",
+        choices=DRAFT_QUANTIZE_CHOICES,
+    )
+
     def __post_init__(self) -> None:
+        check_draft_quantize(self.draft_quantize)
+        if self.deterministic and self.draft_quantize != "none":
+            raise ValueError(
+                "--deterministic promises a seeded request the same tokens whatever shares its "
+                "batch, and an int8 draft's activation scales depend on the whole batch: drop "
+                "--draft-quantize or --deterministic."
+            )
         if not 0 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads must be between 0 and {MAX_THREADS}, got {self.threads}.")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
@@ -74,6 +91,17 @@ def load_options(runtime: RuntimeConfig) -> dict:
     return dict(device=runtime.device, dtype=runtime.model_dtype,
                 trust_remote_code=runtime.trust_remote_code,
                 allow_download=runtime.allow_download, device_map=runtime.device_map or None)
+
+
+def check_draft_quantize(mode: str) -> None:
+    if mode not in DRAFT_QUANTIZE_CHOICES:
+        raise ValueError(f"draft quantization must be one of {', '.join(DRAFT_QUANTIZE_CHOICES)}, "
+                         f"got {mode!r}.")
+
+
+def pair_options(runtime: RuntimeConfig) -> dict:
+    """``load_options`` plus the draft's weights, for ``models.loading.load_pair``."""
+    return {**load_options(runtime), "draft_quantize": runtime.draft_quantize}
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:

@@ -25,6 +25,7 @@ from distillspec.common.runtime import machine_kind
 from distillspec.decoding.kv_cache import compile_steps
 from distillspec.decoding.packed_linear import packs
 from distillspec.decoding.params import COMPILE_CHOICES
+from distillspec.models.quantize import draft_quantization
 from distillspec.models.registry import cache_dir
 
 MIN_GAIN = 1.05  # compiled steps must be this much faster: below it is within the noise here
@@ -96,6 +97,9 @@ def decide(mode: str, model: torch.nn.Module, role: str, batch_size: int = 1,
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {mode!r}.")
     if mode == "off":
         return Decision(role, False, "--compile off")
+    if draft_quantization(model) != "none":
+        return Decision(role, False, "int8 weights (--draft-quantize): eager, the dynamically "
+                                     "quantized layers are not compiled")
     if mode == "on":
         return Decision(role, True, "--compile on")
     if batch_size > 1:

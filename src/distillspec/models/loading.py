@@ -25,6 +25,7 @@ from distillspec.common.runtime import resolve_device, resolve_dtype
 from distillspec.decoding.kv_cache import ensure_croppable
 from distillspec.models.drafts import parse_layer_spec, split_vocab_option, truncate_layers
 from distillspec.models.pruned_head import load_pruned_head, prune_head
+from distillspec.models.quantize import quantize_draft
 from distillspec.models.registry import HUB_ID, converted_cache_path, resolve_builtin
 
 # -- caches ------------------------------------------------------------------------------------
@@ -264,10 +265,12 @@ def load_pair(
     trust_remote_code: bool = False,
     allow_download: bool = False,
     device_map: str | None = None,
+    draft_quantize: str = "none",
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(target, draft, tokenizer)``; ``draft`` may be ``target-layers:N``.
 
     Checks that the tokenizers agree and that both caches can be rolled back.
+    ``draft_quantize`` int8: the draft's weights as int8 for decoding (``models.quantize``).
     """
     target_model, tokenizer = load_model(
         target, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -276,4 +279,4 @@ def load_pair(
     ensure_croppable(target_model)
     draft_model = build_draft(draft, target_model, tokenizer, trust_remote_code=trust_remote_code,
                               allow_download=allow_download)
-    return target_model, draft_model, tokenizer
+    return target_model, quantize_draft(draft_model, draft_quantize), tokenizer

@@ -37,13 +37,28 @@ class PrunedHead(nn.Module):
         self.register_buffer("base", base.detach().clone(), persistent=False)
         self.out_features, self.in_features = base.shape
         self.kept_only = False  # training: logits of the kept ids only (see kept_logits_only)
+        self.kept_linear: nn.Module | None = None  # int8 kept rows (quantize_kept_rows)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        kept = nn.functional.linear(hidden, self.weight)
+        if self.kept_linear is not None:
+            kept = self.kept_linear(hidden)
+        else:
+            kept = nn.functional.linear(hidden, self.weight)
         if self.kept_only:
             return kept
         full = kept.new_full((*kept.shape[:-1], self.out_features), float("-inf"))
         return full.index_copy(-1, self.token_ids, kept)
+
+    @torch.no_grad()
+    def quantize_kept_rows(self, qconfig) -> None:
+        """Compute the kept logits with an int8 dynamically quantized copy of the kept rows
+        (``models.quantize``, decoding only: the float rows stay for saving)."""
+        from torch.ao.quantization import quantize_dynamic
+
+        linear = nn.Linear(self.in_features, self.weight.shape[0], bias=False)
+        linear.weight.copy_(self.weight.float())
+        self.kept_linear = quantize_dynamic(nn.Sequential(linear), {nn.Linear: qconfig},
+                                            dtype=torch.qint8)[0]
 
     def full_weight(self) -> torch.Tensor:
         """The equivalent full-vocabulary head: base rows, with the kept rows replaced."""

@@ -31,13 +31,14 @@ import torch
 from distillspec.common.config import to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads, cpu_name, load_options
+from distillspec.common.runtime import apply_threads, cpu_name, pair_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
 from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
 from distillspec.decoding.metrics import describe_agreement
 from distillspec.decoding.timing import timed
 from distillspec.models.compilation import apply_compile, record_verdict
 from distillspec.models.pruned_head import full_vocabulary, is_pruned
+from distillspec.models.quantize import draft_quantization
 from distillspec.tools.configs import BenchConfig
 
 REPORTS = ("bench.json", "bench.md", "bench.png", "answers-sd.jsonl", "answers-baseline.jsonl")
@@ -225,6 +226,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
         "config": to_dict(config),
         "device": str(target.device),
         "dtype": str(target.dtype),
+        "draft_weights": draft_quantization(draft),  # int8 with --draft-quantize int8
         "cpu": cpu_name(),
         "num_prompts": len(prompts),
         "cost_model": cost_model.to_dict(),
@@ -408,7 +410,7 @@ def bench_main(config: BenchConfig, progress: Callable[[str], None] | None = Non
     out = claim(config.out, "bench")
     out.track(*REPORTS)
     runtime = config.runtime
-    target, draft, tokenizer = load_pair(config.target, config.draft, **load_options(runtime))
+    target, draft, tokenizer = load_pair(config.target, config.draft, **pair_options(runtime))
     report = run_bench(config, target, draft, tokenizer, load_prompts_for_bench(config, tokenizer),
                        progress)
     if config.question_file:

@@ -121,7 +121,8 @@ def _speculation(metrics_text: str) -> dict | None:
                 return None
             return {"gamma": int(labels["gamma"]),
                     "confidence_threshold": float(labels["confidence_threshold"]),
-                    "tree": labels["tree"], "draft": labels["draft"]}
+                    "tree": labels["tree"], "draft": labels["draft"],
+                    "draft_weights": labels.get("draft_weights", "none")}
     return None
 
 

@@ -34,7 +34,7 @@ import torch
 from distillspec.common.config import changed_flags, to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads, cpu_name, load_options
+from distillspec.common.runtime import apply_threads, cpu_name, load_options, pair_options
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
 from distillspec.decoding.metrics import combined_counts
@@ -536,6 +536,7 @@ def build_items(config: EvalConfig, tokenizer, context: int | None,
 def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Validate every input, load, claim the output folder, run every setup, write reports."""
     from distillspec.models.loading import build_draft, check_model_spec, load_model, load_pair
+    from distillspec.models.quantize import quantize_draft
 
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     apply_threads(config.runtime)
@@ -553,12 +554,14 @@ def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None)
         target, tokenizer = load_model(config.target, **options)
         draft = None
     else:
-        target, draft, tokenizer = load_pair(config.target, draft_spec, **options)
+        target, draft, tokenizer = load_pair(config.target, draft_spec,
+                                             **pair_options(config.runtime))
     compare = None
     if config.compare_draft:
         compare = build_draft(config.compare_draft, target, tokenizer,
                               trust_remote_code=config.runtime.trust_remote_code,
                               allow_download=config.runtime.allow_download)
+        compare = quantize_draft(compare, config.runtime.draft_quantize)
     context = getattr(target.config, "max_position_embeddings", None)
     items = build_items(config, tokenizer, context, problems)
     run_folder = claim(config.out, "eval")

@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 
 from distillspec.common.io import read_jsonl
-from distillspec.common.runtime import apply_threads, load_options, resolve_device, resolve_dtype
+from distillspec.common.runtime import (
+    apply_threads,
+    load_options,
+    pair_options,
+    resolve_device,
+    resolve_dtype,
+)
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
 from distillspec.decoding.params import SpeculationConfig
@@ -133,12 +139,11 @@ def load_for_decoding(target_spec: str, draft_spec: str, runtime, compile_mode: 
     distilled draft), with ``--compile`` applied and said; shared by generate and serve."""
     if draft_spec == "auto":
         draft_spec = auto_draft(target_spec, runtime)
-    load = load_options(runtime)
     if draft_spec == "none":
-        target, tokenizer = load_model(target_spec, **load)
+        target, tokenizer = load_model(target_spec, **load_options(runtime))
         draft = None
     else:
-        target, draft, tokenizer = load_pair(target_spec, draft_spec, **load)
+        target, draft, tokenizer = load_pair(target_spec, draft_spec, **pair_options(runtime))
     decisions = apply_compile(compile_mode, batch_size, tokens, target=target, draft=draft)
     print(f"distillspec: {summary(decisions)}", file=sys.stderr)
     return target, draft, tokenizer, draft_spec

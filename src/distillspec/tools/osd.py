@@ -197,11 +197,14 @@ class OnlineDistiller:
     def _swap(self, folder: Path, alpha: float) -> None:
         from distillspec.decoding.kv_cache import compile_steps, steps_compiled
         from distillspec.models.loading import load_model
+        from distillspec.models.quantize import draft_quantization, quantize_draft
 
         engine = self.server.engine
         draft, _ = load_model(folder, device=engine.decoder.device,
                               dtype=engine.decoder.target.model.dtype)
         current = engine.decoder.draft
+        # Stored as the served draft is (--draft-quantize).
+        draft = quantize_draft(draft, draft_quantization(current.model if current else None))
         # Same architecture as the draft it replaces: it runs the way --compile chose for that one.
         compile_steps(draft, current is not None and steps_compiled(current.model))
         version = self.version + 1

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from distillspec.decoding.mode_policy import ModePolicy, arm_name, bucket
+from distillspec.models.quantize import draft_quantization
 from distillspec.tools.configs import ServeConfig
 from distillspec.tools.serve_api import (
     APIError,
@@ -106,7 +107,8 @@ class ServeMetrics:
                                "average; what --sd-policy auto chooses by)",
                                ["batch_bucket", "mode"], registry=registry)
 
-    def describe(self, draft_spec: str, speculation, sd_policy: str) -> None:
+    def describe(self, draft_spec: str, speculation, sd_policy: str,
+                 draft_weights: str = "none") -> None:
         """``distillspec_speculation_info``: the draft and the setting this server runs."""
         from prometheus_client import Info
 
@@ -114,7 +116,8 @@ class ServeMetrics:
                     registry=self.registry)
         info.info({"draft": draft_spec, "gamma": str(speculation.gamma),
                    "confidence_threshold": f"{speculation.confidence_threshold:g}",
-                   "tree": speculation.tree, "sd_policy": sd_policy})
+                   "tree": speculation.tree, "sd_policy": sd_policy,
+                   "draft_weights": draft_weights})
 
     def record_rate(self, batch: int, arm, policy) -> None:
         """The policy just measured ``arm`` at ``batch`` rows: its gauge, and no other, moves."""
@@ -244,7 +247,7 @@ class Server:
                                           config.measured_setting)
         self.on_dead = None  # set by whoever runs the HTTP server: stop it (the engine died)
         self.metrics.describe(draft_spec if draft is not None else "none", speculation,
-                              config.sd_policy)
+                              config.sd_policy, draft_quantization(draft))
         policy = None
         if draft is not None and config.sd_policy == "auto":
             policy = ModePolicy.for_speculation(speculation.gamma,

@@ -26,6 +26,7 @@ _EXPORTS = {
     "apply_compile": "distillspec.models.compilation",
     "load_model": "distillspec.models.loading",
     "load_pair": "distillspec.models.loading",
+    "quantize_draft": "distillspec.models.quantize",
     "DistillConfig": "distillspec.training.config",
     "distill": "distillspec.training.loop",
 }

@@ -23,6 +23,9 @@ from distillspec.models.compilation import decide
 from distillspec.models.loading import load_pair
 from distillspec.models.pruned_head import PrunedHead, prune_head
 from distillspec.models.quantize import draft_quantization, quantize_draft
+from distillspec.tools.configs import BenchServeConfig, ExportConfig
+from distillspec.tools.generate import load_for_decoding
+from distillspec.training.config import DatagenConfig, DistillConfig
 
 
 def float_linears(model) -> list[str]:
@@ -105,5 +108,14 @@ def test_bad_draft_quantization_settings_are_refused():
         RuntimeConfig(draft_quantize="int4")
     with pytest.raises(ValueError, match="--deterministic"):
         RuntimeConfig(deterministic=True, draft_quantize="int8")
+    for command, config in [("distill", DistillConfig), ("datagen", DatagenConfig)]:
+        with pytest.raises(ValueError, match=f"--draft-quantize int8 .* {command}"):
+            config(data="builtin:chat", runtime=RuntimeConfig(draft_quantize="int8"))
+    with pytest.raises(ValueError, match="--url"):
+        BenchServeConfig(url="http://127.0.0.1:1", runtime=RuntimeConfig(draft_quantize="int8"))
+    with pytest.raises(ValueError, match="--draft none"):
+        load_for_decoding("unused", "none", RuntimeConfig(draft_quantize="int8"), "off")
+    with pytest.raises(ValueError, match="export"):
+        ExportConfig(model="m", out="o", runtime=RuntimeConfig(draft_quantize="int8"))
     with pytest.raises(ValueError, match="CPU"):
         quantize_draft(tiny_model("llama", seed=0).to("meta"), "int8")

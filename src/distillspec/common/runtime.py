@@ -53,7 +53,8 @@ class RuntimeConfig:
 
     draft_quantize: str = knob(
         "none",
-        "Draft weights when decoding with a draft (generate, serve, bench, eval): none, or int8 "
+        "Draft weights when decoding with a draft (generate, serve, bench, eval; refused by the "
+        "other commands): none, or int8 "
         "(CPU only: the draft's linear layers as int8 with one scale per row; a 0.5B draft's "
         "step took 0.58x its bf16 time on a 2-core AVX-512 CPU; SD stays lossless, as the rule "
         "uses the int8 draft's own q, and acceptance drops a little). Not with --deterministic.",
@@ -97,6 +98,16 @@ def check_draft_quantize(mode: str) -> None:
     if mode not in DRAFT_QUANTIZE_CHOICES:
         raise ValueError(f"draft quantization must be one of {', '.join(DRAFT_QUANTIZE_CHOICES)}, "
                          f"got {mode!r}.")
+
+
+def refuse_draft_quantize(runtime: RuntimeConfig, command: str) -> None:
+    """``--draft-quantize`` acts where a draft decodes (generate, serve, bench, eval): refused by
+    the commands that would silently ignore it."""
+    if runtime.draft_quantize != "none":
+        raise ValueError(
+            f"--draft-quantize {runtime.draft_quantize} stores a draft's weights for decoding "
+            f"(generate, serve, bench, eval), and {command} has no such draft: drop the flag."
+        )
 
 
 def pair_options(runtime: RuntimeConfig) -> dict:

@@ -228,7 +228,8 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
                         measured_setting=config.measured_setting, runtime=config.runtime)
     _, tokenizer = load_model(config.target, device="cpu")
     prompts = _prompts(config, tokenizer)
-    modes: dict = {"url": config.url} if config.url else {"target alone": replace(serve, draft="none")}
+    modes: dict = {"url": config.url} if config.url else {"target alone": replace(
+        serve, draft="none", runtime=replace(serve.runtime, draft_quantize="none"))}
     if not config.url:  # one SD server per --sd-policy; the first is "speculative"
         for index, policy in enumerate(config.sd_policy):
             name = "speculative" if index == 0 else f"speculative, sd-policy {policy}"

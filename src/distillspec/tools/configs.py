@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
-from distillspec.common.runtime import RuntimeConfig
+from distillspec.common.runtime import RuntimeConfig, refuse_draft_quantize
 from distillspec.decoding.mode_policy import POLICIES
 from distillspec.decoding.params import (
     COMPILE_CHOICES,
@@ -310,6 +310,7 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if not self.model or not self.out:
             raise ValueError("export needs a model and --out.")
+        refuse_draft_quantize(self.runtime, "export (it writes full-precision weights)")
         if self.gamma is not None:
             require_at_least(self, 1, "gamma")
             require_at_most(self, MAX_GAMMA, "gamma")
@@ -403,6 +404,9 @@ class BenchServeConfig:
             raise ValueError("--sd-policy chooses the policy of the SD servers bench-serve starts; "
                              "with --url it drives a running server whose policy is its own. Drop "
                              "--sd-policy, or drop --url.")
+        if self.url:
+            refuse_draft_quantize(self.runtime, "bench-serve --url (the running server's draft "
+                                                "is its own)")
         require_at_least(self, 1, "num_requests", "max_tokens")
         require_at_most(self, 10_000, "num_requests")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:

@@ -34,7 +34,13 @@ import torch
 from distillspec.common.config import changed_flags, to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads, cpu_name, load_options, pair_options
+from distillspec.common.runtime import (
+    apply_threads,
+    cpu_name,
+    load_options,
+    pair_options,
+    refuse_draft_quantize,
+)
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.generate import GenerationResult, run_to_completion
 from distillspec.decoding.metrics import combined_counts
@@ -551,6 +557,7 @@ def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None)
         progress(f"eval: sandbox: {sandbox}")
     options = load_options(config.runtime)
     if draft_spec is None:
+        refuse_draft_quantize(config.runtime, "eval without a draft setup")
         target, tokenizer = load_model(config.target, **options)
         draft = None
     else:

@@ -21,6 +21,7 @@ from distillspec.common.runtime import (
     apply_threads,
     load_options,
     pair_options,
+    refuse_draft_quantize,
     resolve_device,
     resolve_dtype,
 )
@@ -137,8 +138,12 @@ def load_for_decoding(target_spec: str, draft_spec: str, runtime, compile_mode: 
                       batch_size: int = 1, tokens: int | None = None):
     """Target, draft (or None), tokenizer and the draft spec used (``auto``: the demo's
     distilled draft), with ``--compile`` applied and said; shared by generate and serve."""
+    if draft_spec == "none":
+        refuse_draft_quantize(runtime, "--draft none")
     if draft_spec == "auto":
         draft_spec = auto_draft(target_spec, runtime)
+        if draft_spec == "none" and runtime.draft_quantize != "none":
+            print("distillspec: --draft-quantize has no draft to act on here", file=sys.stderr)
     if draft_spec == "none":
         target, tokenizer = load_model(target_spec, **load_options(runtime))
         draft = None

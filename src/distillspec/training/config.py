@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
-from distillspec.common.runtime import RuntimeConfig
+from distillspec.common.runtime import RuntimeConfig, refuse_draft_quantize
 from distillspec.decoding.params import MAX_GAMMA, check_seed
 
 DEFAULT_TARGET = "builtin:smollm2-135m"
@@ -219,6 +219,7 @@ class DistillConfig:
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
     def __post_init__(self) -> None:
+        refuse_draft_quantize(self.runtime, "distill (and demo, study: they train the draft)")
         require_at_least(
             self, 1, "batch_size", "grad_accum", "max_new_tokens",
             "max_prompt_tokens", "max_completion_tokens", "eval_gamma", "eval_max_new_tokens",
@@ -401,6 +402,7 @@ class DatagenConfig:
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
 
     def __post_init__(self) -> None:
+        refuse_draft_quantize(self.runtime, "datagen (the target alone generates)")
         if not self.data and not self.self_prompts:
             raise ValueError(
                 "datagen needs --data (a prompt file or builtin:NAME), or --self-prompts N."

@@ -32,6 +32,81 @@ def test_packed_float32_linear_matches_f_linear():
                                torch.nn.functional.linear(x, weight), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(4, 64), (2, 3, 64)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_weight_major_call_matches_f_linear(shape, with_bias):
+    generator = torch.Generator().manual_seed(len(shape))
+    weight, x = torch.randn(96, 64, generator=generator), torch.randn(*shape, generator=generator)
+    bias = torch.randn(96, generator=generator) if with_bias else None
+    out = packed_linear._weight_major_call(x, weight, bias)
+    assert out.shape == (*shape[:-1], 96) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def fake_timings(monkeypatch):
+    """Timings that make the weight-major call twice as fast; returns the list of timed pairs."""
+    monkeypatch.setattr(packed_linear, "_weight_major", {})
+    timed = []
+
+    def timed_pair(packed, weight_major):
+        timed.append((packed, weight_major))
+        return 1.0, 0.5
+
+    monkeypatch.setattr(packed_linear, "_interleaved_medians", timed_pair)
+    return timed
+
+
+def test_the_kernel_is_chosen_by_timing_once_per_shape_and_row_count(fake_timings):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator)
+    x4, x3 = torch.randn(4, 64, generator=generator), torch.randn(1, 3, 64, generator=generator)
+    for _ in range(3):
+        out = packed_linear_eager(x4, weight, None)
+    assert len(fake_timings) == 1  # both kernels timed once, then the choice is kept
+    assert packed_linear._weight_major[(96, 64, 4, torch.get_num_threads())] is True
+    torch.testing.assert_close(out, torch.nn.functional.linear(x4, weight), atol=1e-5, rtol=1e-5)
+    packed_linear_eager(x3, weight, None)  # another row count: timed again
+    assert len(fake_timings) == 2
+
+
+def test_one_row_bf16_and_deterministic_calls_are_never_timed(fake_timings):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=generator)
+    packed_linear_eager(torch.randn(1, 64, generator=generator), weight, None)
+    assert not packed_linear._prefers_weight_major(torch.randn(4, 64).bfloat16(),
+                                                   weight.bfloat16(), None)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        packed_linear_eager(torch.randn(4, 64, generator=generator), weight, None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert fake_timings == []
+
+
+@pytest.mark.parametrize("tree", [None, "4:2"])
+def test_greedy_sd_is_the_target_s_greedy_output_with_weight_major_verify_calls(
+        fake_timings, tree):
+    """Every multi-row float32 call weight-major (as on an AVX2 CPU where it times faster):
+    SD's greedy output is still the target's own, token for token."""
+    from distillspec import autoregressive_generate, speculative_generate
+
+    target, draft = tiny_model("llama", seed=0), tiny_model("llama", seed=3)
+    input_ids, attention_mask = left_padded([7, 4])
+    with torch.no_grad():
+        reference = target.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    max_new_tokens=20, do_sample=False, pad_token_id=0)
+    reference = reference[:, input_ids.shape[1]:].tolist()
+    options = {"gamma": 1, "tree": tree} if tree else {"gamma": 4}
+    result = speculative_generate(target, draft, input_ids, attention_mask, max_new_tokens=20,
+                                  **options)
+    assert result.sequences == reference
+    assert autoregressive_generate(target, input_ids, attention_mask,
+                                   max_new_tokens=20).sequences == reference
+    assert any(packed_linear._weight_major.values())  # the weight-major call did run
+
+
 def test_a_weight_changed_in_place_is_packed_again():
     weight, x = torch.randn(32, 16), torch.randn(2, 16)
     before = packed_linear_eager(x, weight, None)

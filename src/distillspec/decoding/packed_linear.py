@@ -9,6 +9,14 @@ SmolLM2-135M in bf16: 65 µs -> 34 µs for a 576x1536 projection; the whole step
 linear weights, shared by the eager and the compiled steps (``torch.compile`` sees the
 ``distillspec::packed_linear`` operator and leaves it to oneDNN).
 
+Calls of a few rows (a verify block, a small batch) are another matter in float32 on some
+CPUs: on a 2-core AVX2 EPYC, oneDNN's float32 kernel took 145 µs for 2 rows and 212 µs for 4 of
+a 576x1536 projection against 75 µs for 1, where MKL's ``torch.mm(weight, x.T)`` (the weight
+as the tall left operand) took 108 and 135. So each float32 call of 2..TUNED_MAX_ROWS rows
+times both once per weight shape, row count and thread count, and keeps the weight-major call
+where it ran at least 10 % faster (never under torch's deterministic algorithms, where a
+timing must not decide the arithmetic). One-row calls and bf16 stay packed.
+
 The same kernels compute the same sums: in bf16 the outputs are bit for bit those of
 ``F.linear`` (tested); in float32 they differ in the last bits, as ``F.linear``'s own do
 between a 1-row and a 4-row call. A weight changed in place (training, ``load_state_dict``)
@@ -40,6 +48,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 FINGERPRINT_STRIDE = 257  # elements; a prime, so it walks across the rows of any matrix
 MEMORY_SHARE = 0.5  # a packed copy may take at most this share of the memory still available
 ENV_SWITCH = "DISTILLSPEC_PACKED_LINEARS"
+TUNED_MAX_ROWS = 64  # widest call whose kernel is chosen by timing (verify blocks, batches)
+WEIGHT_MAJOR_MARGIN = 0.9  # the weight-major call must time 10 % faster to be chosen
+TUNING_REPS = 7  # timed calls of each kernel, alternating
 
 
 class _Packed:
@@ -105,10 +116,65 @@ def _forget_stepped(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_forget_stepped)
 
 
+def _packed_call(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias, "none", [], "")
+
+
+def _weight_major_call(x: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """``(weight @ x.T).T``: the same product with the weight as the tall left operand."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.mm(weight, rows.t()).t().contiguous()  # a few rows: the copy costs little
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_weight_major: dict[tuple, bool] = {}  # (out, in, rows, threads) -> the weight-major call is faster
+
+
+def _interleaved_medians(first, second, reps: int = TUNING_REPS) -> tuple[float, float]:
+    """Median seconds of two calls timed in alternation after one warm call each, so a busy
+    moment of the machine hits both alike."""
+    import statistics
+    import time
+
+    times: tuple[list[float], list[float]] = ([], [])
+    first(), second()
+    for _ in range(reps):
+        for call, spent in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            call()
+            spent.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> bool:
+    """Whether this width of call runs faster weight-major, timed once per shape, row count and
+    thread count (float32 only; the first such call pays ~2 x TUNING_REPS calls' time)."""
+    rows = x.numel() // x.shape[-1]
+    if (weight.dtype != torch.float32 or not 2 <= rows <= TUNED_MAX_ROWS
+            or torch.are_deterministic_algorithms_enabled()):
+        return False
+    key = (*weight.shape, rows, torch.get_num_threads())
+    choice = _weight_major.get(key)
+    if choice is None:
+        packed, weight_major = _interleaved_medians(lambda: _packed_call(x, weight, bias),
+                                                    lambda: _weight_major_call(x, weight, bias))
+        choice = _weight_major[key] = weight_major < WEIGHT_MAJOR_MARGIN * packed
+    return choice
+
+
 def packed_linear_eager(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` through the packed copy of ``weight``."""
-    return torch.ops.mkldnn._linear_pointwise(x, _packed_weight(weight), bias, "none", [], "")
+    """``x @ weight.T + bias`` through the packed copy of ``weight``, or, for a float32 call of
+    2..TUNED_MAX_ROWS rows where that measured faster here, as ``(weight @ x.T).T`` (oneDNN's
+    small-M float32 kernels are slow on some AVX2 CPUs: see the module docstring)."""
+    if _prefers_weight_major(x, weight, bias):
+        return _weight_major_call(x, weight, bias)
+    return _packed_call(x, weight, bias)
 
 
 @torch.library.custom_op("distillspec::packed_linear", mutates_args=())

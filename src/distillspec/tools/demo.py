@@ -132,10 +132,11 @@ def choose_draft(
     chosen = pick_candidate(candidates)
     spec = f"target-layers:{chosen['layers']}" + (f":vocab={keep}" if keep else "")
     why = (f"{chosen['layers']} layers{f' + a {keep}-token head' if keep else ''}: measured c = "
-           f"{chosen['cost_ratio']:.3f}, the best predicted speed-up among "
-           f"{', '.join(str(n) for n in layers)} layers at alpha {PLANNING_ALPHA} "
-           f"({chosen['predicted_speedup']:.2f}x at gamma {chosen['gamma']}, verify curve measured "
-           "here); alpha after a fixed budget hardly grows with depth, c does")
+           f"{chosen['cost_ratio']:.3f}, the deepest of {', '.join(str(n) for n in layers)} "
+           f"layers whose predicted speed-up at alpha {PLANNING_ALPHA} is within {TIE:.0%} of the "
+           f"best ({chosen['predicted_speedup']:.2f}x at gamma {chosen['gamma']}, best "
+           f"{max(c['predicted_speedup'] for c in candidates):.2f}x; verify curve measured here); "
+           "alpha after a fixed budget hardly grows with depth, c does")
     return spec, {"rule": "auto", "spec": spec, "why": why, "planning_alpha": PLANNING_ALPHA,
                   "candidates": candidates, "target_step_ms": 1000 * target_cost.target_step_s,
                   "verify_curve": target_cost.to_dict()["verify_curve"]}

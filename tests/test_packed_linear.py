@@ -50,11 +50,11 @@ def fake_timings(monkeypatch):
     monkeypatch.setattr(packed_linear, "_weight_major", {})
     timed = []
 
-    def timed_pair(packed, weight_major):
-        timed.append((packed, weight_major))
-        return 1.0, 0.5
+    def timed_pair(calls, repeats, device=None):
+        timed.append(calls)
+        return {"packed": 1.0, "weight_major": 0.5}
 
-    monkeypatch.setattr(packed_linear, "_interleaved_medians", timed_pair)
+    monkeypatch.setattr(packed_linear, "interleaved_medians", timed_pair)
     return timed
 
 

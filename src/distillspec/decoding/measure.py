@@ -39,7 +39,7 @@ from distillspec.decoding.metrics import (
 from distillspec.decoding.params import SamplingConfig
 from distillspec.decoding.quality import agreement
 from distillspec.decoding.sampling import sample, warp
-from distillspec.decoding.timing import timed
+from distillspec.decoding.timing import interleaved_medians, timed
 from distillspec.decoding.tree import Tree
 
 
@@ -136,19 +136,6 @@ def _time_step(model, prompt, width: int, logits_to_keep: int, repeats: int) -> 
     return _median_call(_step_call(model, prompt, width, logits_to_keep), repeats, model.device)
 
 
-def _interleaved_medians(calls: dict, repeats: int, device) -> dict:
-    """Median seconds per call, timed in ``repeats`` rounds that each run every call once, after
-    a warm-up of every call: drift (a busy or throttling machine, the first calls after a load)
-    hits every figure alike instead of whichever was timed first."""
-    for call in calls.values():
-        call()
-    seconds: dict = {key: [] for key in calls}
-    for _ in range(repeats):
-        for key, call in calls.items():
-            seconds[key].append(timed(call, device=device)[0])
-    return {key: statistics.median(values) for key, values in seconds.items()}
-
-
 @torch.inference_mode()
 def measure_cost_model(
     target,
@@ -165,13 +152,13 @@ def measure_cost_model(
     * a k-token target call as the verify runs it (k = 1..max_verify): the forward over k
       tokens, ``warp`` of all k distributions and the acceptance rule.
     Greedy warping; each figure is the median of ``repeats`` rounds in which every call runs
-    once (``_interleaved_medians``), so the ratios V(k) and c compare calls timed side by side.
+    once (``timing.interleaved_medians``), so the ratios V(k) and c compare calls timed side by side.
     """
     prompt = _context(target, context_tokens, seed)
     calls = {k: _step_call(target, prompt, k, 0) for k in range(1, max_verify + 1)}
     if draft is not None:
         calls["draft"] = _step_call(draft, prompt, 1, 1)
-    medians = _interleaved_medians(calls, repeats, target.device)
+    medians = interleaved_medians(calls, repeats, target.device)
     verify_s = {k: medians[k] for k in range(1, max_verify + 1)}
     draft_step = medians["draft"] if draft is not None else float("nan")
     return CostModel(verify_s[1], draft_step, verify_s, context_tokens)

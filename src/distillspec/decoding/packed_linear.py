@@ -45,6 +45,8 @@ from collections.abc import Iterator
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from distillspec.decoding.timing import interleaved_medians
+
 FINGERPRINT_STRIDE = 257  # elements; a prime, so it walks across the rows of any matrix
 MEMORY_SHARE = 0.5  # a packed copy may take at most this share of the memory still available
 ENV_SWITCH = "DISTILLSPEC_PACKED_LINEARS"
@@ -134,22 +136,6 @@ def _weight_major_call(x: torch.Tensor, weight: torch.Tensor,
 _weight_major: dict[tuple, bool] = {}  # (out, in, rows, threads) -> the weight-major call is faster
 
 
-def _interleaved_medians(first, second, reps: int = TUNING_REPS) -> tuple[float, float]:
-    """Median seconds of two calls timed in alternation after one warm call each, so a busy
-    moment of the machine hits both alike."""
-    import statistics
-    import time
-
-    times: tuple[list[float], list[float]] = ([], [])
-    first(), second()
-    for _ in range(reps):
-        for call, spent in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            call()
-            spent.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
 def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None) -> bool:
     """Whether this width of call runs faster weight-major, timed once per shape, row count and
@@ -161,9 +147,11 @@ def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
     key = (*weight.shape, rows, torch.get_num_threads())
     choice = _weight_major.get(key)
     if choice is None:
-        packed, weight_major = _interleaved_medians(lambda: _packed_call(x, weight, bias),
-                                                    lambda: _weight_major_call(x, weight, bias))
-        choice = _weight_major[key] = weight_major < WEIGHT_MAJOR_MARGIN * packed
+        medians = interleaved_medians({"packed": lambda: _packed_call(x, weight, bias),
+                                       "weight_major": lambda: _weight_major_call(x, weight, bias)},
+                                      TUNING_REPS)
+        choice = medians["weight_major"] < WEIGHT_MAJOR_MARGIN * medians["packed"]
+        _weight_major[key] = choice
     return choice
 
 

@@ -7,6 +7,7 @@ the device; with ``SyncTimer`` every phase of a step (prefill, draft, target) is
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -45,3 +46,16 @@ class SyncTimer:
 
     def __call__(self, fn: Callable[..., T], *args: Any) -> tuple[float, T]:
         return timed(fn, *args, device=self.device)
+
+
+def interleaved_medians(calls: dict, repeats: int, device=None) -> dict:
+    """Median seconds per call, timed in ``repeats`` rounds that each run every call once, after
+    a warm-up of every call: drift (a busy or throttling machine, the first calls after a load)
+    hits every figure alike instead of whichever was timed first."""
+    for call in calls.values():
+        call()
+    seconds: dict = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            seconds[key].append(timed(call, device=device)[0])
+    return {key: statistics.median(values) for key, values in seconds.items()}

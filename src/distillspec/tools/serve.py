@@ -103,8 +103,9 @@ class ServeMetrics:
                              "chain) or plain (no draft token; --sd-policy auto picks per step)",
                              ["mode"], registry=registry)
         self.mode_rate = Gauge("distillspec_spec_decode_mode_tokens_per_second",
-                               "Measured tokens/s of each mode per batch-size bucket (moving "
-                               "average; what --sd-policy auto chooses by)",
+                               "Measured tokens/s of each mode per batch-size bucket (decayed "
+                               "tokens over decayed seconds; --sd-policy auto chooses by it plus "
+                               "one standard error)",
                                ["batch_bucket", "mode"], registry=registry)
 
     def describe(self, draft_spec: str, speculation, sd_policy: str,

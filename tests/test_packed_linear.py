@@ -44,24 +44,18 @@ def test_the_weight_major_call_matches_f_linear(shape, with_bias):
                                atol=1e-5, rtol=1e-5)
 
 
-def fake_medians(monkeypatch, medians: dict):
-    """Every kernel choice timed as ``medians`` says (kernels not named: 1.0); returns the list
-    of the call sets timed."""
-    monkeypatch.setattr(packed_linear, "_kernel_choice", {})
-    timed = []
-
-    def timed_calls(calls, repeats, device=None):
-        timed.append(calls)
-        return {name: medians.get(name, 1.0) for name in calls}
-
-    monkeypatch.setattr(packed_linear, "interleaved_medians", timed_calls)
-    return timed
-
-
 @pytest.fixture
 def fake_timings(monkeypatch):
-    """Timings that make the weight-major call twice as fast."""
-    return fake_medians(monkeypatch, {"packed": 1.0, "weight_major": 0.5})
+    """Timings that make the weight-major call twice as fast; returns the list of timed pairs."""
+    monkeypatch.setattr(packed_linear, "_weight_major", {})
+    timed = []
+
+    def timed_pair(calls, repeats, device=None):
+        timed.append(calls)
+        return {"packed": 1.0, "weight_major": 0.5}
+
+    monkeypatch.setattr(packed_linear, "interleaved_medians", timed_pair)
+    return timed
 
 
 def test_the_kernel_is_chosen_by_timing_once_per_shape_and_row_count(fake_timings):
@@ -72,20 +66,18 @@ def test_the_kernel_is_chosen_by_timing_once_per_shape_and_row_count(fake_timing
         out = packed_linear_eager(x4, weight, None)
     assert len(fake_timings) == 1  # both kernels timed once, then the choice is kept
     assert packed_linear.tunings() == 1  # what a caller timing its steps compares
-    assert packed_linear._kernel_choice[(96, 64, 4, torch.get_num_threads())] == "weight_major"
-    assert set(fake_timings[0]) == {"packed", "weight_major"}  # 4 rows: nothing to pad
+    assert packed_linear._weight_major[(96, 64, 4, torch.get_num_threads())] is True
     torch.testing.assert_close(out, torch.nn.functional.linear(x4, weight), atol=1e-5, rtol=1e-5)
-    packed_linear_eager(x3, weight, None)  # another row count: timed again, padding too
+    packed_linear_eager(x3, weight, None)  # another row count: timed again
     assert len(fake_timings) == 2 and packed_linear.tunings() == 2
-    assert set(fake_timings[1]) == {"packed", "weight_major", "padded"}
 
 
 def test_one_row_bf16_and_deterministic_calls_are_never_timed(fake_timings):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(96, 64, generator=generator)
     packed_linear_eager(torch.randn(1, 64, generator=generator), weight, None)
-    assert packed_linear._kernel(torch.randn(4, 64).bfloat16(), weight.bfloat16(),
-                                 None) == "packed"
+    assert not packed_linear._prefers_weight_major(torch.randn(4, 64).bfloat16(),
+                                                   weight.bfloat16(), None)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         packed_linear_eager(torch.randn(4, 64, generator=generator), weight, None)
@@ -94,17 +86,12 @@ def test_one_row_bf16_and_deterministic_calls_are_never_timed(fake_timings):
     assert fake_timings == []
 
 
-@pytest.mark.parametrize("kernel", ["weight_major", "padded"])
 @pytest.mark.parametrize("tree", [None, "4:2"])
 def test_greedy_sd_is_the_target_s_greedy_output_with_weight_major_verify_calls(
-        monkeypatch, kernel, tree):
-    """Every multi-row float32 call weight-major, or padded where its rows are not a multiple
-    of 4 (as on an AVX2 CPU where they time faster): SD's greedy output is still the target's
-    own, token for token."""
+        fake_timings, tree):
+    """Every multi-row float32 call weight-major (as on an AVX2 CPU where it times faster):
+    SD's greedy output is still the target's own, token for token."""
     from distillspec import autoregressive_generate, speculative_generate
-
-    fake_medians(monkeypatch, {"packed": 1.0, "weight_major": 0.5, "padded": 0.25} if
-                 kernel == "padded" else {"packed": 1.0, "weight_major": 0.5})
 
     target, draft = tiny_model("llama", seed=0), tiny_model("llama", seed=3)
     input_ids, attention_mask = left_padded([7, 4])
@@ -118,25 +105,7 @@ def test_greedy_sd_is_the_target_s_greedy_output_with_weight_major_verify_calls(
     assert result.sequences == reference
     assert autoregressive_generate(target, input_ids, attention_mask,
                                    max_new_tokens=20).sequences == reference
-    assert kernel in packed_linear._kernel_choice.values()  # that call did run
-
-
-@pytest.mark.parametrize("shape", [(3, 64), (2, 7, 64), (5, 64)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_the_padded_call_matches_f_linear(shape, with_bias):
-    generator = torch.Generator().manual_seed(shape[-2])
-    weight, x = torch.randn(96, 64, generator=generator), torch.randn(*shape, generator=generator)
-    bias = torch.randn(96, generator=generator) if with_bias else None
-    out = packed_linear._padded_call(x, weight, bias)
-    assert out.shape == (*shape[:-1], 96) and out.is_contiguous()
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias),
-                               atol=1e-5, rtol=1e-5)
-
-
-def test_a_slower_weight_major_call_is_not_chosen(monkeypatch):
-    fake_medians(monkeypatch, {"packed": 1.0, "weight_major": 0.95, "padded": 0.92})
-    x, weight = torch.randn(3, 64), torch.randn(96, 64)
-    assert packed_linear._kernel(x, weight, None) == "packed"  # not 10 % faster
+    assert any(packed_linear._weight_major.values())  # the weight-major call did run
 
 
 def test_a_weight_changed_in_place_is_packed_again():

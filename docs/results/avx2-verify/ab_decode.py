@@ -20,11 +20,11 @@ from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
 from distillspec.tools.bench import load_prompts_for_bench
 from distillspec.tools.configs import BenchConfig
 
-CHOOSE = packed_linear._kernel
+CHOOSE = packed_linear._prefers_weight_major
 
 
 def kernels(chosen: bool) -> None:
-    packed_linear._kernel = CHOOSE if chosen else (lambda *args: "packed")
+    packed_linear._prefers_weight_major = CHOOSE if chosen else (lambda *args: False)
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 batched one-token steps with the per-width kernel choice among packed / weight-major ("before")
 against packed / weight-major / padded weight-major ("after").
 
-Run from the repository root:  .venv/bin/python docs/results/avx2-verify/pad_ab.py [ROUNDS]
+Runs at commit bf19fc7, which had the padded kernel; it was taken out again after this
+measurement (README.md says why), so check that commit out first:
+    .venv/bin/python docs/results/avx2-verify/pad_ab.py [ROUNDS]
 Each mode keeps its own kernel choices (timed on first use, as in a fresh process); rounds
 alternate the order. Writes pad_ab.json beside this file.
 """

@@ -53,14 +53,14 @@ def demo_sized_draft(model, tokenizer):
 
 
 def measure(model, draft, chosen: bool) -> dict:
-    original = packed_linear._kernel
+    original = packed_linear._prefers_weight_major
     if not chosen:
-        packed_linear._kernel = lambda *args: "packed"
+        packed_linear._prefers_weight_major = lambda *args: False
     try:
         cost = measure_cost_model(model, draft, max_verify=16, repeats=7)
         batched = {rows: batched_step_seconds(model, rows) for rows in (4, 16)}
     finally:
-        packed_linear._kernel = original
+        packed_linear._prefers_weight_major = original
     return {"step_ms": cost.target_step_s * 1e3, "draft_cost_ratio": cost.cost_ratio,
             "verify_curve": {k: s / cost.verify_s[1] for k, s in cost.verify_s.items()},
             "batched_step_ms": {rows: s * 1e3 for rows, s in batched.items()}}
@@ -95,7 +95,7 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dtype": str(next(model.parameters()).dtype), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "rounds": ROUNDS, "summary": summary, "runs": rounds,
-        "weight_major_choices": {str(k): v for k, v in packed_linear._kernel_choice.items()},
+        "weight_major_choices": {str(k): v for k, v in packed_linear._weight_major.items()},
         "command": " ".join(sys.argv),
     }
     OUT.write_text(json.dumps(report, indent=1, default=float) + "\n")

@@ -12,12 +12,10 @@ linear weights, shared by the eager and the compiled steps (``torch.compile`` se
 Calls of a few rows (a verify block, a small batch) are another matter in float32 on some
 CPUs: on a 2-core AVX2 EPYC, oneDNN's float32 kernel took 145 µs for 2 rows and 212 µs for 4 of
 a 576x1536 projection against 75 µs for 1, where MKL's ``torch.mm(weight, x.T)`` (the weight
-as the tall left operand) took 108 and 135 (and 3 rows cost more than 4 unless padded to 4). So
-each float32 call of 2..TUNED_MAX_ROWS rows times the kernels once per weight shape, row count
-and thread count (packed, weight-major, and weight-major on rows padded to a multiple of 4),
-and keeps the fastest where it ran at least 10 % faster than the packed one (never under
-torch's deterministic algorithms, where a timing must not decide the arithmetic). One-row
-calls and bf16 stay packed.
+as the tall left operand) took 108 and 135. So each float32 call of 2..TUNED_MAX_ROWS rows
+times both once per weight shape, row count and thread count, and keeps the weight-major call
+where it ran at least 10 % faster (never under torch's deterministic algorithms, where a
+timing must not decide the arithmetic). One-row calls and bf16 stay packed.
 
 The same kernels compute the same sums: in bf16 the outputs are bit for bit those of
 ``F.linear`` (tested); in float32 they differ in the last bits, as ``F.linear``'s own do
@@ -55,7 +53,6 @@ ENV_SWITCH = "DISTILLSPEC_PACKED_LINEARS"
 TUNED_MAX_ROWS = 64  # widest call whose kernel is chosen by timing (verify blocks, batches)
 WEIGHT_MAJOR_MARGIN = 0.9  # the weight-major call must time 10 % faster to be chosen
 TUNING_REPS = 7  # timed calls of each kernel, alternating
-PAD_ROWS = 4  # the padded weight-major call rounds its rows up to a multiple of this
 
 
 class _Packed:
@@ -136,59 +133,43 @@ def _weight_major_call(x: torch.Tensor, weight: torch.Tensor,
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _padded_call(x: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor | None) -> torch.Tensor:
-    """The weight-major call on the rows padded with zero rows to a multiple of ``PAD_ROWS``:
-    MKL's float32 kernel for a thin right operand works in blocks of 4 columns, and on an AVX2
-    EPYC a remainder of 3 cost more than a whole block (a 1536x576 projection: 153 µs for 3
-    rows, 130 for 4; 274 for 7, 253 for 8). The padding's outputs are dropped."""
-    rows = x.reshape(-1, x.shape[-1])
-    padded = torch.nn.functional.pad(rows, (0, 0, 0, -rows.shape[0] % PAD_ROWS))
-    out = torch.mm(weight, padded.t())[:, : rows.shape[0]].t().contiguous()
-    if bias is not None:
-        out += bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-_KERNELS = {"packed": _packed_call, "weight_major": _weight_major_call, "padded": _padded_call}
-_kernel_choice: dict[tuple, str] = {}  # (out, in, rows, threads) -> the kernel timed fastest
+_weight_major: dict[tuple, bool] = {}  # (out, in, rows, threads) -> the weight-major call is faster
 
 
 def tunings() -> int:
     """How many kernel choices this process has timed so far. A caller that times its own
     steps (the server's mode policy) compares it before and after a step: a step that timed a
-    kernel paid a one-off ~3 x TUNING_REPS calls and is no measure of its steady speed."""
-    return len(_kernel_choice)
+    kernel paid a one-off ~2 x TUNING_REPS calls and is no measure of its steady speed."""
+    return len(_weight_major)
 
 
-def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    """The kernel for this width of call: ``packed`` unless, timed once per shape, row count and
-    thread count, the weight-major call (or, for a row count off a multiple of ``PAD_ROWS``, the
-    padded one) ran ``WEIGHT_MAJOR_MARGIN`` faster. float32 calls of 2..TUNED_MAX_ROWS rows
-    only, never under deterministic algorithms; the first such call pays the timing."""
+def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None) -> bool:
+    """Whether this width of call runs faster weight-major, timed once per shape, row count and
+    thread count (float32 only; the first such call pays ~2 x TUNING_REPS calls' time)."""
     rows = x.numel() // x.shape[-1]
     if (weight.dtype != torch.float32 or not 2 <= rows <= TUNED_MAX_ROWS
             or torch.are_deterministic_algorithms_enabled()):
-        return "packed"
+        return False
     key = (*weight.shape, rows, torch.get_num_threads())
-    choice = _kernel_choice.get(key)
+    choice = _weight_major.get(key)
     if choice is None:
-        names = [n for n in _KERNELS if n != "padded" or rows % PAD_ROWS]
-        medians = interleaved_medians(
-            {name: (lambda f=_KERNELS[name]: f(x, weight, bias)) for name in names}, TUNING_REPS)
-        best = min(medians, key=medians.get)
-        faster = medians[best] < WEIGHT_MAJOR_MARGIN * medians["packed"]
-        choice = _kernel_choice[key] = best if faster else "packed"
+        medians = interleaved_medians({"packed": lambda: _packed_call(x, weight, bias),
+                                       "weight_major": lambda: _weight_major_call(x, weight, bias)},
+                                      TUNING_REPS)
+        choice = medians["weight_major"] < WEIGHT_MAJOR_MARGIN * medians["packed"]
+        _weight_major[key] = choice
     return choice
 
 
 def packed_linear_eager(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` through the packed copy of ``weight``, or, for a float32 call of
-    2..TUNED_MAX_ROWS rows where that measured faster here, as ``(weight @ x.T).T`` on the
-    rows as they are or padded (oneDNN's small-M float32 kernels are slow on some AVX2 CPUs:
-    see the module docstring)."""
-    return _KERNELS[_kernel(x, weight, bias)](x, weight, bias)
+    2..TUNED_MAX_ROWS rows where that measured faster here, as ``(weight @ x.T).T`` (oneDNN's
+    small-M float32 kernels are slow on some AVX2 CPUs: see the module docstring)."""
+    if _prefers_weight_major(x, weight, bias):
+        return _weight_major_call(x, weight, bias)
+    return _packed_call(x, weight, bias)
 
 
 @torch.library.custom_op("distillspec::packed_linear", mutates_args=())

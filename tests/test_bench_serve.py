@@ -39,6 +39,7 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
     assert auto["sd_policy"] == "auto" and always["sd_policy"] == "always"
     written = json.loads((tmp_path / "bench" / "bench-serve.json").read_text())
     assert written["modes"].keys() == report["modes"].keys()
+    assert "--sd-policy auto,always" in written["command"]  # the command that made it
     assert "engine steps by mode" in (tmp_path / "bench" / "bench-serve.md").read_text()
 
 

@@ -253,3 +253,37 @@ def test_metrics_in_prometheus_format(served):
                  'draft_weights="none",gamma="3",sd_policy="auto",tree=""} 1.0',
                  'distillspec_requests_total{endpoint="/v1/completions",status="200"}'):
         assert name in text, name
+
+
+def test_the_mode_policy_skips_steps_that_admitted_rows_or_timed_a_kernel(monkeypatch):
+    """A step that prefilled a joining row, or timed a kernel choice (a one-off cost of a new
+    call width), says nothing of its arm's speed: the server's policy must not record it."""
+    from conftest import tiny_model
+
+    from distillspec.decoding import packed_linear
+    from distillspec.decoding.engine import Decoder
+    from distillspec.decoding.mode_policy import ModePolicy
+    from distillspec.decoding.params import SpeculationConfig
+    from distillspec.decoding.requests import Request
+    from distillspec.tools.serve_engine import EngineWorker
+
+    steps, timed_at = [0], {2, 5}  # these steps (1-based) "time a kernel"
+    real_step = Decoder.step
+
+    def step(self):
+        steps[0] += 1
+        return real_step(self)
+
+    monkeypatch.setattr(Decoder, "step", step)
+    monkeypatch.setattr(packed_linear, "tunings",
+                        lambda: sum(1 for s in timed_at if s <= steps[0]))
+    policy = ModePolicy.for_speculation(3, tree=False)
+    recorded = []
+    monkeypatch.setattr(policy, "record", lambda *args: recorded.append(steps[0]))
+    worker = EngineWorker(tiny_model(seed=0), tiny_model(seed=1, layers=1),
+                          SpeculationConfig(gamma=3), max_batch=4, policy=policy)
+    worker.decoder.add(Request([5, 6, 7], 24))
+    while worker.decoder.has_work:
+        worker._step()
+    assert steps[0] > 6
+    assert recorded == [s for s in range(2, steps[0] + 1) if s not in timed_at]  # 1 admitted

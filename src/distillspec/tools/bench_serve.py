@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from distillspec.common.config import changed_args, replace, to_dict
+from distillspec.common.config import changed_args, changed_flags, replace, to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
 from distillspec.tools.configs import BenchServeConfig, ServeConfig
@@ -234,7 +234,8 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
         for index, policy in enumerate(config.sd_policy):
             name = "speculative" if index == 0 else f"speculative, sd-policy {policy}"
             modes[name] = replace(serve, sd_policy=policy)
-    report = {"command": "distillspec bench-serve", "config": to_dict(config), "modes": {}}
+    report = {"command": ("distillspec bench-serve " + changed_flags(config)).strip(),
+              "config": to_dict(config), "modes": {}}
     for name, mode in modes.items():
         if isinstance(mode, str):
             rows = [drive(mode, config.target, prompts, c, config.num_requests, config.max_tokens,

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from distillspec.decoding import packed_linear
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.mode_policy import ModePolicy, arm_name
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
@@ -172,15 +173,17 @@ class EngineWorker:
         batch, admitting = len(decoder.rows) + len(decoder.queue), bool(decoder.queue)
         arm = self._arm(batch)
         decoder.lookahead_limit = arm
-        start = time.perf_counter()
+        tunings, start = packed_linear.tunings(), time.perf_counter()
         try:
             updates = decoder.step()
         except Exception as error:  # noqa: BLE001 - contained: see _recover
             self._recover(error)
             return
         seconds = time.perf_counter() - start
-        # A step that admitted rows also ran their prefill: not a measure of the arm's speed.
-        if self.policy is not None and not admitting:
+        # A step that admitted rows also ran their prefill, and one that timed a kernel choice
+        # (a new call width: a catch-up of the draft, a new batch size) paid a one-off cost:
+        # neither measures the arm's speed.
+        if self.policy is not None and not admitting and packed_linear.tunings() == tunings:
             self.policy.record(batch, arm, sum(len(u.new_tokens) for u in updates), seconds)
             if self.metrics is not None:
                 self.metrics.record_rate(batch, arm, self.policy)

@@ -9,6 +9,7 @@ target loaded once:
          reference's the most (filter_keep 0.5)
   F80    the same, keeping 80 %
   L50    lk (the acceptance loss, -log sum_v min(p_v, q_v)) with the same 50 % filter
+  C365   C stopped after 365 steps (F50's count): the filter at equal steps rather than minutes
 The reference (REF) is a draft already distilled for this target on the same data (the demo's
 12-minute draft); its training time is not in the arms' minutes, see README.md.
 alpha (T=0, T=1) on ../written-prompts-2/choice99.jsonl (the trainer's eval set) and on
@@ -34,6 +35,7 @@ ARMS = {
     "F50": {"filter_keep": 0.5},
     "F80": {"filter_keep": 0.8},
     "L50": {"divergence": "lk", "filter_keep": 0.5},
+    "C365": {"max_steps": 365},  # C stopped at F50's step count: the filter per step
 }
 
 

@@ -3,7 +3,8 @@
 bench-serve's level in one process, without HTTP: ``concurrency`` clients each send their next
 request (greedy, 48 tokens, the chat held-out prompts with the chat template) as soon as the
 previous one finishes, ``count`` requests in all; the engine loop is the server's (admit, choose
-the arm with ``ModePolicy``, one ``Decoder.step``, record it unless it admitted rows). Modes:
+the arm with ``ModePolicy``, one ``Decoder.step``, record it unless it admitted rows or timed a
+kernel choice: the latter since commit 7a53e84, after anatomy-*.json and serve-avx2's were made). Modes:
 ``plain`` (no draft), ``auto`` (the server's default policy) and ``always`` (speculate as
 configured on every step), interleaved for ``rounds`` rounds. Every step is logged (mode,
 batch, admitting, arm, tokens emitted, seconds); the summary splits each level's time into
@@ -23,6 +24,7 @@ import statistics
 import time
 
 from distillspec.common.runtime import apply_threads
+from distillspec.decoding import packed_linear
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.mode_policy import ModePolicy
 from distillspec.decoding.params import SamplingConfig
@@ -65,12 +67,12 @@ def level(models, speculation, stop, prompts, mode, concurrency, count, policy, 
         batch, admitting = len(decoder.rows) + len(decoder.queue), bool(decoder.queue)
         arm = policy.choose(batch) if policy is not None else None
         decoder.lookahead_limit = arm
-        step_start = time.perf_counter()
+        tunings, step_start = packed_linear.tunings(), time.perf_counter()
         updates = decoder.step()
         seconds = time.perf_counter() - step_start
         tokens = sum(len(update.new_tokens) for update in updates)
         emitted += tokens
-        if policy is not None and not admitting:
+        if policy is not None and not admitting and packed_linear.tunings() == tunings:
             policy.record(batch, arm, tokens, seconds)
         log.append({"mode": mode, "concurrency": concurrency, "batch": batch,
                     "admitting": admitting, "arm": arm, "tokens": tokens, "seconds": seconds})

@@ -309,8 +309,17 @@ def study_args(root: Path, out: str, sources: str, steps: int = 4) -> list[str]:
 
 
 @pytest.mark.slow
-def test_tiny_study_writes_tables_heatmaps_and_a_winner_distill_loads(workspace):
+def test_tiny_study_writes_tables_heatmaps_and_a_winner_distill_loads(workspace, monkeypatch):
+    from distillspec.training.evaluate import SDEvaluator
+
+    built = []
+    original = SDEvaluator.__init__
+    monkeypatch.setattr(SDEvaluator, "__init__",
+                        lambda self, *a, **k: built.append(1) or original(self, *a, **k))
     assert main(["study", *study_args(workspace, "study", "teacher-greedy,mixed:0.5")]) == 0
+    # the target's held-out continuations, once each: the initial draft's evaluation, the
+    # CHOICE split (one seed, shared by the 4 cells) and the REPORT split
+    assert len(built) == 3
     out = workspace / "study"
     study = json.loads((out / "study.json").read_text())
     assert [r["cell"] for r in study["cells"]] == [

@@ -19,7 +19,7 @@ from conftest import save_tiny, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distillspec.common.config import from_dict, to_dict
+from distillspec.common.config import from_dict, replace, to_dict
 from distillspec.training.batch import build_batch
 from distillspec.training.config import DistillConfig
 from distillspec.training.divergences import TAIL_ID, get_divergence
@@ -313,6 +313,27 @@ def test_max_steps_zero_builds_evaluates_and_saves_the_draft_untrained(workspace
     assert load_file(run / "final" / "pruned_head.safetensors")["token_ids"].numel() == 40
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["eval"] for e in evals if "eval" in e] == ["start"]
+
+
+def test_a_shared_evaluator_gives_the_same_run_without_generating_again(workspace, monkeypatch):
+    """distill(..., evaluator=) (the study's one evaluator per seed): the same metrics as a run
+    that builds its own, no target generation for the held-out split, other settings refused."""
+    from distillspec.training import evaluate, loop
+    from distillspec.training.setup import load_target
+
+    config = recipe(workspace, output_dir=str(workspace / "own-evaluator"), max_steps=3)
+    target, tokenizer = load_target(config)
+    own = distill(config, target=target, tokenizer=tokenizer)
+    evaluator = loop.make_evaluator(config, target, tokenizer)
+    calls = []
+    monkeypatch.setattr(evaluate, "generate_completions",
+                        lambda *a, **k: calls.append(1) or pytest.fail("generated again"))
+    shared = replace(config, output_dir=str(workspace / "shared-evaluator"))
+    assert distill(shared, target=target, tokenizer=tokenizer, evaluator=evaluator) == own
+    assert not calls
+    with pytest.raises(ValueError, match="other evaluation settings.*make_evaluator"):
+        distill(replace(shared, seed=1, overwrite=True), target=target, tokenizer=tokenizer,
+                evaluator=evaluator)
 
 
 def test_teacher_topk_dir_that_is_a_file_is_refused(workspace):

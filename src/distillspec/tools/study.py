@@ -24,7 +24,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from distillspec.training import checkpoint, setup
 from distillspec.training.datagen import datagen, self_prompts, write_prompt_pool
 from distillspec.training.datasets import load_examples
 from distillspec.training.evaluate import SDEvaluator
-from distillspec.training.loop import TrainingInterrupted, distill
+from distillspec.training.loop import TrainingInterrupted, distill, make_evaluator
 
 CONFIG_FILE = "study_config.json"
 ENTRIES = ("study_config.json", "study.json", "study.md", "cost_model.json", "cells", "records",
@@ -76,6 +76,10 @@ class TaskData:
     draft_init: str
     data_minutes: float  # generating prompts, answers and the initial draft now (0: found)
     report: SDEvaluator | None = None  # built when the first cell of the task needs it
+    # the CHOICE split's evaluator per seed (its T = 1 continuations are seeded), built by the
+    # first cell of that seed and shared by the others: the target's held-out continuations
+    # and logits cost ~30 s on a 2-core CPU, more than the rest of a cell's evaluation
+    choice: dict[int, SDEvaluator] = field(default_factory=dict)
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
@@ -289,7 +293,10 @@ def _run_cell(config: StudyConfig, cell: Cell, task: TaskData, models, cost: Cos
     folder = Path(recipe.output_dir)
     fresh_over_leftovers = resumed is None and folder.exists()  # killed before a checkpoint
     recipe = replace(recipe, resume=resumed is not None, overwrite=fresh_over_leftovers)
-    distill(recipe, target=target, tokenizer=tokenizer)
+    evaluator = task.choice.get(recipe.seed)
+    if evaluator is None:
+        evaluator = task.choice[recipe.seed] = make_evaluator(recipe, target, tokenizer)
+    distill(recipe, target=target, tokenizer=tokenizer, evaluator=evaluator)
     evals = [r for _, r in read_jsonl(folder / "metrics.jsonl") if "eval" in r]
     final = [r for r in evals if r["eval"] == "final"][-1]
     start = next(r for r in evals if r["eval"] == "start")

@@ -88,7 +88,8 @@ class _Run:
         self.accelerator.log(numbers, step=record["step"])
 
 
-def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, tokenizer=None) -> _Run:
+def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, tokenizer=None,
+           evaluator: SDEvaluator | None = None) -> _Run:
     """Load models (unless given) and data, build policy, loss, optimiser and schedule (and
     restore them)."""
     accelerator = Accelerator(
@@ -135,8 +136,10 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
                  accelerator.process_index)
     if replica is None:  # FSDP already spreads the draft; DDP would wrap it a second time
         draft, optimizer = accelerator.prepare(draft, optimizer)
-    evaluator = _evaluator(config, target, eval_examples, eos, pad_id) \
-        if accelerator.is_main_process else None
+    if not accelerator.is_main_process:
+        evaluator = None
+    elif evaluator is None:
+        evaluator = _evaluator(config, target, eval_examples, eos, pad_id)
     reference = setup.filter_reference(config, target, tokenizer, vocabulary)
     if config.target_sharding == "fsdp":  # last: everything above ran the target whole
         _shard_target(target, head_ids)
@@ -152,11 +155,33 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
 
 def _evaluator(config: DistillConfig, target, eval_examples, eos, pad_id) -> SDEvaluator:
     """The main process's evaluator: alpha on the held-out prompts, tau if asked."""
-    return SDEvaluator(
+    evaluator = SDEvaluator(
         target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
         max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,
         gamma=config.eval_gamma, eos_token_id=eos, seed=config.seed, pad_id=pad_id,
     )
+    evaluator.settings = evaluation_settings(config)
+    return evaluator
+
+
+def evaluation_settings(config: DistillConfig) -> dict[str, Any]:
+    """The knobs an evaluator is built from: two runs with equal settings (and the same target)
+    evaluate on the same target continuations, so they may share one evaluator."""
+    names = ("target", "eval_data", "eval_prompts", "eval_max_new_tokens", "eval_tau_prompts",
+             "eval_gamma", "seed", "max_prompt_tokens", "max_completion_tokens")
+    settings = {name: getattr(config, name) for name in names}
+    if not config.eval_data:  # held out from the training data by a seeded split
+        settings.update(data=config.data, held_out=config.held_out)
+    return settings
+
+
+def make_evaluator(config: DistillConfig, target, tokenizer) -> SDEvaluator:
+    """The evaluator ``distill(config)`` would build, for a caller that runs several recipes
+    with the same evaluation settings on one loaded target (``distill(..., evaluator=)``): the
+    target's held-out continuations and logits are then computed once, not once per run."""
+    eval_examples = setup.load_data(config, tokenizer)[1]
+    return _evaluator(config, target, eval_examples, eos_token_ids(target, tokenizer),
+                      pad_token_id(tokenizer))
 
 
 def _restore(resume_from, draft, optimizer, scheduler, replica, state, generator, policy,
@@ -180,11 +205,21 @@ def _shard_target(target, head_ids) -> None:
     sharding.shard_frozen(target)
 
 
-def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, Any]:
+def distill(config: DistillConfig, *, target=None, tokenizer=None,
+            evaluator: SDEvaluator | None = None) -> dict[str, Any]:
     """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics. A given
     ``target`` and ``tokenizer`` (from ``setup.load_target(config)``; left unchanged) replace
-    loading ``config.target``: several runs in one process load it once."""
+    loading ``config.target``: several runs in one process load it once. A given ``evaluator``
+    (``make_evaluator`` with that target, for a recipe with the same evaluation settings)
+    replaces building one: the target's held-out continuations are then not generated again."""
     apply_threads(config.runtime)
+    if evaluator is not None and getattr(evaluator, "settings", None) != evaluation_settings(config):
+        raise ValueError(
+            "The evaluator passed to distill was built for other evaluation settings "
+            f"({getattr(evaluator, 'settings', None)}) than this recipe's "
+            f"({evaluation_settings(config)}): build it with make_evaluator(config, target, "
+            "tokenizer) for this recipe, or pass none."
+        )
     if target is not None and config.target_sharding != "none":
         raise ValueError(
             "target_sharding fsdp shards the target in place, and a target passed to distill is "
@@ -195,7 +230,7 @@ def distill(config: DistillConfig, *, target=None, tokenizer=None) -> dict[str, 
     folder, resume_from = setup.open_folders(config)
     if resume_from is not None:  # before anything loads
         checkpoint.check_same_trainables(resume_from, config)
-    run = _build(config, folder, resume_from, target, tokenizer)
+    run = _build(config, folder, resume_from, target, tokenizer, evaluator)
     if run.accelerator.is_main_process:
         checkpoint.truncate_metrics(folder.child("metrics.jsonl"), run.state.step)
         atomic_write_json(folder.child("distill_config.json"), to_dict(config))

@@ -184,6 +184,9 @@ def test_grid_differences_ignore_where_the_study_is_written():
 
 def test_eta_comes_from_measured_cells():
     assert eta_text(2, 10, [60.0, 120.0], 1.0).startswith("2/10 cells done; ~12.0 min left")
+    # the median: a first cell that also built its seed's evaluator does not skew the estimate
+    assert "~6.0 min left (6 cells × 60 s, the median of the 3 timed here)" in eta_text(
+        3, 9, [60.0, 300.0, 50.0], 1.0)
     assert "at least 16 s left" in eta_text(0, 4, [], 1 / 15)
     assert eta_text(3, 3, [], 1.0) == "3/3 cells done"
     assert eta_text(2, 10, [60.0, 120.0], 1.0, workers=2).startswith(
@@ -330,6 +333,10 @@ def test_tiny_study_writes_tables_heatmaps_and_a_winner_distill_loads(workspace,
         assert record["speedup_t0"] > 0 and record["gamma_t1"] in (1, 2)
         assert 0 <= record["report_alpha_t1"] <= 1  # measured on the report split too
     assert len(list((out / "topk").glob("*.safetensors"))) == 1  # scored once for all cells
+    for record in study["cells"]:  # a cell's data time (that scoring, or loading it) is its own
+        metrics = (out / "cells" / record["cell"] / "metrics.jsonl").read_text().splitlines()
+        seconds = [json.loads(line)["data_seconds"] for line in metrics if "data_seconds" in line]
+        assert record["data_minutes"] == pytest.approx(seconds[-1] / 60)
     assert len({r["start_alpha_t0"] for r in study["cells"]}) == 1  # one initial draft
     markdown = (out / "study.md").read_text()
     assert "| divergence | teacher-greedy | mixed:0.5 |" in markdown and "Winner: **" in markdown
@@ -379,8 +386,8 @@ def assert_resumed_once(cell: Path) -> None:
 def record_values(out: Path) -> dict[str, dict]:
     """Every record by cell, without what timing decides (wall and training time, the cost
     model's speed-ups and best γ) and where it was written."""
-    timed = ("wall_minutes", "train_minutes", "steps_per_minute", "output_dir", "speedup_t0",
-             "speedup_t1", "gamma_t0", "gamma_t1")
+    timed = ("wall_minutes", "data_minutes", "train_minutes", "steps_per_minute",
+             "output_dir", "speedup_t0", "speedup_t1", "gamma_t0", "gamma_t1")
     study = json.loads((out / "study.json").read_text())
     return {r["cell"]: {k: v for k, v in r.items() if k not in timed} for r in study["cells"]}
 

@@ -318,19 +318,21 @@ def test_max_steps_zero_builds_evaluates_and_saves_the_draft_untrained(workspace
 def test_a_shared_evaluator_gives_the_same_run_without_generating_again(workspace, monkeypatch):
     """distill(..., evaluator=) (the study's one evaluator per seed): the same metrics as a run
     that builds its own, no target generation for the held-out split, other settings refused."""
-    from distillspec.training import evaluate, loop
-    from distillspec.training.setup import load_target
+    from distillspec.training import evaluate
+    from distillspec.training.setup import load_target, make_evaluator
 
     config = recipe(workspace, output_dir=str(workspace / "own-evaluator"), max_steps=3)
     target, tokenizer = load_target(config)
     own = distill(config, target=target, tokenizer=tokenizer)
-    evaluator = loop.make_evaluator(config, target, tokenizer)
+    evaluator = make_evaluator(config, target, tokenizer)
     calls = []
     monkeypatch.setattr(evaluate, "generate_completions",
                         lambda *a, **k: calls.append(1) or pytest.fail("generated again"))
     shared = replace(config, output_dir=str(workspace / "shared-evaluator"))
     assert distill(shared, target=target, tokenizer=tokenizer, evaluator=evaluator) == own
     assert not calls
+    with pytest.raises(ValueError, match="holds another target"):
+        distill(replace(shared, overwrite=True), evaluator=evaluator)  # would load its own
     with pytest.raises(ValueError, match="other evaluation settings.*make_evaluator"):
         distill(replace(shared, seed=1, overwrite=True), target=target, tokenizer=tokenizer,
                 evaluator=evaluator)

@@ -57,7 +57,7 @@ from distillspec.training import checkpoint, setup
 from distillspec.training.datagen import datagen, self_prompts, write_prompt_pool
 from distillspec.training.datasets import load_examples
 from distillspec.training.evaluate import SDEvaluator
-from distillspec.training.loop import TrainingInterrupted, distill, make_evaluator
+from distillspec.training.loop import TrainingInterrupted, distill
 
 CONFIG_FILE = "study_config.json"
 ENTRIES = ("study_config.json", "study.json", "study.md", "cost_model.json", "cells", "records",
@@ -76,10 +76,11 @@ class TaskData:
     draft_init: str
     data_minutes: float  # generating prompts, answers and the initial draft now (0: found)
     report: SDEvaluator | None = None  # built when the first cell of the task needs it
-    # the CHOICE split's evaluator per seed (its T = 1 continuations are seeded), built by the
-    # first cell of that seed and shared by the others: the target's held-out continuations
-    # and logits cost ~30 s on a 2-core CPU, more than the rest of a cell's evaluation
-    choice: dict[int, SDEvaluator] = field(default_factory=dict)
+    # the CHOICE split's evaluator of the seed being run (its T = 1 continuations are seeded),
+    # built by the first cell of that seed and shared by the others (cells run seed by seed):
+    # the target's held-out continuations and logits cost ~30 s on a 2-core CPU, more than the
+    # rest of a cell's evaluation, and ~1 GB, so only one seed's is kept
+    evaluators: dict[int, SDEvaluator] = field(default_factory=dict)
 
 
 def run_study(config: StudyConfig) -> dict[str, Any]:
@@ -248,7 +249,7 @@ def _run_cells(config: StudyConfig, grid: Grid, tasks: dict[str, TaskData], mode
     def finished(record: dict[str, Any], resumed: bool) -> None:
         records[record["cell"]] = record
         if not resumed:  # a resumed cell's time is only its remainder: no ETA sample
-            timed.append(record["wall_minutes"] * 60)
+            timed.append((record["wall_minutes"] - record.get("data_minutes", 0.0)) * 60)
         _say(f"{record['cell']}: α_t0 {record['alpha_t0']:.3f}, α_t1 {record['alpha_t1']:.3f} "
              f"after {record['steps']} steps; " + eta_text(len(records), len(grid.cells), timed,
                                                           config.minutes, workers))
@@ -293,11 +294,14 @@ def _run_cell(config: StudyConfig, cell: Cell, task: TaskData, models, cost: Cos
     folder = Path(recipe.output_dir)
     fresh_over_leftovers = resumed is None and folder.exists()  # killed before a checkpoint
     recipe = replace(recipe, resume=resumed is not None, overwrite=fresh_over_leftovers)
-    evaluator = task.choice.get(recipe.seed)
-    if evaluator is None:
-        evaluator = task.choice[recipe.seed] = make_evaluator(recipe, target, tokenizer)
+    if recipe.seed not in task.evaluators:
+        task.evaluators.clear()  # free the previous seed's before building this one's
+        task.evaluators[recipe.seed] = setup.make_evaluator(recipe, target, tokenizer)
+    evaluator = task.evaluators[recipe.seed]
     distill(recipe, target=target, tokenizer=tokenizer, evaluator=evaluator)
-    evals = [r for _, r in read_jsonl(folder / "metrics.jsonl") if "eval" in r]
+    metrics = [r for _, r in read_jsonl(folder / "metrics.jsonl")]
+    evals = [r for r in metrics if "eval" in r]
+    made = [r["data_seconds"] for r in metrics if "data_seconds" in r]
     final = [r for r in evals if r["eval"] == "final"][-1]
     start = next(r for r in evals if r["eval"] == "start")
     report = {}
@@ -306,7 +310,11 @@ def _run_cell(config: StudyConfig, cell: Cell, task: TaskData, models, cost: Cos
             task.report = _report_evaluator(config, cell.task, target, tokenizer)
         draft, _ = load_model(folder / "final", device=target.device, dtype="float32")
         report = task.report.alpha(draft)
-    return cell_record(cell, final, start, cost, config.gammas, report, folder)
+    record = cell_record(cell, final, start, cost, config.gammas, report, folder)
+    # the cell's data time: scoring an answer set's top-k (done by the first cell that replays
+    # it, for all) or loading it; neither training nor evaluation, left out of the ETA
+    record["data_minutes"] = (made[-1] if made else 0.0) / 60
+    return record
 
 
 def cell_record(cell: Cell, final: dict, start: dict, cost: CostModel, gammas: list[int],

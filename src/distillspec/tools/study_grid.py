@@ -19,6 +19,7 @@ mean and the spread (max − min) over seeds; the winner has the highest mean, a
 from __future__ import annotations
 
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,16 +357,17 @@ def duration(seconds: float) -> str:
 def eta_text(done: int, total: int, measured: list[float], budget_minutes: float,
              workers: int = 1) -> str:
     """Cells done/total and the time left, estimated from the cells timed in this study run
-    (their mean wall time × cells left ÷ workers); before any was timed, the budget alone."""
+    (their median wall time × cells left ÷ workers: the median, because the first cell of a
+    seed also builds that seed's evaluator); before any was timed, the budget alone."""
     left = total - done
     if left == 0:
         return f"{done}/{total} cells done"
     rounds = -(-left // workers)  # cells each worker still runs, at most
     on = f" on {workers} workers" if workers > 1 else ""
     if measured:
-        per_cell = sum(measured) / len(measured)
+        per_cell = statistics.median(measured)
         return (f"{done}/{total} cells done; ~{duration(per_cell * left / workers)} left ({left} "
-                f"cells × {duration(per_cell)}, the mean of the {len(measured)} timed here{on})")
+                f"cells × {duration(per_cell)}, the median of the {len(measured)} timed here{on})")
     if budget_minutes:
         return (f"{done}/{total} cells done; at least {duration(budget_minutes * 60 * rounds)} "
                 f"left ({left} cells × a {budget_minutes:g}-min budget{on}, plus evaluation; a "

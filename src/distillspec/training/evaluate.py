@@ -47,7 +47,7 @@ class SDEvaluator:
         self.prompts = [list(p) for p in prompts]
         self.tau_prompts = self.prompts[:tau_prompts]
         self.batch_size = batch_size
-        self.settings: dict | None = None  # the recipe knobs it was built from (loop.make_evaluator)
+        self.settings: dict | None = None  # the recipe knobs it was built from (setup.make_evaluator)
         generator = torch.Generator(device=target.device).manual_seed(seed)
         self.batches: dict[float, list[SequenceBatch]] = {}
         for temperature in ALPHA_TEMPERATURES:

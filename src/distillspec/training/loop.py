@@ -139,7 +139,7 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     if not accelerator.is_main_process:
         evaluator = None
     elif evaluator is None:
-        evaluator = _evaluator(config, target, eval_examples, eos, pad_id)
+        evaluator = setup.make_evaluator(config, target, tokenizer, eval_examples)
     reference = setup.filter_reference(config, target, tokenizer, vocabulary)
     if config.target_sharding == "fsdp":  # last: everything above ran the target whole
         _shard_target(target, head_ids)
@@ -151,37 +151,6 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
                replica=replica, train_lengths=lengths)
     run.saved_step = state.step if resume_from is not None else -1
     return run
-
-
-def _evaluator(config: DistillConfig, target, eval_examples, eos, pad_id) -> SDEvaluator:
-    """The main process's evaluator: alpha on the held-out prompts, tau if asked."""
-    evaluator = SDEvaluator(
-        target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
-        max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,
-        gamma=config.eval_gamma, eos_token_id=eos, seed=config.seed, pad_id=pad_id,
-    )
-    evaluator.settings = evaluation_settings(config)
-    return evaluator
-
-
-def evaluation_settings(config: DistillConfig) -> dict[str, Any]:
-    """The knobs an evaluator is built from: two runs with equal settings (and the same target)
-    evaluate on the same target continuations, so they may share one evaluator."""
-    names = ("target", "eval_data", "eval_prompts", "eval_max_new_tokens", "eval_tau_prompts",
-             "eval_gamma", "seed", "max_prompt_tokens", "max_completion_tokens")
-    settings = {name: getattr(config, name) for name in names}
-    if not config.eval_data:  # held out from the training data by a seeded split
-        settings.update(data=config.data, held_out=config.held_out)
-    return settings
-
-
-def make_evaluator(config: DistillConfig, target, tokenizer) -> SDEvaluator:
-    """The evaluator ``distill(config)`` would build, for a caller that runs several recipes
-    with the same evaluation settings on one loaded target (``distill(..., evaluator=)``): the
-    target's held-out continuations and logits are then computed once, not once per run."""
-    eval_examples = setup.load_data(config, tokenizer)[1]
-    return _evaluator(config, target, eval_examples, eos_token_ids(target, tokenizer),
-                      pad_token_id(tokenizer))
 
 
 def _restore(resume_from, draft, optimizer, scheduler, replica, state, generator, policy,
@@ -210,15 +179,21 @@ def distill(config: DistillConfig, *, target=None, tokenizer=None,
     """Run (or resume) a DistillSpec recipe; returns the final evaluation metrics. A given
     ``target`` and ``tokenizer`` (from ``setup.load_target(config)``; left unchanged) replace
     loading ``config.target``: several runs in one process load it once. A given ``evaluator``
-    (``make_evaluator`` with that target, for a recipe with the same evaluation settings)
+    (``setup.make_evaluator`` with that target, for a recipe with the same evaluation settings)
     replaces building one: the target's held-out continuations are then not generated again."""
     apply_threads(config.runtime)
-    if evaluator is not None and getattr(evaluator, "settings", None) != evaluation_settings(config):
+    if evaluator is not None and evaluator.target is not target:
+        raise ValueError(
+            "The evaluator passed to distill holds another target than the one passed (or distill "
+            "would load its own): pass the target the evaluator was built with, "
+            "setup.make_evaluator(config, target, tokenizer), or pass no evaluator."
+        )
+    if evaluator is not None and evaluator.settings != setup.evaluation_settings(config):
         raise ValueError(
             "The evaluator passed to distill was built for other evaluation settings "
-            f"({getattr(evaluator, 'settings', None)}) than this recipe's "
-            f"({evaluation_settings(config)}): build it with make_evaluator(config, target, "
-            "tokenizer) for this recipe, or pass none."
+            f"({evaluator.settings}) than this recipe's ({setup.evaluation_settings(config)}): "
+            "build it with setup.make_evaluator(config, target, tokenizer) for this recipe, or "
+            "pass none."
         )
     if target is not None and config.target_sharding != "none":
         raise ValueError(

@@ -23,7 +23,13 @@ import torch
 from distillspec.common.rundir import RunFolder, claim
 from distillspec.common.runtime import autocast_bf16, load_options
 from distillspec.models.drafts import parse_layer_spec, split_vocab_option
-from distillspec.models.loading import build_draft, check_model_spec, eos_token_ids, load_model
+from distillspec.models.loading import (
+    build_draft,
+    check_model_spec,
+    eos_token_ids,
+    load_model,
+    pad_token_id,
+)
 from distillspec.models.pruned_head import frequent_tokens
 from distillspec.models.registry import BUILTIN_PREFIX
 from distillspec.training import checkpoint, teacher_topk
@@ -31,6 +37,7 @@ from distillspec.training.builtin_data import check_builtin_dataset
 from distillspec.training.config import DistillConfig, parse_train_layers
 from distillspec.training.datagen import teacher_cache
 from distillspec.training.datasets import load_examples, split_examples
+from distillspec.training.evaluate import SDEvaluator
 
 RUN_ENTRIES = (
     "checkpoints", "final", "metrics.jsonl", "distill_config.json", "trackers",
@@ -214,6 +221,34 @@ def load_data(config: DistillConfig, tokenizer) -> tuple[list, list]:
     if config.eval_data:
         return examples, load_examples(config.eval_data, tokenizer, **limits)
     return split_examples(examples, config.held_out, config.seed)
+
+
+def evaluation_settings(config: DistillConfig) -> dict[str, Any]:
+    """The knobs an evaluator is built from: two runs with equal settings (and the same target)
+    evaluate on the same target continuations, so they may share one evaluator."""
+    names = ("target", "eval_data", "eval_prompts", "eval_max_new_tokens", "eval_tau_prompts",
+             "eval_gamma", "seed", "max_prompt_tokens", "max_completion_tokens")
+    settings = {name: getattr(config, name) for name in names}
+    if not config.eval_data:  # held out from the training data by a seeded split
+        settings.update(data=config.data, held_out=config.held_out)
+    return settings
+
+
+def make_evaluator(config: DistillConfig, target, tokenizer, eval_examples=None) -> SDEvaluator:
+    """The run's evaluator: alpha on the held-out prompts, tau if asked. A caller that runs
+    several recipes with the same evaluation settings on one loaded target builds it once and
+    passes it to each ``distill(..., evaluator=)``: the target's held-out continuations and
+    logits are then computed once, not once per run."""
+    if eval_examples is None:
+        eval_examples = load_data(config, tokenizer)[1]
+    evaluator = SDEvaluator(
+        target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
+        max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,
+        gamma=config.eval_gamma, eos_token_id=eos_token_ids(target, tokenizer),
+        seed=config.seed, pad_id=pad_token_id(tokenizer),
+    )
+    evaluator.settings = evaluation_settings(config)
+    return evaluator
 
 
 def make_scheduler(optimizer, config: DistillConfig, state: TrainState | None = None):

@@ -41,13 +41,14 @@ class SDEvaluator:
         seed: int,
         pad_id: int = 0,
         batch_size: int = 8,
+        settings: dict | None = None,
     ):
         self.target, self.gamma, self.pad_id = target, gamma, pad_id
         self.max_new_tokens, self.eos_token_id = max_new_tokens, eos_token_id
         self.prompts = [list(p) for p in prompts]
         self.tau_prompts = self.prompts[:tau_prompts]
         self.batch_size = batch_size
-        self.settings: dict | None = None  # the recipe knobs it was built from (setup.make_evaluator)
+        self.settings = settings  # the recipe knobs it was built from (setup.make_evaluator)
         generator = torch.Generator(device=target.device).manual_seed(seed)
         self.batches: dict[float, list[SequenceBatch]] = {}
         for temperature in ALPHA_TEMPERATURES:

@@ -182,19 +182,7 @@ def distill(config: DistillConfig, *, target=None, tokenizer=None,
     (``setup.make_evaluator`` with that target, for a recipe with the same evaluation settings)
     replaces building one: the target's held-out continuations are then not generated again."""
     apply_threads(config.runtime)
-    if evaluator is not None and evaluator.target is not target:
-        raise ValueError(
-            "The evaluator passed to distill holds another target than the one passed (or distill "
-            "would load its own): pass the target the evaluator was built with, "
-            "setup.make_evaluator(config, target, tokenizer), or pass no evaluator."
-        )
-    if evaluator is not None and evaluator.settings != setup.evaluation_settings(config):
-        raise ValueError(
-            "The evaluator passed to distill was built for other evaluation settings "
-            f"({evaluator.settings}) than this recipe's ({setup.evaluation_settings(config)}): "
-            "build it with setup.make_evaluator(config, target, tokenizer) for this recipe, or "
-            "pass none."
-        )
+    setup.check_evaluator(config, evaluator, target)
     if target is not None and config.target_sharding != "none":
         raise ValueError(
             "target_sharding fsdp shards the target in place, and a target passed to distill is "

@@ -241,14 +241,32 @@ def make_evaluator(config: DistillConfig, target, tokenizer, eval_examples=None)
     logits are then computed once, not once per run."""
     if eval_examples is None:
         eval_examples = load_data(config, tokenizer)[1]
-    evaluator = SDEvaluator(
+    return SDEvaluator(
         target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
         max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,
         gamma=config.eval_gamma, eos_token_id=eos_token_ids(target, tokenizer),
-        seed=config.seed, pad_id=pad_token_id(tokenizer),
+        seed=config.seed, pad_id=pad_token_id(tokenizer), settings=evaluation_settings(config),
     )
-    evaluator.settings = evaluation_settings(config)
-    return evaluator
+
+
+def check_evaluator(config: DistillConfig, evaluator: SDEvaluator | None, target) -> None:
+    """A shared evaluator (``distill(..., evaluator=)``) must hold the target passed with it and
+    have been built for this recipe's evaluation settings."""
+    if evaluator is None:
+        return
+    if evaluator.target is not target:
+        raise ValueError(
+            "The evaluator passed to distill holds another target than the one passed (or distill "
+            "would load its own): pass the target the evaluator was built with, "
+            "setup.make_evaluator(config, target, tokenizer), or pass no evaluator."
+        )
+    if evaluator.settings != evaluation_settings(config):
+        raise ValueError(
+            "The evaluator passed to distill was built for other evaluation settings "
+            f"({evaluator.settings}) than this recipe's ({evaluation_settings(config)}): "
+            "build it with setup.make_evaluator(config, target, tokenizer) for this recipe, or "
+            "pass none."
+        )
 
 
 def make_scheduler(optimizer, config: DistillConfig, state: TrainState | None = None):

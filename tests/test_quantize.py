@@ -119,3 +119,49 @@ def test_bad_draft_quantization_settings_are_refused():
         ExportConfig(model="m", out="o", runtime=RuntimeConfig(draft_quantize="int8"))
     with pytest.raises(ValueError, match="CPU"):
         quantize_draft(tiny_model("llama", seed=0).to("meta"), "int8")
+
+
+def test_auto_loads_the_weights_the_demo_measured_faster_here(tmp_path, capsys):
+    """--draft-quantize auto (the default): int8 where the draft folder's saved measurement (by
+    the demo) says int8 was faster with this target on this machine kind and dtype; the draft
+    as loaded where nothing was measured here, under --deterministic, or with none."""
+    import json
+
+    from distillspec.models.recommended import FILE, save_recommended, saved_setting
+
+    target_dir = save_tiny(tmp_path / "target", seed=0)
+    draft_dir = save_tiny(tmp_path / "draft", seed=1)
+    auto = RuntimeConfig(device="cpu", dtype="float32")
+    assert auto.draft_quantize == "auto"
+
+    def weights(runtime) -> str:
+        return draft_quantization(load_pair(target_dir, draft_dir, **pair_options(runtime))[1])
+
+    assert weights(auto) == "none"  # nothing measured
+    cpu = torch.device("cpu")
+    for measured_dtype, expected in ((torch.bfloat16, "none"), (torch.float32, "int8")):
+        save_recommended(draft_dir, target=str(target_dir), gamma=1, confidence_threshold=0.0,
+                         draft_quantize="int8", device=cpu, dtype=measured_dtype,
+                         measured={"speedup": 1.2})
+        assert weights(auto) == expected  # measured in another dtype: says nothing here
+    assert weights(RuntimeConfig(device="cpu", dtype="float32", draft_quantize="none")) == "none"
+    assert weights(RuntimeConfig(device="cpu", dtype="float32", deterministic=True)) == "none"
+    load_for_decoding(str(target_dir), str(draft_dir), auto, "off")
+    assert "int8 draft weights (`distillspec demo` measured" in capsys.readouterr().err
+    saved = json.loads((draft_dir / FILE).read_text())
+    (draft_dir / FILE).write_text(json.dumps({**saved, "draft_quantize": "int4"}))
+    assert saved_setting(draft_dir) is None and weights(auto) == "none"  # not valid: ignored
+    del saved["draft_quantize"]  # written before the demo measured int8: as loaded
+    (draft_dir / FILE).write_text(json.dumps(saved))
+    assert saved_setting(draft_dir)["draft_quantize"] == "none" and weights(auto) == "none"
+    with pytest.raises(ValueError, match="measured_quantization"):
+        quantize_draft(tiny_model("llama", seed=0), "auto")
+
+
+def test_demo_keeps_the_faster_weights():
+    from distillspec.tools.demo import faster_weights
+
+    assert faster_weights(None) == "none"  # int8 not measured
+    assert faster_weights({"int8_over_none": 1.08}) == "int8"
+    assert faster_weights({"int8_over_none": 0.97}) == "none"
+    assert faster_weights({"int8_over_none": 1.0}) == "none"  # a tie keeps the weights as loaded

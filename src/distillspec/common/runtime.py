@@ -16,7 +16,7 @@ from typing import Any
 from distillspec.common.config import knob
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-DRAFT_QUANTIZE_CHOICES = ("none", "int8")  # how a draft's weights are stored (models/quantize.py)
+DRAFT_QUANTIZE_CHOICES = ("auto", "none", "int8")  # how a draft's weights are stored (models/quantize.py)
 MAX_THREADS = 1024
 
 
@@ -52,18 +52,19 @@ class RuntimeConfig:
     )
 
     draft_quantize: str = knob(
-        "none",
-        "Draft weights when decoding with a draft (generate, serve, bench, eval; refused by the "
-        "other commands): none, or int8 "
-        "(CPU only: the draft's linear layers as int8 with one scale per row; a 0.5B draft's "
-        "step took 0.58x its bf16 time on a 2-core AVX-512 CPU; SD stays lossless, as the rule "
-        "uses the int8 draft's own q, and acceptance drops a little). Not with --deterministic.",
+        "auto",
+        "Draft weights when decoding with a draft (generate, serve, bench, eval): int8 (CPU "
+        "only: the draft's linear layers as int8 with one scale per row; SD stays lossless, as "
+        "the rule uses the int8 draft's own q, and acceptance drops a little), none (as "
+        "loaded), or auto: int8 where `distillspec demo` measured this draft faster with int8 "
+        "weights on this machine kind and dtype (it measures both on a CPU), else none. int8 "
+        "is refused by the commands that train or have no draft, and with --deterministic.",
         choices=DRAFT_QUANTIZE_CHOICES,
     )
 
     def __post_init__(self) -> None:
         check_draft_quantize(self.draft_quantize)
-        if self.deterministic and self.draft_quantize != "none":
+        if self.deterministic and self.draft_quantize == "int8":
             raise ValueError(
                 "--deterministic promises a seeded request the same tokens whatever shares its "
                 "batch, and an int8 draft's activation scales depend on the whole batch: drop "
@@ -101,9 +102,9 @@ def check_draft_quantize(mode: str) -> None:
 
 
 def refuse_draft_quantize(runtime: RuntimeConfig, command: str) -> None:
-    """``--draft-quantize`` acts where a draft decodes (generate, serve, bench, eval): refused by
-    the commands that would silently ignore it."""
-    if runtime.draft_quantize != "none":
+    """``--draft-quantize int8`` acts where a draft decodes (generate, serve, bench, eval):
+    refused by the commands that would silently ignore it (auto decides nothing there)."""
+    if runtime.draft_quantize == "int8":
         raise ValueError(
             f"--draft-quantize {runtime.draft_quantize} stores a draft's weights for decoding "
             f"(generate, serve, bench, eval), and {command} has no such draft: drop the flag."
@@ -112,7 +113,9 @@ def refuse_draft_quantize(runtime: RuntimeConfig, command: str) -> None:
 
 def pair_options(runtime: RuntimeConfig) -> dict:
     """``load_options`` plus the draft's weights, for ``models.loading.load_pair``."""
-    return {**load_options(runtime), "draft_quantize": runtime.draft_quantize}
+    # --deterministic promises batch-independent tokens, which an int8 draft cannot keep.
+    mode = "none" if runtime.deterministic else runtime.draft_quantize
+    return {**load_options(runtime), "draft_quantize": mode}
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:

@@ -42,6 +42,9 @@ def quantize_draft(draft: nn.Module, mode: str) -> nn.Module:
     with per-output-channel scales. Changes the model in place and returns it.
     """
     check_draft_quantize(mode)
+    if mode == "auto":  # a caller's slip: auto reads a draft folder's measurement first
+        raise ValueError("quantize_draft takes int8 or none; resolve --draft-quantize auto with "
+                         "models.recommended.measured_quantization first.")
     if mode == "none" or draft_quantization(draft) == mode:
         return draft
     device = next(draft.parameters()).device

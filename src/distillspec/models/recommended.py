@@ -5,7 +5,9 @@ side with the target alone, together with the machine's cost model (draft step, 
 It writes the fastest setting and that cost model to ``FILE`` in the draft folder, tagged with
 the machine kind (CPU model and threads, or GPU name), target and dtype it was measured with. ``generate``
 and ``serve`` use it when the user left gamma, the threshold and the tree at their defaults and runs on
-the same kind of machine: a speed figure measured elsewhere says nothing here.
+the same kind of machine: a speed figure measured elsewhere says nothing here. On a CPU the demo
+also measures the draft with int8 weights and saves which weights were faster
+(``draft_quantize``); ``--draft-quantize auto`` (the default) loads the draft that way.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from distillspec.common.io import atomic_write_json
 from distillspec.common.runtime import machine_kind
@@ -29,6 +33,7 @@ def save_recommended(
     gamma: int,
     confidence_threshold: float,
     tree: str = "",
+    draft_quantize: str = "none",
     device,
     dtype,
     measured: dict[str, Any],
@@ -40,6 +45,7 @@ def save_recommended(
         "gamma": int(gamma),
         "confidence_threshold": float(confidence_threshold),
         "tree": str(tree),
+        "draft_quantize": str(draft_quantize),
         "machine": machine_kind(device),
         "dtype": str(dtype),
         "measured": measured,
@@ -61,6 +67,8 @@ def saved_setting(folder: Path | str) -> dict[str, Any] | None:
     valid = (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA
              and isinstance(threshold, int | float) and 0 <= threshold < 1)
     tree = saved.setdefault("tree", "")  # files written before trees: a chain
+    # Files written before the demo measured int8 weights: the draft as loaded.
+    valid = valid and saved.setdefault("draft_quantize", "none") in ("none", "int8")
     try:
         valid = valid and isinstance(tree, str) and (Tree.parse(tree) or True)
     except ValueError:  # a hand-edited or future file: ignore it rather than fail
@@ -81,3 +89,13 @@ def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str,
     same = (saved.get("target"), saved.get("machine"), saved.get("dtype")) == (
         str(target), machine_kind(device), str(dtype))
     return saved if same else None
+
+
+def measured_quantization(folder: Path | str, target: str, device, dtype) -> str:
+    """``--draft-quantize auto``: the draft weights (int8 or none) the demo measured faster for
+    the draft in ``folder`` with ``target`` on this machine kind and dtype; none when nothing
+    was measured here (or the folder is not a draft folder, or the device is not a CPU)."""
+    if torch.device(device).type != "cpu" or not Path(folder).is_dir():
+        return "none"
+    saved = recommended_for(folder, target, device, dtype)
+    return saved["draft_quantize"] if saved is not None else "none"

@@ -32,6 +32,7 @@ from distillspec.decoding.requests import Request
 from distillspec.decoding.timing import SyncTimer
 from distillspec.models.compilation import apply_compile, summary
 from distillspec.models.loading import eos_token_ids, load_model, load_pair
+from distillspec.models.quantize import draft_quantization
 from distillspec.models.recommended import recommended_for
 from distillspec.models.registry import distilled_draft_for
 from distillspec.tools.configs import EXAMPLE_PROMPT, GenerateConfig
@@ -142,13 +143,17 @@ def load_for_decoding(target_spec: str, draft_spec: str, runtime, compile_mode: 
         refuse_draft_quantize(runtime, "--draft none")
     if draft_spec == "auto":
         draft_spec = auto_draft(target_spec, runtime)
-        if draft_spec == "none" and runtime.draft_quantize != "none":
+        if draft_spec == "none" and runtime.draft_quantize == "int8":
             print("distillspec: --draft-quantize has no draft to act on here", file=sys.stderr)
     if draft_spec == "none":
         target, tokenizer = load_model(target_spec, **load_options(runtime))
         draft = None
     else:
         target, draft, tokenizer = load_pair(target_spec, draft_spec, **pair_options(runtime))
+        if runtime.draft_quantize == "auto" and draft_quantization(draft) == "int8":
+            print("distillspec: int8 draft weights (`distillspec demo` measured this draft "
+                  "faster so on this machine; --draft-quantize none keeps them as loaded)",
+                  file=sys.stderr)
     decisions = apply_compile(compile_mode, batch_size, tokens, target=target, draft=draft)
     print(f"distillspec: {summary(decisions)}", file=sys.stderr)
     return target, draft, tokenizer, draft_spec

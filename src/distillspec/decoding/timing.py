@@ -59,3 +59,23 @@ def interleaved_medians(calls: dict, repeats: int, device=None) -> dict:
         for key, call in calls.items():
             seconds[key].append(timed(call, device=device)[0])
     return {key: statistics.median(values) for key, values in seconds.items()}
+
+
+def alternating_rates(calls: dict[str, Callable[[], float]], rounds: int, device=None, *,
+                      warmup: bool = True, on_round: Callable[[int, dict], None] | None = None,
+                      ) -> dict[str, list[float]]:
+    """Per call, what it returned (e.g. tokens) per second in each of ``rounds`` rounds, after a
+    warm-up of every call (``warmup``; off: the caller warmed them more cheaply). Each round
+    runs every call once, in reversed order every other round, so drift and the warmth left by
+    a neighbour hit every call alike. ``on_round(index, rates)`` after each round (progress)."""
+    for call in calls.values() if warmup else ():
+        call()
+    rates: dict[str, list[float]] = {name: [] for name in calls}
+    for index in range(rounds):
+        order = list(calls) if index % 2 == 0 else list(reversed(calls))
+        for name in order:
+            seconds, units = timed(calls[name], device=device)
+            rates[name].append(units / seconds)
+        if on_round is not None:
+            on_round(index, rates)
+    return rates

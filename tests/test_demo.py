@@ -55,6 +55,12 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
         (1, 0.0), (2, 0.0), (2, 0.5)  # a threshold cannot change a 1-token draft
     }
     assert report["draft"]["rule"] == "auto" and report["draft"]["spec"].endswith(":vocab=40")
+    # On a CPU under --draft-quantize auto the best setting is timed with int8 weights too, side
+    # by side with the weights as loaded, and the faster weights are reported and saved.
+    duel = report["weights_duel"]
+    assert [len(duel["tokens_per_s"][w]) for w in ("none", "int8")] == [3, 3]
+    assert report["draft_weights"] == ("int8" if duel["int8_over_none"] > 1 else "none")
+    assert 0 <= duel["int8_alpha_t0"] <= 1
     # The chosen setting, timed again on the report split, beside alpha there.
     reported, best = report["report_split"], report["after"]["best"]
     assert reported["prompts"] == 3 and 0 <= reported["alpha_t0"] <= 1
@@ -69,7 +75,9 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert "| alpha (greedy, T=0) |" in captured.out and "SD speed-up vs target alone" in captured.out
     assert "report split: speed-up at the chosen setting" in captured.out
     assert "Draft chosen by measured cost" in captured.out
+    assert "| draft weights (the faster in a duel at the best setting) |" in captured.out
     saved = json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())
+    assert saved["draft_quantize"] == report["draft_weights"]
     best = report["after"]["best"]  # a tree is saved when it won; the fastest chain always
     chains = [r for r in report["after"]["all"] if not r["tree"]]
     chain = max(chains, key=lambda r: r["sd_tokens_per_s"])
@@ -93,13 +101,15 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert again["before"] == report["before"] and again["train_steps"] == report["train_steps"]
     (tmp_path / "demo" / "mine.txt").write_text("a file of the user's")
-    assert main(args + ["--fresh", "--draft", "target-layers:1"]) == 0
+    assert main(args + ["--fresh", "--draft", "target-layers:1", "--draft-quantize", "none"]) == 0
     err = capsys.readouterr().err
     assert "training data: " in err and "(cached" in err
     assert (tmp_path / "demo" / "mine.txt").read_text() == "a file of the user's"
-    assert json.loads((tmp_path / "demo" / "report.json").read_text())["draft"]["spec"] == (
-        "target-layers:1"
-    )
+    fresh = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert fresh["draft"]["spec"] == "target-layers:1"
+    assert fresh["weights_duel"] is None and fresh["draft_weights"] == "none"  # none: not timed
+    assert json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())[
+        "draft_quantize"] == "none"
     assert list((tmp_path / "cache" / "demo-data").glob("*/teacher-topk-*.safetensors"))
     overlapping = ["--fresh", "--report-data", str(tmp_path / "heldout.jsonl")]
     assert main(args + overlapping) == 2  # reported on the prompts it chooses on: refused

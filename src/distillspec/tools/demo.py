@@ -15,8 +15,10 @@
    the cached answers is scored once and cached beside them, so steps run no target forward),
    measure after:
    alpha (T=0, T=1) and a greedy batch-1 sweep of gamma and adaptive thresholds against the
-   target alone, side by side (``decoding.measure``). Report, plots, and the fastest measured
-   setting saved in the draft folder, which ``distillspec generate --draft auto`` follows.
+   target alone, side by side (``decoding.measure``); on a CPU the best setting again with the
+   draft as loaded and as int8, side by side (``--draft-quantize auto``). Report, plots, and
+   the fastest measured setting and weights saved in the draft folder, which ``distillspec
+   generate --draft auto`` follows.
 
 Over 350 lines because the four phases share one report and one folder claim; each phase is a
 function here, and the measurement itself lives in ``decoding.measure``.
@@ -24,9 +26,11 @@ function here, and the measurement itself lives in ``decoding.measure``.
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
 from distillspec.decoding.metrics import describe_agreement, predicted_speedup
+from distillspec.decoding.timing import alternating_rates
 from distillspec.decoding.tree import Tree
 from distillspec.models.drafts import split_vocab_option, truncate_layers
 from distillspec.models.loading import (
@@ -48,6 +53,7 @@ from distillspec.models.loading import (
     pad_token_id,
 )
 from distillspec.models.pruned_head import prune_head
+from distillspec.models.quantize import quantize_draft
 from distillspec.models.recommended import save_recommended
 from distillspec.models.registry import record_distilled_draft
 from distillspec.tools.configs import DemoConfig
@@ -75,6 +81,7 @@ PLANNING_ALPHA = 0.4
 
 CHOICE_ROUNDS = 3  # interleaved timing rounds per draft candidate
 TIE = 0.03  # predicted speed-ups this close count as equal; the deeper draft is taken
+DUEL_ROUNDS = 3  # interleaved rounds of the int8-against-as-loaded duel (Measurement.duel)
 
 
 def best_predicted(cost: CostModel, cost_ratio: float, gammas: list[int]) -> tuple[float, int]:
@@ -188,6 +195,32 @@ class Measurement:
         sweep = self.probe.sweep(draft, settings, self.config.repeats, self.cost,
                                  progress=lambda message: _say(f"  {label}: {message}"))
         return {**alpha, **_summary(sweep), "measure_seconds": time.perf_counter() - start}
+
+    def duel(self, drafts: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+        """The chosen setting (``row``) decoded on the choice split with each of ``drafts``
+        (``none``: as loaded, ``int8``), DUEL_ROUNDS rounds in alternating order after a
+        warm-up. Side by side, because two sweeps timed minutes apart differ by as much as
+        the int8 step saves (the machine drifts). tokens/s per round and median, the ratio
+        int8 ÷ none, and the int8 draft's alpha."""
+        start = time.perf_counter()
+        setting = (row["gamma"], row.get("confidence_threshold", 0.0), row.get("tree") or None)
+        alpha = self.evaluator.alpha(drafts["int8"])
+        _say(f"weights: the int8 draft's alpha_t0 {alpha['alpha_t0']:.3f}; timing {_setting(row)} "
+             f"with each weights x {DUEL_ROUNDS} rounds on {len(self.probe.batches)} choice "
+             "prompts ...")
+        def decode(draft) -> Callable[[], int]:
+            return lambda: sum(len(s) for r in self.probe.speculative(draft, *setting)
+                               for s in r.sequences)
+
+        for draft in drafts.values():
+            self.probe.speculative(draft, *setting, batches=1)  # warm-up, discarded
+        rates = alternating_rates({name: decode(d) for name, d in drafts.items()}, DUEL_ROUNDS,
+                                  self.probe.device, warmup=False)
+        medians = {name: statistics.median(values) for name, values in rates.items()}
+        return {"setting": _setting(row), "rounds": DUEL_ROUNDS, "tokens_per_s": rates,
+                "median_tokens_per_s": medians, "int8_over_none": medians["int8"] / medians["none"],
+                "int8_alpha_t0": alpha["alpha_t0"], "int8_alpha_t1": alpha["alpha_t1"],
+                "measure_seconds": time.perf_counter() - start}
 
     def report(self, draft, row: dict[str, Any]) -> dict[str, Any]:
         """The chosen setting (``row``, from the choice split) on the report split: alpha, and
@@ -332,9 +365,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     distilled, _ = load_model(run_dir / "final", device=target.device, dtype=target.dtype)
     after = measurement.measure(distilled, "after", [0.0, *[t for t in config.confidence_thresholds
                                                             if t > 0]])
+    distilled, duel, weights = _faster_draft(config, target, measurement, distilled, after)
     record_distilled_draft(recipe.target, run_dir / "final")
     reported = measurement.report(distilled, after["best"])
-    _save_setting(recipe, run_dir, after, reported, target)
+    _save_setting(recipe, run_dir, after, reported, target, weights)
     evals = _evals(run_dir)
     report = {
         "command": ("distillspec demo " + changed_flags(config)).strip(),
@@ -351,6 +385,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "recipe": RECIPE_NOTE,
         "before": before,
         "after": after,
+        "weights_duel": duel,
+        "draft_weights": weights,
         "report_split": reported,
         "split_agreement": split_agreement(after, reported),
         "evals": evals,
@@ -382,8 +418,7 @@ def _measure_and_distil(config: DemoConfig, target, tokenizer, measurement: Meas
     scoring = (f"the target first scores the answers once (its top-{recipe.teacher_topk} per "
                "token, cached beside them), then " if recipe.teacher_topk else "")
     _say(f"{scoring}distilling for {config.minutes:g} minutes, then measuring again "
-         f"(~{before['measure_seconds'] / 60 * _after_settings(config) / _before_settings(config):.1f}"
-         " min) ...")
+         f"(~{before['measure_seconds'] / 60 * _after_sweeps(config, target):.1f} min) ...")
     policy_data = str(data.answers) if recipe.policy == "fixed" else str(data.prompts)
     # The target's top-k on the cached answers is scored once and kept beside them, so a
     # --fresh demo (or another draft size) on the same data does not score it again.
@@ -397,9 +432,22 @@ def _measure_and_distil(config: DemoConfig, target, tokenizer, measurement: Meas
     return before, choice
 
 
+def _faster_draft(config: DemoConfig, target, measurement: Measurement, distilled,
+                  after: dict[str, Any]) -> tuple[Any, dict[str, Any] | None, str]:
+    """On a CPU (``measures_int8``), the distilled draft as loaded against a copy with int8
+    weights, in a duel at the best setting: (the faster draft, the duel or None, its weights)."""
+    if not measures_int8(config, target):
+        return distilled, None, "none"
+    quantized = quantize_draft(copy.deepcopy(distilled), "int8")
+    duel = measurement.duel({"none": distilled, "int8": quantized}, after["best"])
+    weights = faster_weights(duel)
+    return (quantized if weights == "int8" else distilled), duel, weights
+
+
 def _save_setting(recipe, run_dir: Path, after: dict[str, Any], reported: dict[str, Any],
-                  target) -> None:
-    """Save the distilled draft's fastest measured setting beside it (``recommended.json``)."""
+                  target, weights: str) -> None:
+    """Save the distilled draft's fastest measured setting, and the faster draft ``weights``
+    (int8 or none), beside it (``recommended.json``)."""
     best = after["best"]
     # The saved chain is the fastest chain measured, whichever won overall: what runs when the
     # tree is turned off (--tree ''). The tree, timed at greedy only, also runs sampled rows.
@@ -407,7 +455,7 @@ def _save_setting(recipe, run_dir: Path, after: dict[str, Any], reported: dict[s
     save_recommended(
         run_dir / "final", target=recipe.target, gamma=chain["gamma"],
         confidence_threshold=chain.get("confidence_threshold", 0.0), tree=best.get("tree", ""),
-        device=target.device,
+        draft_quantize=weights, device=target.device,
         # The report split's figure decides whether `generate` uses the draft: the choice
         # split's is biased upwards by the choice itself.
         dtype=target.dtype, measured={"speedup": reported["setting"]["speedup"],
@@ -464,6 +512,28 @@ def verify_width(config: DemoConfig) -> int:
     return max([max(config.gammas) + 1, *(tree.size + 1 for tree in config.tree_shapes)])
 
 
+def _after_sweeps(config: DemoConfig, target) -> float:
+    """The after-measurement's length in before-measurements: more settings, and on a CPU the
+    weights duel (2 drafts x DUEL_ROUNDS runs of the chosen setting)."""
+    duel = 2 * DUEL_ROUNDS / max(config.repeats, 1) if measures_int8(config, target) else 0
+    return (_after_settings(config) + duel) / _before_settings(config)
+
+
+def measures_int8(config: DemoConfig, target) -> bool:
+    """Whether the demo also times the distilled draft with int8 weights: on a CPU (the int8
+    kernels are CPU only) under --draft-quantize auto, not --deterministic (which refuses
+    int8 drafts) and not none (the user keeps the weights as loaded)."""
+    runtime = config.runtime
+    return (runtime.draft_quantize == "auto" and not runtime.deterministic
+            and target.device.type == "cpu")
+
+
+def faster_weights(duel: dict[str, Any] | None) -> str:
+    """int8 when the int8 draft decoded faster than the draft as loaded in the weights duel
+    (``Measurement.duel``), else none (also when no duel ran)."""
+    return "int8" if duel is not None and duel["int8_over_none"] > 1.0 else "none"
+
+
 def _scoring_seconds(run_dir: Path) -> float:
     """Seconds the run spent before training on the target's data (its top-k scored now, or
     completions generated); 0 when it found them cached."""
@@ -477,6 +547,17 @@ def _setting(row: dict[str, Any]) -> str:
         return f"tree {row['tree']} ({tree.size} nodes, depth {tree.depth})"
     threshold = row.get("confidence_threshold", 0.0)
     return f"γ {row['gamma']}" + (f", threshold {threshold:g}" if threshold else "")
+
+
+def _weights_row(report: dict[str, Any]) -> tuple[str, str, str]:
+    """The table row of the draft weights the demo saved, with the duel that chose them."""
+    duel = report.get("weights_duel")
+    if duel is None:
+        return ("draft weights", "as loaded", "as loaded (int8 not measured)")
+    chosen = "int8" if report["draft_weights"] == "int8" else "as loaded"
+    return ("draft weights (the faster in a duel at the best setting)", "as loaded",
+            f"{chosen}: int8 ran {duel['int8_over_none']:.2f}× the as-loaded draft's tokens/s "
+            f"({duel['rounds']} interleaved rounds)")
 
 
 def before_after_table(report: dict[str, Any]) -> str:
@@ -500,6 +581,8 @@ def before_after_table(report: dict[str, Any]) -> str:
          f"{before['best_fixed']['speedup']:.2f}× ({before['best_fixed']['predicted_speedup']:.2f}×)",
          f"{after['best_fixed']['speedup']:.2f}× ({after['best_fixed']['predicted_speedup']:.2f}×)"),
     ]
+    if report.get("draft_weights") is not None:  # reports made before it have none
+        rows.append(_weights_row(report))
     reported = report.get("report_split")
     if reported:
         split_before = before.get("report_split", {})

@@ -338,6 +338,26 @@ def test_a_shared_evaluator_gives_the_same_run_without_generating_again(workspac
                 evaluator=evaluator)
 
 
+def test_an_evaluator_reads_only_the_held_out_data(workspace, monkeypatch):
+    """make_evaluator with eval_data reads that file alone (the study and the demo build one per
+    seed beside large training files); without it, the held-out split is load_data's."""
+    from distillspec.training import setup
+
+    config = recipe(workspace, output_dir=str(workspace / "unused"))
+    target, tokenizer = setup.load_target(config)
+    split = setup.held_out_examples(config, tokenizer)
+    assert [e.prompt_ids for e in split] == [
+        e.prompt_ids for e in setup.load_data(config, tokenizer)[1]]
+    read = []
+    original = setup.load_examples
+    monkeypatch.setattr(setup, "load_examples",
+                        lambda path, *a, **k: read.append(path) or original(path, *a, **k))
+    held_out = replace(config, eval_data=str(workspace / "data.jsonl"), eval_prompts=2,
+                       data=str(workspace / "no-such-training-file.jsonl"))
+    assert len(setup.make_evaluator(held_out, target, tokenizer).prompts) == 2
+    assert read == [str(workspace / "data.jsonl")]
+
+
 def test_teacher_topk_dir_that_is_a_file_is_refused(workspace):
     (workspace / "not-a-folder").write_text("x")
     with pytest.raises(ValueError, match="teacher_topk_dir .* is a file"):

@@ -213,14 +213,23 @@ def draft_vocabulary(config: DistillConfig, completions, eos_ids, vocab_size: in
 
 
 def load_data(config: DistillConfig, tokenizer) -> tuple[list, list]:
-    limits = dict(
-        max_prompt_tokens=config.max_prompt_tokens,
-        max_completion_tokens=config.max_completion_tokens,
-    )
-    examples = load_examples(config.data, tokenizer, **limits)
+    """(training examples, held-out examples): ``eval_data``'s, or a seeded split of ``data``."""
+    examples = load_examples(config.data, tokenizer, **_limits(config))
     if config.eval_data:
-        return examples, load_examples(config.eval_data, tokenizer, **limits)
+        return examples, held_out_examples(config, tokenizer)
     return split_examples(examples, config.held_out, config.seed)
+
+
+def held_out_examples(config: DistillConfig, tokenizer) -> list:
+    """The held-out examples alone: with ``eval_data`` the training data is not read at all."""
+    if config.eval_data:
+        return load_examples(config.eval_data, tokenizer, **_limits(config))
+    return load_data(config, tokenizer)[1]
+
+
+def _limits(config: DistillConfig) -> dict[str, int]:
+    return dict(max_prompt_tokens=config.max_prompt_tokens,
+                max_completion_tokens=config.max_completion_tokens)
 
 
 def evaluation_settings(config: DistillConfig) -> dict[str, Any]:
@@ -240,7 +249,7 @@ def make_evaluator(config: DistillConfig, target, tokenizer, eval_examples=None)
     passes it to each ``distill(..., evaluator=)``: the target's held-out continuations and
     logits are then computed once, not once per run."""
     if eval_examples is None:
-        eval_examples = load_data(config, tokenizer)[1]
+        eval_examples = held_out_examples(config, tokenizer)
     return SDEvaluator(
         target, [e.prompt_ids for e in eval_examples[: config.eval_prompts]],
         max_new_tokens=config.eval_max_new_tokens, tau_prompts=config.eval_tau_prompts,

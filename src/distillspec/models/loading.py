@@ -26,7 +26,7 @@ from distillspec.decoding.kv_cache import ensure_croppable
 from distillspec.models.drafts import parse_layer_spec, split_vocab_option, truncate_layers
 from distillspec.models.pruned_head import load_pruned_head, prune_head
 from distillspec.models.quantize import quantize_draft
-from distillspec.models.recommended import measured_quantization
+from distillspec.models.recommended import resolved_quantization
 from distillspec.models.registry import HUB_ID, converted_cache_path, resolve_builtin
 
 # -- caches ------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def load_pair(
 
     Checks that the tokenizers agree and that both caches can be rolled back.
     ``draft_quantize`` int8: the draft's weights as int8 for decoding (``models.quantize``);
-    auto: as the demo measured fastest for this draft folder here (``measured_quantization``).
+    auto: as the demo measured fastest for this draft folder here (``resolved_quantization``).
     """
     target_model, tokenizer = load_model(
         target, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -281,7 +281,5 @@ def load_pair(
     ensure_croppable(target_model)
     draft_model = build_draft(draft, target_model, tokenizer, trust_remote_code=trust_remote_code,
                               allow_download=allow_download)
-    if draft_quantize == "auto":
-        draft_quantize = measured_quantization(draft, str(target), target_model.device,
-                                               target_model.dtype)
-    return target_model, quantize_draft(draft_model, draft_quantize), tokenizer
+    mode = resolved_quantization(draft_quantize, draft, target, target_model)
+    return target_model, quantize_draft(draft_model, mode), tokenizer

@@ -99,3 +99,11 @@ def measured_quantization(folder: Path | str, target: str, device, dtype) -> str
         return "none"
     saved = recommended_for(folder, target, device, dtype)
     return saved["draft_quantize"] if saved is not None else "none"
+
+
+def resolved_quantization(mode: str, folder: Path | str, target: str, target_model) -> str:
+    """``--draft-quantize`` for the draft in ``folder`` decoding for ``target_model`` (loaded from
+    ``target``): auto as ``measured_quantization`` says, int8 and none as given."""
+    if mode != "auto":
+        return mode
+    return measured_quantization(folder, str(target), target_model.device, target_model.dtype)

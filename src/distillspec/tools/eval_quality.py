@@ -543,7 +543,7 @@ def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None)
     """Validate every input, load, claim the output folder, run every setup, write reports."""
     from distillspec.models.loading import build_draft, check_model_spec, load_model, load_pair
     from distillspec.models.quantize import quantize_draft
-    from distillspec.models.recommended import measured_quantization
+    from distillspec.models.recommended import resolved_quantization
 
     progress = progress or (lambda message: print(message, file=sys.stderr, flush=True))
     apply_threads(config.runtime)
@@ -569,11 +569,9 @@ def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None)
         compare = build_draft(config.compare_draft, target, tokenizer,
                               trust_remote_code=config.runtime.trust_remote_code,
                               allow_download=config.runtime.allow_download)
-        mode = pair_options(config.runtime)["draft_quantize"]
-        if mode == "auto":
-            mode = measured_quantization(config.compare_draft, config.target, target.device,
-                                         target.dtype)
-        compare = quantize_draft(compare, mode)
+        compare = quantize_draft(compare, resolved_quantization(
+            pair_options(config.runtime)["draft_quantize"], config.compare_draft, config.target,
+            target))
     context = getattr(target.config, "max_position_embeddings", None)
     items = build_items(config, tokenizer, context, problems)
     run_folder = claim(config.out, "eval")

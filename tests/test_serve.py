@@ -240,7 +240,7 @@ def test_metrics_in_prometheus_format(served):
     text = urllib.request.urlopen(served["url"].removesuffix("/v1") + "/metrics").read().decode()
     for mode in ("speculate", "gamma1", "plain"):
         assert f'distillspec_spec_decode_steps_total{{mode="{mode}"}}' in text, mode
-        assert (f'distillspec_spec_decode_mode_tokens_per_second{{batch_bucket="1",mode="{mode}"}}'
+        assert (f'distillspec_spec_decode_mode_tokens_per_second_per_row{{batch_bucket="1",mode="{mode}"}}'
                 in text), mode
     for name in ("distillspec_spec_decode_num_draft_tokens_total",
                  "distillspec_spec_decode_num_accepted_tokens_total",

@@ -102,10 +102,10 @@ class ServeMetrics:
                              "Engine steps by mode: speculate (as configured), gamma1 (a 1-token "
                              "chain) or plain (no draft token; --sd-policy auto picks per step)",
                              ["mode"], registry=registry)
-        self.mode_rate = Gauge("distillspec_spec_decode_mode_tokens_per_second",
-                               "Measured tokens/s of each mode per batch-size bucket (decayed "
-                               "tokens over decayed seconds; --sd-policy auto chooses by it plus "
-                               "one standard error)",
+        self.mode_rate = Gauge("distillspec_spec_decode_mode_tokens_per_second_per_row",
+                               "Measured tokens/s per running row of each mode per batch-size "
+                               "bucket (decayed tokens per row over decayed seconds; "
+                               "--sd-policy auto chooses by it plus one standard error)",
                                ["batch_bucket", "mode"], registry=registry)
 
     def describe(self, draft_spec: str, speculation, sd_policy: str,

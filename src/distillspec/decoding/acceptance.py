@@ -196,6 +196,14 @@ def analytic_acceptance(target_probs: torch.Tensor, draft_probs: torch.Tensor) -
 # it, whatever happened at u, so the next level is the same rule again.
 
 
+def _tree_tables(tree: Tree, batch: int, device) -> tuple[torch.Tensor, ...]:
+    """``(children [N + 1, k], draft columns [N + 1], row index [B])`` for ``verify_tree``: each
+    input column's children (-1: none) and the column of q its children were drawn from."""
+    children = torch.tensor(tree.child_table, device=device)
+    columns = torch.tensor(tree.draft_columns, device=device).clamp_min(0)  # leaves: unused
+    return children, columns, torch.arange(batch, device=device)
+
+
 def verify_tree(
     tree: Tree,
     node_tokens: torch.Tensor,
@@ -233,9 +241,7 @@ def verify_tree(
     if uniforms is None:
         uniforms = (torch.rand(batch, tree.size, generator=generator, device=device),
                     torch.rand(batch, generator=generator, device=device))
-    children = torch.tensor(tree.child_table, device=device)
-    columns = torch.tensor(tree.draft_columns, device=device).clamp_min(0)  # leaves: unused
-    rows = torch.arange(batch, device=device)
+    children, columns, rows = _tree_tables(tree, batch, device)
     current = torch.zeros(batch, dtype=torch.long, device=device)  # input column: 0 = root
     num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
     if max_accepted is None:

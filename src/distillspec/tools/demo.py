@@ -346,20 +346,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     previous = json.loads(report_path.read_text()) if report_path.is_file() else None
     reuse = previous is not None and (run_dir / "final").is_dir()
     measurement = Measurement(config, target, tokenizer, splits)
-    if reuse:
-        _say("reusing the distilled draft from the last run (--fresh starts over)")
-        before, choice, data_info = previous["before"], previous["draft"], previous["data"]
-    else:
-        data = demo_data(config, target, tokenizer)
-        data_info = {"prompts": str(data.prompts), "answers": str(data.answers),
-                     "extra_prompts": config.extra_prompts,
-                     "generated_now_minutes": data.seconds / 60,
-                     "generation_minutes": data.generation_minutes}
+    data, data_info = _training_data(config, target, tokenizer, previous if reuse else None)
     if config.prompt_pool:  # without a pool, Splits.load checked the training prompts already
         measurement.check_training_prompts(
             _prompts(data_info["prompts"], tokenizer, recipe.max_prompt_tokens),
             data_info["prompts"])
-    if not reuse:
+    if reuse:
+        before, choice = previous["before"], previous["draft"]
+    else:
         before, choice = _measure_and_distil(config, target, tokenizer, measurement, data, run_dir)
         data_info["scoring_minutes"] = _scoring_seconds(run_dir) / 60
     distilled, _ = load_model(run_dir / "final", device=target.device, dtype=target.dtype)
@@ -394,6 +388,20 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     atomic_write_json(report_path, report)
     _show(report, out, run_dir, report_path)
     return report
+
+
+def _training_data(config: DemoConfig, target, tokenizer,
+                   previous: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    """The demo's training data and what the report says of it; ``previous``: the last run's
+    report, whose distilled draft is reused (no data is needed then)."""
+    if previous is not None:
+        _say("reusing the distilled draft from the last run (--fresh starts over)")
+        return None, previous["data"]
+    data = demo_data(config, target, tokenizer)
+    return data, {"prompts": str(data.prompts), "answers": str(data.answers),
+                  "extra_prompts": config.extra_prompts,
+                  "generated_now_minutes": data.seconds / 60,
+                  "generation_minutes": data.generation_minutes}
 
 
 def _measure_and_distil(config: DemoConfig, target, tokenizer, measurement: Measurement, data,

@@ -263,33 +263,3 @@ def test_the_draft_reads_every_token_of_its_plain_steps(pair):
     drafting = [(drafted, accepted) for _, drafted, accepted in blocks if drafted > 0]
     assert len(drafting) > 10 and all(accepted == drafted for drafted, accepted in drafting)
 
-
-def test_rows_admitted_during_plain_steps_prefill_the_draft_only_when_it_drafts(pair):
-    # Admitted under limit 0 the draft reads nothing (its prompt waits in draft_pending); the
-    # first drafting block reads it in one catch-up forward, and with the draft = the target
-    # every drafted token is then accepted: the late prefill left the draft's context exact.
-    target, _ = pair
-    draft = perturbed_copy(target, 0.0)
-    calls = []
-    draft.register_forward_hook(lambda module, args, output: calls.append(1))
-    texts = prompts(2, seed=3)
-    decoder = Decoder(target, draft, SpeculationConfig(gamma=3))
-    decoder.lookahead_limit = 0
-    for index, text in enumerate(texts):
-        decoder.add(request(text, 24, name=index))
-    outputs, drafting = {0: [], 1: []}, []
-    for step in range(100):
-        if step == 2:
-            assert calls == []
-            assert [len(row.draft_pending) for row in decoder.rows] == [len(t) + 2 for t in texts]
-            decoder.lookahead_limit = None
-        for update in decoder.step():
-            outputs[update.request_id] += update.new_tokens
-            if update.drafted:
-                drafting.append((update.drafted, update.accepted))
-        if not decoder.has_work:
-            break
-    assert drafting and all(accepted == drafted for drafted, accepted in drafting)
-    for index, text in enumerate(texts):
-        plain = autoregressive_generate(target, torch.tensor([text]), max_new_tokens=24)
-        assert outputs[index] == plain.sequences[0]

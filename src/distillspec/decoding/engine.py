@@ -212,18 +212,14 @@ class Decoder:
         pads = [width - len(p) for p in prompts]
         # A row scoring its prompt needs every prefill position's logits from the target.
         scoring = any(row.request.prompt_logprobs is not None for row in joining)
-        # While the caller decodes plain (limit 0), the draft reads the prompts only when a
-        # block drafts again, in its one catch-up forward: a row that ends before then never
-        # costs the draft anything, and several rows' prompts share one pass.
-        lazy = self.draft is not None and self.lookahead_limit == 0
-        logits = self.measure("prefill", self._prefill, joining, prompts, pads, scoring, lazy)
+        logits = self.measure("prefill", self._prefill, joining, prompts, pads, scoring)
         passes = int(width > 0)
         self.metrics.prefill_passes += passes
         self.metrics.target_forward_passes += passes
-        self.metrics.draft_forward_passes += passes if self.draft is not None and not lazy else 0
+        self.metrics.draft_forward_passes += passes if self.draft is not None else 0
         for row in joining:
             row.target_pending = row.request.prompt_ids[-1]
-            row.draft_pending = list(row.request.prompt_ids) if lazy else [row.request.prompt_ids[-1]]
+            row.draft_pending = [row.request.prompt_ids[-1]]
             if row.request.max_new_tokens == 0:  # a scoring request: done once scored
                 row.finish_reason = "length"
         self.rows += joining
@@ -232,10 +228,9 @@ class Decoder:
         return updates
 
     def _prefill(self, joining: list[_Row], prompts: list[list[int]], pads: list[int],
-                 scoring: bool, lazy: bool = False) -> torch.Tensor | None:
+                 scoring: bool) -> torch.Tensor | None:
         """Add the joining rows to each cache and prefill their prompts (right-aligned to the
-        write pointer; ``lazy``: the draft's rows stay empty); the target's logits (every
-        position's when ``scoring``)."""
+        write pointer); the target's logits (every position's when ``scoring``)."""
         width = max(map(len, prompts))
         longest = max(len(row.request.prompt_ids) + row.request.max_new_tokens for row in joining)
         slots = self.target.length + longest + self.speculation.gamma + 2
@@ -243,7 +238,7 @@ class Decoder:
         for cached in (m for m in (self.target, self.draft) if m is not None):
             rows = cached.add_rows(len(joining))
             cached.reserve(cached.rows, slots)
-            if width > 0 and not (lazy and cached is self.draft):
+            if width > 0:
                 tokens = torch.tensor(
                     [[0] * pad + p for p, pad in zip(prompts, pads)], device=self.device
                 )

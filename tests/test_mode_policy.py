@@ -35,24 +35,16 @@ def run(policy, batch, rates, steps):
 
 def test_every_arm_is_measured_then_the_fastest_runs_with_periodic_re_measurement():
     policy = ModePolicy([None, 1, PLAIN], warmup=2, explore_every=8)
-    chosen = run(policy, 16, {None: 50.0, 1: 60.0, PLAIN: 80.0}, 80)
+    chosen = run(policy, 16, {None: 50.0, 1: 60.0, PLAIN: 80.0}, 40)
     assert chosen[:6] == [None, None, 1, 1, PLAIN, PLAIN]  # the configured arm first
-    # 8 recorded steps after plain took the lead (step 6) the arm measured longest ago is
-    # re-measured; each re-measurement that leaves plain ahead doubles the wait: 8, 16, 32.
-    steps = [i + 1 for i, arm in enumerate(chosen) if arm != PLAIN and i >= 6]  # 1-based
-    assert steps == [14, 30, 62]
-    assert [chosen[s - 1] for s in steps] == [None, 1, None]  # oldest estimate first
+    later = chosen[6:]
+    # Every 8th recorded step re-measures the arm measured longest ago; the rest run plain.
+    steps = [i + 7 for i, arm in enumerate(later) if arm != PLAIN]  # 1-based step numbers
+    assert steps == [8, 16, 24, 32, 40]
+    assert [later[s - 7] for s in steps] == [None, 1, None, 1, None]  # oldest estimate first
     # Buckets are separate: at batch 1 speculation is faster and wins there.
     assert run(policy, 1, {None: 30.0, 1: 25.0, PLAIN: 20.0}, 20)[6:].count(None) >= 12
     assert policy.estimates()[(16, "plain")] == pytest.approx(80.0 / 16)  # per row
-
-
-def test_re_measurements_thin_out_to_their_cap_while_the_leader_holds():
-    policy = ModePolicy([None, PLAIN], warmup=1, explore_every=4, max_explore_every=16)
-    chosen = run(policy, 16, {None: 10.0, PLAIN: 20.0}, 80)
-    steps = [i + 1 for i, arm in enumerate(chosen) if arm is None]
-    gaps = [b - a for a, b in zip(steps[1:], steps[2:])]
-    assert steps[:2] == [1, 6] and gaps == [8, 16, 16, 16, 16]
 
 
 def test_arms_measured_at_other_batch_sizes_of_a_bucket_compare_per_row():
@@ -67,12 +59,10 @@ def test_arms_measured_at_other_batch_sizes_of_a_bucket_compare_per_row():
 
 def test_a_stale_estimate_is_replaced_when_re_measured():
     policy = ModePolicy([None, PLAIN], warmup=1, explore_every=4, memory=1)
-    run(policy, 4, {None: 10.0, PLAIN: 20.0}, 6)  # plain leads; "speculate" re-measured at 6
-    # The draft got better: the next re-measurement (8 steps on, step 14) finds it; speculation
-    # leads, and plain is re-measured 4 steps later, then after 8 more.
-    chosen = run(policy, 4, {None: 40.0, PLAIN: 20.0}, 20)
-    assert chosen[:8] == [PLAIN] * 7 + [None]
-    assert chosen[-8:] == [None] * 7 + [PLAIN]
+    run(policy, 4, {None: 10.0, PLAIN: 20.0}, 6)
+    # The draft got better: the periodic re-measurement of "speculate" finds it and switches.
+    chosen = run(policy, 4, {None: 40.0, PLAIN: 20.0}, 12)
+    assert chosen[-8:].count(None) == 6  # plain only at the 2 re-measurements (1 step in 4)
 
 
 def test_a_new_draft_is_measured_afresh_and_plain_is_kept():
@@ -134,16 +124,12 @@ def simulated_serving(policy, seed, chain_speedup, steps=450, rows=4, acceptance
 
 
 @pytest.mark.parametrize(("chain_speedup", "mean_share", "tenth_share"),
-                         [(1.15, 0.953, 0.935), (1.3, 0.955, 0.938), (0.9, 0.945, 0.927),
-                          (0.6, 0.944, 0.931)])
+                         [(1.15, 0.945, 0.925), (1.3, 0.943, 0.922), (0.9, 0.936, 0.912)])
 def test_noisy_steps_do_not_stick_the_policy_on_a_slower_arm(chain_speedup, mean_share,
                                                               tenth_share):
     # On these seeds the first version (a per-step moving average of rates, weight 0.25) kept,
     # mean / 10th percentile: 0.930 / 0.908 (chain 1.15x plain), 0.937 / 0.915 (1.3x) and
-    # 0.940 / 0.921 (plain fastest, chain 0.9x); the ratio-of-sums estimate with re-measurements
-    # every 32 steps 0.951 / 0.934, 0.947 / 0.930, 0.941 / 0.919 and 0.935 / 0.923 (chain 0.6x);
-    # thinning the re-measurements while the leader holds gains 0.4-1.0 point over that.
-    # Hiccups and jitter cap any policy at ~0.963.
+    # 0.940 / 0.921 (plain fastest, chain 0.9x); hiccups and jitter cap any policy at ~0.963.
     shares = sorted(simulated_serving(ModePolicy([None, 1, PLAIN]), seed, chain_speedup)
                     for seed in range(100))
     assert sum(shares) / len(shares) >= mean_share

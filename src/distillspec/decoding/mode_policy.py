@@ -15,20 +15,21 @@ measuring, so the measured cost model here is the measurement itself:
   per row over wall seconds (each step's weight decays by 1 - 1/memory per newer step of the
   same arm), so a slow step counts by its length and one hiccup of the machine moves the
   estimate by ~1/memory. Per row, because a bucket spans batch sizes up to 2x apart: a total
-  tokens/s measured at 16 rows beats any arm measured at 9, and a served run at 16 clients
-  spent a third of its steps on a chain 10-18 % slower than plain that way (its estimate came
-  from full batches, plain's from the batch draining); a row's rate moves far less with the
-  batch;
+  tokens/s measured at 16 rows beats any arm measured at 9, and the server's loop replayed at
+  16 clients (docs/results/serve-policy-avx2) spent a third to a half of its steps on a chain
+  10-18 % slower than plain that way (its estimate came from full batches, plain's from the
+  batch draining); a row's rate moves far less with the batch;
 * ``choose`` runs every arm ``warmup`` times in a bucket first (the configured one first), then
   the arm with the highest optimistic estimate, the rate plus ``confidence`` standard errors of
   its per-step rates (an upper confidence bound, as in UCB bandits): an arm that trails only
-  within its noise is tried again soon, one far behind hardly ever. ``explore_every`` steps
-  after a change of the leading arm it runs the arm measured longest ago instead, so an
-  estimate that went stale (a new draft, a busy machine) is refreshed; each re-measurement that
-  leaves the leader in place doubles the wait for the next (up to ``max_explore_every``), so
-  where one arm stays far ahead (plain decoding in a large batch) the others cost ever less:
-  a speculative step there is slower than a plain one and first reads every token the draft
-  missed;
+  within its noise is tried again soon, one far behind hardly ever. Every
+  ``explore_every``-th step of a bucket it runs the arm measured longest ago instead, so an
+  estimate that went stale (a new draft, a busy machine) is refreshed at a bounded cost.
+  (Thinning these re-measurements while the leader holds, 32 then 64, 128, 256 steps, kept
+  0.4-1 point more of the best arm in the simulation below, but served at 1 client, where
+  speculation led plain by only 0-10 % under HTTP load, it left the server on plain for about
+  2/3 of the steps after one noisy lead change: each rare re-measurement of speculation also
+  pays the draft's catch-up. Not kept.);
 * a new draft (``forget_speculative``) clears the speculative arms' estimates: its acceptance
   is another.
 
@@ -102,9 +103,6 @@ class _Estimate:
 class _Bucket:
     steps: int = 0
     estimates: dict = field(default_factory=dict)  # arm -> _Estimate
-    leader: object = "none yet"  # the arm the last exploiting choice took
-    interval: int = 0  # steps from one re-measurement to the next (0: not set yet)
-    explored_at: int = 0  # the step count when the last re-measurement was chosen
 
 
 class ModePolicy:
@@ -114,23 +112,19 @@ class ModePolicy:
     ``arms``: the limits to choose among, the configured one first (e.g. ``[None, 1, 0]``).
     ``memory``: steps of an arm after which a step's weight has decayed by 1/e (decay 1 - 1/memory).
     ``confidence``: standard errors of optimism when choosing (0: the plain estimate).
-    ``explore_every`` / ``max_explore_every``: steps between re-measurements, first and at most.
     """
 
     def __init__(self, arms: list[int | None], *, warmup: int = 2, explore_every: int = 32,
-                 max_explore_every: int = 256, memory: float = 32.0, confidence: float = 1.0):
+                 memory: float = 32.0, confidence: float = 1.0):
         if not arms or len(set(arms)) != len(arms):
             raise ValueError(f"arms must be distinct and non-empty, got {arms}.")
-        if (warmup < 1 or explore_every < 2 or max_explore_every < explore_every or memory < 1
-                or confidence < 0):
+        if warmup < 1 or explore_every < 2 or memory < 1 or confidence < 0:
             raise ValueError(
-                "need warmup >= 1, explore_every >= 2, max_explore_every >= explore_every, "
-                f"memory >= 1 and confidence >= 0; got {warmup}, {explore_every}, "
-                f"{max_explore_every}, {memory}, {confidence}."
+                f"need warmup >= 1, explore_every >= 2, memory >= 1 and confidence >= 0; got "
+                f"{warmup}, {explore_every}, {memory}, {confidence}."
             )
         self.arms = list(arms)
         self.warmup, self.explore_every = warmup, explore_every
-        self.max_explore_every = max_explore_every
         self.decay, self.confidence = 1.0 - 1.0 / memory, confidence
         self.buckets: dict[int, _Bucket] = {}
 
@@ -150,15 +144,10 @@ class ModePolicy:
         for arm, estimate in zip(self.arms, estimates):
             if estimate.samples < self.warmup:
                 return arm
-        if state.interval and state.steps + 1 - state.explored_at >= state.interval:
-            state.explored_at = state.steps + 1
-            state.interval = min(2 * state.interval, self.max_explore_every)
+        if (state.steps + 1) % self.explore_every == 0:
             return min(zip(self.arms, estimates), key=lambda pair: pair[1].last_step)[0]
-        arm = max(zip(self.arms, estimates),
-                  key=lambda pair: pair[1].upper_bound(self.confidence))[0]
-        if arm != state.leader:  # a new leader: the others are re-measured soon again
-            state.leader, state.interval, state.explored_at = arm, self.explore_every, state.steps
-        return arm
+        return max(zip(self.arms, estimates),
+                   key=lambda pair: pair[1].upper_bound(self.confidence))[0]
 
     def record(self, batch: int, arm: int | None, tokens: int, seconds: float) -> None:
         """A step of ``batch`` rows ran ``arm`` and emitted ``tokens`` (all rows') in
@@ -182,7 +171,6 @@ class ModePolicy:
         for state in self.buckets.values():
             for arm in [a for a in state.estimates if a != PLAIN]:
                 del state.estimates[arm]
-            state.leader, state.interval = "none yet", 0
 
     def estimates(self) -> dict[tuple[int, str], float]:
         """(bucket, arm name) -> the current tokens/s per row estimate, for /metrics."""

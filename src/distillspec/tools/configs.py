@@ -352,8 +352,8 @@ class ServeConfig:
     sd_policy: str = knob(
         "auto", "When the server speculates: auto (each step picks speculate as configured, a "
         "1-token chain or plain decoding, whichever has produced the most tokens/s at this "
-        "batch size, measured per row as it serves; the others are re-measured 32 steps "
-        "after the fastest changes, then ever more rarely; rows with a seed "
+        "batch size, measured per row as it serves; a step in 32 re-measures another; rows "
+        "with a seed "
         "and a temperature keep speculating as configured, so their seed reproduces) or always "
         "(every step as configured). Lossless either way. See /metrics "
         "distillspec_spec_decode_steps.",

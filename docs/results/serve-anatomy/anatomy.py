@@ -118,6 +118,23 @@ def summarise(log: list[dict], rates: dict) -> dict:
     return {"levels": levels, "steady_state": arms}
 
 
+def setup(draft_quantize: str):
+    """The server's default pair, setting, stop ids and the held-out chat prompts, after a
+    warm-up: ``((target, draft), speculation, stop, prompts, draft spec)``."""
+    config = ServeConfig()
+    apply_threads(config.runtime)
+    target, draft, tokenizer, spec = load_for_decoding(config.target, "auto", config.runtime,
+                                                       "off", 16)
+    draft = quantize_draft(copy.deepcopy(draft), draft_quantize)
+    speculation = speculation_for(config.speculation, spec, config.target, target, True)
+    stop = frozenset(eos_token_ids(target, tokenizer))
+    prompts = chat_prompts(tokenizer)
+    models = (target, draft)
+    for mode in ("plain", "always"):  # warm-up
+        level(models, speculation, stop, prompts, mode, 1, 2, None, [])
+    return models, speculation, stop, prompts, spec
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draft-quantize", default="none", choices=("none", "int8"))
@@ -126,17 +143,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--out", default="anatomy.json")
     args = parser.parse_args()
-    config = ServeConfig()
-    apply_threads(config.runtime)
-    target, draft, tokenizer, spec = load_for_decoding(config.target, "auto", config.runtime,
-                                                       "off", 16)
-    draft = quantize_draft(copy.deepcopy(draft), args.draft_quantize)
-    speculation = speculation_for(config.speculation, spec, config.target, target, True)
-    stop = frozenset(eos_token_ids(target, tokenizer))
-    prompts = chat_prompts(tokenizer)
-    models = (target, draft)
-    for mode in ("plain", "always"):  # warm-up
-        level(models, speculation, stop, prompts, mode, 1, 2, None, [])
+    models, speculation, stop, prompts, spec = setup(args.draft_quantize)
     policies = {"auto": ModePolicy.for_speculation(speculation.gamma,
                                                    speculation.tree_shape is not None)}
     log, rates = [], collections.defaultdict(list)

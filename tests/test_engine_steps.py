@@ -262,4 +262,3 @@ def test_the_draft_reads_every_token_of_its_plain_steps(pair):
     _, blocks = decode_with_limits(decoder, requests, [0, 1, 4])
     drafting = [(drafted, accepted) for _, drafted, accepted in blocks if drafted > 0]
     assert len(drafting) > 10 and all(accepted == drafted for drafted, accepted in drafting)
-

@@ -86,9 +86,12 @@ def level(models, speculation, stop, prompts, mode, concurrency, count, policy, 
 
 
 def arm_label(step: dict) -> str:
-    if step["mode"] != "auto":
-        return step["mode"]
-    return {None: "auto:speculate", 0: "auto:plain"}.get(step["arm"], f"auto:gamma{step['arm']}")
+    """``plain`` / ``always``, or a policy-driven mode's ``<mode>:<arm>`` (auto:plain, ...)."""
+    mode = step["mode"]
+    if mode in ("plain", "always"):
+        return mode
+    return {None: f"{mode}:speculate", 0: f"{mode}:plain"}.get(step["arm"],
+                                                               f"{mode}:gamma{step['arm']}")
 
 
 def summarise(log: list[dict], rates: dict) -> dict:

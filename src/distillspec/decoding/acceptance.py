@@ -210,10 +210,8 @@ def verify_tree(
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     *,
-    max_accepted: torch.Tensor | None = None,
-    lenience: str | None = None,
-    epsilon: float = 1.0,
-    generator: torch.Generator | None = None,
+    max_accepted: torch.Tensor | None = None, lenience: str | None = None,
+    epsilon: float = 1.0, generator: torch.Generator | None = None,
     uniforms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sampled rule on a token tree: SpecInfer's multi-step speculative sampling (Miao et

@@ -16,9 +16,9 @@ measuring, so the measured cost model here is the measurement itself:
   same arm), so a slow step counts by its length and one hiccup of the machine moves the
   estimate by ~1/memory. Per row, because a bucket spans batch sizes up to 2x apart: a total
   tokens/s measured at 16 rows beats any arm measured at 9, and the server's loop replayed at
-  16 clients (docs/results/serve-policy-avx2) spent a third to a half of its steps on a chain
-  10-18 % slower than plain that way (its estimate came from full batches, plain's from the
-  batch draining); a row's rate moves far less with the batch;
+  16 clients (docs/results/serve-policy-avx2) spent a third to three fifths of its steps on a
+  chain no faster per row than plain that way (its estimate came from full batches, 141 tok/s;
+  plain's from the batch draining, 107 at 11 rows); a row's rate moves far less with the batch;
 * ``choose`` runs every arm ``warmup`` times in a bucket first (the configured one first), then
   the arm with the highest optimistic estimate, the rate plus ``confidence`` standard errors of
   its per-step rates (an upper confidence bound, as in UCB bandits): an arm that trails only
@@ -27,7 +27,7 @@ measuring, so the measured cost model here is the measurement itself:
   estimate that went stale (a new draft, a busy machine) is refreshed at a bounded cost.
   (Thinning these re-measurements while the leader holds, 32 then 64, 128, 256 steps, kept
   0.4-1 point more of the best arm in the simulation below, but served at 1 client, where
-  speculation led plain by only 0-10 % under HTTP load, it left the server on plain for about
+  speculation led plain by only 0-12 % under HTTP load, it left the server on plain for about
   2/3 of the steps after one noisy lead change: each rare re-measurement of speculation also
   pays the draft's catch-up. Not kept.);
 * a new draft (``forget_speculative``) clears the speculative arms' estimates: its acceptance
@@ -76,7 +76,8 @@ class _Estimate:
     samples: int = 0
     last_step: int = -1  # the bucket's step count when it was last measured
 
-    def add(self, tokens: int, seconds: float, decay: float) -> None:
+    def add(self, tokens: float, seconds: float, decay: float) -> None:
+        """One step: ``tokens`` emitted per row in ``seconds``."""
         rate = tokens / seconds
         self.tokens = decay * self.tokens + tokens
         self.seconds = decay * self.seconds + seconds
@@ -87,11 +88,12 @@ class _Estimate:
 
     @property
     def tokens_per_second(self) -> float:
-        """Emitted tokens over wall seconds, both decayed: the arm's throughput."""
+        """Emitted tokens per row over wall seconds, both decayed: the arm's throughput per
+        row."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def upper_bound(self, confidence: float) -> float:
-        """The throughput plus ``confidence`` standard errors of the per-step rates."""
+        """The throughput per row plus ``confidence`` standard errors of the per-step rates."""
         if self.weight <= 0:
             return 0.0
         mean_rate = self.rate_sum / self.weight

@@ -69,6 +69,15 @@ def post(url: str, body, path: str = "/v1/completions"):
         return error.code, json.loads(error.read()), _lower(error.headers)
 
 
+def running(url: str) -> float:
+    """The server's ``distillspec_num_requests_running`` gauge."""
+    with urllib.request.urlopen(url + "/metrics", timeout=TIMEOUT) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("distillspec_num_requests_running "):
+                return float(line.split()[-1])
+    raise AssertionError("/metrics has no distillspec_num_requests_running")
+
+
 def _lower(headers) -> dict[str, str]:
     return {key.lower(): value for key, value in headers.items()}
 
@@ -155,8 +164,16 @@ def test_an_injected_step_fault_fails_only_its_row(folder, served, poisoned, cap
     bodies["poison"] = {"prompt": "w1 w73 w2", "max_tokens": 12, "temperature": 0}
     threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, post(url, bodies[k])))
                for k in bodies]
-    for thread in threads:
+    for thread in threads[:-1]:
         thread.start()
+    # The poisoned request joins once the good rows run (the engine's running gauge says 3).
+    # Started together, it sometimes reached the engine first and failed in a step of its own,
+    # and the shared step this test is about never happened.
+    deadline = time.monotonic() + TIMEOUT
+    while (running(url) < len(prompts) and time.monotonic() < deadline
+           and all(thread.is_alive() for thread in threads[:-1])):
+        time.sleep(0.005)
+    threads[-1].start()
     for thread in threads:
         thread.join(timeout=TIMEOUT)
     status, body, _ = results["poison"]

@@ -111,11 +111,16 @@ def refuse_draft_quantize(runtime: RuntimeConfig, command: str) -> None:
         )
 
 
+def draft_weights_option(runtime: RuntimeConfig) -> str:
+    """``--draft-quantize`` as a decoding draft is loaded with: none under --deterministic
+    (which promises batch-independent tokens, and an int8 draft cannot keep that), else as
+    given (auto still to be resolved per draft folder: ``recommended.resolved_quantization``)."""
+    return "none" if runtime.deterministic else runtime.draft_quantize
+
+
 def pair_options(runtime: RuntimeConfig) -> dict:
     """``load_options`` plus the draft's weights, for ``models.loading.load_pair``."""
-    # --deterministic promises batch-independent tokens, which an int8 draft cannot keep.
-    mode = "none" if runtime.deterministic else runtime.draft_quantize
-    return {**load_options(runtime), "draft_quantize": mode}
+    return {**load_options(runtime), "draft_quantize": draft_weights_option(runtime)}
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:

@@ -37,6 +37,7 @@ from distillspec.common.rundir import claim
 from distillspec.common.runtime import (
     apply_threads,
     cpu_name,
+    draft_weights_option,
     load_options,
     pair_options,
     refuse_draft_quantize,
@@ -570,8 +571,7 @@ def eval_main(config: EvalConfig, progress: Callable[[str], None] | None = None)
                               trust_remote_code=config.runtime.trust_remote_code,
                               allow_download=config.runtime.allow_download)
         compare = quantize_draft(compare, resolved_quantization(
-            pair_options(config.runtime)["draft_quantize"], config.compare_draft, config.target,
-            target))
+            draft_weights_option(config.runtime), config.compare_draft, config.target, target))
     context = getattr(target.config, "max_position_embeddings", None)
     items = build_items(config, tokenizer, context, problems)
     run_folder = claim(config.out, "eval")

@@ -86,6 +86,31 @@ def test_one_row_bf16_and_deterministic_calls_are_never_timed(fake_timings):
     assert fake_timings == []
 
 
+def test_a_call_over_the_size_cap_stays_packed_untimed(fake_timings, monkeypatch):
+    monkeypatch.setattr(packed_linear, "TUNED_MAX_MACS", 96 * 64 * 4)
+    weight = torch.randn(96, 64)
+    assert packed_linear._prefers_weight_major(torch.randn(4, 64), weight, None)  # at the cap
+    assert not packed_linear._prefers_weight_major(torch.randn(5, 64), weight, None)
+    assert len(fake_timings) == 1 and packed_linear.tunings() == 1
+
+
+def test_warm_choices_times_every_shape_and_width_once_so_decoding_times_none(fake_timings):
+    torch.manual_seed(0)
+    model = tiny_model()
+    shapes = {(m.out_features, m.in_features) for m in model.modules()
+              if type(m) is torch.nn.Linear}
+    with torch.no_grad():
+        timed = packed_linear.warm_choices(model, 6)
+    assert timed == len(shapes) * 5 == packed_linear.tunings()  # widths 2..6
+    assert {key[:3] for key in packed_linear._weight_major} == {
+        (*shape, rows) for shape in shapes for rows in range(2, 7)}
+    assert packed_linear.warm_choices(model, 6) == 0  # nothing left to time
+    ids, _ = left_padded([3, 4])
+    with torch.no_grad(), packed_linears(model):
+        model(input_ids=ids[:, -1:].contiguous())  # 2 rows: an already timed width
+    assert packed_linear.tunings() == timed
+
+
 @pytest.mark.parametrize("tree", [None, "4:2"])
 def test_greedy_sd_is_the_target_s_greedy_output_with_weight_major_verify_calls(
         fake_timings, tree):

@@ -41,6 +41,29 @@ def prompt_of(i: int) -> str:
     return " ".join(f"w{(i * 7 + j * 3) % 90}" for j in range(3 + i % 5))
 
 
+def test_the_server_times_its_kernel_choices_before_serving(tmp_path, monkeypatch):
+    """Every float32 kernel choice (packed_linear) of 2..64 rows is timed at start, so no
+    request pays one mid-step; the tiny float32 models make these choices on any CPU."""
+    from distillspec.decoding import packed_linear
+
+    monkeypatch.setattr(packed_linear, "_weight_major", {})  # none made by earlier tests
+    local, url = start_tiny_server(tmp_path, api_key=KEY)
+    try:
+        assert local.server.warmed_choices == packed_linear.tunings() > 0
+        for model in local.server.engine.models[:2]:
+            for m in (m for m in model.modules() if type(m) is torch.nn.Linear):
+                widths = [rows for rows in range(2, packed_linear.TUNED_MAX_ROWS + 1)
+                          if rows * m.weight.numel() <= packed_linear.TUNED_MAX_MACS]
+                assert all((m.out_features, m.in_features, rows, torch.get_num_threads())
+                           in packed_linear._weight_major for rows in widths)
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        client.completions.create(model="tiny", prompt=prompt_of(3) * 9, max_tokens=8,
+                                  temperature=0, n=3)
+        assert packed_linear.tunings() == local.server.warmed_choices
+    finally:
+        local.__exit__(None, None, None)
+
+
 def test_completions_streaming_and_not_equal_the_target_greedy(served):
     client = served["client"]
     prompt = prompt_of(1)

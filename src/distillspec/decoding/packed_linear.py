@@ -15,7 +15,11 @@ a 576x1536 projection against 75 µs for 1, where MKL's ``torch.mm(weight, x.T)`
 as the tall left operand) took 108 and 135. So each float32 call of 2..TUNED_MAX_ROWS rows
 times both once per weight shape, row count and thread count, and keeps the weight-major call
 where it ran at least 10 % faster (never under torch's deterministic algorithms, where a
-timing must not decide the arithmetic). One-row calls and bf16 stay packed.
+timing must not decide the arithmetic). One-row calls and bf16 stay packed, and so do calls of
+more than TUNED_MAX_MACS multiply-adds: there the weight-major call lost (SmolLM2's 49152x576
+head: 0.85x the packed time at 4 rows, 1.18-1.38x at 8-32; a 8960x1536 projection 1.08-1.28x
+at 8-32), while timing it cost ~0.4 s per row count, paid inside whatever step first used that
+width. ``warm_choices(model, rows)`` pays every timing up front (the server does, at start).
 
 The same kernels compute the same sums: in bf16 the outputs are bit for bit those of
 ``F.linear`` (tested); in float32 they differ in the last bits, as ``F.linear``'s own do
@@ -51,6 +55,7 @@ FINGERPRINT_STRIDE = 257  # elements; a prime, so it walks across the rows of an
 MEMORY_SHARE = 0.5  # a packed copy may take at most this share of the memory still available
 ENV_SWITCH = "DISTILLSPEC_PACKED_LINEARS"
 TUNED_MAX_ROWS = 64  # widest call whose kernel is chosen by timing (verify blocks, batches)
+TUNED_MAX_MACS = 1 << 27  # rows x out x in; a call this big is compute-bound: packed, untimed
 WEIGHT_MAJOR_MARGIN = 0.9  # the weight-major call must time 10 % faster to be chosen
 TUNING_REPS = 7  # timed calls of each kernel, alternating
 
@@ -149,6 +154,7 @@ def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
     thread count (float32 only; the first such call pays ~2 x TUNING_REPS calls' time)."""
     rows = x.numel() // x.shape[-1]
     if (weight.dtype != torch.float32 or not 2 <= rows <= TUNED_MAX_ROWS
+            or rows * weight.numel() > TUNED_MAX_MACS
             or torch.are_deterministic_algorithms_enabled()):
         return False
     key = (*weight.shape, rows, torch.get_num_threads())
@@ -160,6 +166,22 @@ def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
         choice = medians["weight_major"] < WEIGHT_MAJOR_MARGIN * medians["packed"]
         _weight_major[key] = choice
     return choice
+
+
+def warm_choices(model: torch.nn.Module, max_rows: int = TUNED_MAX_ROWS) -> int:
+    """Time now every kernel choice ``model``'s packed float32 layers can need for calls of
+    2..``max_rows`` rows (capped at TUNED_MAX_ROWS; a prefill's rows are its tokens, so a server
+    warms them all), so no later call pays one; returns how many were timed. Nothing to do where
+    the model is not packed or not float32."""
+    shapes = {(m.weight.shape, m.bias is not None): m for m, _ in _swaps_for(model)
+              if m.weight.dtype == torch.float32}
+    before = tunings()
+    with torch.no_grad():
+        for module in shapes.values():
+            for rows in range(2, min(max_rows, TUNED_MAX_ROWS) + 1):
+                x = torch.zeros(rows, module.in_features, dtype=module.weight.dtype)
+                _prefers_weight_major(x, module.weight, module.bias)
+    return tunings() - before
 
 
 def packed_linear_eager(x: torch.Tensor, weight: torch.Tensor,

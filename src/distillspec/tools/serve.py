@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from distillspec.decoding.mode_policy import ModePolicy, arm_name, bucket
+from distillspec.decoding.packed_linear import warm_choices
 from distillspec.models.quantize import draft_quantization
 from distillspec.tools.configs import ServeConfig
 from distillspec.tools.serve_api import (
@@ -253,6 +254,12 @@ class Server:
         if draft is not None and config.sd_policy == "auto":
             policy = ModePolicy.for_speculation(speculation.gamma,
                                                 speculation.tree_shape is not None)
+        started = time.perf_counter()
+        # A float32 kernel choice first timed mid-request costs up to ~0.4 s in that step, and
+        # speculative steps reach wider calls than plain ones: time them all before serving.
+        self.warmed_choices = sum(warm_choices(m) for m in (target, draft) if m is not None)
+        self.warmup = (f"{self.warmed_choices} kernel choices timed in "
+                       f"{time.perf_counter() - started:.1f} s")
         self.engine = EngineWorker(
             target, draft, speculation, max_batch=config.max_batch,
             max_waiting=config.max_waiting, metrics=self.metrics,
@@ -646,7 +653,8 @@ def run_serve(config: ServeConfig) -> NoReturn:
     runner.code = 0
     server.on_dead = lambda: runner.stop(1)
     # The URL comes once bound ("listening on ..."): with --port 0 only then is the port known.
-    print(f"distillspec: serving {server.model_id} (draft: {config.draft})", file=sys.stderr)
+    print(f"distillspec: serving {server.model_id} (draft: {config.draft}; {server.warmup})",
+          file=sys.stderr)
     runner.server.run()
     # Everything is closed (lifespan: engine, online distiller); skip the interpreter's teardown
     # of the models and thread pools, measured at 2-3 s, so the drain deadline holds.

@@ -310,3 +310,31 @@ def test_the_mode_policy_skips_steps_that_admitted_rows_or_timed_a_kernel(monkey
         worker._step()
     assert steps[0] > 6
     assert recorded == [s for s in range(2, steps[0] + 1) if s not in timed_at]  # 1 admitted
+
+
+def test_the_mode_policy_skips_the_step_that_catches_the_draft_up_after_plain_steps(monkeypatch):
+    """Plain steps leave the draft tokens to read; the next drafting step reads them all (a
+    one-off cost of switching arms) and must not be recorded; the one after it is."""
+    from conftest import tiny_model
+
+    from distillspec.decoding.mode_policy import PLAIN, ModePolicy
+    from distillspec.decoding.params import SpeculationConfig
+    from distillspec.decoding.requests import Request
+    from distillspec.tools.serve_engine import EngineWorker
+
+    policy = ModePolicy.for_speculation(3, tree=False)
+    plan = iter([None, PLAIN, PLAIN, PLAIN, None, None, PLAIN, None])  # the arm of steps 1..8
+    monkeypatch.setattr(policy, "choose", lambda batch: next(plan, None))
+    recorded, steps = [], [0]
+    monkeypatch.setattr(policy, "record",
+                        lambda batch, arm, tokens, seconds: recorded.append((steps[0], arm)))
+    worker = EngineWorker(tiny_model(seed=0), tiny_model(seed=1, layers=1),
+                          SpeculationConfig(gamma=3), max_batch=4, policy=policy)
+    worker.decoder.add(Request([5, 6, 7], 40))
+    while worker.decoder.has_work and steps[0] < 9:
+        steps[0] += 1
+        worker._step()
+    # 1 admitted; 5 read 3 skipped tokens; 8 follows one plain step (the draft has at most 3 to
+    # read then: 1 or 2 left by the chain, plus the plain step's token)
+    assert recorded[:4] == [(2, PLAIN), (3, PLAIN), (4, PLAIN), (6, None)]
+    assert (5, None) not in recorded

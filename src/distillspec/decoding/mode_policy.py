@@ -29,7 +29,8 @@ measuring, so the measured cost model here is the measurement itself:
   0.4-1 point more of the best arm in the simulation below, but served at 1 client, where
   speculation led plain by only 0-12 % under HTTP load, it left the server on plain for about
   2/3 of the steps after one noisy lead change: each rare re-measurement of speculation also
-  pays the draft's catch-up. Not kept.);
+  paid the draft's catch-up. Not kept. The server now records no step that catches the draft
+  up, so a re-measurement after plain steps is the second drafting step, not the first);
 * a new draft (``forget_speculative``) clears the speculative arms' estimates: its acceptance
   is another.
 

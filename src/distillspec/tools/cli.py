@@ -19,16 +19,76 @@ from distillspec.training.config import DatagenConfig, DistillConfig
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
+# (command, its config class in tools.configs or training.config, --help line, description);
+# the order is the order of `distillspec --help`.
+COMMANDS = (
+    ("generate", "GenerateConfig",
+     "Generate text with speculative decoding (or plain decoding with --draft none).",
+     "Generate with speculative decoding and print text plus acceptance metrics. "
+     "Without flags it runs the built-in SmolLM2-135M on an example prompt, with the draft "
+     "`distillspec demo` distilled for it when there is one (else plain decoding)."),
+    ("distill", "DistillConfig",
+     "Train a draft for a target with DistillSpec (YAML recipe + --key value overrides).",
+     "Distil a draft from the target's logits. Values come from the dataclass "
+     "defaults, then --config YAML, then explicit flags; every value is type-checked before "
+     "anything loads. Multi-process: torchrun --nproc_per_node 2 -m distillspec distill ... "
+     "(CPU, gloo) or accelerate launch -m distillspec distill ... (GPUs)."),
+    ("datagen", "DatagenConfig",
+     "Sample completions from the target once and cache them as JSONL (teacher data).",
+     "Generate target completions for a prompt file; train on the result with "
+     "policy fixed (the cached form of the teacher policy)."),
+    ("bench", "BenchConfig",
+     "Benchmark our SD against transformers (plain and assisted) in one run.",
+     "Target alone through transformers generate and through our loop, "
+     "transformers assisted generation with the same draft and gamma (batch 1 only), and our "
+     "SD at several gammas, temperatures and batch sizes; warm-up then the median of "
+     "repeats. Writes bench.json, bench.md and bench.png; answers a Spec-Bench "
+     "question.jsonl with --question-file."),
+    ("demo", "DemoConfig",
+     "The embedded default end to end: measure a draft, distil it, measure again.",
+     "On SmolLM2-135M (shipped in a PyPI package): build the draft, measure SD "
+     "on held-out chat prompts, distil it for --minutes, measure again, print a "
+     "before/after table and write report.json and PNG plots. The distilled draft is "
+     "reused by the next run (--fresh starts over)."),
+    ("study", "StudyConfig",
+     "Search recipes: divergence x data source x task x seed, each a short distill run.",
+     "Run every cell of the grid (a short distillation at an equal budget, the "
+     "target loaded once), measure alpha at greedy and sampled decoding and the predicted "
+     "SD speed-up, and write study.json, study.md (tables with the winner and the cells "
+     "within seed noise of it), heatmaps and the winner per task and decoding as a "
+     "distill --config YAML. Rerunning the same command skips finished cells and resumes "
+     "the interrupted one."),
+    ("export", "ExportConfig",
+     "Export a draft for transformers/vLLM (hf, vllm) or llama.cpp (gguf).",
+     "Write a draft with a full-vocabulary head and a model card carrying the "
+     "target as base_model, its licence, the measured alpha/tau and usage lines; gguf is "
+     "checked by reloading it with transformers' GGUF loader."),
+    ("serve", "ServeConfig",
+     "An OpenAI-compatible server with speculative decoding (and online distillation).",
+     "POST /v1/completions and /v1/chat/completions (stream too), GET /v1/models, "
+     "/health and /metrics (Prometheus). Requests join the running batch between "
+     "speculative steps. --online-distill DIR distils the draft on the served traffic and "
+     "swaps in a better one without stopping."),
+    ("bench-serve", "BenchServeConfig",
+     "Drive the server with concurrent clients: throughput, TTFT, per-token latency.",
+     "Starts a server without SD and one with SD on loopback (or drives --url), "
+     "sends --num-requests streaming requests at each --concurrency, and writes JSON, "
+     "Markdown and a plot of p50/p99 latencies and throughput."),
+)
+
+# Arguments a command takes before its config's options.
+LEADING_ARGUMENTS = {
+    "distill": lambda p: p.add_argument("--config",
+                                        help="YAML recipe whose keys are the options below."),
+    "study": lambda p: p.add_argument(
+        "--config", help="YAML whose keys are the options below (recipe: nested)."),
+    "export": lambda p: p.add_argument("model_argument", nargs="?", metavar="MODEL",
+                                       help="The draft to export (same as --model)."),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from distillspec.tools.configs import (
-        BenchConfig,
-        BenchServeConfig,
-        DemoConfig,
-        ExportConfig,
-        GenerateConfig,
-        ServeConfig,
-        StudyConfig,
-    )
+    from distillspec.tools import configs
 
     parser = argparse.ArgumentParser(
         prog="distillspec",
@@ -37,90 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
     parser.add_argument("--version", action="version", version=f"distillspec {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser(
-        "generate",
-        help="Generate text with speculative decoding (or plain decoding with --draft none).",
-        description="Generate with speculative decoding and print text plus acceptance metrics. "
-        "Without flags it runs the built-in SmolLM2-135M on an example prompt, with the draft "
-        "`distillspec demo` distilled for it when there is one (else plain decoding).",
-    )
-    add_arguments(generate, GenerateConfig)
-    distill = commands.add_parser(
-        "distill",
-        help="Train a draft for a target with DistillSpec (YAML recipe + --key value overrides).",
-        description="Distil a draft from the target's logits. Values come from the dataclass "
-        "defaults, then --config YAML, then explicit flags; every value is type-checked before "
-        "anything loads. Multi-process: torchrun --nproc_per_node 2 -m distillspec distill ... "
-        "(CPU, gloo) or accelerate launch -m distillspec distill ... (GPUs).",
-    )
-    distill.add_argument("--config", help="YAML recipe whose keys are the options below.")
-    add_arguments(distill, DistillConfig)
-    datagen = commands.add_parser(
-        "datagen",
-        help="Sample completions from the target once and cache them as JSONL (teacher data).",
-        description="Generate target completions for a prompt file; train on the result with "
-        "policy fixed (the cached form of the teacher policy).",
-    )
-    add_arguments(datagen, DatagenConfig)
-    bench = commands.add_parser(
-        "bench",
-        help="Benchmark our SD against transformers (plain and assisted) in one run.",
-        description="Target alone through transformers generate and through our loop, "
-        "transformers assisted generation with the same draft and gamma (batch 1 only), and our "
-        "SD at several gammas, temperatures and batch sizes; warm-up then the median of "
-        "repeats. Writes bench.json, bench.md and bench.png; answers a Spec-Bench "
-        "question.jsonl with --question-file.",
-    )
-    add_arguments(bench, BenchConfig)
-    demo = commands.add_parser(
-        "demo",
-        help="The embedded default end to end: measure a draft, distil it, measure again.",
-        description="On SmolLM2-135M (shipped in a PyPI package): build the draft, measure SD "
-        "on held-out chat prompts, distil it for --minutes, measure again, print a "
-        "before/after table and write report.json and PNG plots. The distilled draft is "
-        "reused by the next run (--fresh starts over).",
-    )
-    add_arguments(demo, DemoConfig)
-    study = commands.add_parser(
-        "study",
-        help="Search recipes: divergence x data source x task x seed, each a short distill run.",
-        description="Run every cell of the grid (a short distillation at an equal budget, the "
-        "target loaded once), measure alpha at greedy and sampled decoding and the predicted "
-        "SD speed-up, and write study.json, study.md (tables with the winner and the cells "
-        "within seed noise of it), heatmaps and the winner per task and decoding as a "
-        "distill --config YAML. Rerunning the same command skips finished cells and resumes "
-        "the interrupted one.",
-    )
-    study.add_argument("--config", help="YAML whose keys are the options below (recipe: nested).")
-    add_arguments(study, StudyConfig)
-    export = commands.add_parser(
-        "export",
-        help="Export a draft for transformers/vLLM (hf, vllm) or llama.cpp (gguf).",
-        description="Write a draft with a full-vocabulary head and a model card carrying the "
-        "target as base_model, its licence, the measured alpha/tau and usage lines; gguf is "
-        "checked by reloading it with transformers' GGUF loader.",
-    )
-    serve = commands.add_parser(
-        "serve",
-        help="An OpenAI-compatible server with speculative decoding (and online distillation).",
-        description="POST /v1/completions and /v1/chat/completions (stream too), GET /v1/models, "
-        "/health and /metrics (Prometheus). Requests join the running batch between "
-        "speculative steps. --online-distill DIR distils the draft on the served traffic and "
-        "swaps in a better one without stopping.",
-    )
-    add_arguments(serve, ServeConfig)
-    bench_serve = commands.add_parser(
-        "bench-serve",
-        help="Drive the server with concurrent clients: throughput, TTFT, per-token latency.",
-        description="Starts a server without SD and one with SD on loopback (or drives --url), "
-        "sends --num-requests streaming requests at each --concurrency, and writes JSON, "
-        "Markdown and a plot of p50/p99 latencies and throughput.",
-    )
-    add_arguments(bench_serve, BenchServeConfig)
+    training = {"DistillConfig": DistillConfig, "DatagenConfig": DatagenConfig}
+    for name, config, help_line, description in COMMANDS:
+        command = commands.add_parser(name, help=help_line, description=description)
+        LEADING_ARGUMENTS.get(name, lambda p: None)(command)
+        add_arguments(command, training.get(config) or getattr(configs, config))
     _add_eval(commands)
-    export.add_argument("model_argument", nargs="?", metavar="MODEL",
-                        help="The draft to export (same as --model).")
-    add_arguments(export, ExportConfig)
     _add_models(commands)
     return parser
 
@@ -223,12 +205,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_generate(build(GenerateConfig, _explicit_setting(args), args))
     if args.command == "distill":
-        from distillspec.training.loop import distill
-
-        config = build(DistillConfig, load_recipe(args.config), args)
-        metrics = distill(config)
-        print(_json({"output_dir": config.output_dir, **metrics}))
-        return 0
+        return _run_distill(args)
     if args.command == "datagen":
         from distillspec.tools.generate import run_datagen
 
@@ -252,12 +229,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_study(build(StudyConfig, load_recipe(args.config), args))
         return 0
     if args.command == "export":
-        from distillspec.tools.configs import ExportConfig
-        from distillspec.tools.export import run_export
-
-        given = {"model": args.model_argument} if args.model_argument else {}
-        run_export(build(ExportConfig, given, args))
-        return 0
+        return _run_export(args)
     if args.command == "serve":
         from distillspec.tools.configs import ServeConfig
         from distillspec.tools.serve import run_serve
@@ -278,6 +250,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "models":
         return _run_models(args)
     raise ValueError(f"unknown command {args.command!r}")
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from distillspec.training.loop import distill
+
+    config = build(DistillConfig, load_recipe(args.config), args)
+    metrics = distill(config)
+    print(_json({"output_dir": config.output_dir, **metrics}))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from distillspec.tools.configs import ExportConfig
+    from distillspec.tools.export import run_export
+
+    given = {"model": args.model_argument} if args.model_argument else {}  # MODEL or --model
+    run_export(build(ExportConfig, given, args))
+    return 0
 
 
 def _json(data) -> str:

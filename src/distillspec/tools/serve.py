@@ -473,7 +473,8 @@ class Server:
         self.metrics.e2e.observe(end - job.submitted)
 
 
-def build_app(server: Server):
+def _lifespan(server: Server):
+    """The engine (and the online distiller) run while the app does."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         server.engine.start()
@@ -484,7 +485,11 @@ def build_app(server: Server):
             if server.distiller is not None:
                 server.distiller.close()
 
-    app = FastAPI(title="distillspec", docs_url=None, redoc_url=None, lifespan=lifespan)
+    return lifespan
+
+
+def build_app(server: Server):
+    app = FastAPI(title="distillspec", docs_url=None, redoc_url=None, lifespan=_lifespan(server))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -512,13 +517,7 @@ def build_app(server: Server):
 
     async def handle(request: Request, chat: bool):
         server.check_auth(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "The request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        api, prompts, choices = await server.start(body, chat)
+        api, prompts, choices = await server.start(await _json_body(request), chat)
         reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                  "object": "chat.completion" if chat else "text_completion",
                  "created": int(time.time()), "model": server.model_id}
@@ -526,15 +525,7 @@ def build_app(server: Server):
         if api.stream:
             return StreamingResponse(_sse(server, api, prompts, choices, chat, reply),
                                      media_type="text/event-stream")
-        results = {choice.index: Piece("", "stop", 0, None if api.logprobs is None else [])
-                   for choice in choices}
-        async with contextlib.aclosing(server.pieces(api, choices)) as stream:
-            async for choice, piece in stream:
-                result = results[choice.index]
-                result.text, result.count = result.text + piece.text, piece.count
-                result.finish = piece.finish or result.finish
-                if piece.tokens is not None:
-                    result.tokens += piece.tokens
+        results = await _collect(server, api, choices)
         out = [choice_json(i, r.text, r.finish, r.tokens, chat, delta=False)
                for i, r in sorted(results.items())]
         return {**reply, "choices": out, "usage": _usage(prompts, results.values())}
@@ -549,6 +540,30 @@ def build_app(server: Server):
         return await handle(request, chat=True)
 
     return app
+
+
+async def _json_body(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    return body
+
+
+async def _collect(server: Server, api: ApiRequest, choices: list[Choice]) -> dict[int, Piece]:
+    """A non-streaming reply: every choice's pieces joined into one (text, tokens, finish)."""
+    results = {choice.index: Piece("", "stop", 0, None if api.logprobs is None else [])
+               for choice in choices}
+    async with contextlib.aclosing(server.pieces(api, choices)) as stream:
+        async for choice, piece in stream:
+            result = results[choice.index]
+            result.text, result.count = result.text + piece.text, piece.count
+            result.finish = piece.finish or result.finish
+            if piece.tokens is not None:
+                result.tokens += piece.tokens
+    return results
 
 
 def _usage(prompts: list[Prompt], pieces) -> dict:

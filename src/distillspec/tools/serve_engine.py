@@ -32,7 +32,7 @@ import torch
 
 from distillspec.decoding import packed_linear
 from distillspec.decoding.engine import Decoder
-from distillspec.decoding.mode_policy import ModePolicy, arm_name
+from distillspec.decoding.mode_policy import PLAIN, ModePolicy, arm_name
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate
 
@@ -173,6 +173,9 @@ class EngineWorker:
         batch, admitting = len(decoder.rows) + len(decoder.queue), bool(decoder.queue)
         arm = self._arm(batch)
         decoder.lookahead_limit = arm
+        # After plain steps the draft has the skipped tokens to read (a chain leaves it at most
+        # 2): the first drafting step reads them, a one-off cost of switching arms.
+        catching_up = arm != PLAIN and any(len(row.draft_pending) > 2 for row in decoder.rows)
         tunings, start = packed_linear.tunings(), time.perf_counter()
         try:
             updates = decoder.step()
@@ -180,10 +183,12 @@ class EngineWorker:
             self._recover(error)
             return
         seconds = time.perf_counter() - start
-        # A step that admitted rows also ran their prefill, and one that timed a kernel choice
-        # (a new call width: a catch-up of the draft, a new batch size) paid a one-off cost:
-        # neither measures the arm's speed.
-        if self.policy is not None and not admitting and packed_linear.tunings() == tunings:
+        # A step that admitted rows also ran their prefill, one that timed a kernel choice (a
+        # width the start-up warming did not reach) and one that caught the draft up paid a
+        # one-off cost: none measures the arm's steady speed. Unrecorded, a re-measurement is
+        # chosen again at the next step, which then runs the arm without that cost.
+        if (self.policy is not None and not admitting and not catching_up
+                and packed_linear.tunings() == tunings):
             self.policy.record(batch, arm, sum(len(u.new_tokens) for u in updates), seconds)
             if self.metrics is not None:
                 self.metrics.record_rate(batch, arm, self.policy)

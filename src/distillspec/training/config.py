@@ -220,6 +220,13 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         refuse_draft_quantize(self.runtime, "distill (and demo, study: they train the draft)")
+        self._check_ranges()
+        self._check_loss_knobs()
+        self._check_choices()
+        self._check_data_sources()
+
+    def _check_ranges(self) -> None:
+        """Counts, lengths and rates within their bounds."""
         require_at_least(
             self, 1, "batch_size", "grad_accum", "max_new_tokens",
             "max_prompt_tokens", "max_completion_tokens", "eval_gamma", "eval_max_new_tokens",
@@ -239,6 +246,9 @@ class DistillConfig:
         check_seed(self.seed)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
+
+    def _check_loss_knobs(self) -> None:
+        """The divergences' parameters, the token filter, the trained layers, temperatures."""
         if not 0.0 < self.jsd_beta < 1.0:
             raise ValueError(
                 f"jsd_beta must be in (0, 1), got {self.jsd_beta}: at 0 and 1 the generalised JSD "
@@ -253,6 +263,9 @@ class DistillConfig:
         parse_train_layers(self.train_layers, None)
         if not self.loss_temperature > 0 or not self.sample_temperature >= 0:
             raise ValueError("loss_temperature must be > 0 and sample_temperature >= 0.")
+
+    def _check_choices(self) -> None:
+        """Named choices (policy, divergence, attention) and the run-folder flags."""
         if self.policy not in POLICY_CHOICES:
             raise ValueError(
                 f"policy must be one of {', '.join(POLICY_CHOICES)}, got {self.policy!r}."
@@ -270,6 +283,9 @@ class DistillConfig:
             raise ValueError("resume and overwrite exclude each other: pick one.")
         if self.policy == "mixed":  # parsed here (a clear error before anything loads), once
             self.mix_fractions()
+
+    def _check_data_sources(self) -> None:
+        """The teacher cache, the top-k cache and the warm start fit the data policy."""
         require_at_least(self, 0, "teacher_topk")
         require_at_most(self, 4096, "teacher_topk")
         fixed_data = self.replays_completions

@@ -114,14 +114,7 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
     replica = sharding.Replica(draft) if config.sharding == "fsdp" else None
     if replica is not None:
         sharding.shard(draft)  # before the optimiser: its parameters become shards
-    cached = cached if config.teacher_cache else None
-    policy = make_policy(
-        config.policy, temperature=config.sample_temperature, max_new_tokens=config.max_new_tokens,
-        eos_token_id=eos, mix=config.mix_fractions() if config.policy == "mixed" else None,
-        seed=config.seed, pad_id=pad_id, teacher_completions=cached,
-        warm_fraction=config.warm_fraction if config.policy == "warm" else None,
-        progress=lambda: setup.budget_progress(config, state),
-    )
+    policy = _data_policy(config, cached if config.teacher_cache else None, eos, pad_id, state)
     replayed = cached_component(policy)  # the part whose fixed completions have a top-k cache
     if config.teacher_topk and replayed is not None:
         replayed.topk = setup.cached_topk(config, folder, accelerator, target, replayed,
@@ -151,6 +144,17 @@ def _build(config: DistillConfig, folder: RunFolder, resume_from, target=None, t
                replica=replica, train_lengths=lengths)
     run.saved_step = state.step if resume_from is not None else -1
     return run
+
+
+def _data_policy(config: DistillConfig, teacher_completions, eos, pad_id: int, state: TrainState):
+    """Where each batch's completions come from (fixed data, the target, the draft, a mix)."""
+    return make_policy(
+        config.policy, temperature=config.sample_temperature, max_new_tokens=config.max_new_tokens,
+        eos_token_id=eos, mix=config.mix_fractions() if config.policy == "mixed" else None,
+        seed=config.seed, pad_id=pad_id, teacher_completions=teacher_completions,
+        warm_fraction=config.warm_fraction if config.policy == "warm" else None,
+        progress=lambda: setup.budget_progress(config, state),
+    )
 
 
 def _restore(resume_from, draft, optimizer, scheduler, replica, state, generator, policy,

@@ -11,17 +11,15 @@ All three cost the same per step (3 layers, one head). alpha (T=0, T=1) on
 ../written-prompts-2/other-eval.jsonl (77 requests written apart).
     DATA=answers.jsonl TOPK=<topk dir> MIN=6 python ab_layers.py L012 L0129 L02829
 """
-import json
 import os
 import sys
 from pathlib import Path
 
 from distillspec.common.config import replace
-from distillspec.common.io import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "written-prompts-2"))
-from alpha_other import ab_setup, train_arm  # noqa: E402
+from alpha_other import ab_setup, run_arms  # noqa: E402
 
 MINUTES = float(os.environ.get("MIN", 6))
 RUNS = Path(os.environ.get("RUNS", "/work/runs/draft-layers"))
@@ -32,16 +30,15 @@ def main(arms):
     target, tokenizer, base, other = ab_setup(
         MINUTES, draft_init="target-layers:3:vocab=8192", data=os.environ["DATA"],
         teacher_topk_dir=os.environ["TOPK"])
-    path = HERE / "ab_layers.json"
-    report = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
-    report["minutes"] = MINUTES
-    for name in arms:
-        draft_init = f"target-layers:{ARMS[name]}:vocab=8192"
-        config = replace(base, output_dir=str(RUNS / f"run-{name}"), draft_init=draft_init)
-        report["arms"][name] = {"draft_init": draft_init,
-                                **train_arm(config, target, tokenizer, other)}
-        print(name, json.dumps(report["arms"][name]), flush=True)
-        atomic_write_json(path, report)
+    run_arms(HERE / "ab_layers.json", {"minutes": MINUTES},
+             (arm(base, name) for name in arms), target, tokenizer, other)
+
+
+def arm(base, name):
+    """``(name, config, record fields)`` of one arm: the draft copies ARMS[name]'s layers."""
+    draft_init = f"target-layers:{ARMS[name]}:vocab=8192"
+    config = replace(base, output_dir=str(RUNS / f"run-{name}"), draft_init=draft_init)
+    return name, config, {"draft_init": draft_init}
 
 
 if __name__ == "__main__":

@@ -16,17 +16,15 @@ alpha (T=0, T=1) on ../written-prompts-2/choice99.jsonl (the trainer's eval set)
 ../written-prompts-2/other-eval.jsonl (77 requests written apart).
     DATA=answers.jsonl TOPK=<topk dir> REF=<draft> MIN=6 python ab_filter.py C F50 F80 L50
 """
-import json
 import os
 import sys
 from pathlib import Path
 
 from distillspec.common.config import replace
-from distillspec.common.io import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "written-prompts-2"))
-from alpha_other import ab_setup, train_arm  # noqa: E402
+from alpha_other import ab_setup, run_arms  # noqa: E402
 
 MINUTES = float(os.environ.get("MIN", 6))
 RUNS = Path(os.environ.get("RUNS", "/work/runs/token-filter"))
@@ -43,18 +41,17 @@ def main(arms):
     target, tokenizer, base, other = ab_setup(
         MINUTES, draft_init="target-layers:3:vocab=8192", data=os.environ["DATA"],
         teacher_topk_dir=os.environ["TOPK"])
-    path = HERE / "ab_filter.json"
-    report = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
-    report["minutes"], report["reference"] = MINUTES, os.environ["REF"]
-    for name in arms:
-        overrides = dict(ARMS[name])
-        if overrides.get("filter_keep", 1.0) < 1.0:
-            overrides["filter_reference"] = os.environ["REF"]
-        config = replace(base, output_dir=str(RUNS / f"run-{name}"), **overrides)
-        report["arms"][name] = {"overrides": overrides,
-                                **train_arm(config, target, tokenizer, other)}
-        print(name, json.dumps(report["arms"][name]), flush=True)
-        atomic_write_json(path, report)
+    run_arms(HERE / "ab_filter.json", {"minutes": MINUTES, "reference": os.environ["REF"]},
+             (arm(base, name) for name in arms), target, tokenizer, other)
+
+
+def arm(base, name):
+    """``(name, config, record fields)`` of one arm: the filter's arms read the reference."""
+    overrides = dict(ARMS[name])
+    if overrides.get("filter_keep", 1.0) < 1.0:
+        overrides["filter_reference"] = os.environ["REF"]
+    config = replace(base, output_dir=str(RUNS / f"run-{name}"), **overrides)
+    return name, config, {"overrides": overrides}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from distillspec.common.config import from_dict, replace
-from distillspec.common.io import read_jsonl
+from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.models.loading import eos_token_ids, load_model, pad_token_id
 from distillspec.tools.configs import DemoConfig
 from distillspec.training.datasets import load_examples
@@ -48,6 +48,18 @@ def train_arm(config, target, tokenizer, evaluator):
     return {"data": config.data, "lines": len(Path(config.data).read_text().splitlines()),
             "choice99": final, "other_eval": evaluator.alpha(draft),
             "steps": max(r.get("step", 0) for r in records), "wall_seconds": time.time() - start}
+
+
+def run_arms(path: Path, header: dict, arms, target, tokenizer, evaluator) -> None:
+    """Train each ``(name, config, fields)`` of ``arms`` in turn and keep its record (``fields``
+    plus ``train_arm``'s) in the JSON report at ``path``, rewritten after every arm so a killed
+    A/B keeps the arms it finished; ``header``: the report's run-wide fields."""
+    report = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
+    report.update(header)
+    for name, config, fields in arms:
+        report["arms"][name] = {**fields, **train_arm(config, target, tokenizer, evaluator)}
+        print(name, json.dumps(report["arms"][name]), flush=True)
+        atomic_write_json(path, report)
 
 
 if __name__ == "__main__":

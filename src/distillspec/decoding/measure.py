@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import statistics
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -232,7 +231,6 @@ class SpeedProbe:
         chunks = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
         self.batches = [left_pad(chunk, pad_id, self.device) for chunk in chunks]
         warm_choices(target)  # no timed decode pays a float32 kernel choice (a prefill's width)
-        self.warmed = weakref.WeakSet([target])  # a warm_choices that finds nothing costs ~5 ms
 
     def _common(self) -> dict:
         return dict(
@@ -252,9 +250,7 @@ class SpeedProbe:
                     tree: Tree | str | None = None,
                     batches: int | None = None) -> list[GenerationResult]:
         common = self._common()
-        if draft not in self.warmed:
-            warm_choices(draft)
-            self.warmed.add(draft)
+        warm_choices(draft)  # only the first call per draft times anything
         return [
             speculative_generate(self.target, draft, i, m, gamma=gamma,
                                  confidence_threshold=threshold, tree=tree, **common)

@@ -19,7 +19,7 @@ timing must not decide the arithmetic). One-row calls and bf16 stay packed, and 
 more than TUNED_MAX_MACS multiply-adds: there the weight-major call lost (SmolLM2's 49152x576
 head: 0.85x the packed time at 4 rows, 1.18-1.38x at 8-32; a 8960x1536 projection 1.08-1.28x
 at 8-32), while timing it cost ~0.4 s per row count, paid inside whatever step first used that
-width. ``warm_choices(model, rows)`` pays every timing up front (the server does, at start).
+width. ``warm_choices(model)`` pays every timing up front (the server does, at start).
 
 The same kernels compute the same sums: in bf16 the outputs are bit for bit those of
 ``F.linear`` (tested); in float32 they differ in the last bits, as ``F.linear``'s own do
@@ -148,6 +148,10 @@ def tunings() -> int:
     return len(_weight_major)
 
 
+def _choice_key(weight: torch.Tensor, rows: int) -> tuple:
+    return (*weight.shape, rows, torch.get_num_threads())
+
+
 def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
                           bias: torch.Tensor | None) -> bool:
     """Whether this width of call runs faster weight-major, timed once per shape, row count and
@@ -157,7 +161,7 @@ def _prefers_weight_major(x: torch.Tensor, weight: torch.Tensor,
             or rows * weight.numel() > TUNED_MAX_MACS
             or torch.are_deterministic_algorithms_enabled()):
         return False
-    key = (*weight.shape, rows, torch.get_num_threads())
+    key = _choice_key(weight, rows)
     choice = _weight_major.get(key)
     if choice is None:
         medians = interleaved_medians({"packed": lambda: _packed_call(x, weight, bias),
@@ -173,14 +177,14 @@ def warm_choices(model: torch.nn.Module, max_rows: int = TUNED_MAX_ROWS) -> int:
     2..``max_rows`` rows (capped at TUNED_MAX_ROWS; a prefill's rows are its tokens, so a server
     warms them all), so no later call pays one; returns how many were timed. Nothing to do where
     the model is not packed or not float32."""
-    shapes = {(m.weight.shape, m.bias is not None): m for m, _ in _swaps_for(model)
-              if m.weight.dtype == torch.float32}
+    shapes = {m.weight.shape: m for m, _ in _swaps_for(model) if m.weight.dtype == torch.float32}
     before = tunings()
     with torch.no_grad():
         for module in shapes.values():
             for rows in range(2, min(max_rows, TUNED_MAX_ROWS) + 1):
-                x = torch.zeros(rows, module.in_features, dtype=module.weight.dtype)
-                _prefers_weight_major(x, module.weight, module.bias)
+                if _choice_key(module.weight, rows) not in _weight_major:  # else: made already
+                    x = torch.zeros(rows, module.in_features, dtype=module.weight.dtype)
+                    _prefers_weight_major(x, module.weight, module.bias)
     return tunings() - before
 
 

@@ -14,43 +14,52 @@ import sys
 from collections.abc import Sequence
 
 from distillspec.common.config import add_arguments, build
+from distillspec.tools.configs import (
+    BenchConfig,
+    BenchServeConfig,
+    DemoConfig,
+    ExportConfig,
+    GenerateConfig,
+    ServeConfig,
+    StudyConfig,
+)
 from distillspec.training.config import DatagenConfig, DistillConfig
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
-# (command, its config class in tools.configs or training.config, --help line, description);
+# (command, its config class, --help line, description);
 # the order is the order of `distillspec --help`.
 COMMANDS = (
-    ("generate", "GenerateConfig",
+    ("generate", GenerateConfig,
      "Generate text with speculative decoding (or plain decoding with --draft none).",
      "Generate with speculative decoding and print text plus acceptance metrics. "
      "Without flags it runs the built-in SmolLM2-135M on an example prompt, with the draft "
      "`distillspec demo` distilled for it when there is one (else plain decoding)."),
-    ("distill", "DistillConfig",
+    ("distill", DistillConfig,
      "Train a draft for a target with DistillSpec (YAML recipe + --key value overrides).",
      "Distil a draft from the target's logits. Values come from the dataclass "
      "defaults, then --config YAML, then explicit flags; every value is type-checked before "
      "anything loads. Multi-process: torchrun --nproc_per_node 2 -m distillspec distill ... "
      "(CPU, gloo) or accelerate launch -m distillspec distill ... (GPUs)."),
-    ("datagen", "DatagenConfig",
+    ("datagen", DatagenConfig,
      "Sample completions from the target once and cache them as JSONL (teacher data).",
      "Generate target completions for a prompt file; train on the result with "
      "policy fixed (the cached form of the teacher policy)."),
-    ("bench", "BenchConfig",
+    ("bench", BenchConfig,
      "Benchmark our SD against transformers (plain and assisted) in one run.",
      "Target alone through transformers generate and through our loop, "
      "transformers assisted generation with the same draft and gamma (batch 1 only), and our "
      "SD at several gammas, temperatures and batch sizes; warm-up then the median of "
      "repeats. Writes bench.json, bench.md and bench.png; answers a Spec-Bench "
      "question.jsonl with --question-file."),
-    ("demo", "DemoConfig",
+    ("demo", DemoConfig,
      "The embedded default end to end: measure a draft, distil it, measure again.",
      "On SmolLM2-135M (shipped in a PyPI package): build the draft, measure SD "
      "on held-out chat prompts, distil it for --minutes, measure again, print a "
      "before/after table and write report.json and PNG plots. The distilled draft is "
      "reused by the next run (--fresh starts over)."),
-    ("study", "StudyConfig",
+    ("study", StudyConfig,
      "Search recipes: divergence x data source x task x seed, each a short distill run.",
      "Run every cell of the grid (a short distillation at an equal budget, the "
      "target loaded once), measure alpha at greedy and sampled decoding and the predicted "
@@ -58,18 +67,18 @@ COMMANDS = (
      "within seed noise of it), heatmaps and the winner per task and decoding as a "
      "distill --config YAML. Rerunning the same command skips finished cells and resumes "
      "the interrupted one."),
-    ("export", "ExportConfig",
+    ("export", ExportConfig,
      "Export a draft for transformers/vLLM (hf, vllm) or llama.cpp (gguf).",
      "Write a draft with a full-vocabulary head and a model card carrying the "
      "target as base_model, its licence, the measured alpha/tau and usage lines; gguf is "
      "checked by reloading it with transformers' GGUF loader."),
-    ("serve", "ServeConfig",
+    ("serve", ServeConfig,
      "An OpenAI-compatible server with speculative decoding (and online distillation).",
      "POST /v1/completions and /v1/chat/completions (stream too), GET /v1/models, "
      "/health and /metrics (Prometheus). Requests join the running batch between "
      "speculative steps. --online-distill DIR distils the draft on the served traffic and "
      "swaps in a better one without stopping."),
-    ("bench-serve", "BenchServeConfig",
+    ("bench-serve", BenchServeConfig,
      "Drive the server with concurrent clients: throughput, TTFT, per-token latency.",
      "Starts a server without SD and one with SD on loopback (or drives --url), "
      "sends --num-requests streaming requests at each --concurrency, and writes JSON, "
@@ -88,8 +97,6 @@ LEADING_ARGUMENTS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from distillspec.tools import configs
-
     parser = argparse.ArgumentParser(
         prog="distillspec",
         description="Lossless, batched speculative decoding and DistillSpec draft distillation.",
@@ -97,11 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show tracebacks on errors.")
     parser.add_argument("--version", action="version", version=f"distillspec {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    training = {"DistillConfig": DistillConfig, "DatagenConfig": DatagenConfig}
     for name, config, help_line, description in COMMANDS:
         command = commands.add_parser(name, help=help_line, description=description)
         LEADING_ARGUMENTS.get(name, lambda p: None)(command)
-        add_arguments(command, training.get(config) or getattr(configs, config))
+        add_arguments(command, config)
     _add_eval(commands)
     _add_models(commands)
     return parser
@@ -200,7 +206,6 @@ def describe(error: BaseException) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     _quiet_transformers()
     if args.command == "generate":
-        from distillspec.tools.configs import GenerateConfig
         from distillspec.tools.generate import run_generate
 
         return run_generate(build(GenerateConfig, _explicit_setting(args), args))
@@ -212,18 +217,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_datagen(build(DatagenConfig, namespace=args))
     if args.command == "bench":
         from distillspec.tools.bench import bench_main
-        from distillspec.tools.configs import BenchConfig
 
         bench_main(build(BenchConfig, namespace=args))
         return 0
     if args.command == "demo":
-        from distillspec.tools.configs import DemoConfig
         from distillspec.tools.demo import run_demo
 
         run_demo(build(DemoConfig, namespace=args))
         return 0
     if args.command == "study":
-        from distillspec.tools.configs import StudyConfig
         from distillspec.tools.study import run_study
 
         run_study(build(StudyConfig, load_recipe(args.config), args))
@@ -231,13 +233,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "export":
         return _run_export(args)
     if args.command == "serve":
-        from distillspec.tools.configs import ServeConfig
         from distillspec.tools.serve import run_serve
 
         return run_serve(build(ServeConfig, _explicit_setting(args), args))
     if args.command == "bench-serve":
         from distillspec.tools.bench_serve import run_bench_serve
-        from distillspec.tools.configs import BenchServeConfig
 
         run_bench_serve(build(BenchServeConfig, _explicit_setting(args), args))
         return 0
@@ -262,7 +262,6 @@ def _run_distill(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from distillspec.tools.configs import ExportConfig
     from distillspec.tools.export import run_export
 
     given = {"model": args.model_argument} if args.model_argument else {}  # MODEL or --model

@@ -85,7 +85,7 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert (saved["gamma"], saved["confidence_threshold"]) == (
         chain["gamma"], chain["confidence_threshold"])
     assert saved["tree"] == best["tree"]
-    assert {r["tree"] for r in report["after"]["all"]} == {"", "4:1", "15:2"}
+    assert {r["tree"] for r in report["after"]["all"]} == {"", "3:1", "4:1", "15:2"}
     assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
     cached = sorted((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"),
                     key=lambda path: len(path.read_text().splitlines()))

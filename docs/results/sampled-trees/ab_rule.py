@@ -72,14 +72,7 @@ def main():
     rows = {}
 
     def run(label, fn):
-        start = time.perf_counter()
-        results = fn()
-        wall = time.perf_counter() - start
-        tokens = sum(len(s) for r in results for s in r.sequences)
-        calls = sum(r.metrics.target_forward_passes for r in results)
-        rows.setdefault(label, []).append(
-            {"tok_s": tokens / wall, "tokens": tokens, "target_calls": calls})
-        print(label, round(tokens / wall, 2), "tau", round(tokens / max(calls, 1), 3), flush=True)
+        record_round(rows, label, fn)
 
     for round_ in range(rounds):
         probe = SpeedProbe(target, prompts, max_new_tokens=int(tokens), batch_size=1,
@@ -94,6 +87,26 @@ def main():
                 run(f"{rule} {tree}",
                     lambda probe=probe, tree=tree: probe.speculative(draft, 1, tree=tree))
         use("new")
+    write_summary(rows, out, {"temperature": temperature})
+
+
+def record_round(rows: dict, label: str, fn) -> None:
+    """Time ``fn`` (a decode returning GenerationResults) and append its round to
+    ``rows[label]``: tokens/s, tokens emitted and target calls."""
+    start = time.perf_counter()
+    results = fn()
+    wall = time.perf_counter() - start
+    tokens = sum(len(s) for r in results for s in r.sequences)
+    calls = sum(r.metrics.target_forward_passes for r in results)
+    rows.setdefault(label, []).append(
+        {"tok_s": tokens / wall, "tokens": tokens, "target_calls": calls})
+    print(label, round(tokens / wall, 2), "tau", round(tokens / max(calls, 1), 3), flush=True)
+
+
+def write_summary(rows: dict, out: str, fields: dict) -> None:
+    """Medians per arm (tok/s, ÷ the target alone's) and pooled tau from ``rows`` (label ->
+    one record per round: tok_s, tokens, target_calls), printed and written to ``out`` with
+    the CPU, torch, ``fields``, every round and the command line."""
     summary = {}
     for label, runs in rows.items():
         summary[label] = {
@@ -108,7 +121,7 @@ def main():
     with open("/proc/cpuinfo") as handle:
         cpu = handle.read().split("model name")[1].split("\n")[0].strip(": \t")
     with open(out, "w") as handle:
-        json.dump({"cpu": cpu, "torch": torch.__version__, "temperature": temperature,
+        json.dump({"cpu": cpu, "torch": torch.__version__, **fields,
                    "rounds": rows, "summary": summary, "argv": sys.argv[1:]}, handle, indent=1)
 
 

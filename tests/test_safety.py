@@ -262,6 +262,17 @@ def test_yaml_values_are_typed_before_anything_loads(tmp_path, workspace, capsys
     assert build(DistillConfig, {**base, "resume": "false"}).resume is False
 
 
+def test_list_knobs_refuse_empty_entries():
+    from distillspec.common.config import coerce
+
+    assert coerce("3:1, 4:1 15:2", list[str], "trees") == ["3:1", "4:1", "15:2"]
+    assert coerce("", list[str], "trees") == []
+    assert coerce("1,2", list[int], "gammas") == [1, 2]
+    for text in ["3:1,,4:1", "3:1,", ",3:1", " , "]:
+        with pytest.raises(ValueError, match="trees has an empty entry"):
+            coerce(text, list[str], "trees")
+
+
 def test_bounded_inputs_fail_at_once(workspace, capsys):
     target = str(workspace / "target")
     for flags, message in [

@@ -111,7 +111,7 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     if typing.get_origin(annotation) is list:
         item_type = typing.get_args(annotation)[0]
         if isinstance(value, str):
-            value = [part for part in re.split(r"[,\s]+", value.strip()) if part]
+            value = _split_list(value, name)
         elif not isinstance(value, (list, tuple)):
             value = [value]
         return [coerce(item, item_type, f"{name}[{i}]") for i, item in enumerate(value)]
@@ -134,6 +134,20 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             return from_dict(annotation, value, prefix=name + ".")
         raise ValueError(f"{name} must be a mapping of its options, got {value!r}.")
     return value
+
+
+def _split_list(text: str, name: str) -> list[str]:
+    """A comma- or space-separated list; an empty entry ("3:1,,4:1", a trailing comma) is
+    refused rather than dropped, since it is most often a value left out by mistake."""
+    if not text.strip():
+        return []
+    entries = [entry.strip() for entry in text.split(",")]
+    if "" in entries:
+        raise ValueError(
+            f"{name} has an empty entry in {text!r}: separate the values by single commas "
+            "(e.g. 3:1,4:1), with no leading, doubled or trailing comma."
+        )
+    return [part for entry in entries for part in re.split(r"\s+", entry)]
 
 
 def _coerce_bool(value: Any, name: str) -> bool:

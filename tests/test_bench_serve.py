@@ -46,3 +46,15 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
 def test_sd_policy_with_url_is_refused():
     with pytest.raises(ValueError, match="drop --url"):
         from_dict(BenchServeConfig, dict(url="http://127.0.0.1:1/v1", sd_policy=["always"]))
+
+
+def test_the_markdown_names_the_sd_setting_a_tree_included():
+    from distillspec.tools.bench_serve import markdown
+
+    def report(speculation):
+        return {"modes": {"speculative": {"rows": [], "speculation": speculation}}}
+
+    tree = {"gamma": 2, "confidence_threshold": 0.0, "tree": "3:1"}
+    assert "SD setting: tree 3:1." in markdown(report(tree))
+    chain = {"gamma": 2, "confidence_threshold": 0.4, "tree": ""}
+    assert "SD setting: gamma 2, confidence threshold 0.4." in markdown(report(chain))

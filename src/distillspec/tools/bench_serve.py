@@ -295,8 +295,10 @@ def markdown(report: dict) -> str:
         lines += ["", f"Server-side acceptance rate (SD): {server['acceptance_rate']:.3f}."]
     setting = report["modes"].get("speculative", {}).get("speculation")
     if setting:
-        lines += [f"SD setting: gamma {setting['gamma']}, confidence threshold "
-                  f"{setting['confidence_threshold']:g}."]
+        shape = (f"tree {setting['tree']}" if setting.get("tree")
+                 else f"gamma {setting['gamma']}, confidence threshold "
+                      f"{setting['confidence_threshold']:g}")
+        lines += [f"SD setting: {shape}."]
     return "\n".join(lines) + "\n"
 
 

@@ -2,14 +2,15 @@
 
 With an explicit mask, ``transformers``' sdpa path repeats every key/value head to the number
 of query heads (``repeat_kv``) before calling ``scaled_dot_product_attention``: a copy of the
-whole cache per layer per call. Two ways avoid the copy, and both give the same result bit for
-bit on CPU:
+whole cache per layer per call. Two ways avoid the copy:
 
-* ``enable_gqa=True``: the kernel maps each query head to its key/value head;
+* ``enable_gqa=True``: the kernel maps each query head to its key/value head (bit for bit the
+  repeated heads' result on CPU);
 * *packing* the query heads of a group into rows: queries ``[B, H, W, D]`` become
   ``[B, H_kv, G * W, D]`` (row ``g * W + i`` is head ``h_kv * G + g`` at query ``i``), the mask
   ``[B, 1, W, S]`` repeated ``G`` times along its rows, so every key/value head is read once
-  for ``G * W`` query rows.
+  for ``G * W`` query rows (the same attention; in bf16 it rounds differently, so greedy
+  outputs may part at near-ties, as between any two bf16 decoders).
 
 When each is faster was measured (docs/results/gqa-packed, 2 threads, an AVX-512 EPYC, torch
 2.13): CPU's flash-attention kernel in bf16 is slow for **one** query row (per layer, 9 query

@@ -21,13 +21,29 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
                                for i in range(6)))
     config = from_dict(BenchServeConfig, dict(
         target=str(tmp_path / "target"), draft="target-layers:1", prompts=str(prompts),
-        num_requests=4, concurrency=[1, 4], max_tokens=10, sd_policy=["auto", "always"],
+        num_requests=4, concurrency=[1, 4], max_tokens=10, sd_policy=["auto", "always"], rounds=2,
         out=str(tmp_path / "bench"), speculation={"gamma": 3},
         runtime={"device": "cpu", "dtype": "float32"}))
     report = run_bench_serve(config)
     assert list(report["modes"]) == ["target alone", "speculative", "speculative, sd-policy always"]
     alone, auto, always = report["modes"].values()
+    # All three servers took turns, level by level, in alternating order.
+    names = list(report["modes"])
+    assert report["order"] == [[c, r, n] for c in (1, 4) for r in (0, 1)
+                               for n in (names if r == 0 else names[::-1])]
     assert [r["concurrency"] for r in auto["rows"]] == [1, 4]
+    assert all(r["rounds"] == 2 and len(r["output_tokens_per_s_rounds"]) == 2
+               for mode in report["modes"].values() for r in mode["rows"])
+    assert [(r["mode"], r["concurrency"]) for r in report["ratios"]] == [
+        ("speculative", 1), ("speculative", 4), ("speculative, sd-policy always", 1),
+        ("speculative, sd-policy always", 4)]
+    for ratio, row in zip(report["ratios"][:2], auto["rows"]):
+        base = alone["rows"][[1, 4].index(ratio["concurrency"])]
+        assert ratio["of_medians"] == pytest.approx(
+            row["output_tokens_per_s"] / base["output_tokens_per_s"])
+        assert ratio["per_round"] == pytest.approx(
+            [a / b for a, b in zip(row["output_tokens_per_s_rounds"],
+                                   base["output_tokens_per_s_rounds"])])
     assert all(set(r["steps_by_mode"]) == {"plain"} for r in alone["rows"])
     assert all(set(r["steps_by_mode"]) == {"speculate"} for r in always["rows"])
     # auto measured its three modes (at batch 1 the warm-up's 2 requests and the first level's
@@ -41,6 +57,24 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
     assert written["modes"].keys() == report["modes"].keys()
     assert "--sd-policy auto,always" in written["command"]  # the command that made it
     assert "engine steps by mode" in (tmp_path / "bench" / "bench-serve.md").read_text()
+
+
+def test_a_level_over_rounds_is_the_median_of_each_figure_and_the_sum_of_steps():
+    from distillspec.tools.bench_serve import median_row
+
+    levels = [{"concurrency": 4, "output_tokens_per_s": tok, "ttft_p50_s": ttft,
+               "steps_by_mode": {"plain": plain, "gamma1": 2}}
+              for tok, ttft, plain in ((10.0, 0.3, 5), (30.0, 0.1, 7), (20.0, 0.2, 1))]
+    row = median_row(levels)
+    assert row["output_tokens_per_s"] == 20.0 and row["ttft_p50_s"] == 0.2
+    assert row["output_tokens_per_s_rounds"] == [10.0, 30.0, 20.0]
+    assert row["steps_by_mode"] == {"plain": 13, "gamma1": 6}
+    assert row["concurrency"] == 4 and row["rounds"] == 3
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        from_dict(BenchServeConfig, dict(rounds=0))
 
 
 def test_sd_policy_with_url_is_refused():

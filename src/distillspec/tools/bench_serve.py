@@ -8,9 +8,14 @@ serve`` process of its own (``ServerProcess``), as deployed: clients in the serv
 would compete with its engine thread for the GIL, and an SD step, with its many small draft
 operations, pays for that more than a plain step (measured on 2 cores: SD 0.64x the target
 alone at one client in-process, 0.75x with the servers as processes;
-docs/results/bench-serve-policy). Reported per (mode, C): requests/s, output tokens/s,
-TTFT and per-token latency p50 and p99, and the server's acceptance counters. JSON, Markdown
-and a PNG.
+docs/results/bench-serve-policy). All servers start first and stay up; each level
+(concurrency) then runs ``--rounds`` times per server, the servers taking turns in alternating
+order (A B, B A, ...), so the machine's drift falls on every mode alike (run one after the
+other, a level of the target alone moved 22 % between two runs of the same command on a 2-core
+VM, more than the SD gain measured at 4 clients). Reported per (mode, C), each the median over
+rounds: requests/s, output tokens/s, TTFT and per-token latency p50 and p99; per SD mode and C,
+SD ÷ the target alone of the medians and round by round; the server's acceptance counters.
+JSON, Markdown and a PNG.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -235,14 +241,13 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
             name = "speculative" if index == 0 else f"speculative, sd-policy {policy}"
             modes[name] = replace(serve, sd_policy=policy)
     report = {"command": ("distillspec bench-serve " + changed_flags(config)).strip(),
-              "config": to_dict(config), "modes": {}}
-    for name, mode in modes.items():
-        if isinstance(mode, str):
-            rows = [drive(mode, config.target, prompts, c, config.num_requests, config.max_tokens,
-                          tokenizer) for c in config.concurrency]
-            report["modes"][name] = {"rows": rows}
-            continue
-        report["modes"][name] = _measure_server(name, mode, config, prompts, tokenizer)
+              "config": to_dict(config), "modes": {}, "order": []}
+    with ExitStack() as stack:
+        servers = {name: _Server(name, mode, config, prompts, tokenizer, stack)
+                   for name, mode in modes.items()}
+        _alternate(servers, config, report["order"])
+        report["modes"] = {name: server.summary() for name, server in servers.items()}
+    report["ratios"] = ratios(report)
     atomic_write_json(out.child("bench-serve.json"), report)
     atomic_write_text(out.child("bench-serve.md"), markdown(report))
     plot(report, out.child("bench-serve.png"))
@@ -250,33 +255,98 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
     return report
 
 
-def _measure_server(name: str, mode: ServeConfig, config: BenchServeConfig, prompts,
-                    tokenizer) -> dict:
-    """Start ``mode`` as a server process on loopback, drive it at every concurrency, read its
-    /metrics."""
-    rows = []
-    with ServerProcess(mode) as url:
-        model = mode.model_name or mode.target
-        drive(url, model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
-        metrics = _metrics(url)
-        speculation = _speculation(metrics)  # the setting it really runs (may be the draft's)
-        if name.startswith("speculative") and speculation is None:
+def _alternate(servers: dict, config: BenchServeConfig, order: list) -> None:
+    """Every level (concurrency) ``config.rounds`` times per server, the servers taking turns in
+    alternating order (A B, B A, A B, ...), so a drift of the machine during the run falls on
+    every mode alike and a ratio compares levels measured minutes apart at most."""
+    names, levels = list(servers), len(config.concurrency) * config.rounds * len(servers)
+    start = time.perf_counter()
+    for concurrency in config.concurrency:
+        for round_index in range(config.rounds):
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                order.append([concurrency, round_index, name])
+                print(f"bench-serve: level {len(order)}/{levels} ({time.perf_counter() - start:.0f}"
+                      f" s so far): {name}, concurrency {concurrency}, round {round_index + 1}/"
+                      f"{config.rounds} ...", file=sys.stderr, flush=True)
+                servers[name].level(concurrency)
+
+
+class _Server:
+    """One mode under test: a ``distillspec serve`` process on loopback started from its
+    ``ServeConfig`` (warmed up, its setting read from /metrics), or the running server at a URL;
+    it keeps every timed level, and the engine steps by mode each one ran."""
+
+    def __init__(self, name: str, mode: ServeConfig | str, config: BenchServeConfig, prompts,
+                 tokenizer, stack: ExitStack):
+        self.name, self.config, self.prompts, self.tokenizer = name, config, prompts, tokenizer
+        self.levels: dict[int, list[dict]] = {}
+        self.ours = not isinstance(mode, str)
+        if not self.ours:
+            self.url, self.model, self.policy = mode, config.target, None
+            return
+        self.url = stack.enter_context(ServerProcess(mode))
+        self.model, self.policy = mode.model_name or mode.target, mode.sd_policy
+        drive(self.url, self.model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
+        metrics = _metrics(self.url)
+        self.speculation = _speculation(metrics)  # the setting it really runs (may be the draft's)
+        if name.startswith("speculative") and self.speculation is None:
             raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
-        before = _steps_by_mode(metrics)
-        for concurrency in config.concurrency:
-            print(f"bench-serve: {name}, concurrency {concurrency} ...", file=sys.stderr,
-                  flush=True)
-            row = drive(url, model, prompts, concurrency, config.num_requests,
-                        config.max_tokens, tokenizer)
-            metrics = _metrics(url)
-            after = _steps_by_mode(metrics)  # the engine steps of this level, by mode
-            row["steps_by_mode"] = {m: n - before.get(m, 0) for m, n in after.items()
-                                    if n > before.get(m, 0)}
-            rows.append(row)
-            before = after
-    # The whole run's steps by mode, warm-up included (where a policy measures its modes first).
-    return {"rows": rows, "server": _acceptance(metrics), "speculation": speculation,
-            "sd_policy": mode.sd_policy, "steps_by_mode": after}
+        self.steps = _steps_by_mode(metrics)
+
+    def level(self, concurrency: int) -> None:
+        row = drive(self.url, self.model, self.prompts, concurrency, self.config.num_requests,
+                    self.config.max_tokens, self.tokenizer)
+        if self.ours:
+            self.metrics = _metrics(self.url)
+            after = _steps_by_mode(self.metrics)  # the engine steps of this level, by mode
+            row["steps_by_mode"] = {m: n - self.steps.get(m, 0) for m, n in after.items()
+                                    if n > self.steps.get(m, 0)}
+            self.steps = after
+        self.levels.setdefault(concurrency, []).append(row)
+
+    def summary(self) -> dict:
+        rows = [median_row(levels) for levels in self.levels.values()]
+        if not self.ours:
+            return {"rows": rows}
+        # The whole run's steps by mode, warm-up included (where a policy measures its modes first).
+        return {"rows": rows, "server": _acceptance(self.metrics), "speculation": self.speculation,
+                "sd_policy": self.policy, "steps_by_mode": self.steps}
+
+
+def median_row(levels: list[dict]) -> dict:
+    """One level's rounds as one row: each figure the median over the rounds (each round's
+    throughput kept in ``output_tokens_per_s_rounds``), the engine steps by mode summed."""
+    row = {key: statistics.median(level[key] for level in levels)
+           for key, value in levels[0].items() if isinstance(value, (int, float))}
+    row["concurrency"], row["rounds"] = levels[0]["concurrency"], len(levels)
+    row["output_tokens_per_s_rounds"] = [level["output_tokens_per_s"] for level in levels]
+    steps: dict[str, int] = {}
+    for level in levels:
+        for mode, count in level.get("steps_by_mode", {}).items():
+            steps[mode] = steps.get(mode, 0) + count
+    if steps:
+        row["steps_by_mode"] = steps
+    return row
+
+
+def ratios(report: dict) -> list[dict]:
+    """Per SD mode and concurrency: its output tokens/s ÷ the target alone's, of the medians and
+    round by round (round r of one over round r of the other, measured back to back)."""
+    alone = report["modes"].get("target alone")
+    if alone is None:
+        return []
+    baseline = {row["concurrency"]: row for row in alone["rows"]}
+    found = []
+    for name, mode in report["modes"].items():
+        for row in mode["rows"] if name != "target alone" else []:
+            base = baseline[row["concurrency"]]
+            found.append({
+                "mode": name, "concurrency": row["concurrency"],
+                "of_medians": row["output_tokens_per_s"] / base["output_tokens_per_s"],
+                "per_round": [sd / ref for sd, ref in zip(row["output_tokens_per_s_rounds"],
+                                                          base["output_tokens_per_s_rounds"])],
+            })
+    return found
 
 
 def markdown(report: dict) -> str:
@@ -290,6 +360,17 @@ def markdown(report: dict) -> str:
                 f"| {r['output_tokens_per_s']:.1f} | {r['ttft_p50_s'] * 1000:.0f} ms "
                 f"| {r['ttft_p99_s'] * 1000:.0f} ms | {r['per_token_p50_s'] * 1000:.1f} ms "
                 f"| {r['per_token_p99_s'] * 1000:.1f} ms | {steps or '-'} |")
+    rounds = report.get("config", {}).get("rounds", 1)
+    if rounds > 1:
+        lines += ["", f"Each figure is the median of {rounds} rounds; the servers took turns in "
+                      "alternating order (A B, B A, ...), steps by mode are summed over rounds."]
+    if report.get("ratios"):
+        lines += ["", "| SD mode | concurrency | SD ÷ target alone, of the medians | round by round |",
+                  "|---|---|---|---|"]
+        for ratio in report["ratios"]:
+            rounds = ", ".join(f"{value:.2f}" for value in ratio["per_round"])
+            lines.append(f"| {ratio['mode']} | {ratio['concurrency']} "
+                         f"| **{ratio['of_medians']:.2f}×** | {rounds} |")
     server = report["modes"].get("speculative", {}).get("server")
     if server and server.get("acceptance_rate") is not None:
         lines += ["", f"Server-side acceptance rate (SD): {server['acceptance_rate']:.3f}."]

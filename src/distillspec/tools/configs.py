@@ -383,16 +383,20 @@ class BenchServeConfig:
     draft: str = knob("auto", "Draft for the SD server (auto: the demo's distilled draft).")
     url: str | None = knob(
         None, "Drive this running server instead (one mode only); default: start a server "
-        "without SD and one with SD on loopback, one after the other."
+        "without SD and one with SD on loopback, both running, and alternate between them."
     )
     prompts: str = knob("builtin:chat:heldout", "Prompts: builtin:NAME, or JSONL with prompt/messages.")
     num_requests: int = knob(32, "Requests per concurrency level.")
     concurrency: list[int] = knob([1, 4, 16], "Concurrent clients.")
     max_tokens: int = knob(48, "max_tokens of every request (temperature 0).")
+    rounds: int = knob(
+        2, "Timed rounds of every level; the servers take turns in alternating order (A B, "
+        "then B A) and each figure is the median over rounds."
+    )
     out: str = knob("bench-serve", "Output folder: bench-serve.json, .md, .png.")
     sd_policy: list[str] = knob(
         ["auto"], "--sd-policy of the SD server; several (auto,always): one SD server each, "
-        "measured one after the other."
+        "all taking turns."
     )
     measured_setting: bool = measured_setting_knob()
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
@@ -409,8 +413,9 @@ class BenchServeConfig:
         if self.url:
             refuse_draft_quantize(self.runtime, "bench-serve --url (the running server's draft "
                                                 "is its own)")
-        require_at_least(self, 1, "num_requests", "max_tokens")
+        require_at_least(self, 1, "num_requests", "max_tokens", "rounds")
         require_at_most(self, 10_000, "num_requests")
+        require_at_most(self, 100, "rounds")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:
             raise ValueError(f"concurrency must list values in 1..256, got {self.concurrency}.")
 

@@ -287,7 +287,8 @@ def test_wrong_multi_draft_rules_fail_the_same_bound(monkeypatch):
     assert tv(emitted(tokens, outcome, 0), case[0]) > 0.03
     tokens, outcome = run_tree_trials(tree, case, replacement=True)
     assert tv(emitted(tokens, outcome, 0), case[0]) > 0.03
-    monkeypatch.setattr(acceptance, "residual_distribution", lambda target, draft: target)
+    monkeypatch.setattr(acceptance, "_rejected_residual",
+                        lambda residual, residual_mass, *rest: (residual, residual_mass))
     tokens, outcome = run_tree_trials(tree, case)
     assert tv(emitted(tokens, outcome, 0), case[0]) > 0.03
 
@@ -313,3 +314,27 @@ def test_multi_draft_rule_cases_by_hand():
                                                                     final_uniforms))
     assert bool((count == 0).all()) and not bool((next_tokens == 4).any())
     assert len(set(next_tokens.tolist())) == V - 1
+
+
+def test_the_trees_unnormalised_residual_is_the_residual_distribution():
+    """``_rejected_residual`` keeps r = R / Z and q_j = Q / M unnormalised: R' / Z' equals
+    ``residual_distribution(r, q_j)`` on rejected rows, r elsewhere, and r again where r = q_j
+    (no mass left)."""
+    from distillspec.decoding.acceptance import _rejected_residual
+
+    generator = torch.Generator().manual_seed(5)
+    target = torch.softmax(torch.randn(4, V, generator=generator), -1)
+    remaining = torch.softmax(torch.randn(4, V, generator=generator), -1)
+    remaining[:, 0] = 0.0  # a sibling already drawn: Q is q_u without it, M its mass
+    remaining[3] = target[3]  # r = q_j on row 3: nothing left after rejecting
+    mass = remaining.sum(-1, keepdim=True)
+    residual, residual_mass = target * 3.0, torch.full((4, 1), 3.0)  # r as (R, Z)
+    residual[3], residual_mass[3] = target[3], mass[3]
+    rejected = torch.tensor([True, False, True, True])
+    updated, updated_mass = _rejected_residual(residual, residual_mass, remaining, mass, rejected)
+    got = updated / updated_mass
+    torch.testing.assert_close(got[0], residual_distribution(target[0], remaining[0] / mass[0]))
+    torch.testing.assert_close(got[2], residual_distribution(target[2], remaining[2] / mass[2]))
+    torch.testing.assert_close(got[1], target[1])
+    torch.testing.assert_close(got[3], target[3])
+    torch.testing.assert_close(got.sum(-1), torch.ones(4))

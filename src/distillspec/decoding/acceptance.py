@@ -267,26 +267,47 @@ def verify_tree(
 
 def _try_children(children, node_tokens, residual, draft, uniforms, going, lenience, epsilon):
     """One level of ``verify_tree``: the first accepted child per row (-1: none) and the
-    residual after the rejected ones. ``children [B, K]`` node ids in rank order (-1: none);
-    ``residual`` and ``draft [B, V]`` are r and q_u; ``uniforms [B, N]`` per node."""
+    residual after the rejected ones, up to a positive factor per row (``sample`` normalises).
+    ``children [B, K]`` node ids in rank order (-1: none); ``residual`` and ``draft [B, V]`` are
+    r and q_u, both this call's own (``draft`` is modified in place); ``uniforms [B, N]`` per
+    node.
+
+    r stays unnormalised as ``(R, Z)``, r = R / Z, and q_j as ``(Q, M)``, Q = q_u without the
+    siblings drawn so far, M = sum Q: a sibling costs a few passes over V (no division of whole
+    rows, no copy per sibling), the same rule in other rounding."""
     rows = torch.arange(children.shape[0], device=children.device)
     chosen = torch.full_like(children[:, 0], -1)
-    remaining = draft  # q_u without the siblings drawn so far, unnormalised
+    residual_mass = torch.ones(children.shape[0], 1, dtype=residual.dtype, device=residual.device)
+    remaining = draft
     for rank in range(children.shape[1]):
         child = children[:, rank]
         mass = remaining.sum(dim=-1, keepdim=True)
         live = going & (chosen < 0) & (child >= 0) & (mass.squeeze(1) > 0)
         node = child.clamp_min(0)
         token = node_tokens[rows, node]
-        proposal = remaining / mass.clamp_min(1e-30)  # q_j, the draw's own distribution
-        accept = acceptance_probability(residual[rows, token], proposal[rows, token], lenience,
-                                        epsilon)
+        proposal = remaining[rows, token] / mass.squeeze(1).clamp_min(1e-30)  # q_j(x_j)
+        accept = acceptance_probability(residual[rows, token] / residual_mass.squeeze(1),
+                                        proposal, lenience, epsilon)
         accepted = live & (uniforms[rows, node] < accept)
         chosen = torch.where(accepted, child, chosen)
-        rejected = (live & ~accepted).unsqueeze(1)
-        residual = torch.where(rejected, residual_distribution(residual, proposal), residual)
-        remaining = remaining.scatter(1, token.unsqueeze(1), 0.0)  # the next sibling avoids it
+        residual, residual_mass = _rejected_residual(residual, residual_mass, remaining, mass,
+                                                     live & ~accepted)
+        remaining.scatter_(1, token.unsqueeze(1), 0.0)  # the next sibling avoids it
     return chosen, residual
+
+
+def _rejected_residual(residual, residual_mass, remaining, mass, rejected):
+    """r <- norm(max(0, r - q_j)) on the rejected rows, unnormalised: R' = max(0, R - (Z/M) Q),
+    Z' = sum R' (``_try_children``'s names); other rows keep R (their scale is 0). Where R' has
+    no mass (r = q_j up to rounding: the rejection had probability 0) the row keeps r, as
+    ``residual_distribution`` does."""
+    scale = torch.where(rejected, residual_mass.squeeze(1) / mass.squeeze(1).clamp_min(1e-30),
+                        0.0).unsqueeze(1)
+    updated = torch.addcmul(residual, remaining, scale, value=-1.0).clamp_min_(0.0)
+    updated_mass = updated.sum(dim=-1, keepdim=True)
+    empty = updated_mass <= 0
+    updated.addcmul_(residual, empty.to(residual.dtype))
+    return updated, torch.where(empty, residual_mass, updated_mass)
 
 
 def tree_acceptance(

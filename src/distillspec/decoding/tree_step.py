@@ -27,11 +27,13 @@ from distillspec.decoding.tree import Tree, accept_tree_greedy, tree_node_sample
 
 
 class _SampledRows(NamedTuple):
-    """The sampled rows of a tree block: their indices ``[S]``, configs and uniforms."""
+    """The sampled rows of a tree block: their indices ``[S]``, configs and uniforms, and
+    whether they are all the rows (then nothing greedy is computed)."""
 
     index: torch.Tensor
     samplings: list[SamplingConfig]
     uniforms: torch.Tensor  # [S, width]: node draws, acceptance draws, the final draw
+    every_row: bool
 
 
 def check_tree_attention(models: Models) -> None:
@@ -71,7 +73,8 @@ def sampled_rows(models: Models, rows: list[_Row], caps: list[int],
         own = torch.rand(width if caps[index] > 0 else 1, generator=generator, device=device)
         uniforms[slot, -own.shape[0]:] = own
     samplings = [rows[i].request.sampling for i in chosen]
-    return _SampledRows(torch.tensor(chosen, device=device), samplings, uniforms)
+    return _SampledRows(torch.tensor(chosen, device=device), samplings, uniforms,
+                        len(chosen) == len(rows))
 
 
 class TreeStep:
@@ -131,8 +134,9 @@ class TreeStep:
         the top-k tokens for greedy rows (``tree_node_tokens``), draws without replacement from
         the warped q for sampled rows (``tree_node_samples``), whose q is appended to
         ``draft_probs``: the distribution the draws came from, which the rule divides by."""
-        for column, parent in enumerate(parents):
-            tree_node_tokens(self.tree, logits[:, column], parent, node_tokens)
+        if sampled is None or not sampled.every_row:
+            for column, parent in enumerate(parents):
+                tree_node_tokens(self.tree, logits[:, column], parent, node_tokens)
         if sampled is None:
             return
         probs = warp_rows(pad_vocab(logits[sampled.index], self.models.vocab), sampled.samplings)
@@ -166,22 +170,33 @@ class TreeStep:
         call = TreeCall(start, (0, *tree.depths), self.verify_mask, self.last_position)
         logits = models.target.forward(torch.cat([pending, node_tokens], dim=1), tree=call)
         max_accepted = torch.tensor(caps, device=models.device)
+        if sampled is not None and sampled.every_row:
+            return start, logits, self._sampled(node_tokens, draft_probs, logits, max_accepted,
+                                                sampled)
         path, count, next_tokens = accept_tree_greedy(tree, node_tokens, greedy_tokens(logits),
                                                       max_accepted)
         outcome = (path, count, next_tokens, *self._greedy_alpha(path, count, max_accepted))
         if sampled is not None:  # the per-row mode mask: sampled rows replace their results
-            index, size = sampled.index, tree.size
-            target_probs = warp_rows(pad_vocab(logits[index], models.vocab), sampled.samplings)
-            chosen = verify_tree(
-                tree, node_tokens[index], draft_probs, target_probs,
-                max_accepted=max_accepted[index], lenience=models.speculation.lenience,
-                epsilon=models.speculation.epsilon,
-                uniforms=(sampled.uniforms[:, size : 2 * size], sampled.uniforms[:, -1]))
-            stats = tree_acceptance(tree, chosen[0], chosen[1], max_accepted[index],
-                                    draft_probs, target_probs)
-            for whole, part in zip(outcome, (*chosen, *stats)):
+            index = sampled.index
+            parts = self._sampled(node_tokens[index], draft_probs, logits[index],
+                                  max_accepted[index], sampled)
+            for whole, part in zip(outcome, parts):
                 whole[index] = part.to(whole.dtype)
         return start, logits, outcome
+
+    def _sampled(self, node_tokens, draft_probs, logits, max_accepted, sampled):
+        """The sampled rows' rule (``verify_tree``) and analytic alpha, on their own
+        ``node_tokens``, target ``logits`` and caps: ``(path, num_accepted, next_tokens,
+        alpha_sum, levels)``, typed as the greedy rows' outcome."""
+        tree, models, size = self.tree, self.models, self.tree.size
+        target_probs = warp_rows(pad_vocab(logits, models.vocab), sampled.samplings)
+        chosen = verify_tree(
+            tree, node_tokens, draft_probs, target_probs, max_accepted=max_accepted,
+            lenience=models.speculation.lenience, epsilon=models.speculation.epsilon,
+            uniforms=(sampled.uniforms[:, size : 2 * size], sampled.uniforms[:, -1]))
+        alpha_sum, levels = tree_acceptance(tree, chosen[0], chosen[1], max_accepted,
+                                            draft_probs, target_probs)
+        return (*chosen, alpha_sum.double(), levels.long())
 
     def _greedy_alpha(self, path, count, max_accepted):
         """Greedy rows' alpha: accepted nodes that were the draft's top-1 token, over the levels

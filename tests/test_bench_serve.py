@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import save_tiny, tiny_tokenizer
+from conftest import save_tiny, start_tiny_server, tiny_tokenizer
 
 from distillspec.common.config import from_dict
 from distillspec.tools.bench_serve import run_bench_serve
@@ -57,6 +57,25 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
     assert written["modes"].keys() == report["modes"].keys()
     assert "--sd-policy auto,always" in written["command"]  # the command that made it
     assert "engine steps by mode" in (tmp_path / "bench" / "bench-serve.md").read_text()
+
+
+def test_bench_serve_drives_a_running_server_at_a_url_in_rounds(tmp_path):
+    local, url = start_tiny_server(tmp_path)
+    try:
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 2}"}) + "\n"
+                                   for i in range(4)))
+        config = from_dict(BenchServeConfig, dict(
+            target=str(tmp_path / "target"), url=url, prompts=str(prompts), num_requests=3,
+            concurrency=[1, 3], max_tokens=6, rounds=2, out=str(tmp_path / "bench")))
+        report = run_bench_serve(config)
+    finally:
+        local.__exit__(None, None, None)
+    assert list(report["modes"]) == ["url"] and report["ratios"] == []
+    assert report["order"] == [[1, 0, "url"], [1, 1, "url"], [3, 0, "url"], [3, 1, "url"]]
+    rows = report["modes"]["url"]["rows"]
+    assert [(r["concurrency"], r["rounds"]) for r in rows] == [(1, 2), (3, 2)]
+    assert all(r["output_tokens_per_s"] > 0 for r in rows)
 
 
 def test_a_level_over_rounds_is_the_median_of_each_figure_and_the_sum_of_steps():

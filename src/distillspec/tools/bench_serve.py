@@ -110,6 +110,14 @@ def _steps_by_mode(metrics_text: str) -> dict[str, int]:
     return steps
 
 
+def _served_model(url: str, fallback: str) -> str:
+    """The first model id the server at ``url`` lists (``GET /v1/models``), else ``fallback``."""
+    from openai import OpenAI
+
+    models = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60).models.list().data
+    return models[0].id if models else fallback
+
+
 def _metrics(url: str) -> str:
     import urllib.request
 
@@ -281,8 +289,8 @@ class _Server:
         self.name, self.config, self.prompts, self.tokenizer = name, config, prompts, tokenizer
         self.levels: dict[int, list[dict]] = {}
         self.ours = not isinstance(mode, str)
-        if not self.ours:
-            self.url, self.model, self.policy = mode, config.target, None
+        if not self.ours:  # requests name the model it serves (its --model-name may differ)
+            self.url, self.model, self.policy = mode, _served_model(mode, config.target), None
             return
         self.url = stack.enter_context(ServerProcess(mode))
         self.model, self.policy = mode.model_name or mode.target, mode.sd_policy

@@ -111,3 +111,36 @@ def test_the_markdown_names_the_sd_setting_a_tree_included():
     assert "SD setting: tree 3:1." in markdown(report(tree))
     chain = {"gamma": 2, "confidence_threshold": 0.4, "tree": ""}
     assert "SD setting: gamma 2, confidence threshold 0.4." in markdown(report(chain))
+
+
+def test_the_order_keeps_alternating_from_level_to_level_with_one_round():
+    from distillspec.tools.bench_serve import _alternate
+
+    class Recorder:  # stands in for a server: only the order of the levels is under test
+        def __init__(self, name, seen):
+            self.name, self.seen = name, seen
+
+        def level(self, concurrency):
+            self.seen.append((concurrency, self.name))
+
+    seen, order = [], []
+    servers = {name: Recorder(name, seen) for name in ("A", "B")}
+    _alternate(servers, from_dict(BenchServeConfig, dict(concurrency=[1, 4, 16], rounds=1)), order)
+    assert seen == [(1, "A"), (1, "B"), (4, "B"), (4, "A"), (16, "A"), (16, "B")]
+    assert [entry[2] for entry in order] == ["A", "B", "B", "A", "A", "B"]
+
+
+def test_a_repeated_concurrency_is_refused_and_a_silent_baseline_gives_no_ratio():
+    from distillspec.tools.bench_serve import markdown, ratios
+
+    with pytest.raises(ValueError, match="lists a value twice"):
+        from_dict(BenchServeConfig, dict(concurrency=[1, 4, 1]))
+    row = {"concurrency": 1, "output_tokens_per_s": 5.0, "output_tokens_per_s_rounds": [5.0, 5.0],
+           **dict.fromkeys(("requests_per_s", "ttft_p50_s", "ttft_p99_s", "per_token_p50_s",
+                            "per_token_p99_s"), 0.1)}
+    silent = {**row, "output_tokens_per_s": 0.0, "output_tokens_per_s_rounds": [0.0, 2.0]}
+    report = {"modes": {"target alone": {"rows": [silent]}, "speculative": {"rows": [row]}}}
+    report["ratios"] = ratios(report)
+    assert report["ratios"][0]["of_medians"] is None
+    assert report["ratios"][0]["per_round"] == [None, 2.5]
+    assert "| speculative | 1 | **–×** | –, 2.50 |" in markdown(report)

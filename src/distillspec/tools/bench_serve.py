@@ -265,13 +265,16 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
 
 def _alternate(servers: dict, config: BenchServeConfig, order: list) -> None:
     """Every level (concurrency) ``config.rounds`` times per server, the servers taking turns in
-    alternating order (A B, B A, A B, ...), so a drift of the machine during the run falls on
-    every mode alike and a ratio compares levels measured minutes apart at most."""
+    alternating order (A B, B A, A B, ...; the order keeps alternating from one level to the
+    next, so with one round too no server always goes first), so a drift of the machine during
+    the run falls on every mode alike and a ratio compares levels measured minutes apart at
+    most."""
     names, levels = list(servers), len(config.concurrency) * config.rounds * len(servers)
-    start = time.perf_counter()
+    start, turn = time.perf_counter(), 0
     for concurrency in config.concurrency:
         for round_index in range(config.rounds):
-            for name in names if round_index % 2 == 0 else names[::-1]:
+            turn += 1
+            for name in names if turn % 2 == 1 else names[::-1]:
                 order.append([concurrency, round_index, name])
                 print(f"bench-serve: level {len(order)}/{levels} ({time.perf_counter() - start:.0f}"
                       f" s so far): {name}, concurrency {concurrency}, round {round_index + 1}/"
@@ -288,18 +291,18 @@ class _Server:
                  tokenizer, stack: ExitStack):
         self.name, self.config, self.prompts, self.tokenizer = name, config, prompts, tokenizer
         self.levels: dict[int, list[dict]] = {}
-        self.ours = not isinstance(mode, str)
+        self.ours, self.metrics = not isinstance(mode, str), ""
         if not self.ours:  # requests name the model it serves (its --model-name may differ)
             self.url, self.model, self.policy = mode, _served_model(mode, config.target), None
             return
         self.url = stack.enter_context(ServerProcess(mode))
         self.model, self.policy = mode.model_name or mode.target, mode.sd_policy
         drive(self.url, self.model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
-        metrics = _metrics(self.url)
-        self.speculation = _speculation(metrics)  # the setting it really runs (may be the draft's)
+        self.metrics = _metrics(self.url)
+        self.speculation = _speculation(self.metrics)  # what it really runs (may be the draft's)
         if name.startswith("speculative") and self.speculation is None:
             raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
-        self.steps = _steps_by_mode(metrics)
+        self.steps = _steps_by_mode(self.metrics)
 
     def level(self, concurrency: int) -> None:
         row = drive(self.url, self.model, self.prompts, concurrency, self.config.num_requests,
@@ -325,8 +328,9 @@ def median_row(levels: list[dict]) -> dict:
     """One level's rounds as one row: each figure the median over the rounds (each round's
     throughput kept in ``output_tokens_per_s_rounds``), the engine steps by mode summed."""
     row = {key: statistics.median(level[key] for level in levels)
-           for key, value in levels[0].items() if isinstance(value, (int, float))}
-    row["concurrency"], row["rounds"] = levels[0]["concurrency"], len(levels)
+           for key, value in levels[0].items() if isinstance(value, float)}
+    row.update(concurrency=levels[0]["concurrency"], requests=levels[0]["requests"],
+               rounds=len(levels))
     row["output_tokens_per_s_rounds"] = [level["output_tokens_per_s"] for level in levels]
     steps: dict[str, int] = {}
     for level in levels:
@@ -339,7 +343,8 @@ def median_row(levels: list[dict]) -> dict:
 
 def ratios(report: dict) -> list[dict]:
     """Per SD mode and concurrency: its output tokens/s ÷ the target alone's, of the medians and
-    round by round (round r of one over round r of the other, measured back to back)."""
+    round by round (round r of one over round r of the other, measured back to back); None
+    where the target alone emitted nothing."""
     alone = report["modes"].get("target alone")
     if alone is None:
         return []
@@ -350,11 +355,19 @@ def ratios(report: dict) -> list[dict]:
             base = baseline[row["concurrency"]]
             found.append({
                 "mode": name, "concurrency": row["concurrency"],
-                "of_medians": row["output_tokens_per_s"] / base["output_tokens_per_s"],
-                "per_round": [sd / ref for sd, ref in zip(row["output_tokens_per_s_rounds"],
-                                                          base["output_tokens_per_s_rounds"])],
+                "of_medians": _ratio(row["output_tokens_per_s"], base["output_tokens_per_s"]),
+                "per_round": [_ratio(sd, ref) for sd, ref in zip(
+                    row["output_tokens_per_s_rounds"], base["output_tokens_per_s_rounds"])],
             })
     return found
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference > 0 else None
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def markdown(report: dict) -> str:
@@ -376,9 +389,9 @@ def markdown(report: dict) -> str:
         lines += ["", "| SD mode | concurrency | SD ÷ target alone, of the medians | round by round |",
                   "|---|---|---|---|"]
         for ratio in report["ratios"]:
-            rounds = ", ".join(f"{value:.2f}" for value in ratio["per_round"])
+            each = ", ".join(_times(value) for value in ratio["per_round"])
             lines.append(f"| {ratio['mode']} | {ratio['concurrency']} "
-                         f"| **{ratio['of_medians']:.2f}×** | {rounds} |")
+                         f"| **{_times(ratio['of_medians'])}×** | {each} |")
     server = report["modes"].get("speculative", {}).get("server")
     if server and server.get("acceptance_rate") is not None:
         lines += ["", f"Server-side acceptance rate (SD): {server['acceptance_rate']:.3f}."]

@@ -418,6 +418,9 @@ class BenchServeConfig:
         require_at_most(self, 100, "rounds")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:
             raise ValueError(f"concurrency must list values in 1..256, got {self.concurrency}.")
+        if len(set(self.concurrency)) != len(self.concurrency):
+            raise ValueError(f"concurrency lists a value twice ({self.concurrency}): each level "
+                             "runs --rounds times already; give each value once.")
 
 
 # The study's base recipe: the demo's (cached top-k on the target's answers, frozen embeddings,

@@ -81,14 +81,14 @@ def test_bench_serve_drives_a_running_server_at_a_url_in_rounds(tmp_path):
 def test_a_level_over_rounds_is_the_median_of_each_figure_and_the_sum_of_steps():
     from distillspec.tools.bench_serve import median_row
 
-    levels = [{"concurrency": 4, "output_tokens_per_s": tok, "ttft_p50_s": ttft,
+    levels = [{"concurrency": 4, "requests": 32, "output_tokens_per_s": tok, "ttft_p50_s": ttft,
                "steps_by_mode": {"plain": plain, "gamma1": 2}}
               for tok, ttft, plain in ((10.0, 0.3, 5), (30.0, 0.1, 7), (20.0, 0.2, 1))]
     row = median_row(levels)
     assert row["output_tokens_per_s"] == 20.0 and row["ttft_p50_s"] == 0.2
     assert row["output_tokens_per_s_rounds"] == [10.0, 30.0, 20.0]
     assert row["steps_by_mode"] == {"plain": 13, "gamma1": 6}
-    assert row["concurrency"] == 4 and row["rounds"] == 3
+    assert row["concurrency"] == 4 and row["rounds"] == 3 and row["requests"] == 32
 
 
 def test_rounds_must_be_positive():

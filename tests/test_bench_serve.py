@@ -14,7 +14,7 @@ from distillspec.tools.configs import BenchServeConfig
 pytest.importorskip("openai")
 
 
-def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_path):
+def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_path, capsys):
     save_tiny(tmp_path / "target", layers=3, lm_scale=10.0, tokenizer=tiny_tokenizer())
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 3} w{i + 7}"}) + "\n"
@@ -25,6 +25,11 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
         out=str(tmp_path / "bench"), speculation={"gamma": 3},
         runtime={"device": "cpu", "dtype": "float32"}))
     report = run_bench_serve(config)
+    said = capsys.readouterr().err
+    # Progress: every level counted; from a concurrency's second round on, its time left.
+    assert "level 12/12" in said and "level 4/12 (" in said
+    assert "s left at 1 clients, 1 more concurrency not yet timed)" in said
+    assert "s left at 4 clients)" in said
     assert list(report["modes"]) == ["target alone", "speculative", "speculative, sd-policy always"]
     alone, auto, always = report["modes"].values()
     # All three servers took turns, level by level, in alternating order.

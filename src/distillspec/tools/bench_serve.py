@@ -270,16 +270,33 @@ def _alternate(servers: dict, config: BenchServeConfig, order: list) -> None:
     the run falls on every mode alike and a ratio compares levels measured minutes apart at
     most."""
     names, levels = list(servers), len(config.concurrency) * config.rounds * len(servers)
-    start, turn = time.perf_counter(), 0
-    for concurrency in config.concurrency:
+    start, turn, seconds = time.perf_counter(), 0, {}
+    for index, concurrency in enumerate(config.concurrency):
         for round_index in range(config.rounds):
             turn += 1
             for name in names if turn % 2 == 1 else names[::-1]:
                 order.append([concurrency, round_index, name])
                 print(f"bench-serve: level {len(order)}/{levels} ({time.perf_counter() - start:.0f}"
-                      f" s so far): {name}, concurrency {concurrency}, round {round_index + 1}/"
+                      f" s so far{_left(seconds, concurrency, config, round_index, index)}): "
+                      f"{name}, concurrency {concurrency}, round {round_index + 1}/"
                       f"{config.rounds} ...", file=sys.stderr, flush=True)
+                level_start = time.perf_counter()
                 servers[name].level(concurrency)
+                seconds.setdefault(concurrency, {})[name] = time.perf_counter() - level_start
+
+
+def _left(seconds: dict, concurrency: int, config: BenchServeConfig, round_index: int,
+          index: int) -> str:
+    """``, ~N s left at this concurrency`` once its first round is timed (each server's last
+    time there, for the rounds still to run), and how many concurrencies are untimed."""
+    timed = seconds.get(concurrency)
+    if not timed or round_index == 0:
+        return ""
+    later = len(config.concurrency) - index - 1
+    left = sum(timed.values()) * (config.rounds - round_index)
+    return (f", ~{left:.0f} s left at {concurrency} clients"
+            + (f", {later} more concurrenc{'y' if later == 1 else 'ies'} not yet timed"
+               if later else ""))
 
 
 class _Server:

@@ -139,7 +139,8 @@ class TreeStep:
                 tree_node_tokens(self.tree, logits[:, column], parent, node_tokens)
         if sampled is None:
             return
-        probs = warp_rows(pad_vocab(logits[sampled.index], self.models.vocab), sampled.samplings)
+        own = logits if sampled.every_row else logits[sampled.index]  # no copy when all sample
+        probs = warp_rows(pad_vocab(own, self.models.vocab), sampled.samplings)
         draws = sampled.uniforms[:, : self.tree.size]
         for column, parent in enumerate(parents):
             draft_probs.append(probs[:, column])

@@ -12,6 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from distillspec import autoregressive_generate, speculative_generate
 from distillspec.common.config import from_dict
+from distillspec.decoding.dynamic_tree import top_children
+from distillspec.decoding.packed_linear import packed_linears
+from distillspec.decoding.sampling import draft_greedy_tokens, greedy_tokens, kept_columns, top_ids
 from distillspec.models.drafts import truncate_layers
 from distillspec.models.loading import load_model
 from distillspec.models.pruned_head import (
@@ -74,17 +77,66 @@ def test_frequent_tokens_counts_ties_and_forced_ids():
         frequent_tokens([], keep=0, vocab_size=20)
 
 
-@pytest.mark.parametrize("gamma", [1, 3, 6])
-def test_greedy_sd_with_a_pruned_draft_equals_the_target(gamma):
+@pytest.mark.parametrize(("gamma", "tree"), [(1, ""), (3, ""), (6, ""), (1, "3:1"),
+                                           (1, "8:2"), (1, "dyn:6:3:2")])
+def test_greedy_sd_with_a_pruned_draft_equals_the_target(gamma, tree):
+    """Chains, static and dynamic trees: the draft's argmax and top-k come from its kept
+    columns (``sampling.kept_columns``); the output is the target's own."""
     target = tiny_model("llama", seed=0)
     ids, mask = left_padded([5, 9, 3])
     plain = autoregressive_generate(target, ids, mask, max_new_tokens=20)
     used = sorted({t for row in plain.sequences for t in row})
     kept = torch.tensor(sorted(set(used[: len(used) // 2]) | {0, 1, 2, 3}))  # a strict subset
     draft = prune_head(perturbed_copy(target, 0.05), kept)
-    result = speculative_generate(target, draft, ids, mask, gamma=gamma, max_new_tokens=20)
+    result = speculative_generate(target, draft, ids, mask, gamma=gamma, tree=tree,
+                                  max_new_tokens=20)
     assert result.sequences == plain.sequences
     assert 0 < result.metrics.acceptance_rate < 1
+
+
+def test_the_kept_columns_give_the_whole_row_s_argmax_top_k_and_scores():
+    """A pruned head's logits are -inf outside its kept ids: the argmax, the top-k and the
+    dynamic tree's scores over the kept columns equal those over the whole row."""
+    generator = torch.Generator().manual_seed(0)
+    kept = torch.tensor([3, 17, 18, 40, 41, 77, 90, 120])
+    logits = torch.full((2, 3, 128), float("-inf"))
+    logits[..., kept] = torch.randn(2, 3, len(kept), generator=generator)
+    assert torch.equal(draft_greedy_tokens(logits, kept), greedy_tokens(logits))
+    for k in (1, 3, 8):
+        assert torch.equal(top_ids(logits, k, kept), torch.topk(logits, k, dim=-1).indices)
+    assert torch.equal(top_ids(logits, 9, kept)[..., :8], torch.topk(logits, 8).indices)
+    parents = torch.randn(2, 3, generator=generator).double()
+    ours, whole = top_children(logits, parents, 4, kept), top_children(logits, parents, 4)
+    assert torch.equal(ours[0], whole[0])
+    torch.testing.assert_close(ours[1], whole[1])
+    assert torch.equal(kept_columns(logits, None), logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pruned_head_decodes_on_packed_weights_with_the_same_logits(dtype):
+    """Decoding runs the kept rows through the packed call (``PrunedHead.PACKED_CALL``) like
+    any linear layer: the same logits (bit for bit in bf16), restored on leaving."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 kernels here")
+    model = prune_head(tiny_model("llama", seed=0), torch.tensor([0, 2, 5, 9, 33, 64])).to(dtype)
+    head = model.get_output_embeddings()
+    input_ids, attention_mask = left_padded([5, 8])
+    with torch.inference_mode():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with packed_linears(model):
+            assert "kept_logits" in head.__dict__
+            packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert "kept_logits" not in head.__dict__
+    if dtype == torch.bfloat16:
+        assert torch.equal(packed, expected)
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a trained head (fused AdamW bumps no version) is packed again
+        head.weight.mul_(-1.0)
+    with torch.inference_mode(), packed_linears(model):
+        flipped = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(flipped), finite)
+    assert not torch.allclose(flipped[finite], expected[finite])
 
 
 def test_sampled_sd_with_a_strict_subset_support_matches_the_target():

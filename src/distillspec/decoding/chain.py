@@ -23,7 +23,14 @@ import torch
 from distillspec.decoding.acceptance import analytic_acceptance, verify, verify_greedy
 from distillspec.decoding.logprobs import host_logprobs
 from distillspec.decoding.requests import RowUpdate, _Row
-from distillspec.decoding.sampling import greedy_tokens, pad_vocab, sample, warp_rows
+from distillspec.decoding.sampling import (
+    draft_greedy_tokens,
+    greedy_tokens,
+    kept_columns,
+    pad_vocab,
+    sample,
+    warp_rows,
+)
 from distillspec.decoding.strategy import Models, first, pending_tokens
 
 
@@ -122,10 +129,11 @@ class ChainStep:
         lengths, going = caps_tensor, caps_tensor > 0
         drafted, probs = [], []
         samplings = [row.request.sampling for row in rows]
+        kept = models.draft.kept_ids
         for position in range(planned):
             logits = models.draft.forward(tokens, pads, logits_to_keep=1)[:, -1]
             if greedy:  # one-hot q: the argmax is all we need
-                token = greedy_tokens(logits)
+                token = draft_greedy_tokens(logits, kept)
             else:
                 logits = pad_vocab(logits, models.vocab)
                 draft_probs = warp_rows(logits, samplings)
@@ -134,7 +142,8 @@ class ChainStep:
             drafted.append(token)
             tokens, pads = token.unsqueeze(1), [0] * batch
             if threshold > 0:
-                confident = torch.softmax(logits.float(), dim=-1).amax(dim=-1) >= threshold
+                confident = torch.softmax(kept_columns(logits, kept).float(),
+                                          dim=-1).amax(dim=-1) >= threshold
                 lengths = torch.where(going, torch.full_like(lengths, position + 1), lengths)
                 going = going & confident & (lengths < caps_tensor)
                 if position + 1 < planned and not bool(going.any()):  # one sync, adaptive only

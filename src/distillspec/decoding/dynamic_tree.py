@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from distillspec.decoding.sampling import full_ids, kept_columns
 from distillspec.decoding.tree import RANK_PROFILE, Tree
 
 # Log-probabilities are floored here: a pruned head's -inf logits would give -inf scores whose
@@ -26,17 +27,21 @@ LOGPROB_FLOOR = -1.0e4
 DEPTH_TIE_BREAK = 1.0e-9
 
 
-def top_children(draft_logits: torch.Tensor, parent_scores: torch.Tensor,
-                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_children(draft_logits: torch.Tensor, parent_scores: torch.Tensor, top_k: int,
+                 kept_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top_k`` most likely draft tokens after each of P parents and their scores.
 
     ``draft_logits [B, P, V]``, ``parent_scores [B, P]`` (float64) -> ``tokens [B, P * top_k]``
     and ``scores = parent_score + log q(token | parent)`` in the same order (parent-major, then
-    rank), float64."""
-    logprobs = torch.log_softmax(draft_logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)
+    rank), float64. ``kept_ids``: the only ids with finite logits (a pruned head), so the
+    log-softmax and the top-k run over those columns (``sampling.kept_columns``)."""
+    if kept_ids is not None and kept_ids.numel() < top_k:
+        kept_ids = None
+    logits = kept_columns(draft_logits, kept_ids)
+    logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)
     top = torch.topk(logprobs, top_k, dim=-1)
     scores = parent_scores.unsqueeze(-1) + top.values.double()
-    return top.indices.flatten(1), scores.flatten(1)
+    return full_ids(top.indices, kept_ids).flatten(1), scores.flatten(1)
 
 
 def extend_lineage(lineage: torch.Tensor | None, parents: torch.Tensor, first: int,

@@ -146,7 +146,8 @@ class DynamicTreeStep:
         top-K with their scores (``top_children``); a sampled row's tokens are replaced by K
         draws without replacement of its warped q after each parent (uniforms from ``first``
         on), and that q is appended to ``probs``: the distribution the draws came from."""
-        tokens, scores = top_children(logits, parent_scores, self.tree.top_k)
+        tokens, scores = top_children(logits, parent_scores, self.tree.top_k,
+                                      self.models.draft.kept_ids)
         if sampled is None:
             return tokens, scores
         k, parent_count = self.tree.top_k, logits.shape[1]

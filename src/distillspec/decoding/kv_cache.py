@@ -245,6 +245,17 @@ class CachedModel:
         return len(self.positions)
 
     @property
+    def kept_ids(self) -> torch.Tensor | None:
+        """The only token ids this model's logits can give a finite value (a pruned draft
+        head's kept ids: -inf elsewhere), or None (every id). Read at each call: a draft
+        swapped or re-headed between steps is seen at once."""
+        head = self.model.get_output_embeddings()
+        ids = getattr(head, "token_ids", None)
+        if not isinstance(ids, torch.Tensor) or getattr(head, "kept_only", False):
+            return None
+        return ids
+
+    @property
     def length(self) -> int:
         return self.cache.length
 

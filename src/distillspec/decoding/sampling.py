@@ -73,6 +73,33 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.max(dim=-1).indices
 
 
+def kept_columns(logits: torch.Tensor, kept_ids: torch.Tensor | None) -> torch.Tensor:
+    """``logits [..., V]`` restricted to ``kept_ids [K]`` (``[..., K]``), or as they are when
+    ``kept_ids`` is None. A pruned draft head's logits are -inf outside its kept ids, so a
+    maximum, a top-k or a log-softmax over the kept columns is the one over the whole row,
+    at K/V of the work (the row's full width stays for the sampled rows' q)."""
+    return logits if kept_ids is None else logits.index_select(-1, kept_ids)
+
+
+def full_ids(indices: torch.Tensor, kept_ids: torch.Tensor | None) -> torch.Tensor:
+    """Column indices of ``kept_columns`` back to token ids."""
+    return indices if kept_ids is None else kept_ids[indices]
+
+
+def draft_greedy_tokens(logits: torch.Tensor, kept_ids: torch.Tensor | None) -> torch.Tensor:
+    """The draft's argmax over the last dim (``greedy_tokens``) from its kept columns."""
+    return full_ids(greedy_tokens(kept_columns(logits, kept_ids)), kept_ids)
+
+
+def top_ids(logits: torch.Tensor, k: int, kept_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The ids of the ``k`` largest logits, ``[..., k]`` in descending order, taken over the
+    kept columns when there are at least ``k`` of them (``kept_columns``)."""
+    if kept_ids is not None and kept_ids.numel() < k:
+        kept_ids = None
+    top = torch.topk(kept_columns(logits, kept_ids).float(), k, dim=-1).indices
+    return full_ids(top, kept_ids)
+
+
 def one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     """The greedy distribution: 1 on the argmax (first index on ties, like ``torch.argmax``)."""
     probs = torch.zeros_like(logits, dtype=torch.float32)

@@ -284,16 +284,19 @@ def best_first(nodes: int, max_depth: int | None = None,
 
 
 def tree_node_tokens(tree: Tree, parent_logits: torch.Tensor, parent: int,
-                     node_tokens: torch.Tensor) -> None:
+                     node_tokens: torch.Tensor, kept_ids: torch.Tensor | None = None) -> None:
     """Fill ``node_tokens [B, N]`` for the children of ``parent`` from the draft's logits after
-    it (``[B, V]``): child n gets the ``rank[n]``-th largest logit's id. Ties between equal logits
-    (e.g. the -inf rows of a pruned head) are broken by ``topk``; siblings stay distinct ids."""
+    it (``[B, V]``): child n gets the ``rank[n]``-th largest logit's id, over ``kept_ids`` only
+    when given (a pruned head: ``sampling.top_ids``). Ties between equal logits are broken by
+    ``topk``; siblings stay distinct ids."""
     import torch
+
+    from distillspec.decoding.sampling import top_ids
 
     children, k = tree.children_topk(parent)
     if not children:
         return
-    top = torch.topk(parent_logits.float(), k, dim=-1).indices
+    top = top_ids(parent_logits, k, kept_ids)
     ranks = torch.tensor([tree.rank[n] for n in children], device=top.device)
     node_tokens[:, list(children)] = top[:, ranks]
 

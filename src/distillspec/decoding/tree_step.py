@@ -135,8 +135,9 @@ class TreeStep:
         the warped q for sampled rows (``tree_node_samples``), whose q is appended to
         ``draft_probs``: the distribution the draws came from, which the rule divides by."""
         if sampled is None or not sampled.every_row:
+            kept = self.models.draft.kept_ids
             for column, parent in enumerate(parents):
-                tree_node_tokens(self.tree, logits[:, column], parent, node_tokens)
+                tree_node_tokens(self.tree, logits[:, column], parent, node_tokens, kept)
         if sampled is None:
             return
         own = logits if sampled.every_row else logits[sampled.index]  # no copy when all sample

@@ -28,6 +28,11 @@ PRUNED_HEAD_FILE = "pruned_head.safetensors"
 class PrunedHead(nn.Module):
     """Logits over ``token_ids`` (K rows), -inf on the other ``vocab_size - K`` ids."""
 
+    # The method that computes ``hidden @ weight.T``: CPU decoding swaps it for a call on
+    # packed weights (``decoding.packed_linear``), as it does ``forward`` of an nn.Linear.
+    PACKED_CALL = "kept_logits"
+    bias = None
+
     def __init__(self, weight: torch.Tensor, token_ids: torch.Tensor, base: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone())
@@ -39,11 +44,15 @@ class PrunedHead(nn.Module):
         self.kept_only = False  # training: logits of the kept ids only (see kept_logits_only)
         self.kept_linear: nn.Module | None = None  # int8 kept rows (quantize_kept_rows)
 
+    def kept_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[..., K]``: the kept rows' logits."""
+        return nn.functional.linear(hidden, self.weight)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.kept_linear is not None:
             kept = self.kept_linear(hidden)
         else:
-            kept = nn.functional.linear(hidden, self.weight)
+            kept = self.kept_logits(hidden)
         if self.kept_only:
             return kept
         full = kept.new_full((*kept.shape[:-1], self.out_features), float("-inf"))

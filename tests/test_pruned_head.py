@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from distillspec import autoregressive_generate, speculative_generate
 from distillspec.common.config import from_dict
+from distillspec.decoding import packed_linear
 from distillspec.decoding.dynamic_tree import top_children
+from distillspec.decoding.kv_cache import CachedModel
 from distillspec.decoding.packed_linear import packed_linears
 from distillspec.decoding.sampling import draft_greedy_tokens, greedy_tokens, kept_columns, top_ids
 from distillspec.models.drafts import truncate_layers
@@ -24,6 +26,7 @@ from distillspec.models.pruned_head import (
     prune_head,
     restricted_logits,
 )
+from distillspec.models.quantize import quantize_draft
 from distillspec.training.config import DistillConfig
 from distillspec.training.loop import distill
 
@@ -79,9 +82,14 @@ def test_frequent_tokens_counts_ties_and_forced_ids():
 
 @pytest.mark.parametrize(("gamma", "tree"), [(1, ""), (3, ""), (6, ""), (1, "3:1"),
                                            (1, "8:2"), (1, "dyn:6:3:2")])
-def test_greedy_sd_with_a_pruned_draft_equals_the_target(gamma, tree):
+def test_greedy_sd_with_a_pruned_draft_equals_the_target(gamma, tree, monkeypatch):
     """Chains, static and dynamic trees: the draft's argmax and top-k come from its kept
-    columns (``sampling.kept_columns``); the output is the target's own."""
+    columns (``sampling.kept_columns``, read from ``CachedModel.kept_ids``); the output is the
+    target's own."""
+    reads = []
+    kept_ids = CachedModel.kept_ids.fget
+    monkeypatch.setattr(CachedModel, "kept_ids", property(
+        lambda cached: reads.append(1) or kept_ids(cached)))
     target = tiny_model("llama", seed=0)
     ids, mask = left_padded([5, 9, 3])
     plain = autoregressive_generate(target, ids, mask, max_new_tokens=20)
@@ -92,6 +100,7 @@ def test_greedy_sd_with_a_pruned_draft_equals_the_target(gamma, tree):
                                   max_new_tokens=20)
     assert result.sequences == plain.sequences
     assert 0 < result.metrics.acceptance_rate < 1
+    assert reads, "the strategy read the draft's kept ids"
 
 
 def test_the_kept_columns_give_the_whole_row_s_argmax_top_k_and_scores():
@@ -123,14 +132,16 @@ def test_a_pruned_head_decodes_on_packed_weights_with_the_same_logits(dtype):
     input_ids, attention_mask = left_padded([5, 8])
     with torch.inference_mode():
         expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        packed_linear._by_storage.pop(head.weight.data_ptr(), None)
         with packed_linears(model):
             assert "kept_logits" in head.__dict__
             packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert head.weight.data_ptr() in packed_linear._by_storage  # the packed call ran
     assert "kept_logits" not in head.__dict__
     if dtype == torch.bfloat16:
         assert torch.equal(packed, expected)
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # a trained head (fused AdamW bumps no version) is packed again
+    with torch.no_grad():  # a head changed in place (a new version) is packed again
         head.weight.mul_(-1.0)
     with torch.inference_mode(), packed_linears(model):
         flipped = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -194,3 +205,13 @@ def test_distilled_pruned_draft_saves_full_loads_pruned_and_assists_transformers
     distill(from_dict(DistillConfig, {**config.__dict__, "runtime": {"device": "cpu"},
                                       "max_steps": 8, "resume": True}))
     assert json.loads((out / "rank-0.json").read_text())["step"] == 8
+
+
+def test_an_int8_pruned_head_has_nothing_to_pack_and_ids_must_be_distinct():
+    model = prune_head(tiny_model("llama", seed=0), torch.tensor([0, 2, 5, 9, 33, 64]))
+    head = model.get_output_embeddings()
+    assert head in packed_linear._linears(model)
+    quantize_draft(model, "int8")
+    assert head.PACKED_CALL is None and head not in packed_linear._linears(model)
+    with pytest.raises(ValueError, match="distinct"):
+        PrunedHead(torch.zeros(3, 4), torch.tensor([1, 5, 1]), torch.zeros(8, 4))

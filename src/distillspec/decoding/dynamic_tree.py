@@ -34,7 +34,8 @@ def top_children(draft_logits: torch.Tensor, parent_scores: torch.Tensor, top_k:
     ``draft_logits [B, P, V]``, ``parent_scores [B, P]`` (float64) -> ``tokens [B, P * top_k]``
     and ``scores = parent_score + log q(token | parent)`` in the same order (parent-major, then
     rank), float64. ``kept_ids``: the only ids with finite logits (a pruned head), so the
-    log-softmax and the top-k run over those columns (``sampling.kept_columns``)."""
+    log-softmax and the top-k run over those columns (``sampling.kept_columns``) when there
+    are at least ``top_k`` of them."""
     if kept_ids is not None and kept_ids.numel() < top_k:
         kept_ids = None
     logits = kept_columns(draft_logits, kept_ids)

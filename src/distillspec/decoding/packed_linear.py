@@ -289,14 +289,15 @@ def _decide(linears: list[torch.nn.Linear]) -> bool:
 
 def _packed_method(module: torch.nn.Module) -> str:
     """The method whose result is ``x @ weight.T + bias``: ``forward`` of an nn.Linear, or the
-    one a module names in ``PACKED_CALL`` (a pruned draft head's kept rows)."""
-    return "forward" if type(module) is torch.nn.Linear else type(module).PACKED_CALL
+    one a module names in its ``PACKED_CALL`` (a pruned draft head's kept rows)."""
+    return "forward" if type(module) is torch.nn.Linear else module.PACKED_CALL
 
 
 def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
-    # exact type only: subclasses (quantised, LoRA...) compute something else
+    # exact type only: subclasses (quantised, LoRA...) compute something else; a module that
+    # names no PACKED_CALL now (an int8 pruned head) has nothing to pack
     return [m for m in model.modules()
-            if type(m) is torch.nn.Linear or isinstance(getattr(type(m), "PACKED_CALL", None), str)]
+            if type(m) is torch.nn.Linear or isinstance(getattr(m, "PACKED_CALL", None), str)]
 
 
 @contextlib.contextmanager

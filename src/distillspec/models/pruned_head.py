@@ -28,21 +28,31 @@ PRUNED_HEAD_FILE = "pruned_head.safetensors"
 class PrunedHead(nn.Module):
     """Logits over ``token_ids`` (K rows), -inf on the other ``vocab_size - K`` ids."""
 
-    # The method that computes ``hidden @ weight.T``: CPU decoding swaps it for a call on
-    # packed weights (``decoding.packed_linear``), as it does ``forward`` of an nn.Linear.
-    PACKED_CALL = "kept_logits"
-    bias = None
+    bias = None  # no bias: read by the packed call (``x @ weight.T + bias``)
 
     def __init__(self, weight: torch.Tensor, token_ids: torch.Tensor, base: torch.Tensor):
         super().__init__()
+        token_ids = token_ids.to(torch.long)
+        if token_ids.unique().numel() != token_ids.numel():
+            raise ValueError("A pruned head's token ids must be distinct: each id is one row.")
+        # Kept in the order given (a restricted target's logits come out in its callers' id
+        # order); heads the trainer builds have ascending ids, so an argmax or top-k over the
+        # kept columns breaks exact ties by the lowest id, as over the whole row.
         self.weight = nn.Parameter(weight.detach().clone())
-        self.register_buffer("token_ids", token_ids.to(torch.long), persistent=False)
+        self.register_buffer("token_ids", token_ids, persistent=False)
         # The full head the kept rows came from (frozen): the other rows of the saved
         # full-vocabulary head, so the folder also works in engines without pruning.
         self.register_buffer("base", base.detach().clone(), persistent=False)
         self.out_features, self.in_features = base.shape
         self.kept_only = False  # training: logits of the kept ids only (see kept_logits_only)
         self.kept_linear: nn.Module | None = None  # int8 kept rows (quantize_kept_rows)
+
+    @property
+    def PACKED_CALL(self) -> str | None:  # noqa: N802 (the name ``decoding.packed_linear`` reads)
+        """The method that computes ``hidden @ weight.T``, which CPU decoding swaps for a call
+        on packed weights (``decoding.packed_linear``) as it does ``forward`` of an
+        nn.Linear; None once the kept rows are int8 (``kept_linear``): nothing to pack."""
+        return "kept_logits" if self.kept_linear is None else None
 
     def kept_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., K]``: the kept rows' logits."""

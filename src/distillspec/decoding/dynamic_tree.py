@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from distillspec.decoding.sampling import full_ids, kept_columns
+from distillspec.decoding.sampling import full_ids, kept_columns, kept_for_top
 from distillspec.decoding.tree import RANK_PROFILE, Tree
 
 # Log-probabilities are floored here: a pruned head's -inf logits would give -inf scores whose
@@ -36,8 +36,7 @@ def top_children(draft_logits: torch.Tensor, parent_scores: torch.Tensor, top_k:
     rank), float64. ``kept_ids``: the only ids with finite logits (a pruned head), so the
     log-softmax and the top-k run over those columns (``sampling.kept_columns``) when there
     are at least ``top_k`` of them."""
-    if kept_ids is not None and kept_ids.numel() < top_k:
-        kept_ids = None
+    kept_ids = kept_for_top(kept_ids, top_k)
     logits = kept_columns(draft_logits, kept_ids)
     logprobs = torch.log_softmax(logits.float(), dim=-1).clamp_min(LOGPROB_FLOOR)
     top = torch.topk(logprobs, top_k, dim=-1)

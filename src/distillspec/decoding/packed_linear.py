@@ -6,8 +6,8 @@ tokens by every weight matrix, so that reorder is about half of each matmul's ti
 SmolLM2-135M in bf16: 65 µs -> 34 µs for a 576x1536 projection; the whole step 38.5 -> 26.9 ms).
 ``packed_linears(model)`` runs a model's ``nn.Linear`` layers, and any module that names its
 ``x @ weight.T`` method in ``PACKED_CALL`` (a pruned draft head's kept rows: the demo draft's
-one-token step, 3.4 ms in bf16, is 0.3 ms shorter with its 8192x576 head packed), on weights packed once
-(``torch.ops.mkldnn._reorder_linear_weight``) and kept beside the model: one extra copy of its
+one-token step, 3.4 ms in bf16, is 0.3 ms shorter with its 8192x576 head packed), on weights
+packed once (``torch.ops.mkldnn._reorder_linear_weight``) and kept beside the model: one extra copy of its
 linear weights, shared by the eager and the compiled steps (``torch.compile`` sees the
 ``distillspec::packed_linear`` operator and leaves it to oneDNN).
 

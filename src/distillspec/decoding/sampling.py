@@ -81,6 +81,12 @@ def kept_columns(logits: torch.Tensor, kept_ids: torch.Tensor | None) -> torch.T
     return logits if kept_ids is None else logits.index_select(-1, kept_ids)
 
 
+def kept_for_top(kept_ids: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """``kept_ids`` where a top-``k`` can be taken over them (at least ``k`` ids), else None:
+    the whole row."""
+    return kept_ids if kept_ids is not None and kept_ids.numel() >= k else None
+
+
 def full_ids(indices: torch.Tensor, kept_ids: torch.Tensor | None) -> torch.Tensor:
     """Column indices of ``kept_columns`` back to token ids."""
     return indices if kept_ids is None else kept_ids[indices]
@@ -94,8 +100,7 @@ def draft_greedy_tokens(logits: torch.Tensor, kept_ids: torch.Tensor | None) -> 
 def top_ids(logits: torch.Tensor, k: int, kept_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The ids of the ``k`` largest logits, ``[..., k]`` in descending order, taken over the
     kept columns when there are at least ``k`` of them (``kept_columns``)."""
-    if kept_ids is not None and kept_ids.numel() < k:
-        kept_ids = None
+    kept_ids = kept_for_top(kept_ids, k)
     top = torch.topk(kept_columns(logits, kept_ids).float(), k, dim=-1).indices
     return full_ids(top, kept_ids)
 

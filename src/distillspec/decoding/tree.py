@@ -287,8 +287,8 @@ def tree_node_tokens(tree: Tree, parent_logits: torch.Tensor, parent: int,
                      node_tokens: torch.Tensor, kept_ids: torch.Tensor | None = None) -> None:
     """Fill ``node_tokens [B, N]`` for the children of ``parent`` from the draft's logits after
     it (``[B, V]``): child n gets the ``rank[n]``-th largest logit's id, over ``kept_ids`` only
-    when given and at least k (a pruned head: ``sampling.top_ids``). Ties between equal logits are broken by
-    ``topk``; siblings stay distinct ids."""
+    when given and at least k (a pruned head: ``sampling.top_ids``). Ties between equal logits
+    are broken by ``topk``; siblings stay distinct ids."""
     import torch
 
     from distillspec.decoding.sampling import top_ids

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from distillspec.common.io import atomic_write_text
-from distillspec.tools.eval_quality import markdown_report, write_plots
+from distillspec.tools.eval_config import EvalConfig
+from distillspec.tools.eval_quality import lenience_choice, markdown_report, write_plots
 
 
 def main() -> None:
@@ -27,6 +28,12 @@ def main() -> None:
     for entry in report["setups"]:
         # before 779b874 an entry named its draft's role "draft" ("draft", "compare" or None)
         entry.setdefault("draft_role", entry.get("draft"))
+    samples = folder / "samples.jsonl"
+    if "lenience_choice" not in report and samples.is_file():
+        # before the lenience choice existed: computed from the run's own rows
+        tolerance = report["config"].get("quality_tolerance", EvalConfig.quality_tolerance)
+        lines = [json.loads(line) for line in samples.read_text().splitlines() if line]
+        report["lenience_choice"] = lenience_choice(report, lines, tolerance)
     atomic_write_text(folder / "eval.md", markdown_report(report))
     written = write_plots(report, lambda name: folder / name)
     print(f"wrote {folder}/eval.md" + "".join(f", {name}" for name in written))

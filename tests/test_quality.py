@@ -405,12 +405,18 @@ def test_eval_text_sampled_with_a_lossy_setup(model_folder, tmp_path):
     assert lossy["lenience"] == "exp" and lossy["epsilon"] == 0.3
     assert lossy["acceptance_rate"] > lossless["acceptance_rate"]
     assert "## Lenience curves" in (out / "eval.md").read_text()
+    [choice] = report["lenience_choice"]  # text: judged by the target's log-likelihood
+    assert choice["lossless"] == "sd:3" and choice["metric"] == "log-lik/token"
+    assert choice["chosen"] in (None, "sd:3:exp=0.3") and "## Lenience choice" in (
+        out / "eval.md").read_text()
     assert (out / "quality_speed.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "quality_speed_compare.png").exists()
 
 
-def _entry(setup, role, epsilon=1.0, lenience="none", gamma=3, speedup=1.2, tau=2.0, passed=0.5):
+def _entry(setup, role, epsilon=1.0, lenience="none", gamma=3, speedup=1.2, tau=2.0, passed=0.5,
+           tps=10.0):
     return {"setup": setup, "draft_role": role, "kind": "target" if role is None else "sd",
+            "tokens_per_s": tps,
             "gamma": None if role is None else gamma, "tree": None, "confidence_threshold": 0.0,
             "lenience": lenience, "epsilon": epsilon, "speedup_vs_target": speedup,
             "block_efficiency": tau, "pass_at_k": {"1": passed}, "mean_log_likelihood": -0.4}
@@ -449,6 +455,60 @@ def test_lenience_curves_start_at_their_own_lossless_setup_and_run_to_the_most_l
     assert lenience_curves(no_lossy) == [] and lenience_lines(no_lossy) == []
     assert write_plots(no_lossy, lambda name: tmp_path / name) == []
     assert not any((tmp_path / name).exists() for name in written)
+
+
+def test_paired_difference_matches_the_textbook_formula():
+    import statistics
+
+    from distillspec.decoding.quality import paired_difference
+
+    values, baselines = [1, 0, 1, 1, 0, 1], [1, 1, 0, 0, 0, 1]
+    differences = [v - b for v, b in zip(values, baselines)]
+    half = 1.96 * statistics.stdev(differences) / math.sqrt(len(differences))
+    result = paired_difference(values, baselines)
+    assert result.rows == 6 and result.mean == pytest.approx(statistics.mean(differences))
+    assert (result.low, result.high) == pytest.approx((result.mean - half, result.mean + half))
+    assert paired_difference([0.5], [0.25]).to_dict() == {
+        "rows": 1, "mean": 0.25, "low": None, "high": None}  # one pair: no spread to estimate
+    with pytest.raises(ValueError, match="2 values but 1 baselines"):
+        paired_difference([1, 0], [1])
+    with pytest.raises(ValueError, match="at least one pair"):
+        paired_difference([], [])
+
+
+def _sample_lines(setup, passed):
+    return [{"setup": setup, "key": f"P{i // 2}", "sample": i % 2,
+             "status": "passed" if ok else "failed"} for i, ok in enumerate(passed)]
+
+
+def test_lenience_choice_takes_the_fastest_lossy_setup_within_the_tolerance():
+    """Per lossless setup: the fastest lossy setup of its curves whose pass@1 is at most the
+    tolerance below lossless and that is faster; the paired difference comes from the rows."""
+    from distillspec.tools.eval_quality import lenience_choice, lenience_choice_lines
+
+    setups = [_entry("sd:3", "draft", tps=10.0, passed=0.5),
+              _entry("sd:3:exp=0.5", "draft", 0.5, "exp", tps=13.0, passed=0.5),
+              _entry("sd:3:lin=0.5", "draft", 0.5, "lin", tps=12.0, passed=0.75),
+              _entry("sd:3:exp=0.2", "draft", 0.2, "exp", tps=15.0, passed=0.25),
+              _entry("sd:3 [compare]", "compare", tps=10.0),
+              _entry("sd:3:exp=0.5 [compare]", "compare", 0.5, "exp", tps=9.0)]
+    report = {"task": "code", "setups": setups}
+    samples = (_sample_lines("sd:3", [1, 1, 0, 0]) + _sample_lines("sd:3:exp=0.5", [1, 0, 1, 0])
+               + _sample_lines("sd:3:exp=0.2", [0, 1, 0, 0]))
+    draft, compare = lenience_choice(report, samples, tolerance=0.01)
+    assert (draft["lossless"], draft["chosen"], draft["candidates"]) == ("sd:3", "sd:3:exp=0.5", 3)
+    assert draft["speedup_vs_lossless"] == pytest.approx(1.3)
+    assert draft["quality"] == (0.5, 0.5) and draft["paired"]["rows"] == 4
+    assert draft["paired"]["mean"] == 0.0 and draft["paired"]["low"] < 0 < draft["paired"]["high"]
+    # the compare draft's only lossy setup is slower than its lossless one: nothing chosen
+    assert compare["lossless"] == "sd:3 [compare]" and compare["chosen"] is None
+    # a looser tolerance admits the faster, worse setup: paired -0.25 (rows 1 1 0 0 vs 0 1 0 0)
+    loose = lenience_choice(report, samples, tolerance=0.3)[0]
+    assert loose["chosen"] == "sd:3:exp=0.2" and loose["paired"]["mean"] == -0.25
+    lines = "\n".join(lenience_choice_lines({**report, "lenience_choice": [draft, compare]}))
+    assert "| draft | sd:3 | sd:3:exp=0.5 (of 3) | 1.30× | 2.00 vs 2.00 | 0.500 vs 0.500 |" in lines
+    assert "| compare | sd:3 [compare] | none of 1 is faster" in lines
+    assert lenience_choice_lines(report) == []  # a report without a choice: no section
 
 
 def test_render_eval_renders_an_older_report_again(tmp_path):

@@ -13,6 +13,10 @@ beside speed. Definitions (see docs/eval.md):
   differ, where they first differ). Higher is closer.
 * ``mean_per_token(values)``: a mean over rows of per-row means (each row's tokens averaged
   first, then the rows: the paper's reduction); rows without tokens are skipped.
+* ``paired_difference(values, baselines)``: the mean of values_i - baselines_i over rows scored
+  on the same items (same prompts and seeds), with a 95 % interval for it (normal
+  approximation: mean ± 1.96 · s / √n, s the differences' sample standard deviation). Pairing
+  removes the spread between items, which dominates pass@1 on a few dozen problems.
 * ``truncate_at_stops(text, stops)``: the text before the earliest stop sequence.
 """
 
@@ -109,6 +113,40 @@ def mean_per_token(per_row: Iterable[Sequence[float]]) -> float | None:
     """Mean over rows of each row's mean value; rows without values are skipped (None if none)."""
     means = [sum(row) / len(row) for row in per_row if len(row)]
     return sum(means) / len(means) if means else None
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """mean_i (values_i - baselines_i) over ``rows`` pairs, with its 95 % interval (None with
+    fewer than 2 pairs: no spread to estimate)."""
+
+    rows: int
+    mean: float
+    low: float | None
+    high: float | None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {"rows": self.rows, "mean": self.mean, "low": self.low, "high": self.high}
+
+
+def paired_difference(values: Sequence[float], baselines: Sequence[float],
+                      z: float = 1.96) -> PairedDifference:
+    """values - baselines, row by row (a positive mean: values higher), and mean ± z · s / √n,
+    s = sqrt(sum_i (d_i - mean)^2 / (n - 1)). Normal approximation: read it as a guide at small
+    n, not a test."""
+    if len(values) != len(baselines):
+        raise ValueError(f"paired_difference: {len(values)} values but {len(baselines)} "
+                         "baselines; pair each row with its baseline on the same item.")
+    if not values:
+        raise ValueError("paired_difference needs at least one pair.")
+    differences = [value - base for value, base in zip(values, baselines)]
+    rows = len(differences)
+    mean = sum(differences) / rows
+    if rows < 2:
+        return PairedDifference(rows, mean, None, None)
+    spread = math.sqrt(sum((d - mean) ** 2 for d in differences) / (rows - 1))
+    half = z * spread / math.sqrt(rows)
+    return PairedDifference(rows, mean, mean - half, mean + half)
 
 
 def truncate_at_stops(text: str, stops: Iterable[str]) -> str:

@@ -138,6 +138,12 @@ class EvalConfig:
     batch_size: int = knob(1, "Rows decoded together (1: the usual SD latency setting).")
     seed: int = knob(0, "Row i of the eval samples with seed + i (greedy ignores it).")
     warmup: bool = knob(True, "Decode a few tokens with each setup first, untimed.")
+    quality_tolerance: float = knob(
+        0.01, "Lenience choice (eval.md): the fastest lossy setup whose quality is at most this "
+        "far below lossless SD's with the same draft and setting (code: pass@k, 0.01 = one "
+        "point; text: the target's log-likelihood, nats per token). Chosen on this eval's rows: "
+        "confirm it on other data.",
+    )
     sampling: SamplingConfig = section(SamplingConfig, flat=True)
     timeout_s: float = knob(5.0, "code: wall-clock limit per program run (CPU limit: the same, "
                             "rounded up, per process).")
@@ -149,7 +155,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
-        require_at_least(self, 0, "num_prompts")
+        require_at_least(self, 0, "num_prompts", "quality_tolerance")
         require_at_least(self, 1, "samples", "batch_size", "workers", "max_prompt_tokens",
                          "max_processes")
         require_at_most(self, MAX_BATCH, "batch_size")

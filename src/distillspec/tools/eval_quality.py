@@ -50,6 +50,7 @@ from distillspec.decoding.quality import (
     agreement,
     mean_pass_at_k,
     mean_per_token,
+    paired_difference,
     truncate_at_stops,
 )
 from distillspec.decoding.requests import Request, RowUpdate
@@ -268,7 +269,7 @@ def run_eval(config: EvalConfig, target, draft, tokenizer, items: Sequence[Item]
                               pad_token_id(tokenizer), progress)
         entries.append({**_speed(run, target_tps), **entry})
         samples += lines
-    return {
+    report = {
         "command": "distillspec eval " + changed_flags(config),
         "config": to_dict(config),
         "task": config.task,
@@ -284,6 +285,8 @@ def run_eval(config: EvalConfig, target, draft, tokenizer, items: Sequence[Item]
         "setups": entries,
         "_samples": samples,
     }
+    report["lenience_choice"] = lenience_choice(report, samples, config.quality_tolerance)
+    return report
 
 
 def _limits(config: EvalConfig) -> dict[str, Any]:
@@ -395,7 +398,7 @@ def markdown_report(report: dict[str, Any]) -> str:
                   f"{limits['max_processes']} ({isolation.get('process_limit', '?')}); "
                   f"{limits['timeout_s']:g} s wall, {limits['cpu_s']} s CPU and "
                   f"{limits['memory_mb']} MiB address space per run."]
-    lines += lenience_lines(report)
+    lines += lenience_lines(report) + lenience_choice_lines(report)
     return "\n".join(lines) + "\n"
 
 
@@ -439,6 +442,96 @@ def quality_metrics(report: dict[str, Any]) -> list[tuple[str, Callable[[dict], 
         metrics.append((f"pass@{k}", lambda entry: entry["pass_at_k"][k]))
     metrics.append(("log-lik/token", lambda entry: entry["mean_log_likelihood"]))
     return metrics
+
+
+def _row_quality(report: dict[str, Any]) -> Callable[[dict], float | None]:
+    """One sample line's quality: 1/0 passed (code), else the target's log-likelihood per token."""
+    if report["task"] == "code":
+        return lambda line: float(line.get("status") == "passed")
+    return lambda line: line.get("log_likelihood")
+
+
+def lenience_choice(report: dict[str, Any], samples: Sequence[dict],
+                    tolerance: float) -> list[dict[str, Any]]:
+    """Per lossless setup that opens a lenience curve (one draft and drafting setting): the
+    fastest lossy setup of its curves (by tok/s) whose quality (``quality_metrics``' first:
+    pass@k on code, log-likelihood per token on text) is at most ``tolerance`` below the
+    lossless one's, or None when none is both that good and faster. Each record also holds the
+    paired difference, chosen − lossless, of the per-row quality (code: passed 1/0; text: the
+    row's log-likelihood per token) on the same rows (prompt and seed), from ``samples``
+    (samples.jsonl's lines).
+
+    Chosen on the eval's own rows, so its ÷ lossless is optimistic (the maximum of noisy
+    figures): confirm it with ``--setups LOSSLESS,CHOSEN`` on other data."""
+    name, quality = quality_metrics(report)[0]
+    per_row = _row_quality(report)
+    by_setup: dict[str, dict[tuple, float | None]] = {}
+    for line in samples:
+        by_setup.setdefault(line["setup"], {})[(line["key"], line["sample"])] = per_row(line)
+    groups: dict[str, tuple[str, list[dict]]] = {}  # lossless label -> (role, lossy entries)
+    for curve in lenience_curves(report):
+        if curve["base"] is not None:
+            groups.setdefault(curve["base"], (curve["role"], []))[1].extend(curve["points"][1:])
+    labelled = {entry["setup"]: entry for entry in report["setups"]}
+    choices = []
+    for base_label, (role, lossy) in groups.items():
+        base = labelled[base_label]
+        floor = None if quality(base) is None else quality(base) - tolerance
+        eligible = [e for e in lossy if floor is not None and quality(e) is not None
+                    and quality(e) >= floor and _faster(e, base)]
+        chosen = max(eligible, key=lambda e: e["tokens_per_s"], default=None)
+        record = {"role": role, "lossless": base["setup"], "metric": name,
+                  "tolerance": tolerance, "candidates": len(lossy),
+                  "chosen": chosen["setup"] if chosen else None}
+        if chosen:
+            base_rows = by_setup.get(base["setup"], {})
+            chosen_rows = by_setup.get(chosen["setup"], {})
+            pairs = [(chosen_rows[key], base_rows[key]) for key in chosen_rows
+                     if key in base_rows and chosen_rows[key] is not None
+                     and base_rows[key] is not None]
+            record.update(
+                speedup_vs_lossless=chosen["tokens_per_s"] / base["tokens_per_s"],
+                tau=(chosen["block_efficiency"], base["block_efficiency"]),
+                quality=(quality(chosen), quality(base)),
+                paired=paired_difference(*zip(*pairs)).to_dict() if pairs else None)
+        choices.append(record)
+    return choices
+
+
+def _faster(entry: dict[str, Any], base: dict[str, Any]) -> bool:
+    return (entry["tokens_per_s"] or 0.0) > (base["tokens_per_s"] or 0.0)
+
+
+def lenience_choice_lines(report: dict[str, Any]) -> list[str]:
+    """eval.md's lenience-choice section (from ``report["lenience_choice"]``)."""
+    choices = report.get("lenience_choice")
+    if not choices:
+        return []
+    lines = ["", "## Lenience choice", "",
+             f"Per draft and setting, the fastest lossy setup whose {choices[0]['metric']} is at "
+             f"most {choices[0]['tolerance']:g} below lossless SD's (`--quality-tolerance`). "
+             "Paired: chosen − lossless per row on the same prompts and seeds, mean [95 % "
+             "interval, normal approximation]. **Chosen on these rows**, so its ÷ lossless is "
+             "the best of several noisy figures: confirm it on other data with `--setups "
+             "LOSSLESS,CHOSEN`.", "",
+             "| draft | lossless setup | chosen (of lossy setups) | ÷ lossless | τ | quality, chosen "
+             "vs lossless | paired difference |", "|---|---|---|---|---|---|---|"]
+    for record in choices:
+        head = f"| {record['role']} | {record['lossless']} |"
+        if record["chosen"] is None:
+            lines.append(f"{head} none of {record['candidates']} is faster within the "
+                         "tolerance | – | – | – | – |")
+            continue
+        paired = record["paired"]
+        interval = ("–" if paired is None or paired["low"] is None
+                    else f"[{paired['low']:+.3f}, {paired['high']:+.3f}]")
+        tau = " vs ".join(_figure(value, ".2f") for value in record["tau"])
+        quality = " vs ".join(_figure(value, ".3f") for value in record["quality"])
+        lines.append(f"{head} {record['chosen']} (of {record['candidates']}) | "
+                     f"{record['speedup_vs_lossless']:.2f}× | {tau} | {quality} | "
+                     f"{_figure(paired and paired['mean'], '+.3f')} {interval} "
+                     f"({paired['rows'] if paired else 0} rows) |")
+    return lines
 
 
 def lenience_lines(report: dict[str, Any]) -> list[str]:

@@ -2,6 +2,8 @@
 
 For an eval run by an older distillspec (before eval.md had its lenience section and the run
 wrote quality_speed.png): the figures come from eval.json unchanged; only the rendering is new.
+A run from before the lenience choice gets it computed from its samples.jsonl, in eval.md only
+(eval.json is left as the run wrote it).
 
     python benchmarks/render_eval.py runs/qwen/eval-lossy
 """

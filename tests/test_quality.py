@@ -407,8 +407,9 @@ def test_eval_text_sampled_with_a_lossy_setup(model_folder, tmp_path):
     assert "## Lenience curves" in (out / "eval.md").read_text()
     [choice] = report["lenience_choice"]  # text: judged by the target's log-likelihood
     assert choice["lossless"] == "sd:3" and choice["metric"] == "log-lik/token"
-    assert choice["chosen"] in (None, "sd:3:exp=0.3") and "## Lenience choice" in (
-        out / "eval.md").read_text()
+    assert choice["chosen"] in (None, "sd:3:exp=0.3")  # decided by the measured speeds
+    assert (choice["chosen"] is None) == ("why" in choice)
+    assert "## Lenience choice" in (out / "eval.md").read_text()
     assert (out / "quality_speed.png").read_bytes()[:4] == b"\x89PNG"
     assert not (out / "quality_speed_compare.png").exists()
 
@@ -482,33 +483,65 @@ def _sample_lines(setup, passed):
 
 
 def test_lenience_choice_takes_the_fastest_lossy_setup_within_the_tolerance():
-    """Per lossless setup: the fastest lossy setup of its curves whose pass@1 is at most the
-    tolerance below lossless and that is faster; the paired difference comes from the rows."""
+    """Per lossless setup: the fastest lossy setup of its curves that is faster and whose pass@1
+    (from the rows) is at most the tolerance below lossless; the paired difference is averaged
+    per problem, its interval taken over problems."""
     from distillspec.tools.eval_quality import lenience_choice, lenience_choice_lines
 
-    setups = [_entry("sd:3", "draft", tps=10.0, passed=0.5),
-              _entry("sd:3:exp=0.5", "draft", 0.5, "exp", tps=13.0, passed=0.5),
-              _entry("sd:3:lin=0.5", "draft", 0.5, "lin", tps=12.0, passed=0.75),
-              _entry("sd:3:exp=0.2", "draft", 0.2, "exp", tps=15.0, passed=0.25),
+    setups = [_entry("sd:3", "draft", tps=10.0),
+              _entry("sd:3:exp=0.5", "draft", 0.5, "exp", tps=13.0),
+              _entry("sd:3:lin=0.5", "draft", 0.5, "lin", tps=12.0),
+              _entry("sd:3:exp=0.2", "draft", 0.2, "exp", tps=15.0),
               _entry("sd:3 [compare]", "compare", tps=10.0),
               _entry("sd:3:exp=0.5 [compare]", "compare", 0.5, "exp", tps=9.0)]
     report = {"task": "code", "setups": setups}
     samples = (_sample_lines("sd:3", [1, 1, 0, 0]) + _sample_lines("sd:3:exp=0.5", [1, 0, 1, 0])
-               + _sample_lines("sd:3:exp=0.2", [0, 1, 0, 0]))
+               + _sample_lines("sd:3:lin=0.5", [1, 1, 1, 0])
+               + _sample_lines("sd:3:exp=0.2", [0, 1, 0, 0])
+               + _sample_lines("sd:3 [compare]", [1, 0, 0, 0])
+               + _sample_lines("sd:3:exp=0.5 [compare]", [1, 0, 0, 0]))
     draft, compare = lenience_choice(report, samples, tolerance=0.01)
     assert (draft["lossless"], draft["chosen"], draft["candidates"]) == ("sd:3", "sd:3:exp=0.5", 3)
-    assert draft["speedup_vs_lossless"] == pytest.approx(1.3)
-    assert draft["quality"] == (0.5, 0.5) and draft["paired"]["rows"] == 4
-    assert draft["paired"]["mean"] == 0.0 and draft["paired"]["low"] < 0 < draft["paired"]["high"]
+    assert draft["metric"] == "pass@1" and draft["speedup_vs_lossless"] == pytest.approx(1.3)
+    assert draft["quality"] == (0.5, 0.5)
+    # per problem: P0 (1-1 + 0-1) / 2 = -0.5, P1 (1-0 + 0-0) / 2 = +0.5; over the 2 problems
+    half = 1.96 * math.sqrt(0.5) / math.sqrt(2)
+    assert (draft["paired"]["items"], draft["paired"]["rows"]) == (2, 4)
+    assert draft["paired"]["mean"] == 0.0
+    assert (draft["paired"]["low"], draft["paired"]["high"]) == pytest.approx((-half, half))
     # the compare draft's only lossy setup is slower than its lossless one: nothing chosen
     assert compare["lossless"] == "sd:3 [compare]" and compare["chosen"] is None
-    # a looser tolerance admits the faster, worse setup: paired -0.25 (rows 1 1 0 0 vs 0 1 0 0)
+    assert compare["why"] == "none of 1 is faster within the tolerance"
+    # a looser tolerance admits the faster, worse setup: P0 -0.5, P1 0 -> -0.25
     loose = lenience_choice(report, samples, tolerance=0.3)[0]
     assert loose["chosen"] == "sd:3:exp=0.2" and loose["paired"]["mean"] == -0.25
     lines = "\n".join(lenience_choice_lines({**report, "lenience_choice": [draft, compare]}))
     assert "| draft | sd:3 | sd:3:exp=0.5 (of 3) | 1.30× | 2.00 vs 2.00 | 0.500 vs 0.500 |" in lines
-    assert "| compare | sd:3 [compare] | none of 1 is faster" in lines
+    assert "(2 items, 4 rows) |" in lines
+    assert "| compare | sd:3 [compare] | none of 1 is faster within the tolerance |" in lines
     assert lenience_choice_lines(report) == []  # a report without a choice: no section
+
+
+def test_lenience_choice_edge_cases_zero_quality_text_rows_and_no_speed():
+    from distillspec.tools.eval_quality import lenience_choice
+
+    # pass@1 0 everywhere is a quality like any other (not "missing")
+    setups = [_entry("sd:2", "draft", tps=5.0), _entry("sd:2:exp=0.5", "draft", 0.5, "exp", tps=6.0)]
+    zeros = _sample_lines("sd:2", [0, 0]) + _sample_lines("sd:2:exp=0.5", [0, 0])
+    [choice] = lenience_choice({"task": "code", "setups": setups}, zeros, tolerance=0.0)
+    assert choice["chosen"] == "sd:2:exp=0.5" and choice["quality"] == (0.0, 0.0)
+    # text: the target's log-likelihood per row; an empty answer's None is left out, not paired
+    text = [{"setup": "sd:2", "key": "a", "sample": 0, "log_likelihood": -1.0},
+            {"setup": "sd:2", "key": "b", "sample": 0, "log_likelihood": None},
+            {"setup": "sd:2:exp=0.5", "key": "a", "sample": 0, "log_likelihood": -0.5},
+            {"setup": "sd:2:exp=0.5", "key": "b", "sample": 0, "log_likelihood": -9.0}]
+    [choice] = lenience_choice({"task": "text", "setups": setups}, text, tolerance=5.0)
+    assert choice["metric"] == "log-lik/token" and choice["quality"] == (-4.75, -1.0)
+    assert choice["paired"] == {"rows": 1, "items": 1, "mean": 0.5, "low": None, "high": None}
+    # a lossless setup without a speed cannot be beaten or divided by
+    slow = [_entry("sd:2", "draft", tps=None), setups[1]]
+    [choice] = lenience_choice({"task": "code", "setups": slow}, zeros, tolerance=0.0)
+    assert choice["chosen"] is None and "no quality or speed" in choice["why"]
 
 
 def test_render_eval_renders_an_older_report_again(tmp_path):
@@ -521,14 +554,21 @@ def test_render_eval_renders_an_older_report_again(tmp_path):
     for entry in setups:
         entry["draft"] = entry.pop("draft_role")
         entry["agreement"] = {"exact_match": None, "mean_first_difference": None}
-        entry["tokens_per_s"] = entry["acceptance_rate"] = entry["analytic_alpha"] = None
+        entry["acceptance_rate"] = entry["analytic_alpha"] = None
+        entry["tokens_per_s"] = 2.0 if entry["setup"] == "sd:3:exp=0.5" else 1.0
     report = {"task": "code", "data": "d", "config": {"target": "t"}, "items": 1,
               "samples_per_item": 1, "temperature": 1.0, "device": "cpu", "dtype": "float32",
               "reference": "r", "sandbox": None, "setups": setups, "draft": "d"}
     (tmp_path / "eval.json").write_text(json.dumps(report))
+    samples = _sample_lines("sd:3", [1, 0]) + _sample_lines("sd:3:exp=0.5", [1, 1])
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(line) + "\n" for line in samples))
     script = Path(__file__).parents[1] / "benchmarks" / "render_eval.py"
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True)
-    assert "| draft | sd:3 | exp | 1: 1.20×" in (tmp_path / "eval.md").read_text()
+    rendered = (tmp_path / "eval.md").read_text()
+    assert "| draft | sd:3 | exp | 1: 1.20×" in rendered
+    # a run from before the lenience choice gets it from its samples.jsonl (eval.md only)
+    assert "| draft | sd:3 | sd:3:exp=0.5 (of 1) | 2.00× |" in rendered
+    assert "lenience_choice" not in json.loads((tmp_path / "eval.json").read_text())
     assert (tmp_path / "quality_speed.png").exists()
 
 

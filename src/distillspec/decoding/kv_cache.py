@@ -248,8 +248,9 @@ class CachedModel:
     def kept_ids(self) -> torch.Tensor | None:
         """The token ids a pruned draft head scores (-inf elsewhere; a model whose logits pass a
         soft cap, tanh(x / cap) * cap, gives -cap there instead: still below every kept
-        logit, so the argmax and top-k over these ids are the whole row's), or None (every
-        id). Read at each call: a draft swapped or re-headed between steps is seen at once."""
+        logit, so the argmax and top-k over these ids are the whole row's), or None: every id
+        is scored, or the head returns its kept columns only (``kept_only``). Read at each
+        call: a draft swapped or re-headed between steps is seen at once."""
         head = self.model.get_output_embeddings()
         ids = getattr(head, "token_ids", None)
         if not isinstance(ids, torch.Tensor) or getattr(head, "kept_only", False):

@@ -14,6 +14,7 @@ A decoding setup is one string (``EvalSetup.parse``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
@@ -139,10 +140,10 @@ class EvalConfig:
     seed: int = knob(0, "Row i of the eval samples with seed + i (greedy ignores it).")
     warmup: bool = knob(True, "Decode a few tokens with each setup first, untimed.")
     quality_tolerance: float = knob(
-        0.01, "Lenience choice (eval.md): the fastest lossy setup whose quality is at most this "
-        "far below lossless SD's with the same draft and setting (code: pass@k, 0.01 = one "
-        "point; text: the target's log-likelihood, nats per token). Chosen on this eval's rows: "
-        "confirm it on other data.",
+        0.01, "Lenience choice (eval.md): the fastest lossy setup that is faster than lossless "
+        "SD with the same draft and setting and whose quality is at most this far below its "
+        "(code: pass@1, 0.01 = one point; text: the target's log-likelihood, nats per token). "
+        "Chosen on this eval's rows: confirm it on other data.",
     )
     sampling: SamplingConfig = section(SamplingConfig, flat=True)
     timeout_s: float = knob(5.0, "code: wall-clock limit per program run (CPU limit: the same, "
@@ -156,6 +157,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_seed(self.seed)
         require_at_least(self, 0, "num_prompts", "quality_tolerance")
+        if math.isnan(self.quality_tolerance):
+            raise ValueError("quality_tolerance is NaN: give a number >= 0, e.g. 0.01.")
         require_at_least(self, 1, "samples", "batch_size", "workers", "max_prompt_tokens",
                          "max_processes")
         require_at_most(self, MAX_BATCH, "batch_size")

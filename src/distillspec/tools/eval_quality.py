@@ -444,30 +444,38 @@ def quality_metrics(report: dict[str, Any]) -> list[tuple[str, Callable[[dict], 
     return metrics
 
 
-def _row_quality(report: dict[str, Any]) -> Callable[[dict], float | None]:
-    """One sample line's quality: 1/0 passed (code), else the target's log-likelihood per token."""
+def _row_quality(report: dict[str, Any]) -> tuple[str, Callable[[dict], float | None]]:
+    """The lenience choice's quality and how to read it from one sample line: pass@1 for code
+    (passed: 1, else 0; its mean over rows is pass@1 whatever --pass-k asks), else the target's
+    log-likelihood per token (None for an empty answer)."""
     if report["task"] == "code":
-        return lambda line: float(line.get("status") == "passed")
-    return lambda line: line.get("log_likelihood")
+        return "pass@1", lambda line: float(line.get("status") == "passed")
+    return "log-lik/token", lambda line: line.get("log_likelihood")
 
 
 def lenience_choice(report: dict[str, Any], samples: Sequence[dict],
                     tolerance: float) -> list[dict[str, Any]]:
     """Per lossless setup that opens a lenience curve (one draft and drafting setting): the
-    fastest lossy setup of its curves (by tok/s) whose quality (``quality_metrics``' first:
-    pass@k on code, log-likelihood per token on text) is at most ``tolerance`` below the
-    lossless one's, or None when none is both that good and faster. Each record also holds the
-    paired difference, chosen − lossless, of the per-row quality (code: passed 1/0; text: the
-    row's log-likelihood per token) on the same rows (prompt and seed), from ``samples``
-    (samples.jsonl's lines).
+    fastest lossy setup of its curves (by tok/s) that is faster than it and whose quality
+    (``_row_quality``'s, averaged over the rows of ``samples``, samples.jsonl's lines) is at
+    most ``tolerance`` below its own; ``chosen`` None when none is (``why`` says so). With a
+    choice, ``paired`` is the difference chosen − lossless per item (prompt or problem: its
+    rows matched by sample index and seed, averaged), with its interval over items: samples of
+    one problem are not independent, so the items are the units.
 
     Chosen on the eval's own rows, so its ÷ lossless is optimistic (the maximum of noisy
     figures): confirm it with ``--setups LOSSLESS,CHOSEN`` on other data."""
-    name, quality = quality_metrics(report)[0]
-    per_row = _row_quality(report)
-    by_setup: dict[str, dict[tuple, float | None]] = {}
+    name, per_row = _row_quality(report)
+    by_setup: dict[str, dict[tuple, float]] = {}
     for line in samples:
-        by_setup.setdefault(line["setup"], {})[(line["key"], line["sample"])] = per_row(line)
+        value = per_row(line)
+        if value is not None:
+            by_setup.setdefault(line["setup"], {})[(line["key"], line["sample"])] = value
+
+    def quality(entry) -> float | None:
+        values = by_setup.get(entry["setup"])
+        return sum(values.values()) / len(values) if values else None
+
     groups: dict[str, tuple[str, list[dict]]] = {}  # lossless label -> (role, lossy entries)
     for curve in lenience_curves(report):
         if curve["base"] is not None:
@@ -476,30 +484,43 @@ def lenience_choice(report: dict[str, Any], samples: Sequence[dict],
     choices = []
     for base_label, (role, lossy) in groups.items():
         base = labelled[base_label]
-        floor = None if quality(base) is None else quality(base) - tolerance
-        eligible = [e for e in lossy if floor is not None and quality(e) is not None
-                    and quality(e) >= floor and _faster(e, base)]
+        record = {"role": role, "lossless": base_label, "metric": name, "tolerance": tolerance,
+                  "candidates": len(lossy), "chosen": None}
+        base_quality, base_speed = quality(base), base["tokens_per_s"]
+        if base_quality is None or not base_speed:
+            record["why"] = "the lossless setup has no quality or speed to compare with"
+            choices.append(record)
+            continue
+        floor = base_quality - tolerance
+        eligible = [e for e in lossy if (e["tokens_per_s"] or 0.0) > base_speed
+                    and quality(e) is not None and quality(e) >= floor]
         chosen = max(eligible, key=lambda e: e["tokens_per_s"], default=None)
-        record = {"role": role, "lossless": base["setup"], "metric": name,
-                  "tolerance": tolerance, "candidates": len(lossy),
-                  "chosen": chosen["setup"] if chosen else None}
-        if chosen:
-            base_rows = by_setup.get(base["setup"], {})
-            chosen_rows = by_setup.get(chosen["setup"], {})
-            pairs = [(chosen_rows[key], base_rows[key]) for key in chosen_rows
-                     if key in base_rows and chosen_rows[key] is not None
-                     and base_rows[key] is not None]
-            record.update(
-                speedup_vs_lossless=chosen["tokens_per_s"] / base["tokens_per_s"],
-                tau=(chosen["block_efficiency"], base["block_efficiency"]),
-                quality=(quality(chosen), quality(base)),
-                paired=paired_difference(*zip(*pairs)).to_dict() if pairs else None)
+        if chosen is None:
+            record["why"] = f"none of {len(lossy)} is faster within the tolerance"
+            choices.append(record)
+            continue
+        record.update(
+            chosen=chosen["setup"], speedup_vs_lossless=chosen["tokens_per_s"] / base_speed,
+            tau=(chosen["block_efficiency"], base["block_efficiency"]),
+            quality=(quality(chosen), base_quality),
+            paired=_paired_by_item(by_setup[chosen["setup"]], by_setup[base_label]))
         choices.append(record)
     return choices
 
 
-def _faster(entry: dict[str, Any], base: dict[str, Any]) -> bool:
-    return (entry["tokens_per_s"] or 0.0) > (base["tokens_per_s"] or 0.0)
+def _paired_by_item(values: dict[tuple, float], baselines: dict[tuple, float]) -> dict | None:
+    """``paired_difference`` over items of the per-item mean of values − baselines on the rows
+    (key, sample) both have; None when they share none."""
+    per_item: dict[str, list[float]] = {}
+    for (key, sample), value in values.items():
+        if (key, sample) in baselines:
+            per_item.setdefault(key, []).append(value - baselines[key, sample])
+    if not per_item:
+        return None
+    means = [sum(d) / len(d) for d in per_item.values()]
+    rows = sum(map(len, per_item.values()))
+    return {**paired_difference(means, [0.0] * len(means)).to_dict(), "rows": rows,
+            "items": len(means)}
 
 
 def lenience_choice_lines(report: dict[str, Any]) -> list[str]:
@@ -508,19 +529,19 @@ def lenience_choice_lines(report: dict[str, Any]) -> list[str]:
     if not choices:
         return []
     lines = ["", "## Lenience choice", "",
-             f"Per draft and setting, the fastest lossy setup whose {choices[0]['metric']} is at "
-             f"most {choices[0]['tolerance']:g} below lossless SD's (`--quality-tolerance`). "
-             "Paired: chosen − lossless per row on the same prompts and seeds, mean [95 % "
-             "interval, normal approximation]. **Chosen on these rows**, so its ÷ lossless is "
-             "the best of several noisy figures: confirm it on other data with `--setups "
-             "LOSSLESS,CHOSEN`.", "",
+             f"Per draft and setting, the fastest lossy setup that is faster than lossless SD "
+             f"and whose {choices[0]['metric']} is at most {choices[0]['tolerance']:g} below "
+             "lossless SD's (`--quality-tolerance`). Paired: chosen − lossless on the same "
+             "prompts and seeds, averaged per item, mean over items [95 % interval over items, "
+             "normal approximation]. **Chosen on these rows**, so its ÷ lossless is the best of "
+             "several noisy figures: confirm it on other data with `--setups LOSSLESS,CHOSEN`.",
+             "",
              "| draft | lossless setup | chosen (of lossy setups) | ÷ lossless | τ | quality, chosen "
              "vs lossless | paired difference |", "|---|---|---|---|---|---|---|"]
     for record in choices:
         head = f"| {record['role']} | {record['lossless']} |"
         if record["chosen"] is None:
-            lines.append(f"{head} none of {record['candidates']} is faster within the "
-                         "tolerance | – | – | – | – |")
+            lines.append(f"{head} {record['why']} | – | – | – | – |")
             continue
         paired = record["paired"]
         interval = ("–" if paired is None or paired["low"] is None
@@ -530,7 +551,8 @@ def lenience_choice_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"{head} {record['chosen']} (of {record['candidates']}) | "
                      f"{record['speedup_vs_lossless']:.2f}× | {tau} | {quality} | "
                      f"{_figure(paired and paired['mean'], '+.3f')} {interval} "
-                     f"({paired['rows'] if paired else 0} rows) |")
+                     f"({paired['items'] if paired else 0} items, "
+                     f"{paired['rows'] if paired else 0} rows) |")
     return lines
 
 

@@ -1,6 +1,8 @@
 """Pool the confirmation runs of the lenience choice: per run and over all runs, tokens/s and τ of
 lossless SD and the chosen lossy setup, and the paired difference of pass@1 (and of the target's
-log-likelihood per token) row by row on the same problems and seeds.
+log-likelihood per token) on the same problems and seeds: row by row, and per problem (its rows'
+mean difference; samples of one problem are not independent, so the interval over the problems
+is the sounder one).
 
     python pool.py confirm-a confirm-b confirm-c > pooled.txt
 """
@@ -12,10 +14,18 @@ import sys
 from pathlib import Path
 
 
-def paired(values):
+def paired(values, unit="rows"):
     mean = statistics.mean(values)
     half = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] ({len(values)} rows)"
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}] ({len(values)} {unit})"
+
+
+def per_problem(differences):
+    """{(run, key, sample): difference} -> the mean difference of each problem (key)."""
+    problems = {}
+    for (_, key, _), value in differences.items():
+        problems.setdefault(key, []).append(value)
+    return [statistics.mean(values) for values in problems.values()]
 
 
 def main(folders):
@@ -45,12 +55,14 @@ def main(folders):
               for s in (lossless, lossy)]
     print(f"{lossy} ÷ {lossless}, pooled tokens/s: {pooled[1] / pooled[0]:.3f}×")
     keys = sorted(rows[lossless])
-    passes = [rows[lossy][k][0] - rows[lossless][k][0] for k in keys]
+    passes = {k: rows[lossy][k][0] - rows[lossless][k][0] for k in keys}
     print(f"pass@1: {lossless} {statistics.mean(rows[lossless][k][0] for k in keys):.3f}, "
-          f"{lossy} {statistics.mean(rows[lossy][k][0] for k in keys):.3f}; paired {paired(passes)}")
-    likelihood = [rows[lossy][k][1] - rows[lossless][k][1] for k in keys
-                  if rows[lossy][k][1] is not None and rows[lossless][k][1] is not None]
-    print(f"log-likelihood per token, paired: {paired(likelihood)}")
+          f"{lossy} {statistics.mean(rows[lossy][k][0] for k in keys):.3f}; paired by row "
+          f"{paired(list(passes.values()))}, by problem {paired(per_problem(passes), 'problems')}")
+    likelihood = {k: rows[lossy][k][1] - rows[lossless][k][1] for k in keys
+                  if rows[lossy][k][1] is not None and rows[lossless][k][1] is not None}
+    print(f"log-likelihood per token, paired by row {paired(list(likelihood.values()))}, "
+          f"by problem {paired(per_problem(likelihood), 'problems')}")
 
 
 if __name__ == "__main__":

@@ -55,16 +55,17 @@ def section(cls: type, help: str = "", flat: bool = False, **defaults: Any) -> A
 
 
 def require_at_least(config: Any, minimum: float, *names: str) -> None:
-    """Raise a ValueError naming the first field of ``names`` below ``minimum``."""
+    """Raise a ValueError naming the first field of ``names`` below ``minimum`` (or NaN, which
+    compares false with everything: a config built in Python skips the CLI's finite check)."""
     for name in names:
-        if getattr(config, name) < minimum:
+        if not getattr(config, name) >= minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {getattr(config, name)}.")
 
 
 def require_at_most(config: Any, maximum: float, *names: str, why: str = "") -> None:
-    """Raise a ValueError naming the first field of ``names`` above ``maximum``."""
+    """Raise a ValueError naming the first field of ``names`` above ``maximum`` (or NaN)."""
     for name in names:
-        if getattr(config, name) > maximum:
+        if not getattr(config, name) <= maximum:
             raise ValueError(
                 f"{name} must be <= {maximum}, got {getattr(config, name)}.{' ' + why if why else ''}"
             )

@@ -14,7 +14,6 @@ A decoding setup is one string (``EvalSetup.parse``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
@@ -157,8 +156,6 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_seed(self.seed)
         require_at_least(self, 0, "num_prompts", "quality_tolerance")
-        if math.isnan(self.quality_tolerance):
-            raise ValueError("quality_tolerance is NaN: give a number >= 0, e.g. 0.01.")
         require_at_least(self, 1, "samples", "batch_size", "workers", "max_prompt_tokens",
                          "max_processes")
         require_at_most(self, MAX_BATCH, "batch_size")

@@ -23,6 +23,7 @@ scores) and eval.md into an output folder it owns (``common/rundir.claim``).
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -471,11 +472,7 @@ def lenience_choice(report: dict[str, Any], samples: Sequence[dict],
         value = per_row(line)
         if value is not None:
             by_setup.setdefault(line["setup"], {})[(line["key"], line["sample"])] = value
-
-    def quality(entry) -> float | None:
-        values = by_setup.get(entry["setup"])
-        return sum(values.values()) / len(values) if values else None
-
+    qualities = {setup: sum(rows.values()) / len(rows) for setup, rows in by_setup.items()}
     groups: dict[str, tuple[str, list[dict]]] = {}  # lossless label -> (role, lossy entries)
     for curve in lenience_curves(report):
         if curve["base"] is not None:
@@ -486,14 +483,13 @@ def lenience_choice(report: dict[str, Any], samples: Sequence[dict],
         base = labelled[base_label]
         record = {"role": role, "lossless": base_label, "metric": name, "tolerance": tolerance,
                   "candidates": len(lossy), "chosen": None}
-        base_quality, base_speed = quality(base), base["tokens_per_s"]
+        base_quality, base_speed = qualities.get(base_label), base["tokens_per_s"]
         if base_quality is None or not base_speed:
             record["why"] = "the lossless setup has no quality or speed to compare with"
             choices.append(record)
             continue
-        floor = base_quality - tolerance
         eligible = [e for e in lossy if (e["tokens_per_s"] or 0.0) > base_speed
-                    and quality(e) is not None and quality(e) >= floor]
+                    and qualities.get(e["setup"], -math.inf) >= base_quality - tolerance]
         chosen = max(eligible, key=lambda e: e["tokens_per_s"], default=None)
         if chosen is None:
             record["why"] = f"none of {len(lossy)} is faster within the tolerance"
@@ -502,24 +498,25 @@ def lenience_choice(report: dict[str, Any], samples: Sequence[dict],
         record.update(
             chosen=chosen["setup"], speedup_vs_lossless=chosen["tokens_per_s"] / base_speed,
             tau=(chosen["block_efficiency"], base["block_efficiency"]),
-            quality=(quality(chosen), base_quality),
+            quality=(qualities[chosen["setup"]], base_quality),
             paired=_paired_by_item(by_setup[chosen["setup"]], by_setup[base_label]))
         choices.append(record)
     return choices
 
 
 def _paired_by_item(values: dict[tuple, float], baselines: dict[tuple, float]) -> dict | None:
-    """``paired_difference`` over items of the per-item mean of values − baselines on the rows
-    (key, sample) both have; None when they share none."""
-    per_item: dict[str, list[float]] = {}
-    for (key, sample), value in values.items():
-        if (key, sample) in baselines:
-            per_item.setdefault(key, []).append(value - baselines[key, sample])
+    """``paired_difference`` over items (keys) of each item's mean value against its mean
+    baseline, on the rows (key, sample) both have; None when they share none."""
+    per_item: dict[str, list[tuple[float, float]]] = {}
+    for row, value in values.items():
+        if row in baselines:
+            per_item.setdefault(row[0], []).append((value, baselines[row]))
     if not per_item:
         return None
-    means = [sum(d) / len(d) for d in per_item.values()]
+    means = [[sum(side) / len(pairs) for side in zip(*pairs)] for pairs in per_item.values()]
+    item_values, item_baselines = zip(*means)
     rows = sum(map(len, per_item.values()))
-    return {**paired_difference(means, [0.0] * len(means)).to_dict(), "rows": rows,
+    return {**paired_difference(item_values, item_baselines).to_dict(), "rows": rows,
             "items": len(means)}
 
 

@@ -16,6 +16,8 @@ from distillspec.decoding.acceptance import (
     verify,
     verify_tree,
 )
+from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.sampled_tree import sampled_tree_outcome
 from distillspec.decoding.sampling import sample
 from distillspec.decoding.tree import Tree
 
@@ -166,11 +168,12 @@ def tree_case(seed=0):
 
 
 def run_tree_trials(tree, case, trials=TRIALS, seed=1, sampled_from=None, replacement=False,
-                    **rule):
+                    through=None, **rule):
     """Draw each node's children from q after it, without replacement in child order
     (``torch.multinomial``, independent of the code under test), or i.i.d. with
     ``replacement``; ``sampled_from``: from another q than the one the rule is given. Verify all
-    ``trials`` trees at once."""
+    ``trials`` trees at once: with ``verify_tree``, or ``through`` "eager" / "compiled"
+    ``sampled_tree_outcome`` given log p as the target's logits (T = 1 warps them back to p)."""
     target_root, draft_root, target_next, draft_next = case
     source_root, source_next = sampled_from or (draft_root, draft_next)
     generator = torch.Generator().manual_seed(seed)
@@ -185,8 +188,16 @@ def run_tree_trials(tree, case, trials=TRIALS, seed=1, sampled_from=None, replac
     target_probs = torch.stack(
         [target_root.expand(trials, V)] + [target_next[tokens[:, n]] for n in range(tree.size)],
         dim=1)
-    return tokens, verify_tree(tree, tokens, draft_probs, target_probs, generator=generator,
-                               **rule)
+    if through is None:
+        return tokens, verify_tree(tree, tokens, draft_probs, target_probs, generator=generator,
+                                   **rule)
+    uniforms = torch.rand(trials, tree.size + 1, generator=generator)
+    outcome = sampled_tree_outcome(
+        tree, tokens, draft_probs, target_probs.log(), [SamplingConfig(temperature=1.0)],
+        vocab=V, max_accepted=rule.get("max_accepted", torch.full((trials,), tree.depth)),
+        lenience=None, epsilon=1.0, uniforms=(uniforms[:, :-1], uniforms[:, -1]),
+        compiled=through == "compiled")
+    return tokens, outcome[:3]
 
 
 def emitted(tokens, outcome, position):
@@ -257,19 +268,24 @@ def test_multi_draft_rule_output_follows_target_at_one_node():
     assert expected > analytic_acceptance(case[0], case[1]).item() + 0.1  # more than one draft
 
 
-@pytest.mark.parametrize("spec", ["0,1,0.0,0.1,1.0", "0,0.0,0.1,0.2"])
-def test_multi_draft_rule_follows_target_along_tree_paths(spec):
+@pytest.mark.parametrize(("spec", "through"), [("0,1,0.0,0.1,1.0", None),
+                                               ("0,0.0,0.1,0.2", None),
+                                               ("0,1,0.0,0.1,1.0", "eager"),
+                                               ("0,1,0.0,0.1,1.0", "compiled")])
+def test_multi_draft_rule_follows_target_along_tree_paths(spec, through):
     """Two levels: the first token follows p, the second p(. | first), the third (the bonus
-    after a full path) p(. | second); also when a cap stops rows after one token."""
+    after a full path) p(. | second); also when a cap stops rows after one token. ``through``:
+    the strategies' entry (the target's warp, the rule, its analytic alpha), eager and as the
+    compiled function that runs beside compiled steps."""
     tree = Tree.parse(spec)
     case = tree_case(1)
-    tokens, outcome = run_tree_trials(tree, case)
+    tokens, outcome = run_tree_trials(tree, case, through=through)
     first, second, third = (emitted(tokens, outcome, i) for i in range(3))
     assert tv(first, case[0]) < 0.01
     assert conditional_tv(first, second, case[2]) < 0.015
     assert conditional_tv(second, third, case[2]) < 0.02
     caps = torch.randint(0, 3, (TRIALS,), generator=torch.Generator().manual_seed(2))
-    tokens, outcome = run_tree_trials(tree, case, max_accepted=caps)
+    tokens, outcome = run_tree_trials(tree, case, max_accepted=caps, through=through)
     assert bool((outcome[1] <= caps).all()) and bool((outcome[1] == caps).any())
     first, second = emitted(tokens, outcome, 0), emitted(tokens, outcome, 1)
     assert tv(first, case[0]) < 0.01

@@ -11,6 +11,7 @@ from conftest import left_padded, perturbed_copy, tiny_model
 from test_kv_cache import pads_of, uncached_last_logits
 
 from distillspec import autoregressive_generate, speculative_generate
+from distillspec.decoding import sampled_tree
 from distillspec.decoding.kv_cache import CachedModel, compile_steps, steps_compiled
 
 
@@ -104,13 +105,19 @@ def test_compiled_greedy_tree_sd_equals_eager_target(compiled_pair, tree):
     assert compiled.sequences == eager_greedy(target, input_ids, attention_mask, 20)
 
 
-def test_compiled_sampled_sd_draws_what_eager_draws(compiled_pair):
-    """Same seed, same uniforms: the compiled path must sample the very same tokens."""
+@pytest.mark.parametrize("tree", [None, "3:2", "dyn:5:3:2"])
+def test_compiled_sampled_sd_draws_what_eager_draws(compiled_pair, tree, monkeypatch):
+    """Same seed, same uniforms: the compiled path must sample the very same tokens, chain and
+    trees (whose sampled rule then runs as one compiled function too, ``sampled_tree``)."""
     target, draft = compiled_pair
-    input_ids, attention_mask = left_padded([5])
-    common = dict(gamma=3, max_new_tokens=24, temperature=1.0)
+    rules = []
+    compiled_rule = sampled_tree._compiled
+    monkeypatch.setattr(sampled_tree, "_compiled", lambda: rules.append(1) or compiled_rule())
+    input_ids, attention_mask = left_padded([5] if tree is None else [5, 8])
+    common = dict(gamma=3, max_new_tokens=24, temperature=1.0, tree=tree)
     compiled = speculative_generate(target, draft, input_ids, attention_mask,
                                     generator=torch.Generator().manual_seed(7), **common)
+    compiled_blocks = len(rules)
     for model in compiled_pair:
         compile_steps(model, False)
     try:
@@ -121,6 +128,7 @@ def test_compiled_sampled_sd_draws_what_eager_draws(compiled_pair):
         for model in compiled_pair:
             compile_steps(model)
     assert compiled.sequences == eager.sequences
+    assert (compiled_blocks > 0) == (tree is not None) and len(rules) == compiled_blocks
 
 
 def test_auto_compiles_only_where_the_bench_measured_a_gain(tmp_path, monkeypatch):

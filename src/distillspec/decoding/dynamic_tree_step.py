@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import torch
 
-from distillspec.decoding.acceptance import tree_acceptance, verify_tree
 from distillspec.decoding.dynamic_tree import (
     accept_rows_greedy,
     extend_lineage,
@@ -29,6 +28,7 @@ from distillspec.decoding.dynamic_tree import (
 )
 from distillspec.decoding.kv_cache import TreeCall
 from distillspec.decoding.requests import RowUpdate, _Row
+from distillspec.decoding.sampled_tree import sampled_tree_outcome
 from distillspec.decoding.sampling import (
     greedy_tokens,
     pad_vocab,
@@ -195,16 +195,14 @@ class DynamicTreeStep:
         models, tree, prior = self.models, self.tree, self.prior
         index, columns = sampled.index, self.prior_columns
         target_columns = torch.cat([columns.new_zeros(1), columns + 1])
-        target_probs = warp_rows(pad_vocab(logits[index][:, target_columns], models.vocab),
-                                 sampled.samplings)
-        q = draft_probs[:, self.prior_q]
         uniforms = sampled.uniforms[:, tree.candidates :]
-        path, count, next_tokens = verify_tree(
-            prior.tree, node_tokens[index][:, columns], q, target_probs,
+        path, count, next_tokens, *stats = sampled_tree_outcome(
+            prior.tree, node_tokens[index][:, columns], draft_probs[:, self.prior_q],
+            logits[index][:, target_columns], sampled.samplings, vocab=models.vocab,
             max_accepted=max_accepted[index], lenience=models.speculation.lenience,
-            epsilon=models.speculation.epsilon, uniforms=(uniforms[:, : tree.nodes],
-                                                          uniforms[:, -1]))
-        stats = tree_acceptance(prior.tree, path, count, max_accepted[index], q, target_probs)
+            epsilon=models.speculation.epsilon,
+            uniforms=(uniforms[:, : tree.nodes], uniforms[:, -1]),
+            compiled=models.target.compiled)
         path = torch.where(path >= 0, columns[path.clamp_min(0)], -1)  # tree node -> column
         path = torch.nn.functional.pad(path, (0, tree.depth - path.shape[1]), value=-1)
         for whole, part in zip(outcome, (path, count, next_tokens, *stats)):

@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import torch
 
-from distillspec.decoding.acceptance import tree_acceptance, verify_tree
 from distillspec.decoding.kv_cache import TreeCall, takes_4d_mask
 from distillspec.decoding.logprobs import host_logprobs
 from distillspec.decoding.params import SamplingConfig
 from distillspec.decoding.requests import RowUpdate, _Row
+from distillspec.decoding.sampled_tree import sampled_tree_outcome
 from distillspec.decoding.sampling import greedy_tokens, pad_vocab, warp_rows
 from distillspec.decoding.strategy import Models, first, pending_tokens
 from distillspec.decoding.tree import Tree, accept_tree_greedy, tree_node_samples, tree_node_tokens
@@ -190,15 +190,14 @@ class TreeStep:
         """The sampled rows' rule (``verify_tree``) and analytic alpha, on their own
         ``node_tokens``, target ``logits`` and caps: ``(path, num_accepted, next_tokens,
         alpha_sum, levels)``, typed as the greedy rows' outcome."""
-        tree, models, size = self.tree, self.models, self.tree.size
-        target_probs = warp_rows(pad_vocab(logits, models.vocab), sampled.samplings)
-        chosen = verify_tree(
-            tree, node_tokens, draft_probs, target_probs, max_accepted=max_accepted,
-            lenience=models.speculation.lenience, epsilon=models.speculation.epsilon,
-            uniforms=(sampled.uniforms[:, size : 2 * size], sampled.uniforms[:, -1]))
-        alpha_sum, levels = tree_acceptance(tree, chosen[0], chosen[1], max_accepted,
-                                            draft_probs, target_probs)
-        return (*chosen, alpha_sum.double(), levels.long())
+        models, size = self.models, self.tree.size
+        path, count, next_tokens, alpha_sum, levels = sampled_tree_outcome(
+            self.tree, node_tokens, draft_probs, logits, sampled.samplings, vocab=models.vocab,
+            max_accepted=max_accepted, lenience=models.speculation.lenience,
+            epsilon=models.speculation.epsilon,
+            uniforms=(sampled.uniforms[:, size : 2 * size], sampled.uniforms[:, -1]),
+            compiled=models.target.compiled)
+        return path, count, next_tokens, alpha_sum.double(), levels.long()
 
     def _greedy_alpha(self, path, count, max_accepted):
         """Greedy rows' alpha: accepted nodes that were the draft's top-1 token, over the levels

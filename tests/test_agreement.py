@@ -3,6 +3,7 @@ and a real sweep in float32, where greedy SD is exact."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model
 
@@ -36,3 +37,32 @@ def test_a_greedy_sweep_in_float32_reports_full_agreement_and_sampling_none():
         assert row.agreement["first_difference_where_different"] is None
     sampled = SpeedProbe(target, prompts, max_new_tokens=6, temperature=1.0)
     assert sampled.sweep(draft, [(2, 0.0)], repeats=1).rows[0].agreement is None
+
+
+def test_sweep_rotates_its_order_per_round_and_reports_the_speedup_of_each_round(monkeypatch):
+    """Round r runs the methods (the target alone, then each setting) rotated by r, and a
+    setting's speed-up in round r is its tokens/s there over the target alone's there."""
+    from distillspec.decoding import measure
+
+    torch.manual_seed(0)
+    target, draft = tiny_model(seed=1).eval(), tiny_model(seed=2, layers=1).eval()
+    probe = SpeedProbe(target, [[1, 5, 9], [2, 7]], max_new_tokens=6, batch_size=2)
+    order, timed = [], measure.timed
+
+    def scripted(fn, *args, device=None):
+        _, result = timed(fn, *args, device=device)
+        order.append("plain" if fn == probe.plain else f"gamma{args[1]}")
+        return 1.0 + len(order), result  # every call 1 s slower than the one before
+
+    monkeypatch.setattr(measure, "timed", scripted)
+    sweep = probe.sweep(draft, [(1, 0.0), (2, 0.0)], repeats=3)
+    assert order == ["plain", "gamma1", "gamma2", "gamma1", "gamma2", "plain",
+                     "gamma2", "plain", "gamma1"]
+    walls = dict(plain=[2.0, 7.0, 9.0], gamma1=[3.0, 5.0, 10.0], gamma2=[4.0, 6.0, 8.0])
+    assert sweep.plain_wall_s == walls["plain"]
+    for row, name in zip(sweep.rows, ("gamma1", "gamma2")):
+        assert row.repeats_wall_s == walls[name]
+        expected = [p / w for p, w in zip(walls["plain"], walls[name])]  # same tokens each
+        assert row.speedup_rounds == pytest.approx(expected)
+        assert row.speedup_round_median == pytest.approx(sorted(expected)[1])
+        assert row.speedup == pytest.approx(7.0 / sorted(walls[name])[1])

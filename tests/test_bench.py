@@ -56,6 +56,8 @@ def test_bench_reports_every_method_and_metric(setup):
             assert 0 <= row["analytic_alpha"] <= 1 and row["block_efficiency"] >= 1
             assert row["predicted_speedup"] > 0 and row["cost_ratio"] > 0
             assert row["verify_cost"] > 0 and row["tokens_per_s"] > 0
+            # one round: its ratio is the ratio of the medians
+            assert row["speedup_rounds"] == [pytest.approx(row["speedup"])]
             if setting["batch_size"] == 1:
                 assert row["hf_assisted"]["new_tokens"] == 4 * 6
             else:
@@ -64,6 +66,8 @@ def test_bench_reports_every_method_and_metric(setup):
         assert (setup / "out" / name).stat().st_size > 0
     table = markdown_table(report)
     assert "batch-1 only" in table and "★" in table
+    speedup = report["settings"][0]["rows"][0]["speedup"]
+    assert f"{speedup:.2f}× ({speedup:.2f}–{speedup:.2f})" in table  # the per-round column
 
 
 def test_spec_bench_answers(setup):

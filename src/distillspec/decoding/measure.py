@@ -180,13 +180,18 @@ class SweepRow:
     cost_ratio: float  # measured in these runs: draft step / target-alone step
     verify_cost: float  # V(gamma + 1) (a tree: V(nodes + 1)) from the cost model (1 without)
     predicted_speedup: float
-    speedup: float  # tokens/s ÷ the target alone's
+    speedup: float  # tokens/s ÷ the target alone's (of the medians over rounds)
     measured_over_predicted: float
     accepted_length_histogram: list[int] = field(default_factory=list)
     tree: str = ""  # tree drafting (decoding/tree.py); "" = a chain of gamma tokens
     # Greedy sweeps: SD's rows against the target alone's rows of the same run, same dtype
     # (quality.Agreement.to_dict); None when sampling, where outputs differ by design.
     agreement: dict[str, Any] | None = None
+    # Per round: this setting's tokens/s ÷ the target alone's in the same round, and their
+    # median: on a machine whose speed drifts between rounds, a ratio within one round
+    # compares two methods minutes closer together than the medians do.
+    speedup_rounds: list[float] = field(default_factory=list)
+    speedup_round_median: float = 0.0
 
 
 @dataclass
@@ -268,7 +273,9 @@ class SpeedProbe:
         """A warm-up of every method (its first batch: enough to warm kernels and allocations,
         without decoding every prompt one more time), then ``repeats`` rounds; each round runs
         the target alone once and SD once per (gamma, threshold), so drift hits every method
-        alike; medians.
+        alike, in an order rotated by one method per round (no method always runs next to the
+        target alone); medians, and each setting's speed-up per round
+        (``SweepRow.speedup_rounds``).
 
         With a ``cost_model`` (its context and verify range), the cost model is measured again
         in every round, beside the decoding it predicts, and the predictions use the per-figure
@@ -288,10 +295,15 @@ class SpeedProbe:
         plain_results: list[GenerationResult] = []
         started = time.perf_counter()
         in_sweep: list[CostModel] = []
+        methods = [-1, *range(len(settings))]  # -1: the target alone
         for round_index in range(repeats):
-            wall, plain_results = timed(self.plain, device=self.device)
-            plain_walls.append(wall)
-            for index, (gamma, threshold, tree) in enumerate(settings):
+            shift = round_index % len(methods)
+            for index in methods[shift:] + methods[:shift]:
+                if index < 0:
+                    wall, plain_results = timed(self.plain, device=self.device)
+                    plain_walls.append(wall)
+                    continue
+                gamma, threshold, tree = settings[index]
                 wall, results[index] = timed(
                     self.speculative, draft, gamma, threshold, tree, device=self.device
                 )
@@ -313,6 +325,11 @@ class SpeedProbe:
         for row in rows:
             row.speedup = row.tokens_per_s / plain_tps
             row.measured_over_predicted = row.speedup / row.predicted_speedup
+            # round r: (row tokens / its wall) / (plain tokens / the plain wall)
+            scale = row.tokens_per_s * row.median_wall_s / tokens
+            row.speedup_rounds = [scale * plain / wall
+                                  for plain, wall in zip(plain_walls, row.repeats_wall_s)]
+            row.speedup_round_median = statistics.median(row.speedup_rounds)
         return Sweep(plain_tps, plain_walls, rows, cost_model)
 
     def _row(self, setting, walls, results, plain_results, cost_model) -> SweepRow:

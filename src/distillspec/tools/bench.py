@@ -249,9 +249,9 @@ def _flags(config: BenchConfig) -> str:
 def markdown_table(report: dict[str, Any]) -> str:
     lines = [
         "| T | batch | gamma | threshold | ours SD tok/s | ours plain | HF plain | HF assisted "
-        "| SD ÷ plain | SD ÷ HF assisted | alpha | tau | c | V(γ+1) | predicted | measured ÷ predicted "
-        "| SD = plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| SD ÷ plain | per round | SD ÷ HF assisted | alpha | tau | c | V(γ+1) | predicted "
+        "| measured ÷ predicted | SD = plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setting in report["settings"]:
         for row in setting["rows"]:
@@ -267,18 +267,28 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"| {row['confidence_threshold']:g} | {row['tokens_per_s']:.1f} "
                 f"| {setting['ours_plain_tokens_per_s']:.1f} "
                 f"| {setting['hf_plain']['tokens_per_s']:.1f} | {assisted_tps} "
-                f"| {row['speedup']:.2f}× | {versus} | {row['analytic_alpha']:.3f} "
+                f"| {row['speedup']:.2f}× | {per_round(row)} | {versus} "
+                f"| {row['analytic_alpha']:.3f} "
                 f"| {row['block_efficiency']:.2f} | {row['cost_ratio']:.2f} "
                 f"| {row['verify_cost']:.2f} | {row['predicted_speedup']:.2f}× "
                 f"| {row['measured_over_predicted']:.2f} | {describe_agreement(row.get('agreement'))} |"
             )
     lines += ["", "★ = recommended setting (highest measured tokens/s) for that temperature and "
-              "batch. V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step (a tree: of "
+              "batch. SD ÷ plain: of the medians over rounds; per round: the median (and range) of "
+              "SD ÷ plain within each round, the methods' order rotated per round. V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step (a tree: of "
               "its nodes + 1; its prediction is the measured tau ÷ (depth × c + V)). SD = plain "
               "(greedy): the share of rows where SD's output equals our plain decoding's token for "
               "token, in this run's dtype, and the mean position of the first difference where "
               "one differs (always 100 % in float32; bf16 can flip near-tied logits)."]
     return "\n".join(lines + step_path_table(report)) + "\n"
+
+
+def per_round(row: dict[str, Any]) -> str:
+    """``median× (lowest–highest)`` of a row's per-round speed-ups ("–" in older reports)."""
+    rounds = row.get("speedup_rounds")
+    if not rounds:
+        return "–"
+    return f"{row['speedup_round_median']:.2f}× ({min(rounds):.2f}–{max(rounds):.2f})"
 
 
 def step_path_table(report: dict[str, Any]) -> list[str]:

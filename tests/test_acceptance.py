@@ -193,11 +193,35 @@ def run_tree_trials(tree, case, trials=TRIALS, seed=1, sampled_from=None, replac
                                    **rule)
     uniforms = torch.rand(trials, tree.size + 1, generator=generator)
     outcome = sampled_tree_outcome(
-        tree, tokens, draft_probs, target_probs.log(), [SamplingConfig(temperature=1.0)],
-        vocab=V, max_accepted=rule.get("max_accepted", torch.full((trials,), tree.depth)),
-        lenience=None, epsilon=1.0, uniforms=(uniforms[:, :-1], uniforms[:, -1]),
-        compiled=through == "compiled")
+        tree, tokens, draft_probs, target_probs.log(), [SamplingConfig(temperature=1.0)] * trials,
+        vocab=V, max_accepted=rule.pop("max_accepted", torch.full((trials,), tree.depth)),
+        lenience=rule.pop("lenience", None), epsilon=rule.pop("epsilon", 1.0),
+        uniforms=(uniforms[:, :-1], uniforms[:, -1]), compiled=through == "compiled")
+    assert not rule, f"run_tree_trials does not pass {sorted(rule)} through sampled_tree_outcome"
     return tokens, outcome[:3]
+
+
+def test_sampled_tree_outcome_compiled_equals_eager_with_a_temperature_per_row():
+    """The compiled temperature-only path (temperatures a tensor, one per row) gives the eager
+    ``warp_rows`` path's results on the same uniforms, lenient or not."""
+    tree = Tree.parse("0,1,0.0,0.1,1.0")
+    generator = torch.Generator().manual_seed(3)
+    rows = 64
+    logits = torch.randn(rows, tree.size + 1, V, generator=generator) * 2
+    draft_probs = torch.softmax(torch.randn(rows, 1 + len(tree.internal), V,
+                                            generator=generator), -1)
+    tokens = torch.randint(0, V, (rows, tree.size), generator=generator)
+    tokens[:, 1] = (tokens[:, 0] + 1) % V  # siblings distinct
+    uniforms = torch.rand(rows, tree.size + 1, generator=generator)
+    samplings = [SamplingConfig(temperature=t) for t in (0.7, 1.3)] * (rows // 2)
+    for lenience, epsilon in ((None, 1.0), ("lin", 0.5)):
+        eager, compiled = (sampled_tree_outcome(
+            tree, tokens, draft_probs.clone(), logits, samplings, vocab=V,
+            max_accepted=torch.full((rows,), 2), lenience=lenience, epsilon=epsilon,
+            uniforms=(uniforms[:, :-1], uniforms[:, -1]), compiled=on) for on in (False, True))
+        for a, b in zip(eager[:3], compiled[:3]):
+            assert torch.equal(a, b)
+        assert torch.allclose(eager[3], compiled[3]) and torch.equal(eager[4], compiled[4])
 
 
 def emitted(tokens, outcome, position):

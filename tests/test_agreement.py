@@ -66,3 +66,11 @@ def test_sweep_rotates_its_order_per_round_and_reports_the_speedup_of_each_round
         assert row.speedup_rounds == pytest.approx(expected)
         assert row.speedup_round_median == pytest.approx(sorted(expected)[1])
         assert row.speedup == pytest.approx(7.0 / sorted(walls[name])[1])
+
+
+def test_round_speedups_divide_tokens_per_second_within_each_round():
+    """(tokens / wall_r) / (plain tokens / plain wall_r), here with different token counts."""
+    from distillspec.decoding.measure import round_speedups
+
+    ratios = round_speedups([2.0, 4.0], 30, [3.0, 2.0], 20)
+    assert ratios == pytest.approx([(30 / 2.0) / (20 / 3.0), (30 / 4.0) / (20 / 2.0)])

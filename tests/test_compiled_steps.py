@@ -108,13 +108,18 @@ def test_compiled_greedy_tree_sd_equals_eager_target(compiled_pair, tree):
 @pytest.mark.parametrize("tree", [None, "3:2", "dyn:5:3:2"])
 def test_compiled_sampled_sd_draws_what_eager_draws(compiled_pair, tree, monkeypatch):
     """Same seed, same uniforms: the compiled path must sample the very same tokens, chain and
-    trees (whose sampled rule then runs as one compiled function too, ``sampled_tree``)."""
+    trees (whose sampled rule then runs compiled too, ``sampled_tree``: the dynamic tree at
+    T = 1 with the warp inside the graph, tree 3:2 lenient at T = 0.7 with top-k and top-p,
+    warped eagerly)."""
     target, draft = compiled_pair
     rules = []
     compiled_rule = sampled_tree._compiled
-    monkeypatch.setattr(sampled_tree, "_compiled", lambda: rules.append(1) or compiled_rule())
+    monkeypatch.setattr(sampled_tree, "_compiled",
+                        lambda function: rules.append(1) or compiled_rule(function))
     input_ids, attention_mask = left_padded([5] if tree is None else [5, 8])
     common = dict(gamma=3, max_new_tokens=24, temperature=1.0, tree=tree)
+    if tree == "3:2":  # the rule after an eager top-k / top-p warp, lenient
+        common.update(temperature=0.7, top_k=20, top_p=0.9, lenience="lin", epsilon=0.5)
     compiled = speculative_generate(target, draft, input_ids, attention_mask,
                                     generator=torch.Generator().manual_seed(7), **common)
     compiled_blocks = len(rules)

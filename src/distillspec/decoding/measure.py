@@ -191,7 +191,19 @@ class SweepRow:
     # median: on a machine whose speed drifts between rounds, a ratio within one round
     # compares two methods minutes closer together than the medians do.
     speedup_rounds: list[float] = field(default_factory=list)
-    speedup_round_median: float = 0.0
+    speedup_round_median: float = float("nan")
+
+
+def round_speedups(walls: Sequence[float], tokens: int, plain_walls: Sequence[float],
+                   plain_tokens: int) -> list[float]:
+    """Per round r: (tokens / walls[r]) / (plain_tokens / plain_walls[r]), a method's tokens/s
+    over the target alone's in the same round."""
+    return [(tokens / wall) / (plain_tokens / plain) for wall, plain in zip(walls, plain_walls)]
+
+
+def _emitted(results: Sequence[GenerationResult]) -> int:
+    """New tokens of a method's results, every batch."""
+    return sum(len(sequence) for result in results for sequence in result.sequences)
 
 
 @dataclass
@@ -273,9 +285,9 @@ class SpeedProbe:
         """A warm-up of every method (its first batch: enough to warm kernels and allocations,
         without decoding every prompt one more time), then ``repeats`` rounds; each round runs
         the target alone once and SD once per (gamma, threshold), so drift hits every method
-        alike, in an order rotated by one method per round (no method always runs next to the
-        target alone); medians, and each setting's speed-up per round
-        (``SweepRow.speedup_rounds``).
+        alike, in an order rotated by one method per round (the method timed first, and the
+        one timed next to the target alone, change every round); medians, and each setting's
+        speed-up per round (``SweepRow.speedup_rounds``).
 
         With a ``cost_model`` (its context and verify range), the cost model is measured again
         in every round, beside the decoding it predicts, and the predictions use the per-figure
@@ -320,15 +332,13 @@ class SpeedProbe:
             cost_model = median_cost_model(in_sweep)
         rows = [self._row(setting, walls[i], results[i], plain_results, cost_model)
                 for i, setting in enumerate(settings)]
-        tokens = sum(len(s) for r in plain_results for s in r.sequences)
-        plain_tps = tokens / statistics.median(plain_walls)
-        for row in rows:
+        plain_tokens = _emitted(plain_results)
+        plain_tps = plain_tokens / statistics.median(plain_walls)
+        for index, row in enumerate(rows):
             row.speedup = row.tokens_per_s / plain_tps
             row.measured_over_predicted = row.speedup / row.predicted_speedup
-            # round r: (row tokens / its wall) / (plain tokens / the plain wall)
-            scale = row.tokens_per_s * row.median_wall_s / tokens
-            row.speedup_rounds = [scale * plain / wall
-                                  for plain, wall in zip(plain_walls, row.repeats_wall_s)]
+            row.speedup_rounds = round_speedups(walls[index], _emitted(results[index]),
+                                                plain_walls, plain_tokens)
             row.speedup_round_median = statistics.median(row.speedup_rounds)
         return Sweep(plain_tps, plain_walls, rows, cost_model)
 

@@ -3,26 +3,44 @@
 
 On CPU at batch 1 this is about a hundred small tensor calls over the vocabulary (the rule's
 per-sibling passes, the softmax of every node's p): dispatch-bound, ~1.4 ms of a ~36 ms tree
-step on the demo's pair. Where the target's own steps run compiled, the whole of it runs as one
-``torch.compile``d function too (~0.35 ms); the math is the same, so the emitted tokens follow
-p exactly either way (the rule's distribution tests run both).
+step on the demo's pair. Where the target's own steps run compiled, it runs ``torch.compile``d
+too (~0.35 ms on the same inputs, hot). The math is the same, so the emitted tokens follow p
+exactly either way (the rule's distribution tests run both); the rounding is the compiled
+kernels', as the compiled target's logits already are.
+
+Graphs: one per tree and sampled-row count 1 / more than 1 (dynamo specialises a batch of 1 and
+makes the batch dynamic at the second size), for each of the two compiled functions: the
+temperature-only warp fused with the rule (temperatures are a tensor, so a new temperature is no
+new graph), and the rule alone after an eager warp when a row uses top-k or top-p (their values
+would be guarded constants in a graph).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from distillspec.decoding.acceptance import tree_acceptance, verify_tree
 from distillspec.decoding.params import SamplingConfig
-from distillspec.decoding.sampling import pad_vocab, warp, warp_rows
+from distillspec.decoding.sampling import pad_vocab, warp_rows
 
 if TYPE_CHECKING:
     from distillspec.decoding.tree import Tree
 
-_compiled_rule = None
+
+class RuleInputs(NamedTuple):
+    """What ``verify_tree`` takes besides the tree, the tokens and the distributions."""
+
+    max_accepted: torch.Tensor  # [S] each row's cap
+    lenience: str | None
+    epsilon: float
+    accept_uniforms: torch.Tensor  # [S, N]
+    final_uniforms: torch.Tensor  # [S]
+
+
+_compiled_functions: dict = {}
 
 
 def sampled_tree_outcome(
@@ -35,44 +53,55 @@ def sampled_tree_outcome(
     vocab: int, max_accepted: torch.Tensor, lenience: str | None, epsilon: float,
     uniforms: tuple[torch.Tensor, torch.Tensor], compiled: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """``(path, num_accepted, next_tokens, alpha_sum, levels)`` of the sampled rows: p is
-    ``warp(target_logits)`` per row's config (padded to ``vocab``), q the ``draft_probs`` the
-    nodes were drawn from; shapes and ``uniforms`` as ``verify_tree``. ``compiled``: run it as
-    one compiled function when every row shares one config (else eager: one graph per config
-    mix would be compiled for nothing)."""
-    rule = (max_accepted, lenience, epsilon, uniforms[0], uniforms[1])
-    if compiled and len(set(samplings)) == 1:
-        try:
-            return _compiled()(tree, node_tokens, draft_probs, target_logits, samplings[0],
-                               vocab, *rule)
-        except torch._dynamo.exc.TorchDynamoException as error:
-            raise RuntimeError(
-                f"Compiling the sampled tree rule failed ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}); run with --compile off."
-            ) from error
-    target_probs = warp_rows(pad_vocab(target_logits, vocab), samplings)
-    return _rule(tree, node_tokens, draft_probs, target_probs, *rule)
+    """``(path, num_accepted, next_tokens, alpha_sum float64, levels int64)`` of the sampled
+    rows: p = ``warp(target_logits)`` per row's config (padded to ``vocab``), q the
+    ``draft_probs`` the nodes were drawn from; shapes and ``uniforms`` as ``verify_tree``.
+    ``compiled``: through the compiled functions (see the module's docstring)."""
+    inputs = RuleInputs(max_accepted, lenience, epsilon, *uniforms)
+    if not compiled:
+        return _rule(tree, node_tokens, draft_probs, _warp(target_logits, samplings, vocab),
+                     inputs)
+    try:
+        if all(s.top_k == 0 and s.top_p >= 1.0 for s in samplings):
+            temperatures = torch.tensor([s.temperature for s in samplings],
+                                        device=target_logits.device)
+            return _compiled(_tempered_rule)(tree, node_tokens, draft_probs, target_logits,
+                                             temperatures, vocab, inputs)
+        return _compiled(_rule)(tree, node_tokens, draft_probs,
+                                _warp(target_logits, samplings, vocab), inputs)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        raise RuntimeError(
+            f"Compiling the sampled tree rule failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); run with --compile off."
+        ) from error
 
 
-def _rule(tree, node_tokens, draft_probs, target_probs, max_accepted, lenience, epsilon,
-          accept_uniforms, final_uniforms):
+def _warp(target_logits, samplings, vocab):
+    return warp_rows(pad_vocab(target_logits, vocab), samplings)
+
+
+def _rule(tree, node_tokens, draft_probs, target_probs, inputs: RuleInputs):
+    """``verify_tree`` on p = ``target_probs``, then the block's analytic alpha
+    (``tree_acceptance``)."""
     path, count, next_tokens = verify_tree(
-        tree, node_tokens, draft_probs, target_probs, max_accepted=max_accepted,
-        lenience=lenience, epsilon=epsilon, uniforms=(accept_uniforms, final_uniforms))
-    alpha_sum, levels = tree_acceptance(tree, path, count, max_accepted, draft_probs,
+        tree, node_tokens, draft_probs, target_probs, max_accepted=inputs.max_accepted,
+        lenience=inputs.lenience, epsilon=inputs.epsilon,
+        uniforms=(inputs.accept_uniforms, inputs.final_uniforms))
+    alpha_sum, levels = tree_acceptance(tree, path, count, inputs.max_accepted, draft_probs,
                                         target_probs)
     return path, count, next_tokens, alpha_sum, levels
 
 
-def _warped_rule(tree, node_tokens, draft_probs, target_logits, sampling, vocab, *rule):
-    target_probs = warp(pad_vocab(target_logits, vocab), sampling)
-    return _rule(tree, node_tokens, draft_probs, target_probs, *rule)
+def _tempered_rule(tree, node_tokens, draft_probs, target_logits, temperatures, vocab,
+                   inputs: RuleInputs):
+    """``_rule`` on p = softmax(logits / T_row), ``warp`` without top-k or top-p (the same
+    division and softmax in float32)."""
+    scaled = pad_vocab(target_logits, vocab).float() / temperatures.view(-1, 1, 1)
+    return _rule(tree, node_tokens, draft_probs, torch.softmax(scaled, dim=-1), inputs)
 
 
-def _compiled():
-    """One compiled function for every tree, config and batch size (dynamo guards on the tree
-    and the config; after a second batch size it compiles one graph with the batch dynamic)."""
-    global _compiled_rule
-    if _compiled_rule is None:
-        _compiled_rule = torch.compile(_warped_rule)
-    return _compiled_rule
+def _compiled(function):
+    """``torch.compile(function)``, made once per function."""
+    if function not in _compiled_functions:
+        _compiled_functions[function] = torch.compile(function)
+    return _compiled_functions[function]

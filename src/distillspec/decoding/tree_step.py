@@ -191,13 +191,12 @@ class TreeStep:
         ``node_tokens``, target ``logits`` and caps: ``(path, num_accepted, next_tokens,
         alpha_sum, levels)``, typed as the greedy rows' outcome."""
         models, size = self.models, self.tree.size
-        path, count, next_tokens, alpha_sum, levels = sampled_tree_outcome(
+        return sampled_tree_outcome(
             self.tree, node_tokens, draft_probs, logits, sampled.samplings, vocab=models.vocab,
             max_accepted=max_accepted, lenience=models.speculation.lenience,
             epsilon=models.speculation.epsilon,
             uniforms=(sampled.uniforms[:, size : 2 * size], sampled.uniforms[:, -1]),
             compiled=models.target.compiled)
-        return path, count, next_tokens, alpha_sum.double(), levels.long()
 
     def _greedy_alpha(self, path, count, max_accepted):
         """Greedy rows' alpha: accepted nodes that were the draft's top-1 token, over the levels

@@ -274,8 +274,9 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"| {row['measured_over_predicted']:.2f} | {describe_agreement(row.get('agreement'))} |"
             )
     lines += ["", "★ = recommended setting (highest measured tokens/s) for that temperature and "
-              "batch. SD ÷ plain: of the medians over rounds; per round: the median (and range) of "
-              "SD ÷ plain within each round, the methods' order rotated per round. V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step (a tree: of "
+              "batch. SD ÷ plain: of the medians over rounds; per round: the median (and "
+              "range) of SD ÷ plain within each round, the methods' order rotated per round. "
+              "V(γ+1) = measured cost of a (γ+1)-token target call ÷ a one-token step (a tree: of "
               "its nodes + 1; its prediction is the measured tau ÷ (depth × c + V)). SD = plain "
               "(greedy): the share of rows where SD's output equals our plain decoding's token for "
               "token, in this run's dtype, and the mean position of the first difference where "

@@ -39,7 +39,10 @@ def wrap(mod, name, label=None):
 TS = tree_step.TreeStep
 for n in ("_draft", "_children", "_verify", "_sampled"):
     wrap(TS, n, "TreeStep." + n)
-wrap(tree_step, "finish_tree_block"); wrap(tree_step, "verify_tree"); wrap(tree_step, "tree_acceptance")
+wrap(tree_step, "finish_tree_block")
+for name in ("verify_tree", "tree_acceptance", "sampled_tree_outcome"):  # before / after 7e73263
+    if hasattr(tree_step, name):
+        wrap(tree_step, name)
 wrap(tree_step, "warp_rows"); wrap(tree_step, "tree_node_samples"); wrap(tree_step, "sampled_rows")
 from distillspec.decoding import kv_cache as kc
 CM = kc.CachedModel

@@ -1,5 +1,5 @@
 """The compiled sampled tree rule against the eager one in one process (the VM's speed moves
-by up to 25 % between processes a minute apart): the same decode as phase_t1.py (tree 3:1,
+by up to 25 % between processes a minute apart): the same decode as ../bench-t1-kept/phase_t1.py (tree 3:1,
 T = 1, 6 prompts x 48 tokens), runs alternating compiled / eager in swapped order each round.
 
     ROUNDS=10 python ab_inproc.py
@@ -10,7 +10,7 @@ f = sampled_tree.sampled_tree_outcome
 MODE = {"eager": False}
 tree_step.sampled_tree_outcome = lambda *a, **k: f(*a, **(dict(k, compiled=False) if MODE["eager"] else k))
 sys.argv = [sys.argv[0], "3:1", "1.0"]
-src = open("phase_t1.py").read().split("run(); run()")[0]
+src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench-t1-kept", "phase_t1.py")).read().split("run(); run()")[0]
 exec(src)
 run(); MODE["eager"] = True; run(); MODE["eager"] = False
 res = {True: [], False: []}

@@ -167,6 +167,29 @@ def test_auto_compiles_only_where_the_bench_measured_a_gain(tmp_path, monkeypatc
         apply_compile("sometimes", target=target)
 
 
+def test_a_verdict_pools_the_last_benches_gains(tmp_path, monkeypatch):
+    """``gain`` is the median of the last GAIN_HISTORY gains measured under one key, so one
+    noisy bench does not flip ``auto``; a verdict written before pooling counts as one."""
+    import json
+
+    from distillspec.models.compilation import GAIN_HISTORY, decide, record_verdict, verdict_key
+
+    path = tmp_path / "verdicts.json"
+    monkeypatch.setenv("DISTILLSPEC_COMPILE_VERDICTS", str(path))
+    draft = tiny_model("llama", seed=2, layers=1)
+    path.write_text(json.dumps({verdict_key(draft): {"gain": 1.18}}))  # an older verdict
+    record_verdict(draft, {"gain": 1.02})  # alone it would say eager
+    verdict = record_verdict(draft, {"gain": 1.07, "compile_s": 2.0})
+    assert verdict["gains"] == [1.18, 1.02, 1.07] and verdict["last_gain"] == 1.07
+    assert verdict["gain"] == 1.07 and verdict["compile_s"] == 2.0
+    decision = decide("auto", draft, "draft")
+    assert decision.compiled and "3 benches here measured 1.07x (median)" in decision.reason
+    for gain in (1.0, 1.01, 1.03, 1.04):
+        verdict = record_verdict(draft, {"gain": gain})
+    assert verdict["gains"] == [1.02, 1.07, 1.0, 1.01, 1.03, 1.04][-GAIN_HISTORY:]
+    assert verdict["gain"] == 1.03 and not decide("auto", draft, "draft").compiled
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_greedy_sd_equals_eager_target_on_cuda():

@@ -66,6 +66,8 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert reported["prompts"] == 3 and 0 <= reported["alpha_t0"] <= 1
     assert (reported["setting"]["gamma"], reported["setting"]["tree"]) == (best["gamma"], best["tree"])
     assert report["split_agreement"]["speedup"]["choice"] == best["speedup"]
+    rounds = reported["setting"]["speedup_rounds"]  # one per report round, and their median
+    assert len(rounds) == 2 and reported["setting"]["speedup_round_median"] == sum(rounds) / 2
     assert 0 <= report["before"]["report_split"]["alpha_t0"] <= 1
     assert [c["layers"] for c in report["draft"]["candidates"]] == [1, 2]
     assert report["train_steps"] >= 1 and report["evals"][0]["eval"] == "start"
@@ -74,6 +76,7 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert "| alpha (greedy, T=0) |" in captured.out and "SD speed-up vs target alone" in captured.out
     assert "report split: speed-up at the chosen setting" in captured.out
+    assert "; per round " in captured.out
     assert "Draft chosen by measured cost" in captured.out
     assert "| draft weights (the faster in a duel at the best setting) |" in captured.out
     saved = json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())

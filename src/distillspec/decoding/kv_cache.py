@@ -211,6 +211,15 @@ def compile_steps(model: PreTrainedModel, enabled: bool = True) -> None:
         _compiled_by_model[model] = torch.compile(_logits, dynamic=False)
 
 
+def compile_failure(what: str, error: Exception) -> RuntimeError:
+    """The error a failed ``torch.compile`` of ``what`` raises, with the way out."""
+    return RuntimeError(
+        f"Compiling {what} failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:200]}). torch.compile needs a working C++ compiler on "
+        "CPU; run with --compile off."
+    )
+
+
 def steps_compiled(model: PreTrainedModel) -> bool:
     return model in _compiled_by_model
 
@@ -401,11 +410,8 @@ class CachedModel:
                 self.cache_keyword,
             )
         except torch._dynamo.exc.TorchDynamoException as error:
-            raise RuntimeError(
-                f"Compiling the decoding step of {type(self.model).__name__} failed "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). torch.compile "
-                "needs a working C++ compiler on CPU; run with --compile off."
-            ) from error
+            raise compile_failure(f"the decoding step of {type(self.model).__name__}",
+                                  error) from error
         finally:
             self.cache.write_index = None
 

@@ -231,6 +231,16 @@ def predicted_tree_speedup(
     return tokens_per_block / (draft_calls * cost_ratio + verify_cost)
 
 
+def describe_round_speedups(row: dict[str, Any]) -> str:
+    """A sweep row's per-round speed-ups (``SweepRow.speedup_rounds``) as
+    '1.12× (1.05–1.31)': their median, then the lowest and highest; '–' for a report written
+    before they were recorded."""
+    rounds = row.get("speedup_rounds")
+    if not rounds:
+        return "–"
+    return f"{row['speedup_round_median']:.2f}× ({min(rounds):.2f}–{max(rounds):.2f})"
+
+
 def describe_agreement(agreement: dict[str, Any] | None) -> str:
     """A ``quality.Agreement.to_dict()`` as '100%' or '75% (first difference at 21.0)' (where
     the differing rows first differ); '–' for None (sampled rows have no agreement figure)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from distillspec.decoding.acceptance import tree_acceptance, verify_tree
+from distillspec.decoding.kv_cache import compile_failure
 from distillspec.decoding.params import SamplingConfig
 from distillspec.decoding.sampling import pad_vocab, warp_rows
 
@@ -58,26 +59,19 @@ def sampled_tree_outcome(
     ``draft_probs`` the nodes were drawn from; shapes and ``uniforms`` as ``verify_tree``.
     ``compiled``: through the compiled functions (see the module's docstring)."""
     inputs = RuleInputs(max_accepted, lenience, epsilon, *uniforms)
+    if compiled and all(s.top_k == 0 and s.top_p >= 1.0 for s in samplings):
+        temperatures = torch.tensor([s.temperature for s in samplings],
+                                    device=target_logits.device)
+        function, distributions = _tempered_rule, (target_logits, temperatures, vocab)
+    else:
+        function = _rule
+        distributions = (warp_rows(pad_vocab(target_logits, vocab), samplings),)
     if not compiled:
-        return _rule(tree, node_tokens, draft_probs, _warp(target_logits, samplings, vocab),
-                     inputs)
+        return function(tree, node_tokens, draft_probs, *distributions, inputs)
     try:
-        if all(s.top_k == 0 and s.top_p >= 1.0 for s in samplings):
-            temperatures = torch.tensor([s.temperature for s in samplings],
-                                        device=target_logits.device)
-            return _compiled(_tempered_rule)(tree, node_tokens, draft_probs, target_logits,
-                                             temperatures, vocab, inputs)
-        return _compiled(_rule)(tree, node_tokens, draft_probs,
-                                _warp(target_logits, samplings, vocab), inputs)
+        return _compiled(function)(tree, node_tokens, draft_probs, *distributions, inputs)
     except torch._dynamo.exc.TorchDynamoException as error:
-        raise RuntimeError(
-            f"Compiling the sampled tree rule failed ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); run with --compile off."
-        ) from error
-
-
-def _warp(target_logits, samplings, vocab):
-    return warp_rows(pad_vocab(target_logits, vocab), samplings)
+        raise compile_failure("the sampled tree rule", error) from error
 
 
 def _rule(tree, node_tokens, draft_probs, target_probs, inputs: RuleInputs):

@@ -6,9 +6,8 @@ says *where*. ``distillspec bench`` times every model's steps eager and compiled
 dtype and torch version in ``verdicts_path()`` (its gain the median of the last few benches').
 ``auto`` compiles a model only where such a verdict measured a gain of at least ``MIN_GAIN``
 (and, when the caller knows how many tokens it will generate, only if they save more than the
-measured compile time). On a machine or model
-nobody measured it stays eager, so ``auto`` is never slower than eager by assumption. ``on``
-compiles regardless; ``off`` never does.
+measured compile time). On a machine or model nobody measured it stays eager, so ``auto`` is
+never slower than eager by assumption. ``on`` compiles regardless; ``off`` never does.
 """
 
 from __future__ import annotations

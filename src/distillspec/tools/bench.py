@@ -34,7 +34,7 @@ from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, pair_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
 from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
-from distillspec.decoding.metrics import describe_agreement
+from distillspec.decoding.metrics import describe_agreement, describe_round_speedups
 from distillspec.decoding.timing import timed
 from distillspec.models.compilation import apply_compile, record_verdict
 from distillspec.models.pruned_head import full_vocabulary, is_pruned
@@ -267,7 +267,7 @@ def markdown_table(report: dict[str, Any]) -> str:
                 f"| {row['confidence_threshold']:g} | {row['tokens_per_s']:.1f} "
                 f"| {setting['ours_plain_tokens_per_s']:.1f} "
                 f"| {setting['hf_plain']['tokens_per_s']:.1f} | {assisted_tps} "
-                f"| {row['speedup']:.2f}× | {per_round(row)} | {versus} "
+                f"| {row['speedup']:.2f}× | {describe_round_speedups(row)} | {versus} "
                 f"| {row['analytic_alpha']:.3f} "
                 f"| {row['block_efficiency']:.2f} | {row['cost_ratio']:.2f} "
                 f"| {row['verify_cost']:.2f} | {row['predicted_speedup']:.2f}× "
@@ -282,14 +282,6 @@ def markdown_table(report: dict[str, Any]) -> str:
               "token, in this run's dtype, and the mean position of the first difference where "
               "one differs (always 100 % in float32; bf16 can flip near-tied logits)."]
     return "\n".join(lines + step_path_table(report)) + "\n"
-
-
-def per_round(row: dict[str, Any]) -> str:
-    """``median× (lowest–highest)`` of a row's per-round speed-ups ("–" in older reports)."""
-    rounds = row.get("speedup_rounds")
-    if not rounds:
-        return "–"
-    return f"{row['speedup_round_median']:.2f}× ({min(rounds):.2f}–{max(rounds):.2f})"
 
 
 def step_path_table(report: dict[str, Any]) -> list[str]:

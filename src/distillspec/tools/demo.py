@@ -42,7 +42,11 @@ from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, load_options
 from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
-from distillspec.decoding.metrics import describe_agreement, predicted_speedup
+from distillspec.decoding.metrics import (
+    describe_agreement,
+    describe_round_speedups,
+    predicted_speedup,
+)
 from distillspec.decoding.timing import alternating_rates
 from distillspec.decoding.tree import Tree
 from distillspec.models.drafts import split_vocab_option, truncate_layers
@@ -302,13 +306,11 @@ def split_agreement(after: dict[str, Any], reported: dict[str, Any]) -> dict[str
 
 
 def _reported_speedup(setting: dict[str, Any]) -> str:
-    """``1.27× (τ 1.42; per round 1.25×, 1.10–1.40)``: the ratio of the medians, then the
-    median and range of the per-round ratios (reports written before them: without)."""
+    """``1.27× (τ 1.42; per round 1.25× (1.10–1.40))``: the ratio of the medians, then the
+    per-round ratios (``describe_round_speedups``; reports written before them: without)."""
     text = f"{setting['speedup']:.2f}× (τ {setting['block_efficiency']:.2f}"
-    rounds = setting.get("speedup_rounds")
-    if rounds:
-        text += (f"; per round {setting['speedup_round_median']:.2f}×, "
-                 f"{min(rounds):.2f}–{max(rounds):.2f}")
+    if setting.get("speedup_rounds"):
+        text += f"; per round {describe_round_speedups(setting)}"
     return text + ")"
 
 

@@ -82,3 +82,19 @@ def test_public_api_still_imports():
     for name in ("load_pair", "speculative_generate", "autoregressive_generate", "distill",
                  "DistillConfig", "Decoder", "Request"):
         assert callable(getattr(distillspec, name)) or isinstance(getattr(distillspec, name), type)
+
+
+def test_functions_and_decoding_classes_stay_short():
+    """Issue 22's size rule: no function over 60 lines anywhere in the package, and the
+    Decoder and each decoding strategy under 250."""
+    long_functions, long_classes = [], []
+    strategies = {"Decoder", "ChainStep", "TreeStep", "DynamicTreeStep"}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            lines = getattr(node, "end_lineno", 0) - getattr(node, "lineno", 0) + 1
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and lines > 60:
+                long_functions.append(f"{path.name}:{node.name} ({lines} lines)")
+            if isinstance(node, ast.ClassDef) and node.name in strategies and lines >= 250:
+                long_classes.append(f"{path.name}:{node.name} ({lines} lines)")
+    assert not long_functions, long_functions
+    assert not long_classes, long_classes

@@ -207,6 +207,18 @@ def _emitted(results: Sequence[GenerationResult]) -> int:
 
 
 @dataclass
+class _Rounds:
+    """What ``SpeedProbe.sweep``'s timed rounds collected: per setting (by index) its walls and
+    its last round's results; the target alone's; the cost models measured between rounds."""
+
+    walls: dict[int, list[float]]
+    results: dict[int, list[GenerationResult]] = field(default_factory=dict)
+    plain_walls: list[float] = field(default_factory=list)
+    plain_results: list[GenerationResult] = field(default_factory=list)
+    cost_models: list[CostModel] = field(default_factory=list)
+
+
+@dataclass
 class Sweep:
     plain_tokens_per_s: float
     plain_wall_s: list[float]
@@ -301,46 +313,50 @@ class SpeedProbe:
         self.plain(batches=1)  # warm-ups, discarded
         for gamma, threshold, tree in settings:
             self.speculative(draft, gamma, threshold, tree, batches=1)
-        plain_walls: list[float] = []
-        walls: dict[int, list[float]] = {i: [] for i in range(len(settings))}
-        results: dict[int, list[GenerationResult]] = {}
-        plain_results: list[GenerationResult] = []
+        rounds = self._rounds(draft, settings, repeats, cost_model, progress)
+        if rounds.cost_models:
+            cost_model = median_cost_model(rounds.cost_models)
+        rows = [self._row(setting, rounds.walls[i], rounds.results[i], rounds.plain_results,
+                          cost_model) for i, setting in enumerate(settings)]
+        plain_tokens = _emitted(rounds.plain_results)
+        plain_tps = plain_tokens / statistics.median(rounds.plain_walls)
+        for index, row in enumerate(rows):
+            row.speedup = row.tokens_per_s / plain_tps
+            row.measured_over_predicted = row.speedup / row.predicted_speedup
+            row.speedup_rounds = round_speedups(rounds.walls[index],
+                                                _emitted(rounds.results[index]),
+                                                rounds.plain_walls, plain_tokens)
+            row.speedup_round_median = statistics.median(row.speedup_rounds)
+        return Sweep(plain_tps, rounds.plain_walls, rows, cost_model)
+
+    def _rounds(self, draft, settings, repeats: int, cost_model: CostModel | None,
+                progress: Callable[[str], None] | None) -> _Rounds:
+        """``repeats`` rounds of the target alone and every setting, in an order rotated by one
+        method per round; with a ``cost_model``, that model measured again after each round."""
+        rounds = _Rounds({i: [] for i in range(len(settings))})
         started = time.perf_counter()
-        in_sweep: list[CostModel] = []
         methods = [-1, *range(len(settings))]  # -1: the target alone
         for round_index in range(repeats):
             shift = round_index % len(methods)
             for index in methods[shift:] + methods[:shift]:
                 if index < 0:
-                    wall, plain_results = timed(self.plain, device=self.device)
-                    plain_walls.append(wall)
+                    wall, rounds.plain_results = timed(self.plain, device=self.device)
+                    rounds.plain_walls.append(wall)
                     continue
                 gamma, threshold, tree = settings[index]
-                wall, results[index] = timed(
+                wall, rounds.results[index] = timed(
                     self.speculative, draft, gamma, threshold, tree, device=self.device
                 )
-                walls[index].append(wall)
+                rounds.walls[index].append(wall)
             if cost_model is not None:
-                in_sweep.append(measure_cost_model(
+                rounds.cost_models.append(measure_cost_model(
                     self.target, draft, context_tokens=cost_model.context_tokens or 96,
                     max_verify=max(cost_model.verify_s, default=1), repeats=3))
             if progress is not None:
                 done = round_index + 1
                 left = (time.perf_counter() - started) / done * (repeats - done)
                 progress(f"round {done}/{repeats} done, ~{left:.0f} s left")
-        if in_sweep:
-            cost_model = median_cost_model(in_sweep)
-        rows = [self._row(setting, walls[i], results[i], plain_results, cost_model)
-                for i, setting in enumerate(settings)]
-        plain_tokens = _emitted(plain_results)
-        plain_tps = plain_tokens / statistics.median(plain_walls)
-        for index, row in enumerate(rows):
-            row.speedup = row.tokens_per_s / plain_tps
-            row.measured_over_predicted = row.speedup / row.predicted_speedup
-            row.speedup_rounds = round_speedups(walls[index], _emitted(results[index]),
-                                                plain_walls, plain_tokens)
-            row.speedup_round_median = statistics.median(row.speedup_rounds)
-        return Sweep(plain_tps, plain_walls, rows, cost_model)
+        return rounds
 
     def _row(self, setting, walls, results, plain_results, cost_model) -> SweepRow:
         gamma, threshold, tree = setting

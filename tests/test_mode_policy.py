@@ -34,7 +34,7 @@ def run(policy, batch, rates, steps):
 
 
 def test_every_arm_is_measured_then_the_fastest_runs_with_periodic_re_measurement():
-    policy = ModePolicy([None, 1, PLAIN], warmup=2, explore_every=8)
+    policy = ModePolicy([None, 1, PLAIN], warmup=2, explore_every=8, settle=0)
     chosen = run(policy, 16, {None: 50.0, 1: 60.0, PLAIN: 80.0}, 40)
     assert chosen[:6] == [None, None, 1, 1, PLAIN, PLAIN]  # the configured arm first
     later = chosen[6:]
@@ -55,6 +55,36 @@ def test_arms_measured_at_other_batch_sizes_of_a_bucket_compare_per_row():
     assert run(policy, 16, {None: 16 * 8.9}, 2) == [None, None]
     assert run(policy, 9, {None: 9 * 8.9, PLAIN: 9 * 9.8}, 20)[2:] == [PLAIN] * 18
     assert policy.rate(9, PLAIN) == pytest.approx(9.8)
+
+
+def test_a_bucket_where_plain_leads_far_settles_and_wider_batches_inherit_it():
+    policy = ModePolicy([None, 1, PLAIN], warmup=2, explore_every=8, settle=4,
+                        settled_explore_every=64)
+    rates = {None: 50.0, 1: 60.0, PLAIN: 80.0}  # drafting 0.63x and 0.75x plain: far behind
+    chosen = run(policy, 4, rates, 200)
+    assert not policy.settled(2) and policy.settled(4) and policy.settled(16)
+    assert policy.plain_from() == 3  # bucket 4 holds batches 3 and 4
+    # Warm-up (2 each), then a re-measurement every 8th step until each drafting arm has 4
+    # steps (step 32); from then on every 64th step only.
+    drafting = [i + 1 for i, arm in enumerate(chosen) if arm != PLAIN]
+    assert drafting == [1, 2, 3, 4, 8, 16, 24, 32, 64, 128, 192]
+    # A wider batch runs plain from its first step, drafting arms unmeasured there.
+    assert run(policy, 16, rates, 63) == [PLAIN] * 63
+    assert run(policy, 16, rates, 1) == [None]  # the 64th step re-measures, oldest first
+    # A narrower batch is not settled by a wider one: it measures its arms itself.
+    assert run(policy, 2, rates, 3) == [None, None, 1]
+
+
+def test_near_ties_and_a_new_draft_do_not_settle():
+    policy = ModePolicy([None, PLAIN], warmup=2, explore_every=8, settle=4)
+    chosen = run(policy, 16, {None: 75.0, PLAIN: 80.0}, 64)  # 0.94x plain: within the margin
+    assert not policy.settled(16)
+    assert [i + 1 for i, arm in enumerate(chosen) if arm != PLAIN][-3:] == [48, 56, 64]
+    run(policy, 16, {None: 40.0, PLAIN: 80.0}, 200)
+    assert policy.settled(16)
+    policy.forget_speculative()  # a new draft: measured afresh, nothing settled
+    assert not policy.settled(16) and policy.plain_from() == 0
+    assert run(policy, 16, {None: 120.0, PLAIN: 80.0}, 2) == [None, None]
 
 
 def test_a_stale_estimate_is_replaced_when_re_measured():
@@ -80,6 +110,8 @@ def test_bad_settings_and_unknown_arms():
         ModePolicy([None, PLAIN], memory=0.5)
     with pytest.raises(ValueError, match="confidence"):
         ModePolicy([None, PLAIN], confidence=-1.0)
+    with pytest.raises(ValueError, match="settle"):
+        ModePolicy([None, PLAIN], settle=-1)
     policy = ModePolicy([None, PLAIN])
     policy.record(1, 5, 10, 1.0)  # not an arm of this policy
     policy.record(1, None, 10, 0.0)  # no time measured

@@ -271,6 +271,7 @@ def test_metrics_in_prometheus_format(served):
                  "distillspec_time_to_first_token_seconds_bucket",
                  "distillspec_time_per_output_token_seconds_bucket",
                  "distillspec_num_requests_running", "distillspec_draft_version",
+                 "distillspec_spec_decode_plain_from_batch",
                  'distillspec_spec_decode_position_accepted_total{position="0"}',
                  'distillspec_speculation_info{confidence_threshold="0",draft="target-layers:1",'
                  'draft_weights="none",gamma="3",sd_policy="auto",tree=""} 1.0',

@@ -31,8 +31,18 @@ measuring, so the measured cost model here is the measurement itself:
   2/3 of the steps after one noisy lead change: each rare re-measurement of speculation also
   paid the draft's catch-up. Not kept. The server now records no step that catches the draft
   up, so a re-measurement after plain steps is the second drafting step, not the first);
+* a bucket **settles on plain** once every drafting arm has run ``settle`` steps there and
+  plain's rate beats the best drafting arm's upper bound: it then runs plain, re-measuring the
+  arm measured longest ago only every ``settled_explore_every``-th step (256, not 32), and so
+  does every larger bucket, without warming its drafting arms up (a wider batch only makes the
+  verify more compute-bound: vLLM disables speculation above a batch size for that reason,
+  here the size is measured). Why: at 16 clients on the 2-core CPU the drafting arms ran
+  0.70-0.84x plain per row, and the server's loop replayed (docs/results/serve-settle) spent
+  4 % of its steps at 9-16 rows drafting to re-measure them, each of which also caught the
+  draft up and left the rows' ends out of step, so that their successors were admitted one by
+  one (35 admission steps against plain's 18);
 * a new draft (``forget_speculative``) clears the speculative arms' estimates: its acceptance
-  is another.
+  is another (and no bucket is settled until they are measured again).
 
 Why not a moving average of per-step rates (the first version): with weight 0.25 per step, a
 noisy step (random acceptances move a 4-row step's rate by ~18 %) could push the faster arm
@@ -51,6 +61,9 @@ from dataclasses import dataclass, field
 
 PLAIN = 0  # the arm that drafts nothing
 POLICIES = ("auto", "always")
+# A bucket settles on plain only when the best drafting arm is this far behind (its upper bound
+# below this share of plain's rate): near-ties keep being re-measured.
+SETTLE_MARGIN = 0.9
 
 
 def bucket(batch: int) -> int:
@@ -118,17 +131,21 @@ class ModePolicy:
     """
 
     def __init__(self, arms: list[int | None], *, warmup: int = 2, explore_every: int = 32,
-                 memory: float = 32.0, confidence: float = 1.0):
+                 memory: float = 32.0, confidence: float = 1.0, settle: int = 4,
+                 settled_explore_every: int = 256):
         if not arms or len(set(arms)) != len(arms):
             raise ValueError(f"arms must be distinct and non-empty, got {arms}.")
-        if warmup < 1 or explore_every < 2 or memory < 1 or confidence < 0:
+        if (warmup < 1 or explore_every < 2 or memory < 1 or confidence < 0 or settle < 0
+                or settled_explore_every < 2):
             raise ValueError(
-                f"need warmup >= 1, explore_every >= 2, memory >= 1 and confidence >= 0; got "
-                f"{warmup}, {explore_every}, {memory}, {confidence}."
+                f"need warmup >= 1, explore_every >= 2, memory >= 1, confidence >= 0, settle >= "
+                f"0 and settled_explore_every >= 2; got {warmup}, {explore_every}, {memory}, "
+                f"{confidence}, {settle}, {settled_explore_every}."
             )
         self.arms = list(arms)
         self.warmup, self.explore_every = warmup, explore_every
         self.decay, self.confidence = 1.0 - 1.0 / memory, confidence
+        self.settle, self.settled_explore_every = settle, settled_explore_every
         self.buckets: dict[int, _Bucket] = {}
 
     @classmethod
@@ -142,15 +159,41 @@ class ModePolicy:
 
     def choose(self, batch: int) -> int | None:
         """The arm to run for a step of ``batch`` live rows."""
-        state = self.buckets.setdefault(bucket(batch), _Bucket())
+        size = bucket(batch)
+        state = self.buckets.setdefault(size, _Bucket())
         estimates = [state.estimates.get(arm, _Estimate()) for arm in self.arms]
+        oldest = min(zip(self.arms, estimates), key=lambda pair: pair[1].last_step)[0]
+        if PLAIN in self.arms and self.settled(size):
+            return oldest if (state.steps + 1) % self.settled_explore_every == 0 else PLAIN
         for arm, estimate in zip(self.arms, estimates):
             if estimate.samples < self.warmup:
                 return arm
         if (state.steps + 1) % self.explore_every == 0:
-            return min(zip(self.arms, estimates), key=lambda pair: pair[1].last_step)[0]
+            return oldest
         return max(zip(self.arms, estimates),
                    key=lambda pair: pair[1].upper_bound(self.confidence))[0]
+
+    def settled(self, size: int) -> bool:
+        """Whether the bucket ``size`` (or a smaller one) has settled on plain: there every
+        drafting arm ran ``settle`` steps and the best one's upper bound stays below plain's
+        rate. Never with ``settle`` 0."""
+        return self.settle > 0 and any(
+            smaller <= size and self._plain_leads(state)
+            for smaller, state in self.buckets.items())
+
+    def plain_from(self) -> int:
+        """The smallest batch size whose bucket has settled on plain (0: none), for /metrics."""
+        settled = [size for size, state in self.buckets.items()
+                   if self.settle > 0 and self._plain_leads(state)]
+        return min(settled) // 2 + 1 if settled else 0
+
+    def _plain_leads(self, state: _Bucket) -> bool:
+        plain = state.estimates.get(PLAIN)
+        drafting = [state.estimates.get(arm) for arm in self.arms if arm != PLAIN]
+        if plain is None or any(e is None or e.samples < self.settle for e in drafting):
+            return False
+        best = max(e.upper_bound(2 * self.confidence) for e in drafting)
+        return plain.samples >= self.settle and best < SETTLE_MARGIN * plain.tokens_per_second
 
     def record(self, batch: int, arm: int | None, tokens: int, seconds: float) -> None:
         """A step of ``batch`` rows ran ``arm`` and emitted ``tokens`` (all rows') in

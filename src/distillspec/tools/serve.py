@@ -108,6 +108,10 @@ class ServeMetrics:
                                "bucket (decayed tokens per row over decayed seconds; "
                                "--sd-policy auto chooses by it plus one standard error)",
                                ["batch_bucket", "mode"], registry=registry)
+        self.plain_from = Gauge("distillspec_spec_decode_plain_from_batch",
+                                "--sd-policy auto: the batch size from which every step decodes "
+                                "plain, every drafting mode having measured far slower per row "
+                                "there (re-measured 1 step in 256); 0: none", registry=registry)
 
     def describe(self, draft_spec: str, speculation, sd_policy: str,
                  draft_weights: str = "none") -> None:
@@ -126,12 +130,14 @@ class ServeMetrics:
         rate = policy.rate(batch, arm)
         if rate is not None:
             self.mode_rate.labels(str(bucket(batch)), arm_name(arm)).set(rate)
+        self.plain_from.set(policy.plain_from())
 
     def reset_rates(self, policy) -> None:
         """After a draft swap: the gauges show what the policy still holds (plain's rates)."""
         self.mode_rate.clear()
         for (size, name), rate in policy.estimates().items():
             self.mode_rate.labels(str(size), name).set(rate)
+        self.plain_from.set(policy.plain_from())
 
     def record_step(self, update) -> None:
         self.emitted.inc(len(update.new_tokens))

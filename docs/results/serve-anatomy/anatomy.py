@@ -6,12 +6,15 @@ previous one finishes, ``count`` requests in all; the engine loop is the server'
 the arm with ``ModePolicy``, one ``Decoder.step``, record it unless it admitted rows or timed a
 kernel choice: the latter since commit 7a53e84, after anatomy-*.json and serve-avx2's were made). Modes:
 ``plain`` (no draft), ``auto`` (the server's default policy) and ``always`` (speculate as
-configured on every step), interleaved for ``rounds`` rounds. Every step is logged (mode,
+configured on every step), interleaved for ``rounds`` rounds; ``--modes`` picks among them and
+``auto-unsettled`` (auto as before commit "settles a batch-size bucket": no bucket settles on
+plain). Every step is logged (mode,
 batch, admitting, arm, tokens emitted, seconds); the summary splits each level's time into
 admission steps (prefill + one step) and decoding steps, and gives the steady-state tokens/s of
 every arm at each batch size.
 
-    python anatomy.py [--draft-quantize int8] [--rounds 2] [--out anatomy.json]
+    python anatomy.py [--draft-quantize int8] [--rounds 2] [--modes plain,auto,always]
+                      [--concurrency 4,16] [--out anatomy.json]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from distillspec.tools.configs import ServeConfig
 from distillspec.tools.generate import load_for_decoding, speculation_for
 from distillspec.training.builtin_data import builtin_dataset_items
 
-MODES = ("plain", "auto", "always")
+MODES = ("plain", "auto", "always", "auto-unsettled")
 
 
 def chat_prompts(tokenizer) -> list[list[int]]:
@@ -144,15 +147,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", default="4,16")
     parser.add_argument("--count", type=int, default=32)
+    parser.add_argument("--modes", default="plain,auto,always")
     parser.add_argument("--out", default="anatomy.json")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes must list modes among {', '.join(MODES)}")
     models, speculation, stop, prompts, spec = setup(args.draft_quantize)
-    policies = {"auto": ModePolicy.for_speculation(speculation.gamma,
-                                                   speculation.tree_shape is not None)}
+    tree = speculation.tree_shape is not None
+    policies = {"auto": ModePolicy.for_speculation(speculation.gamma, tree),
+                "auto-unsettled": ModePolicy.for_speculation(speculation.gamma, tree, settle=0)}
     log, rates = [], collections.defaultdict(list)
     for round_index in range(args.rounds):
         for concurrency in map(int, args.concurrency.split(",")):
-            for mode in MODES:
+            for mode in modes:
                 rate = level(models, speculation, stop, prompts, mode, concurrency, args.count,
                              policies.get(mode), log)
                 rates[(mode, concurrency)].append(rate)

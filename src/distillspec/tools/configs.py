@@ -353,8 +353,9 @@ class ServeConfig:
     sd_policy: str = knob(
         "auto", "When the server speculates: auto (each step picks speculate as configured, a "
         "1-token chain or plain decoding, whichever has produced the most tokens/s at this "
-        "batch size, measured per row as it serves; a step in 32 re-measures another; rows "
-        "with a seed "
+        "batch size, measured per row as it serves; a step in 32 re-measures another; where "
+        "every drafting mode measured far slower, that batch size and wider ones settle on "
+        "plain, re-measured 1 step in 256; rows with a seed "
         "and a temperature keep speculating as configured, so their seed reproduces) or always "
         "(every step as configured). Lossless either way. See /metrics "
         "distillspec_spec_decode_steps.",

@@ -32,7 +32,8 @@ measuring, so the measured cost model here is the measurement itself:
   paid the draft's catch-up. Not kept. The server now records no step that catches the draft
   up, so a re-measurement after plain steps is the second drafting step, not the first);
 * a bucket **settles on plain** once every drafting arm has run ``settle`` steps there and
-  plain's rate beats the best drafting arm's upper bound: it then runs plain, re-measuring the
+  the best one's rate plus two standard errors stays below ``SETTLE_MARGIN`` (0.9) of plain's
+  (near-ties never settle): it then runs plain, re-measuring the
   arm measured longest ago only every ``settled_explore_every``-th step (256, not 32), and so
   does every larger bucket, without warming its drafting arms up (a wider batch only makes the
   verify more compute-bound: vLLM disables speculation above a batch size for that reason,
@@ -40,7 +41,7 @@ measuring, so the measured cost model here is the measurement itself:
   0.70-0.84x plain per row, and the server's loop replayed (docs/results/serve-settle) spent
   4 % of its steps at 9-16 rows drafting to re-measure them, each of which also caught the
   draft up and left the rows' ends out of step, so that their successors were admitted one by
-  one (35 admission steps against plain's 18);
+  one (29 admission steps against plain's 15);
 * a new draft (``forget_speculative``) clears the speculative arms' estimates: its acceptance
   is another (and no bucket is settled until they are measured again).
 
@@ -174,20 +175,26 @@ class ModePolicy:
                    key=lambda pair: pair[1].upper_bound(self.confidence))[0]
 
     def settled(self, size: int) -> bool:
-        """Whether the bucket ``size`` (or a smaller one) has settled on plain: there every
-        drafting arm ran ``settle`` steps and the best one's upper bound stays below plain's
-        rate. Never with ``settle`` 0."""
-        return self.settle > 0 and any(
-            smaller <= size and self._plain_leads(state)
-            for smaller, state in self.buckets.items())
+        """Whether the bucket ``size`` or a smaller one has settled on plain."""
+        smallest = self._smallest_settled()
+        return 0 < smallest <= size
 
     def plain_from(self) -> int:
         """The smallest batch size whose bucket has settled on plain (0: none), for /metrics."""
-        settled = [size for size, state in self.buckets.items()
-                   if self.settle > 0 and self._plain_leads(state)]
-        return min(settled) // 2 + 1 if settled else 0
+        smallest = self._smallest_settled()
+        return smallest // 2 + 1 if smallest else 0
+
+    def _smallest_settled(self) -> int:
+        """The smallest bucket where plain leads every drafting arm far (0: none; always 0 with
+        ``settle`` 0)."""
+        if self.settle == 0:
+            return 0
+        return min((size for size, state in self.buckets.items() if self._plain_leads(state)),
+                   default=0)
 
     def _plain_leads(self, state: _Bucket) -> bool:
+        """Every drafting arm ran ``settle`` steps here and the best one's rate plus two
+        standard errors is below ``SETTLE_MARGIN`` of plain's."""
         plain = state.estimates.get(PLAIN)
         drafting = [state.estimates.get(arm) for arm in self.arms if arm != PLAIN]
         if plain is None or any(e is None or e.samples < self.settle for e in drafting):

@@ -70,3 +70,14 @@ def test_sample_without_replacement_draws_in_plackett_luce_order():
     drawn = sample_without_replacement(two, uniforms[:5])
     assert sorted(drawn[0, :2].tolist()) == [1, 2]
 
+
+
+def test_tempered_probs_is_warp_with_a_temperature_per_row():
+    from distillspec.decoding.sampling import tempered_probs
+
+    logits = torch.randn(3, 2, 17, generator=torch.Generator().manual_seed(0)) * 4
+    temperatures = [0.5, 1.0, 1.7]
+    expected = torch.stack([warp(logits[i], SamplingConfig(temperature=t))
+                            for i, t in enumerate(temperatures)])
+    torch.testing.assert_close(tempered_probs(logits, torch.tensor(temperatures)), expected)
+    assert tempered_probs(logits.bfloat16(), torch.tensor(temperatures)).dtype == torch.float32

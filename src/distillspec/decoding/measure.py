@@ -202,8 +202,9 @@ def round_speedups(walls: Sequence[float], tokens: int, plain_walls: Sequence[fl
 
 
 def _emitted(results: Sequence[GenerationResult]) -> int:
-    """New tokens of a method's results, every batch."""
-    return sum(len(sequence) for result in results for sequence in result.sequences)
+    """New tokens of a method's results, every batch (their decode counts, as ``_row``'s
+    tokens/s)."""
+    return combined_counts(results).new_tokens
 
 
 @dataclass

@@ -164,7 +164,7 @@ class ModePolicy:
         state = self.buckets.setdefault(size, _Bucket())
         estimates = [state.estimates.get(arm, _Estimate()) for arm in self.arms]
         oldest = min(zip(self.arms, estimates), key=lambda pair: pair[1].last_step)[0]
-        if PLAIN in self.arms and self.settled(size):
+        if self.settled(size):  # never without a plain arm: nothing to settle on
             return oldest if (state.steps + 1) % self.settled_explore_every == 0 else PLAIN
         for arm, estimate in zip(self.arms, estimates):
             if estimate.samples < self.warmup:

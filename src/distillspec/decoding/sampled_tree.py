@@ -17,6 +17,7 @@ would be guarded constants in a graph).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -25,7 +26,7 @@ import torch
 from distillspec.decoding.acceptance import tree_acceptance, verify_tree
 from distillspec.decoding.kv_cache import compile_failure
 from distillspec.decoding.params import SamplingConfig
-from distillspec.decoding.sampling import pad_vocab, warp_rows
+from distillspec.decoding.sampling import pad_vocab, tempered_probs, warp_rows
 
 if TYPE_CHECKING:
     from distillspec.decoding.tree import Tree
@@ -39,9 +40,6 @@ class RuleInputs(NamedTuple):
     epsilon: float
     accept_uniforms: torch.Tensor  # [S, N]
     final_uniforms: torch.Tensor  # [S]
-
-
-_compiled_functions: dict = {}
 
 
 def sampled_tree_outcome(
@@ -88,14 +86,9 @@ def _rule(tree, node_tokens, draft_probs, target_probs, inputs: RuleInputs):
 
 def _tempered_rule(tree, node_tokens, draft_probs, target_logits, temperatures, vocab,
                    inputs: RuleInputs):
-    """``_rule`` on p = softmax(logits / T_row), ``warp`` without top-k or top-p (the same
-    division and softmax in float32)."""
-    scaled = pad_vocab(target_logits, vocab).float() / temperatures.view(-1, 1, 1)
-    return _rule(tree, node_tokens, draft_probs, torch.softmax(scaled, dim=-1), inputs)
+    """``_rule`` on p = ``tempered_probs`` (``warp`` without top-k or top-p)."""
+    target_probs = tempered_probs(pad_vocab(target_logits, vocab), temperatures)
+    return _rule(tree, node_tokens, draft_probs, target_probs, inputs)
 
 
-def _compiled(function):
-    """``torch.compile(function)``, made once per function."""
-    if function not in _compiled_functions:
-        _compiled_functions[function] = torch.compile(function)
-    return _compiled_functions[function]
+_compiled = functools.cache(torch.compile)  # one compiled wrapper per function

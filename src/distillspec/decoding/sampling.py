@@ -35,6 +35,14 @@ def warp(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     return probs
 
 
+def tempered_probs(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """``warp`` for rows without top-k or top-p, their temperatures a tensor ``[B]``:
+    softmax(logits [B, ..., V] / T_row) in float32 (a tensor, so a compiled caller makes no new
+    graph for a new temperature). Temperatures must be > 0."""
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    return torch.softmax(logits.float() / temperatures.view(shape), dim=-1)
+
+
 def warp_rows(logits: torch.Tensor, samplings: Sequence[SamplingConfig]) -> torch.Tensor:
     """``warp`` with one SamplingConfig per row of ``logits [B, ..., V]``.
 

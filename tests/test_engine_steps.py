@@ -262,3 +262,22 @@ def test_the_draft_reads_every_token_of_its_plain_steps(pair):
     _, blocks = decode_with_limits(decoder, requests, [0, 1, 4])
     drafting = [(drafted, accepted) for _, drafted, accepted in blocks if drafted > 0]
     assert len(drafting) > 10 and all(accepted == drafted for drafted, accepted in drafting)
+
+
+def test_a_row_joining_a_running_batch_reserves_room_past_the_pointer_only(pair):
+    """A joining prompt is written to end at the pointer, so the cache needs room past it for
+    the row's budget and a block only. Counting the prompt a second time doubled the capacity
+    of a server admitting into a running batch (and a compiled step attends over all of it)."""
+    target, draft = pair
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3))
+    decoder.add(request(list(range(5, 35)), 26))  # 29 + 26 + 6 slots: the first 64
+    for _ in range(3):
+        decoder.step()
+    pointer = decoder.target.length
+    capacities = [m.cache.slot_capacity for m in (decoder.target, decoder.draft)]
+    decoder.add(request(list(range(40, 70)), 10, name="late"))
+    decoder.step()
+    assert len(decoder.rows) == 2  # the first row is still running
+    need = pointer + 10 + 3 + 3  # its budget and a block's lookahead past the pointer
+    assert need <= capacities[0]  # this test's premise: the room it needs was already there
+    assert [m.cache.slot_capacity for m in (decoder.target, decoder.draft)] == capacities

@@ -232,12 +232,15 @@ class Decoder:
         """Add the joining rows to each cache and prefill their prompts (right-aligned to the
         write pointer); the target's logits (every position's when ``scoring``)."""
         width = max(map(len, prompts))
-        longest = max(len(row.request.prompt_ids) + row.request.max_new_tokens for row in joining)
-        slots = self.target.length + longest + self.speculation.gamma + 2
+        # A prompt ends at the pointer (right-aligned), so a row needs room past it only for
+        # its last prompt token, its budget and a block's lookahead (counting the prompt again
+        # doubled the capacity, memory that is never given back, of a server admitting rows
+        # into a running batch).
+        budget = max(row.request.max_new_tokens for row in joining) + self.speculation.gamma + 3
         logits = None
         for cached in (m for m in (self.target, self.draft) if m is not None):
             rows = cached.add_rows(len(joining))
-            cached.reserve(cached.rows, slots)
+            cached.reserve(cached.rows, max(cached.length, width) + budget)
             if width > 0:
                 tokens = torch.tensor(
                     [[0] * pad + p for p, pad in zip(prompts, pads)], device=self.device

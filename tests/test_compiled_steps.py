@@ -73,6 +73,26 @@ def test_compiled_steps_stay_exact_when_the_capacity_grows(compiled_pair):
                                rtol=1e-5)
 
 
+def test_compiled_steps_attend_over_the_written_slots_not_the_whole_capacity(compiled_pair):
+    """A long budget reserves many slots long before they are written: a step's keys stop at
+    the pointer rounded up to 256 slots (its logits exact), and grow with it."""
+    model, _ = compiled_pair
+    history = list(range(4, 90)) * 4
+    cached = CachedModel(model, rows=2)
+    cached.reserve(2, 1024)  # e.g. a row admitted with a budget of ~1000 tokens
+    cached.forward(torch.tensor([history[:40], history[1:41]]))  # eager prefill
+    logits = cached.forward(torch.tensor([[history[40]], [history[41]]]))[:, -1]  # compiled
+    assert (cached.cache.slot_capacity, cached.cache.write_window) == (1024, 256)
+    torch.testing.assert_close(
+        logits, uncached_last_logits(model, [history[:41], history[1:42]]), atol=1e-5, rtol=1e-5)
+    cached.forward(torch.tensor([history[41:258], history[42:259]]))  # to 257 slots, eager
+    logits = cached.forward(torch.tensor([[history[258]], [history[259]]]))[:, -1]
+    assert (cached.cache.slot_capacity, cached.cache.write_window) == (1024, 512)
+    torch.testing.assert_close(
+        logits, uncached_last_logits(model, [history[:259], history[1:260]]), atol=1e-5,
+        rtol=1e-5)
+
+
 def eager_greedy(target, input_ids, attention_mask, max_new_tokens: int) -> list[list[int]]:
     """The target's own greedy decoding with its compiled steps turned off for the call."""
     compile_steps(target, False)

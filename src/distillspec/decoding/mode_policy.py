@@ -10,21 +10,15 @@ measuring, so the measured cost model here is the measurement itself:
 
 * the arms are draft-length limits: ``None`` (speculate as configured: gamma or the tree),
   ``1`` (a chain of one draft token) and ``0`` (plain decoding, the draft kept in sync);
-* for each batch-size bucket (1, 2, 3, 4, 5-6, 7-8, 9-12, 13-16, ...) and arm it keeps an
-  estimate of the tokens per second *per running row* of the steps it ran: the ratio of
-  decayed sums, emitted tokens per row over wall seconds (each step's weight decays by
-  1 - 1/memory per newer step of the same arm), so a slow step counts by its length and one
-  hiccup of the machine moves the estimate by ~1/memory. Per row, because a bucket spans
-  several batch sizes: a total tokens/s measured at 16 rows beats any arm measured at 9, and
-  the server's loop replayed at 16 clients (docs/results/serve-policy-avx2) spent a third to
-  three fifths of its steps on a chain no faster per row than plain that way (its estimate
-  came from full batches, 141 tok/s; plain's from the batch draining, 107 at 11 rows). A
-  row's rate moves less with the batch, but still moves: a step's time grows more slowly than
-  its rows, so fewer rows run faster per row, and with buckets twice as wide (9-16) a served
-  16-client run (docs/results/serve-buckets) measured the 1-token chain mostly as the batch
-  drained to 11 rows (13.2 tokens/s per row) and plain mostly at 16 (14.2): 0.87x, within the
-  settling margin, though at each size the chain ran 0.73-0.8x plain. Buckets at most 1.33x
-  wide keep that bias under ~10 %;
+* for each batch-size bucket (1, 2, 3-4, 5-8, ...) and arm it keeps an estimate of the tokens
+  per second *per running row* of the steps it ran: the ratio of decayed sums, emitted tokens
+  per row over wall seconds (each step's weight decays by 1 - 1/memory per newer step of the
+  same arm), so a slow step counts by its length and one hiccup of the machine moves the
+  estimate by ~1/memory. Per row, because a bucket spans batch sizes up to 2x apart: a total
+  tokens/s measured at 16 rows beats any arm measured at 9, and the server's loop replayed at
+  16 clients (docs/results/serve-policy-avx2) spent a third to three fifths of its steps on a
+  chain no faster per row than plain that way (its estimate came from full batches, 141 tok/s;
+  plain's from the batch draining, 107 at 11 rows); a row's rate moves far less with the batch;
 * ``choose`` runs every arm ``warmup`` times in a bucket first (the configured one first), then
   the arm with the highest optimistic estimate, the rate plus ``confidence`` standard errors of
   its per-step rates (an upper confidence bound, as in UCB bandits): an arm that trails only
@@ -74,21 +68,10 @@ SETTLE_MARGIN = 0.9
 
 
 def bucket(batch: int) -> int:
-    """The batch-size bucket: the smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... (the powers
-    of two and 1.5 times them) at or above ``batch``, so a bucket spans sizes at most 1.33x
-    apart (9-12, 13-16, ...)."""
+    """The batch-size bucket: the next power of two at or above ``batch`` (1, 2, 4, 8, ...)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}.")
-    power = 1 << (batch - 1).bit_length()  # the next power of two
-    return power * 3 // 4 if power >= 4 and batch <= power * 3 // 4 else power
-
-
-def smallest_in(size: int) -> int:
-    """The smallest batch size in the bucket ``size``."""
-    batch = size
-    while batch > 1 and bucket(batch - 1) == size:
-        batch -= 1
-    return batch
+    return 1 << (batch - 1).bit_length()
 
 
 def arm_name(arm: int | None) -> str:
@@ -199,7 +182,7 @@ class ModePolicy:
     def plain_from(self) -> int:
         """The smallest batch size whose bucket has settled on plain (0: none), for /metrics."""
         smallest = self._smallest_settled()
-        return smallest_in(smallest) if smallest else 0
+        return smallest // 2 + 1 if smallest else 0
 
     def _smallest_settled(self) -> int:
         """The smallest bucket where plain leads every drafting arm far (0: none; always 0 with

@@ -58,6 +58,7 @@ def test_bench_serve_measures_each_sd_policy_and_reports_the_steps_by_mode(tmp_p
     assert sum(auto["steps_by_mode"].values()) >= sum(sum(r["steps_by_mode"].values())
                                                      for r in auto["rows"])
     assert auto["sd_policy"] == "auto" and always["sd_policy"] == "always"
+    assert auto["sd_margin"] == 0.1 and always["sd_margin"] is None
     written = json.loads((tmp_path / "bench" / "bench-serve.json").read_text())
     assert written["modes"].keys() == report["modes"].keys()
     assert "--sd-policy auto,always" in written["command"]  # the command that made it
@@ -104,6 +105,25 @@ def test_rounds_must_be_positive():
 def test_sd_policy_with_url_is_refused():
     with pytest.raises(ValueError, match="drop --url"):
         from_dict(BenchServeConfig, dict(url="http://127.0.0.1:1/v1", sd_policy=["always"]))
+
+
+def test_one_auto_server_per_margin_and_bad_margins_refused():
+    from distillspec.tools.bench_serve import _sd_modes
+    from distillspec.tools.configs import ServeConfig
+
+    config = from_dict(BenchServeConfig, dict(sd_policy=["auto", "always"], sd_margin=[0.1, 0]))
+    modes = _sd_modes(ServeConfig(), config)
+    assert list(modes) == ["speculative", "speculative, sd-policy auto, margin 0",
+                           "speculative, sd-policy always"]
+    assert [(m.sd_policy, m.sd_margin) for m in modes.values()] == [
+        ("auto", 0.1), ("auto", 0.0), ("always", 0.1)]
+    for margins in ([-0.1], [0.1, 0.1], []):
+        with pytest.raises(ValueError, match="sd_margin"):
+            from_dict(BenchServeConfig, dict(sd_margin=margins))
+    with pytest.raises(ValueError, match="drop --url"):
+        from_dict(BenchServeConfig, dict(url="http://127.0.0.1:1/v1", sd_margin=[0.0]))
+    with pytest.raises(ValueError, match="sd_margin"):
+        from_dict(ServeConfig, dict(sd_margin=11.0))
 
 
 def test_the_markdown_names_the_sd_setting_a_tree_included():

@@ -32,8 +32,8 @@ measuring, so the measured cost model here is the measurement itself:
   paid the draft's catch-up. Not kept. The server now records no step that catches the draft
   up, so a re-measurement after plain steps is the second drafting step, not the first);
 * a bucket **settles on plain** once every drafting arm has run ``settle`` steps there and
-  the best one's rate plus two standard errors stays below ``SETTLE_MARGIN`` (0.9) of plain's
-  (near-ties never settle): it then runs plain, re-measuring the
+  none can plausibly beat plain by the margin below: the best one's rate plus two standard
+  errors, divided by ``1 + margin``, stays below plain's. It then runs plain, re-measuring the
   arm measured longest ago only every ``settled_explore_every``-th step (256, not 32), and so
   does every larger bucket, without warming its drafting arms up (a wider batch only makes the
   verify more compute-bound: vLLM disables speculation above a batch size for that reason,
@@ -42,6 +42,15 @@ measuring, so the measured cost model here is the measurement itself:
   4 % of its steps at 9-16 rows drafting to re-measure them, each of which also caught the
   draft up and left the rows' ends out of step, so that their successors were admitted one by
   one (29 admission steps against plain's 15);
+* speculation must beat plain by ``margin`` (0.1 by default) per step: a drafting arm's
+  estimate is divided by ``1 + margin`` wherever it is compared with plain's (choosing and
+  settling). Why: speculating has costs no step's timer sees. Rows accept different numbers
+  of tokens, so they end out of step and their successors are admitted one or two at a time
+  (twice plain's admission steps at 16 clients, docs/results/serve-buckets), a round's last
+  rows drain a shrinking batch, and a re-measurement after plain steps first catches the draft
+  up. At 16 clients on the 2-core CPU the 1-token chain measured 0.97x plain per step and was
+  chosen on 617 of 778 steps, and the server ran 0.75x the target alone; with a 0.1 margin,
+  plain on 94 % of the steps, 0.81x in the same run (docs/results/serve-margin);
 * a new draft (``forget_speculative``) clears the speculative arms' estimates: its acceptance
   is another (and no bucket is settled until they are measured again).
 
@@ -62,9 +71,9 @@ from dataclasses import dataclass, field
 
 PLAIN = 0  # the arm that drafts nothing
 POLICIES = ("auto", "always")
-# A bucket settles on plain only when the best drafting arm is this far behind (its upper bound
-# below this share of plain's rate): near-ties keep being re-measured.
-SETTLE_MARGIN = 0.9
+# Speculation's costs that no step's timer sees (rows ending out of step, drains, catch-ups):
+# a drafting arm must beat plain per step by this share to be chosen.
+PLAIN_MARGIN = 0.1
 
 
 def bucket(batch: int) -> int:
@@ -129,24 +138,28 @@ class ModePolicy:
     ``arms``: the limits to choose among, the configured one first (e.g. ``[None, 1, 0]``).
     ``memory``: steps of an arm after which a step's weight has decayed by 1/e (decay 1 - 1/memory).
     ``confidence``: standard errors of optimism when choosing (0: the plain estimate).
+    ``margin``: the share by which a drafting arm must beat plain (its estimates are divided by
+    ``1 + margin`` against plain's).
     """
 
     def __init__(self, arms: list[int | None], *, warmup: int = 2, explore_every: int = 32,
                  memory: float = 32.0, confidence: float = 1.0, settle: int = 4,
-                 settled_explore_every: int = 256):
+                 settled_explore_every: int = 256, margin: float = PLAIN_MARGIN):
         if not arms or len(set(arms)) != len(arms):
             raise ValueError(f"arms must be distinct and non-empty, got {arms}.")
         if (warmup < 1 or explore_every < 2 or memory < 1 or confidence < 0 or settle < 0
-                or settled_explore_every < 2):
+                or settled_explore_every < 2 or not 0 <= margin <= 10):
             raise ValueError(
                 f"need warmup >= 1, explore_every >= 2, memory >= 1, confidence >= 0, settle >= "
-                f"0 and settled_explore_every >= 2; got {warmup}, {explore_every}, {memory}, "
-                f"{confidence}, {settle}, {settled_explore_every}."
+                f"0, settled_explore_every >= 2 and margin in [0, 10]; got {warmup}, "
+                f"{explore_every}, {memory}, {confidence}, {settle}, {settled_explore_every}, "
+                f"{margin}."
             )
         self.arms = list(arms)
         self.warmup, self.explore_every = warmup, explore_every
         self.decay, self.confidence = 1.0 - 1.0 / memory, confidence
         self.settle, self.settled_explore_every = settle, settled_explore_every
+        self.margin = margin
         self.buckets: dict[int, _Bucket] = {}
 
     @classmethod
@@ -172,7 +185,12 @@ class ModePolicy:
         if (state.steps + 1) % self.explore_every == 0:
             return oldest
         return max(zip(self.arms, estimates),
-                   key=lambda pair: pair[1].upper_bound(self.confidence))[0]
+                   key=lambda pair: self._handicap(pair[0]) * pair[1].upper_bound(self.confidence))[0]
+
+    def _handicap(self, arm: int | None) -> float:
+        """What an arm's estimate is multiplied by against plain's: 1 / (1 + margin) for a
+        drafting arm."""
+        return 1.0 if arm == PLAIN else 1.0 / (1.0 + self.margin)
 
     def settled(self, size: int) -> bool:
         """Whether the bucket ``size`` or a smaller one has settled on plain."""
@@ -194,13 +212,13 @@ class ModePolicy:
 
     def _plain_leads(self, state: _Bucket) -> bool:
         """Every drafting arm ran ``settle`` steps here and the best one's rate plus two
-        standard errors is below ``SETTLE_MARGIN`` of plain's."""
+        standard errors, over ``1 + margin``, is below plain's."""
         plain = state.estimates.get(PLAIN)
         drafting = [state.estimates.get(arm) for arm in self.arms if arm != PLAIN]
         if plain is None or any(e is None or e.samples < self.settle for e in drafting):
             return False
-        best = max(e.upper_bound(2 * self.confidence) for e in drafting)
-        return plain.samples >= self.settle and best < SETTLE_MARGIN * plain.tokens_per_second
+        best = self._handicap(None) * max(e.upper_bound(2 * self.confidence) for e in drafting)
+        return plain.samples >= self.settle and best < plain.tokens_per_second
 
     def record(self, batch: int, arm: int | None, tokens: int, seconds: float) -> None:
         """A step of ``batch`` rows ran ``arm`` and emitted ``tokens`` (all rows') in

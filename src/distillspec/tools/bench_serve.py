@@ -179,6 +179,24 @@ class ServerProcess:
                 self.process.wait()
 
 
+def _sd_modes(serve: ServeConfig, config: BenchServeConfig) -> dict[str, ServeConfig]:
+    """One SD server per --sd-policy, and per --sd-margin for auto; the first is named
+    "speculative", each other by what sets it apart."""
+    variants = [(policy, margin) for policy in config.sd_policy
+                for margin in (config.sd_margin if policy == "auto" else [None])]
+    modes = {}
+    for index, (policy, margin) in enumerate(variants):
+        if index == 0:
+            name = "speculative"
+        elif margin is None or len(config.sd_margin) == 1:
+            name = f"speculative, sd-policy {policy}"
+        else:
+            name = f"speculative, sd-policy {policy}, margin {margin:g}"
+        modes[name] = replace(serve, sd_policy=policy,
+                              sd_margin=serve.sd_margin if margin is None else margin)
+    return modes
+
+
 class LocalServer:
     """A ``distillspec serve`` app on a free loopback port, in a background thread."""
 
@@ -244,10 +262,8 @@ def run_bench_serve(config: BenchServeConfig) -> dict[str, Any]:
     prompts = _prompts(config, tokenizer)
     modes: dict = {"url": config.url} if config.url else {"target alone": replace(
         serve, draft="none", runtime=replace(serve.runtime, draft_quantize="none"))}
-    if not config.url:  # one SD server per --sd-policy; the first is "speculative"
-        for index, policy in enumerate(config.sd_policy):
-            name = "speculative" if index == 0 else f"speculative, sd-policy {policy}"
-            modes[name] = replace(serve, sd_policy=policy)
+    if not config.url:  # one SD server per --sd-policy (auto: per --sd-margin); the first is
+        modes.update(_sd_modes(serve, config))  # "speculative"
     report = {"command": ("distillspec bench-serve " + changed_flags(config)).strip(),
               "config": to_dict(config), "modes": {}, "order": []}
     with ExitStack() as stack:
@@ -314,6 +330,7 @@ class _Server:
             return
         self.url = stack.enter_context(ServerProcess(mode))
         self.model, self.policy = mode.model_name or mode.target, mode.sd_policy
+        self.margin = mode.sd_margin if mode.sd_policy == "auto" else None
         drive(self.url, self.model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
         self.metrics = _metrics(self.url)
         self.speculation = _speculation(self.metrics)  # what it really runs (may be the draft's)
@@ -338,7 +355,7 @@ class _Server:
             return {"rows": rows}
         # The whole run's steps by mode, warm-up included (where a policy measures its modes first).
         return {"rows": rows, "server": _acceptance(self.metrics), "speculation": self.speculation,
-                "sd_policy": self.policy, "steps_by_mode": self.steps}
+                "sd_policy": self.policy, "sd_margin": self.margin, "steps_by_mode": self.steps}
 
 
 def median_row(levels: list[dict]) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig, refuse_draft_quantize
-from distillspec.decoding.mode_policy import POLICIES
+from distillspec.decoding.mode_policy import PLAIN_MARGIN, POLICIES
 from distillspec.decoding.params import (
     COMPILE_CHOICES,
     MAX_GAMMA,
@@ -353,13 +353,20 @@ class ServeConfig:
     sd_policy: str = knob(
         "auto", "When the server speculates: auto (each step picks speculate as configured, a "
         "1-token chain or plain decoding, whichever has produced the most tokens/s at this "
-        "batch size, measured per row as it serves; a step in 32 re-measures another; where "
-        "every drafting mode measured far slower, that batch size and wider ones settle on "
-        "plain, re-measured 1 step in 256; rows with a seed "
+        "batch size, measured per row as it serves, speculation handicapped by --sd-margin; a "
+        "step in 32 re-measures another; where no drafting mode can beat plain by the margin, "
+        "that batch size and wider ones settle on plain, re-measured 1 step in 256; rows with a "
+        "seed "
         "and a temperature keep speculating as configured, so their seed reproduces) or always "
         "(every step as configured). Lossless either way. See /metrics "
         "distillspec_spec_decode_steps.",
         choices=POLICIES,
+    )
+    sd_margin: float = knob(
+        PLAIN_MARGIN, "With --sd-policy auto: the share by which speculation must beat plain "
+        "decoding per step (in tokens/s per row) to run. It pays for what no step's timer sees: "
+        "rows ending out of step are replaced one by one, and switching back to the draft "
+        "first catches it up. 0: the faster per step runs."
     )
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
@@ -374,6 +381,9 @@ class ServeConfig:
             raise ValueError(f"distill_minutes must be > 0, got {self.distill_minutes}.")
         if not 0 <= self.drain_seconds <= 3600:
             raise ValueError(f"drain_seconds must be in [0, 3600], got {self.drain_seconds}.")
+        if not 0 <= self.sd_margin <= 10:
+            raise ValueError(f"sd_margin must be in [0, 10] (a share of plain's rate), got "
+                             f"{self.sd_margin}.")
 
 
 @dataclass(frozen=True)
@@ -399,6 +409,10 @@ class BenchServeConfig:
         ["auto"], "--sd-policy of the SD server; several (auto,always): one SD server each, "
         "all taking turns."
     )
+    sd_margin: list[float] = knob(
+        [PLAIN_MARGIN], "--sd-margin of the SD servers with --sd-policy auto; several (0,0.1): "
+        "one such server each, all taking turns."
+    )
     measured_setting: bool = measured_setting_knob()
     speculation: SpeculationConfig = section(SpeculationConfig, flat=True)
     runtime: RuntimeConfig = section(RuntimeConfig, flat=True)
@@ -407,10 +421,14 @@ class BenchServeConfig:
         if not self.sd_policy or not set(self.sd_policy) <= set(POLICIES):
             raise ValueError(f"sd_policy must list policies among {', '.join(POLICIES)}; got "
                              f"{self.sd_policy}.")
-        if self.url and self.sd_policy != ["auto"]:
-            raise ValueError("--sd-policy chooses the policy of the SD servers bench-serve starts; "
-                             "with --url it drives a running server whose policy is its own. Drop "
-                             "--sd-policy, or drop --url.")
+        if self.url and (self.sd_policy != ["auto"] or self.sd_margin != [PLAIN_MARGIN]):
+            raise ValueError("--sd-policy and --sd-margin choose the policy of the SD servers "
+                             "bench-serve starts; with --url it drives a running server whose "
+                             "policy is its own. Drop them, or drop --url.")
+        if (not self.sd_margin or len(set(self.sd_margin)) != len(self.sd_margin)
+                or not all(0 <= m <= 10 for m in self.sd_margin)):
+            raise ValueError(f"sd_margin must list distinct shares in [0, 10], got "
+                             f"{self.sd_margin}.")
         if self.url:
             refuse_draft_quantize(self.runtime, "bench-serve --url (the running server's draft "
                                                 "is its own)")

@@ -114,8 +114,9 @@ class ServeMetrics:
                                 "there (re-measured 1 step in 256); 0: none", registry=registry)
 
     def describe(self, draft_spec: str, speculation, sd_policy: str,
-                 draft_weights: str = "none") -> None:
-        """``distillspec_speculation_info``: the draft and the setting this server runs."""
+                 draft_weights: str = "none", sd_margin: float | None = None) -> None:
+        """``distillspec_speculation_info``: the draft and the setting this server runs
+        (``sd_margin``: the auto policy's margin; empty where no policy chooses)."""
         from prometheus_client import Info
 
         info = Info("distillspec_speculation", "The served draft and speculation setting",
@@ -123,6 +124,7 @@ class ServeMetrics:
         info.info({"draft": draft_spec, "gamma": str(speculation.gamma),
                    "confidence_threshold": f"{speculation.confidence_threshold:g}",
                    "tree": speculation.tree, "sd_policy": sd_policy,
+                   "sd_margin": "" if sd_margin is None else f"{sd_margin:g}",
                    "draft_weights": draft_weights})
 
     def record_rate(self, batch: int, arm, policy) -> None:
@@ -254,12 +256,15 @@ class Server:
             speculation = speculation_for(speculation, draft_spec, config.target, target,
                                           config.measured_setting)
         self.on_dead = None  # set by whoever runs the HTTP server: stop it (the engine died)
+        choosing = draft is not None and config.sd_policy == "auto"
         self.metrics.describe(draft_spec if draft is not None else "none", speculation,
-                              config.sd_policy, draft_quantization(draft))
+                              config.sd_policy, draft_quantization(draft),
+                              config.sd_margin if choosing else None)
         policy = None
-        if draft is not None and config.sd_policy == "auto":
+        if choosing:
             policy = ModePolicy.for_speculation(speculation.gamma,
-                                                speculation.tree_shape is not None)
+                                                speculation.tree_shape is not None,
+                                                margin=config.sd_margin)
         started = time.perf_counter()
         # A float32 kernel choice first timed mid-request costs up to ~0.4 s in that step, and
         # speculative steps reach wider calls than plain ones: time them all before serving.

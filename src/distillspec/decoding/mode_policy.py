@@ -217,7 +217,7 @@ class ModePolicy:
         drafting = [state.estimates.get(arm) for arm in self.arms if arm != PLAIN]
         if plain is None or any(e is None or e.samples < self.settle for e in drafting):
             return False
-        best = self._handicap(None) * max(e.upper_bound(2 * self.confidence) for e in drafting)
+        best = max(e.upper_bound(2 * self.confidence) for e in drafting) / (1.0 + self.margin)
         return plain.samples >= self.settle and best < plain.tokens_per_second
 
     def record(self, batch: int, arm: int | None, tokens: int, seconds: float) -> None:

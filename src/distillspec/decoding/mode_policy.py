@@ -79,6 +79,13 @@ POLICIES = ("auto", "always")
 PLAIN_MARGIN = 0.1
 
 
+def check_margin(margin: float, name: str = "margin") -> None:
+    """Refuse a margin outside [0, 10] (a share of plain's rate), saying which knob."""
+    if not 0 <= margin <= 10:
+        raise ValueError(f"{name} must be in [0, 10] (the share by which speculation must beat "
+                         f"plain decoding per step), got {margin}.")
+
+
 def bucket(batch: int) -> int:
     """The batch-size bucket: the next power of two at or above ``batch`` (1, 2, 4, 8, ...)."""
     if batch < 1:
@@ -151,13 +158,13 @@ class ModePolicy:
         if not arms or len(set(arms)) != len(arms):
             raise ValueError(f"arms must be distinct and non-empty, got {arms}.")
         if (warmup < 1 or explore_every < 2 or memory < 1 or confidence < 0 or settle < 0
-                or settled_explore_every < 2 or not 0 <= margin <= 10):
+                or settled_explore_every < 2):
             raise ValueError(
                 f"need warmup >= 1, explore_every >= 2, memory >= 1, confidence >= 0, settle >= "
-                f"0, settled_explore_every >= 2 and margin in [0, 10]; got {warmup}, "
-                f"{explore_every}, {memory}, {confidence}, {settle}, {settled_explore_every}, "
-                f"{margin}."
+                f"0 and settled_explore_every >= 2; got {warmup}, {explore_every}, {memory}, "
+                f"{confidence}, {settle}, {settled_explore_every}."
             )
+        check_margin(margin)
         self.arms = list(arms)
         self.warmup, self.explore_every = warmup, explore_every
         self.decay, self.confidence = 1.0 - 1.0 / memory, confidence
@@ -188,12 +195,8 @@ class ModePolicy:
         if (state.steps + 1) % self.explore_every == 0:
             return oldest
         return max(zip(self.arms, estimates),
-                   key=lambda pair: self._handicap(pair[0]) * pair[1].upper_bound(self.confidence))[0]
-
-    def _handicap(self, arm: int | None) -> float:
-        """What an arm's estimate is multiplied by against plain's: 1 / (1 + margin) for a
-        drafting arm."""
-        return 1.0 if arm == PLAIN else 1.0 / (1.0 + self.margin)
+                   key=lambda pair: pair[1].upper_bound(self.confidence)
+                   / (1.0 if pair[0] == PLAIN else 1.0 + self.margin))[0]
 
     def settled(self, size: int) -> bool:
         """Whether the bucket ``size`` or a smaller one has settled on plain."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distillspec.common.config import knob, require_at_least, require_at_most, section
 from distillspec.common.runtime import RuntimeConfig, refuse_draft_quantize
-from distillspec.decoding.mode_policy import PLAIN_MARGIN, POLICIES
+from distillspec.decoding.mode_policy import PLAIN_MARGIN, POLICIES, check_margin
 from distillspec.decoding.params import (
     COMPILE_CHOICES,
     MAX_GAMMA,
@@ -381,9 +381,7 @@ class ServeConfig:
             raise ValueError(f"distill_minutes must be > 0, got {self.distill_minutes}.")
         if not 0 <= self.drain_seconds <= 3600:
             raise ValueError(f"drain_seconds must be in [0, 3600], got {self.drain_seconds}.")
-        if not 0 <= self.sd_margin <= 10:
-            raise ValueError(f"sd_margin must be in [0, 10] (a share of plain's rate), got "
-                             f"{self.sd_margin}.")
+        check_margin(self.sd_margin, "sd_margin")
 
 
 @dataclass(frozen=True)
@@ -425,10 +423,10 @@ class BenchServeConfig:
             raise ValueError("--sd-policy and --sd-margin choose the policy of the SD servers "
                              "bench-serve starts; with --url it drives a running server whose "
                              "policy is its own. Drop them, or drop --url.")
-        if (not self.sd_margin or len(set(self.sd_margin)) != len(self.sd_margin)
-                or not all(0 <= m <= 10 for m in self.sd_margin)):
-            raise ValueError(f"sd_margin must list distinct shares in [0, 10], got "
-                             f"{self.sd_margin}.")
+        if not self.sd_margin or len(set(self.sd_margin)) != len(self.sd_margin):
+            raise ValueError(f"sd_margin must list distinct values, got {self.sd_margin}.")
+        for margin in self.sd_margin:
+            check_margin(margin, "sd_margin")
         if self.url:
             refuse_draft_quantize(self.runtime, "bench-serve --url (the running server's draft "
                                                 "is its own)")

@@ -52,9 +52,10 @@ measuring, so the measured cost model here is the measurement itself:
   chosen on 617 of 778 steps, and the server ran 0.75x the target alone; with a 0.1 margin,
   plain on 94 % of the steps, 0.81x in the same run, and 0.93x in the next with the
   settling rule above (a margin-0 server beside it, still choosing the chain, measured 0.92x
-  there: the rule's own share is inside the run-to-run spread; before, a bucket settled only when the best drafting arm's upper bound
-  fell below 0.9x plain's, so a near-tie was re-measured every 32nd step for ever), while 1
-  and 4 clients kept speculating, 1.44x and 1.11x (docs/results/serve-margin);
+  there: the rule's own share is inside the run-to-run spread; before, a bucket settled only
+  when the best drafting arm's upper bound fell below 0.9x plain's, so a near-tie was
+  re-measured every 32nd step for ever), while 1 and 4 clients kept speculating, 1.44x and
+  1.11x (docs/results/serve-margin);
 * a new draft (``forget_speculative``) clears the speculative arms' estimates: its acceptance
   is another (and no bucket is settled until they are measured again).
 

@@ -145,7 +145,7 @@ def test_the_order_keeps_alternating_from_level_to_level_with_one_round():
         def __init__(self, name, seen):
             self.name, self.seen = name, seen
 
-        def level(self, concurrency):
+        def level(self, concurrency, round_index):
             self.seen.append((concurrency, self.name))
 
     seen, order = [], []
@@ -168,4 +168,73 @@ def test_a_repeated_concurrency_is_refused_and_a_silent_baseline_gives_no_ratio(
     report["ratios"] = ratios(report)
     assert report["ratios"][0]["of_medians"] is None
     assert report["ratios"][0]["per_round"] == [None, 2.5]
-    assert "| speculative | 1 | **–×** | –, 2.50 |" in markdown(report)
+    assert "| speculative | 1 | **–×** | –, 2.50 | –× |" in markdown(report)
+
+
+def test_open_loop_arrivals_are_a_seeded_poisson_process():
+    from distillspec.tools.bench_serve import arrival_times
+
+    assert arrival_times(5, 0.0, 0) == [0.0] * 5  # closed loop: every client starts at once
+    times = arrival_times(4000, 20.0, 3)
+    assert times == arrival_times(4000, 20.0, 3) and times != arrival_times(4000, 20.0, 4)
+    gaps = [later - earlier for earlier, later in zip([0.0] + times, times)]
+    assert min(gaps) > 0
+    # Exponential gaps of mean 1/20 s: the mean within 5 % (its standard error is 1.6 %), and
+    # the share of gaps above the mean near e^-1 (0.368), which a fixed gap (0 or 1) would miss.
+    assert sum(gaps) / len(gaps) == pytest.approx(0.05, rel=0.05)
+    assert sum(gap > 0.05 for gap in gaps) / len(gaps) == pytest.approx(0.368, abs=0.03)
+
+
+def test_open_loop_latency_counts_the_queue_and_temperature_reaches_the_server(tmp_path):
+    from openai import OpenAI
+
+    from distillspec.tools.bench_serve import drive, one_request
+
+    local, url = start_tiny_server(tmp_path, lm_scale=0.5)  # near-uniform: samples differ
+    try:
+        tokenizer = tiny_tokenizer()
+        prompts = [{"prompt": "w1 w2 w3"}]
+        # Closed loop, one client: four requests one after another, each timed from its
+        # sending, so even the longest is a fraction of the whole run.
+        served = drive(url, "tiny", prompts, 1, 4, 8, tokenizer)
+        assert served["latency_p99_s"] < 0.9 * served["wall_s"]
+        # Open loop, four requests arriving within a few ms, one in flight: the last one waits
+        # for the other three, and its latency from arrival spans nearly the whole run.
+        queued = drive(url, "tiny", prompts, 1, 4, 8, tokenizer, request_rate=1000.0)
+        assert queued["latency_p99_s"] > queued["wall_s"] - 0.05
+        assert queued["ttft_p50_s"] < queued["latency_p50_s"]
+        client = OpenAI(base_url=url, api_key="none", max_retries=0)
+        greedy = {one_request(client, "tiny", prompts[0], 8)["text"] for _ in range(3)}
+        sampled = {one_request(client, "tiny", prompts[0], 8, temperature=1.0)["text"]
+                   for _ in range(4)}
+    finally:
+        local.__exit__(None, None, None)
+    assert len(greedy) == 1 and len(sampled) > 1
+
+
+def test_bench_serve_open_loop_at_a_temperature_reports_latency_from_arrival(tmp_path):
+    local, url = start_tiny_server(tmp_path)
+    try:
+        config = from_dict(BenchServeConfig, dict(
+            target=str(tmp_path / "target"), url=url, prompts="builtin:chat:heldout",
+            num_requests=3, concurrency=[2], max_tokens=4, rounds=1, request_rate=50.0,
+            temperature=0.7, seed=5, out=str(tmp_path / "bench")))
+        report = run_bench_serve(config)
+    finally:
+        local.__exit__(None, None, None)
+    row = report["modes"]["url"]["rows"][0]
+    assert row["latency_p50_s"] >= row["ttft_p50_s"] > 0
+    assert report["config"]["request_rate"] == 50.0 and report["config"]["temperature"] == 0.7
+    written = (tmp_path / "bench" / "bench-serve.md").read_text()
+    assert "Open loop: Poisson arrivals at 50 requests/s" in written and "Temperature 0.7" in written
+    assert "--request-rate 50.0" in report["command"]
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(request_rate=-1.0), "request_rate must be >= 0"),
+    (dict(temperature=2.5), "temperature must be <= 2"),
+    (dict(seed=-1), "seed must be >= 0"),
+])
+def test_bad_open_loop_knobs_are_refused(values, message):
+    with pytest.raises(ValueError, match=message):
+        from_dict(BenchServeConfig, values)

@@ -1,9 +1,15 @@
 """``distillspec bench-serve``: drive the server with concurrent streaming clients.
 
 For each mode (the target alone, then SD once per ``--sd-policy``; or the one server at
-``--url``) and each concurrency C, ``--num-requests`` greedy requests are sent by C client
-threads through the official ``openai`` client, streaming, so each request's time to first token
-and per-output-token time are measured where a user sees them. Each server is a ``distillspec
+``--url``) and each concurrency C, ``--num-requests`` requests (``--temperature``, greedy by
+default) are sent by C client threads through the official ``openai`` client, streaming, so each
+request's time to first token and per-output-token time are measured where a user sees them.
+In a closed loop (the default) each client sends its next request when its last ends; with
+``--request-rate`` R requests arrive on a seeded Poisson schedule instead (open loop, as
+vLLM's benchmark_serving offers them), at most C in flight, and each request's latency counts
+from its arrival. Why both: closed-loop clients that start together stay in step with a plain
+server (their requests end together and are admitted together) but not with a speculating one,
+whose rows accept different numbers of tokens; real traffic arrives out of step for both. Each server is a ``distillspec
 serve`` process of its own (``ServerProcess``), as deployed: clients in the server's process
 would compete with its engine thread for the GIL, and an SD step, with its many small draft
 operations, pays for that more than a plain step (measured on 2 cores: SD 0.64x the target
@@ -13,14 +19,16 @@ docs/results/bench-serve-policy). All servers start first and stay up; each leve
 order (A B, B A, ...), so the machine's drift falls on every mode alike (run one after the
 other, a level of the target alone moved 22 % between two runs of the same command on a 2-core
 VM, more than the SD gain measured at 4 clients). Reported per (mode, C), each the median over
-rounds: requests/s, output tokens/s, TTFT and per-token latency p50 and p99; per SD mode and C,
-SD ÷ the target alone of the medians and round by round; the server's acceptance counters.
+rounds: requests/s, output tokens/s, TTFT, per-token latency and request latency p50 and p99;
+per SD mode and C, SD ÷ the target alone of the medians and round by round, and the target
+alone's median latency ÷ SD's; the server's acceptance counters.
 JSON, Markdown and a PNG.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -45,10 +53,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def one_request(client, model: str, prompt: dict, max_tokens: int) -> dict:
+def one_request(client, model: str, prompt: dict, max_tokens: int,
+                temperature: float = 0.0) -> dict:
+    """One streamed request: its time to first token, its latency and its text (times from
+    the moment it was sent)."""
     start = time.perf_counter()
     first, pieces = None, 0
-    kwargs = dict(model=model, max_tokens=max_tokens, temperature=0.0, stream=True)
+    kwargs = dict(model=model, max_tokens=max_tokens, temperature=temperature, stream=True)
     if "messages" in prompt:
         stream = client.chat.completions.create(messages=prompt["messages"], **kwargs)
         text_of = lambda c: c.choices[0].delta.content if c.choices else None  # noqa: E731
@@ -63,28 +74,57 @@ def one_request(client, model: str, prompt: dict, max_tokens: int) -> dict:
             pieces += 1
             text += piece
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "latency": end - start, "text": text}
+    return {"sent": start, "ttft": (first or end) - start, "latency": end - start, "text": text}
+
+
+def arrival_times(count: int, request_rate: float, seed: int) -> list[float]:
+    """Seconds from the start at which each of ``count`` requests arrives: all at 0 for a closed
+    loop (``request_rate`` 0), else a Poisson process of ``request_rate`` per second (gaps drawn
+    from Exp(request_rate), seeded, so every server is offered the same schedule)."""
+    if request_rate <= 0:
+        return [0.0] * count
+    rng, now, times = random.Random(seed), 0.0, []
+    for _ in range(count):
+        now += rng.expovariate(request_rate)
+        times.append(now)
+    return times
 
 
 def drive(url: str, model: str, prompts: list[dict], concurrency: int, count: int,
-          max_tokens: int, tokenizer) -> dict[str, Any]:
+          max_tokens: int, tokenizer, *, temperature: float = 0.0, request_rate: float = 0.0,
+          seed: int = 0) -> dict[str, Any]:
+    """``count`` requests through ``concurrency`` client threads. Closed loop (``request_rate``
+    0): each thread sends its next request when its last ends. Open loop: requests arrive on a
+    seeded Poisson schedule whatever the server's pace, at most ``concurrency`` in flight, the
+    rest queued at the client; ``latency`` counts from arrival (the queue included), TTFT and
+    per-token times from sending."""
     from openai import OpenAI
 
     client = OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     jobs = [prompts[i % len(prompts)] for i in range(count)]
+    offsets = arrival_times(count, request_rate, seed)
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda p: one_request(client, model, p, max_tokens), jobs))
+        futures = []
+        for prompt, offset in zip(jobs, offsets):
+            time.sleep(max(0.0, start + offset - time.perf_counter()))
+            futures.append(pool.submit(one_request, client, model, prompt, max_tokens,
+                                       temperature))
+        results = [future.result() for future in futures]
     wall = time.perf_counter() - start
     tokens = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in results]
     per_token = [(r["latency"] - r["ttft"]) / (n - 1) for r, n in zip(results, tokens) if n > 1]
     ttft = [r["ttft"] for r in results]
+    # A closed loop's client sends when its last request ends: arrival and sending are one.
+    latency = [r["latency"] if request_rate <= 0 else r["sent"] + r["latency"] - (start + offset)
+               for r, offset in zip(results, offsets)]
     return {
         "concurrency": concurrency, "requests": count, "wall_s": wall,
         "requests_per_s": count / wall, "output_tokens_per_s": sum(tokens) / wall,
         "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
         "per_token_p50_s": _percentile(per_token, 0.5),
         "per_token_p99_s": _percentile(per_token, 0.99),
+        "latency_p50_s": _percentile(latency, 0.5), "latency_p99_s": _percentile(latency, 0.99),
         "mean_ttft_s": statistics.mean(ttft),
     }
 
@@ -297,7 +337,7 @@ def _alternate(servers: dict, config: BenchServeConfig, order: list) -> None:
                       f"{name}, concurrency {concurrency}, round {round_index + 1}/"
                       f"{config.rounds} ...", file=sys.stderr, flush=True)
                 level_start = time.perf_counter()
-                servers[name].level(concurrency)
+                servers[name].level(concurrency, round_index)
                 seconds.setdefault(concurrency, {})[name] = time.perf_counter() - level_start
 
 
@@ -331,16 +371,21 @@ class _Server:
         self.url = stack.enter_context(ServerProcess(mode))
         self.model, self.policy = mode.model_name or mode.target, mode.sd_policy
         self.margin = mode.sd_margin if mode.sd_policy == "auto" else None
-        drive(self.url, self.model, prompts, 1, 2, config.max_tokens, tokenizer)  # warm-up
+        drive(self.url, self.model, prompts, 1, 2, config.max_tokens, tokenizer,
+              temperature=config.temperature)  # warm-up
         self.metrics = _metrics(self.url)
         self.speculation = _speculation(self.metrics)  # what it really runs (may be the draft's)
         if name.startswith("speculative") and self.speculation is None:
             raise ValueError(f"the speculative server loaded no draft from {mode.draft!r}.")
         self.steps = _steps_by_mode(self.metrics)
 
-    def level(self, concurrency: int) -> None:
-        row = drive(self.url, self.model, self.prompts, concurrency, self.config.num_requests,
-                    self.config.max_tokens, self.tokenizer)
+    def level(self, concurrency: int, round_index: int) -> None:
+        """One timed level; in an open loop round r of every server is offered one schedule
+        (seed + r)."""
+        config = self.config
+        row = drive(self.url, self.model, self.prompts, concurrency, config.num_requests,
+                    config.max_tokens, self.tokenizer, temperature=config.temperature,
+                    request_rate=config.request_rate, seed=config.seed + round_index)
         if self.ours:
             self.metrics = _metrics(self.url)
             after = _steps_by_mode(self.metrics)  # the engine steps of this level, by mode
@@ -377,8 +422,8 @@ def median_row(levels: list[dict]) -> dict:
 
 def ratios(report: dict) -> list[dict]:
     """Per SD mode and concurrency: its output tokens/s ÷ the target alone's, of the medians and
-    round by round (round r of one over round r of the other, measured back to back); None
-    where the target alone emitted nothing."""
+    round by round (round r of one over round r of the other, measured back to back), and the
+    target alone's median latency ÷ SD's; None where a divisor is 0."""
     alone = report["modes"].get("target alone")
     if alone is None:
         return []
@@ -392,6 +437,10 @@ def ratios(report: dict) -> list[dict]:
                 "of_medians": _ratio(row["output_tokens_per_s"], base["output_tokens_per_s"]),
                 "per_round": [_ratio(sd, ref) for sd, ref in zip(
                     row["output_tokens_per_s_rounds"], base["output_tokens_per_s_rounds"])],
+                # > 1: SD's requests end sooner (in an open loop below saturation both serve the
+                # offered rate, so latency is where SD shows).
+                "latency_p50_speedup": _ratio(base.get("latency_p50_s", 0.0),
+                                              row.get("latency_p50_s", 0.0)),
             })
     return found
 
@@ -404,9 +453,19 @@ def _times(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} s"
+
+
 def markdown(report: dict) -> str:
-    lines = ["| mode | concurrency | req/s | output tok/s | TTFT p50 | TTFT p99 | per-token p50 "
-             "| per-token p99 | engine steps by mode |", "|---|---|---|---|---|---|---|---|---|"]
+    config = report.get("config", {})
+    rate = config.get("request_rate", 0.0)
+    lines = [(f"Open loop: Poisson arrivals at {rate:g} requests/s, at most C in flight; latency "
+              "counts from arrival." if rate else "Closed loop: C clients, each sending its next "
+              "request when its last ends.") + f" Temperature {config.get('temperature', 0.0):g}.",
+             "", "| mode | concurrency | req/s | output tok/s | TTFT p50 | TTFT p99 | per-token p50 "
+             "| per-token p99 | latency p50 | latency p99 | engine steps by mode |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, mode in report["modes"].items():
         for r in mode["rows"]:
             steps = ", ".join(f"{m} {n}" for m, n in sorted(r.get("steps_by_mode", {}).items()))
@@ -414,18 +473,20 @@ def markdown(report: dict) -> str:
                 f"| {name} | {r['concurrency']} | {r['requests_per_s']:.2f} "
                 f"| {r['output_tokens_per_s']:.1f} | {r['ttft_p50_s'] * 1000:.0f} ms "
                 f"| {r['ttft_p99_s'] * 1000:.0f} ms | {r['per_token_p50_s'] * 1000:.1f} ms "
-                f"| {r['per_token_p99_s'] * 1000:.1f} ms | {steps or '-'} |")
-    rounds = report.get("config", {}).get("rounds", 1)
+                f"| {r['per_token_p99_s'] * 1000:.1f} ms | {_seconds(r.get('latency_p50_s'))} "
+                f"| {_seconds(r.get('latency_p99_s'))} | {steps or '-'} |")
+    rounds = config.get("rounds", 1)
     if rounds > 1:
         lines += ["", f"Each figure is the median of {rounds} rounds; the servers took turns in "
                       "alternating order (A B, B A, ...), steps by mode are summed over rounds."]
     if report.get("ratios"):
-        lines += ["", "| SD mode | concurrency | SD ÷ target alone, of the medians | round by round |",
-                  "|---|---|---|---|"]
+        lines += ["", "| SD mode | concurrency | SD ÷ target alone, of the medians | round by round "
+                      "| latency p50, target alone ÷ SD |", "|---|---|---|---|---|"]
         for ratio in report["ratios"]:
             each = ", ".join(_times(value) for value in ratio["per_round"])
             lines.append(f"| {ratio['mode']} | {ratio['concurrency']} "
-                         f"| **{_times(ratio['of_medians'])}×** | {each} |")
+                         f"| **{_times(ratio['of_medians'])}×** | {each} "
+                         f"| {_times(ratio.get('latency_p50_speedup'))}× |")
     server = report["modes"].get("speculative", {}).get("server")
     if server and server.get("acceptance_rate") is not None:
         lines += ["", f"Server-side acceptance rate (SD): {server['acceptance_rate']:.3f}."]
@@ -443,18 +504,21 @@ def plot(report: dict, path: Path) -> None:
 
     plt = _pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    # Open loop: a request's whole latency from arrival (queue included) is what a user waits.
+    figure_of = "latency" if report.get("config", {}).get("request_rate") else "per_token"
     for name, mode in report["modes"].items():
         rows = mode["rows"]
         concurrency = [r["concurrency"] for r in rows]
         left.plot(concurrency, [r["output_tokens_per_s"] for r in rows], "o-", label=name)
-        right.plot(concurrency, [r["per_token_p50_s"] * 1000 for r in rows], "o-",
+        right.plot(concurrency, [r[f"{figure_of}_p50_s"] * 1000 for r in rows], "o-",
                    label=f"{name} p50")
-        right.plot(concurrency, [r["per_token_p99_s"] * 1000 for r in rows], "x--",
+        right.plot(concurrency, [r[f"{figure_of}_p99_s"] * 1000 for r in rows], "x--",
                    label=f"{name} p99")
-    left.set_xlabel("concurrent clients")
+    left.set_xlabel("concurrent clients" if figure_of == "per_token" else "most in flight")
     left.set_ylabel("output tokens/s")
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("per-output-token latency (ms)")
+    right.set_xlabel(left.get_xlabel())
+    right.set_ylabel("per-output-token latency (ms)" if figure_of == "per_token"
+                     else "request latency from arrival (ms)")
     for axis in (left, right):
         axis.set_xscale("log", base=2)
         axis.legend(fontsize=8)

@@ -397,7 +397,18 @@ class BenchServeConfig:
     prompts: str = knob("builtin:chat:heldout", "Prompts: builtin:NAME, or JSONL with prompt/messages.")
     num_requests: int = knob(32, "Requests per concurrency level.")
     concurrency: list[int] = knob([1, 4, 16], "Concurrent clients.")
-    max_tokens: int = knob(48, "max_tokens of every request (temperature 0).")
+    max_tokens: int = knob(48, "max_tokens of every request.")
+    temperature: float = knob(
+        0.0, "Temperature of every request (0: greedy; above 0 sampled, with no seed, so the "
+        "server's --sd-policy decides every step)."
+    )
+    request_rate: float = knob(
+        0.0, "0: closed loop (each of --concurrency clients sends its next request when its "
+        "last ends). Above 0: open loop, requests arrive at this mean rate per second (Poisson, "
+        "seeded by --seed, round r of every server offered one schedule), at most --concurrency "
+        "in flight, the rest queued at the client and their wait counted in the latency."
+    )
+    seed: int = knob(0, "Seed of the open loop's arrival times (round r uses seed + r).")
     rounds: int = knob(
         2, "Timed rounds of every level; the servers take turns in alternating order (A B, "
         "then B A) and each figure is the median over rounds."
@@ -431,6 +442,10 @@ class BenchServeConfig:
             refuse_draft_quantize(self.runtime, "bench-serve --url (the running server's draft "
                                                 "is its own)")
         require_at_least(self, 1, "num_requests", "max_tokens", "rounds")
+        require_at_least(self, 0, "temperature", "request_rate")
+        require_at_most(self, 2, "temperature", why="(the server's range)")
+        require_at_most(self, 1000, "request_rate", why="(requests per second)")
+        require_at_least(self, 0, "seed")
         require_at_most(self, 10_000, "num_requests")
         require_at_most(self, 100, "rounds")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 256:

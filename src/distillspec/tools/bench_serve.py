@@ -9,10 +9,10 @@ In a closed loop (the default) each client sends its next request when its last 
 vLLM's benchmark_serving offers them), at most C in flight, and each request's latency counts
 from its arrival. Why both: closed-loop clients that start together stay in step with a plain
 server (their requests end together and are admitted together) but not with a speculating one,
-whose rows accept different numbers of tokens; real traffic arrives out of step for both. Each server is a ``distillspec
-serve`` process of its own (``ServerProcess``), as deployed: clients in the server's process
-would compete with its engine thread for the GIL, and an SD step, with its many small draft
-operations, pays for that more than a plain step (measured on 2 cores: SD 0.64x the target
+whose rows accept different numbers of tokens; real traffic arrives out of step for both.
+Each server is a ``distillspec serve`` process of its own (``ServerProcess``), as deployed:
+clients in the server's process would compete with its engine thread for the GIL, and an SD
+step, with its many small draft operations, pays for that more than a plain step (measured on 2 cores: SD 0.64x the target
 alone at one client in-process, 0.75x with the servers as processes;
 docs/results/bench-serve-policy). All servers start first and stay up; each level
 (concurrency) then runs ``--rounds`` times per server, the servers taking turns in alternating

@@ -124,6 +124,8 @@ def test_one_auto_server_per_margin_and_bad_margins_refused():
         from_dict(BenchServeConfig, dict(url="http://127.0.0.1:1/v1", sd_margin=[0.0]))
     with pytest.raises(ValueError, match="sd_margin"):
         from_dict(ServeConfig, dict(sd_margin=11.0))
+    with pytest.raises(ValueError, match="sd_margin 0.2 would be ignored"):
+        from_dict(ServeConfig, dict(sd_policy="always", sd_margin=0.2))
 
 
 def test_the_markdown_names_the_sd_setting_a_tree_included():
@@ -233,7 +235,9 @@ def test_bench_serve_open_loop_at_a_temperature_reports_latency_from_arrival(tmp
 @pytest.mark.parametrize("values, message", [
     (dict(request_rate=-1.0), "request_rate must be >= 0"),
     (dict(temperature=2.5), "temperature must be <= 2"),
-    (dict(seed=-1), "seed must be >= 0"),
+    (dict(seed=-1, request_rate=1.0), "seed must be >= 0"),
+    (dict(seed=3), "seed 3 would be ignored"),
+    (dict(sd_policy=["always"], sd_margin=[0.2]), "sd_margin \\[0.2\\] would be ignored"),
 ])
 def test_bad_open_loop_knobs_are_refused(values, message):
     with pytest.raises(ValueError, match=message):

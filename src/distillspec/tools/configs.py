@@ -382,6 +382,10 @@ class ServeConfig:
         if not 0 <= self.drain_seconds <= 3600:
             raise ValueError(f"drain_seconds must be in [0, 3600], got {self.drain_seconds}.")
         check_margin(self.sd_margin, "sd_margin")
+        if self.sd_policy != "auto" and self.sd_margin != PLAIN_MARGIN:
+            raise ValueError(f"sd_margin {self.sd_margin} would be ignored: only --sd-policy auto "
+                             f"weighs speculation against plain (this is {self.sd_policy}). Drop "
+                             "--sd-margin, or use --sd-policy auto.")
 
 
 @dataclass(frozen=True)
@@ -438,6 +442,14 @@ class BenchServeConfig:
             raise ValueError(f"sd_margin must list distinct values, got {self.sd_margin}.")
         for margin in self.sd_margin:
             check_margin(margin, "sd_margin")
+        if "auto" not in self.sd_policy and self.sd_margin != [PLAIN_MARGIN]:
+            raise ValueError(f"sd_margin {self.sd_margin} would be ignored: it sets the SD servers "
+                             "with --sd-policy auto, and none is started. Drop --sd-margin, or add "
+                             "auto to --sd-policy.")
+        if self.seed != 0 and not self.request_rate > 0:
+            raise ValueError(f"seed {self.seed} would be ignored: it draws the open loop's arrival "
+                             "times, and a closed loop (--request-rate 0) has none. Add "
+                             "--request-rate R, or drop --seed.")
         if self.url:
             refuse_draft_quantize(self.runtime, "bench-serve --url (the running server's draft "
                                                 "is its own)")

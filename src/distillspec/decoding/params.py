@@ -16,6 +16,7 @@ LENIENCE_CHOICES = ("none", "lin", "sq", "exp")
 COMPILE_CHOICES = ("auto", "on", "off")  # compiled decoding steps (models.compilation)
 MAX_GAMMA = 64  # a verify of more tokens never pays; bounds every per-position allocation
 MAX_TOP_K = 1 << 20
+MAX_TEMPERATURE = 2.0  # the OpenAI API's range, which the server accepts
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
 
 

@@ -16,6 +16,7 @@ from distillspec.decoding.mode_policy import PLAIN_MARGIN, POLICIES, check_margi
 from distillspec.decoding.params import (
     COMPILE_CHOICES,
     MAX_GAMMA,
+    MAX_TEMPERATURE,
     SamplingConfig,
     SpeculationConfig,
     check_seed,
@@ -455,7 +456,7 @@ class BenchServeConfig:
                                                 "is its own)")
         require_at_least(self, 1, "num_requests", "max_tokens", "rounds")
         require_at_least(self, 0, "temperature", "request_rate")
-        require_at_most(self, 2, "temperature", why="(the server's range)")
+        require_at_most(self, MAX_TEMPERATURE, "temperature", why="(the server's range)")
         require_at_most(self, 1000, "request_rate", why="(requests per second)")
         require_at_least(self, 0, "seed")
         require_at_most(self, 10_000, "num_requests")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from distillspec.decoding.params import MAX_TOP_K, SamplingConfig, check_seed
+from distillspec.decoding.params import MAX_TEMPERATURE, MAX_TOP_K, SamplingConfig, check_seed
 from distillspec.decoding.requests import TokenLogprobs
 
 MAX_STOP_STRINGS = 4
@@ -125,7 +125,7 @@ def parse_request(body: dict, chat: bool, vocab: int) -> ApiRequest:
     if len(prompts or [None]) * n > MAX_CHOICES:
         raise _bad("n", f"prompts x n must be at most {MAX_CHOICES}; got "
                    f"{len(prompts)} x {n}.")
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    temperature = _number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0.0:
         raise _bad("top_p", "top_p must be > 0.")

@@ -214,15 +214,18 @@ def test_sync_timer_is_the_probe_the_generate_functions_use(pair):
 LIMITS = [None, 0, 0, 1, None, 0, 1, 1, 0, None, None, 0, 0, 0, None]
 
 
-def decode_with_limits(decoder, requests, joins):
+def decode_with_limits(decoder, requests, joins, defer=False):
     """Run the rows (``joins[i]``: the step row i joins at) with the limit of ``LIMITS`` at each
-    step; per-row outputs, and the (limit, drafted, accepted) of every row update."""
+    step (``defer``: rows joining on a plain step skip the draft's prefill, as a server's do
+    where plain has won); per-row outputs, and the (limit, drafted, accepted) of every row
+    update."""
     outputs, blocks, step = {i: [] for i in range(len(requests))}, [], 0
     while step < 200 and (step <= max(joins) or decoder.has_work):
         for index, join in enumerate(joins):
             if join == step:
                 decoder.add(requests[index])
         decoder.lookahead_limit = LIMITS[step % len(LIMITS)]
+        decoder.defer_draft_prefill = defer and decoder.lookahead_limit == 0
         for update in decoder.step():
             outputs[update.request_id] += update.new_tokens
             if update.new_tokens:
@@ -262,6 +265,34 @@ def test_the_draft_reads_every_token_of_its_plain_steps(pair):
     _, blocks = decode_with_limits(decoder, requests, [0, 1, 4])
     drafting = [(drafted, accepted) for _, drafted, accepted in blocks if drafted > 0]
     assert len(drafting) > 10 and all(accepted == drafted for drafted, accepted in drafting)
+
+
+@pytest.mark.parametrize("tree", ["", "6:2"])
+def test_a_prompt_whose_draft_prefill_was_deferred_is_read_in_the_first_drafting_step(pair, tree):
+    # As above, the draft is the target: rows joining on plain steps (1, 2, 5, 8) skip the
+    # draft's prefill; a draft that then read their prompts wrong (or not at all) would be
+    # rejected. Rows join a running batch and in one step together.
+    target, _ = pair
+    texts = prompts(5, seed=11)
+    requests = [request(t, 24, name=i) for i, t in enumerate(texts)]
+    decoder = Decoder(target, target, SpeculationConfig(gamma=3, tree=tree))
+    outputs, blocks = decode_with_limits(decoder, requests, [1, 2, 2, 5, 8], defer=True)
+    drafting = [(drafted, accepted) for _, drafted, accepted in blocks if drafted > 0]
+    assert len(drafting) > 10 and all(accepted == drafted for drafted, accepted in drafting)
+    for index, text in enumerate(texts):
+        plain = autoregressive_generate(target, torch.tensor([text]), max_new_tokens=24)
+        assert outputs[index] == plain.sequences[0], f"row {index}"
+
+
+def test_a_row_that_ends_before_any_drafting_step_never_runs_the_draft(pair):
+    target, draft = pair
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3))
+    decoder.lookahead_limit, decoder.defer_draft_prefill = 0, True
+    text = prompts(1, seed=3)[0]
+    result = run_to_completion(decoder, [request(text, 10)])
+    plain = autoregressive_generate(target, torch.tensor([text]), max_new_tokens=10)
+    assert result.sequences[0] == plain.sequences[0]
+    assert decoder.draft.length == 0 and result.metrics.draft_forward_passes == 0
 
 
 def test_a_row_joining_a_running_batch_reserves_room_past_the_pointer_only(pair):

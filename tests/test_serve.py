@@ -339,3 +339,27 @@ def test_the_mode_policy_skips_the_step_that_catches_the_draft_up_after_plain_st
     # read then: 1 or 2 left by the chain, plus the plain step's token)
     assert recorded[:4] == [(2, PLAIN), (3, PLAIN), (4, PLAIN), (6, None)]
     assert (5, None) not in recorded
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_rows_joining_where_plain_has_settled_skip_the_drafts_prefill(monkeypatch, settled):
+    """A batch size the policy settled on plain admits rows without prefilling the draft (a row
+    that ends on plain steps never costs the draft anything); elsewhere a plain step still
+    prefills it, since the policy may draft at the next step."""
+    from conftest import tiny_model
+
+    from distillspec.decoding.mode_policy import PLAIN, ModePolicy
+    from distillspec.decoding.params import SpeculationConfig
+    from distillspec.decoding.requests import Request
+    from distillspec.tools.serve_engine import EngineWorker
+
+    policy = ModePolicy.for_speculation(3, tree=False)
+    monkeypatch.setattr(policy, "choose", lambda batch: PLAIN)
+    monkeypatch.setattr(policy, "settled", lambda size: settled)
+    worker = EngineWorker(tiny_model(seed=0), tiny_model(seed=1, layers=1),
+                          SpeculationConfig(gamma=3), max_batch=4, policy=policy)
+    worker.decoder.add(Request([5, 6, 7], 6))
+    worker.decoder.add(Request([8, 9, 10, 11], 6))
+    while worker.decoder.has_work:
+        worker._step()
+    assert worker.decoder.metrics.draft_forward_passes == (0 if settled else 1)

@@ -101,6 +101,10 @@ class Decoder:
         # Set by a caller between steps (the server's ModePolicy): None speculates as configured,
         # k caps every row's draft at k tokens (a chain), 0 decodes plain with the draft kept.
         self.lookahead_limit: int | None = None
+        # Set by a caller between steps (a server whose batch runs plain for good): rows
+        # admitted while True skip the draft's prefill, and the draft reads their prompts in its
+        # first drafting step, so a row that ends before one never costs the draft anything.
+        self.defer_draft_prefill = False
         # Tree drafting (decoding/tree_step.py): the typed tree, parsed once by the config.
         self.tree = self.speculation.tree_shape if draft is not None else None
         self.tree_step = make_tree_step(self, self.tree) if self.tree is not None else None
@@ -216,10 +220,12 @@ class Decoder:
         passes = int(width > 0)
         self.metrics.prefill_passes += passes
         self.metrics.target_forward_passes += passes
-        self.metrics.draft_forward_passes += passes if self.draft is not None else 0
+        drafting = self.draft is not None and not self.defer_draft_prefill
+        self.metrics.draft_forward_passes += passes if drafting else 0
         for row in joining:
             row.target_pending = row.request.prompt_ids[-1]
-            row.draft_pending = [row.request.prompt_ids[-1]]
+            prompt = row.request.prompt_ids
+            row.draft_pending = [prompt[-1]] if drafting else list(prompt)
             if row.request.max_new_tokens == 0:  # a scoring request: done once scored
                 row.finish_reason = "length"
         self.rows += joining
@@ -240,6 +246,8 @@ class Decoder:
         logits = None
         for cached in (m for m in (self.target, self.draft) if m is not None):
             rows = cached.add_rows(len(joining))
+            if cached is self.draft and self.defer_draft_prefill:
+                continue  # the prompts stay in the rows' draft_pending (see _admit)
             cached.reserve(cached.rows, max(cached.length, width) + budget)
             if width > 0:
                 tokens = torch.tensor(

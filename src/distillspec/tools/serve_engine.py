@@ -32,7 +32,7 @@ import torch
 
 from distillspec.decoding import packed_linear
 from distillspec.decoding.engine import Decoder
-from distillspec.decoding.mode_policy import PLAIN, ModePolicy, arm_name
+from distillspec.decoding.mode_policy import PLAIN, ModePolicy, arm_name, bucket
 from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.requests import Request, RowUpdate
 
@@ -173,6 +173,10 @@ class EngineWorker:
         batch, admitting = len(decoder.rows) + len(decoder.queue), bool(decoder.queue)
         arm = self._arm(batch)
         decoder.lookahead_limit = arm
+        # Where plain decoding has won for good, a joining row skips the draft's prefill: the
+        # draft reads its prompt only if a drafting step comes before the row ends.
+        decoder.defer_draft_prefill = (arm == PLAIN and self.policy is not None
+                                       and self.policy.settled(bucket(batch)))
         # After plain steps the draft has the skipped tokens to read (a chain leaves it at most
         # 2): the first drafting step reads them, a one-off cost of switching arms.
         catching_up = arm != PLAIN and any(len(row.draft_pending) > 2 for row in decoder.rows)

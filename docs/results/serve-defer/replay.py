@@ -1,0 +1,122 @@
+"""Does skipping the draft's prefill where plain has settled pay? A same-run A/B in one process.
+
+The server's engine loop without HTTP (``EngineWorker._admit`` then ``EngineWorker._step``: the
+ModePolicy, its catch-up and settling rules, and the deferral): ``concurrency`` clients each
+send their next request (greedy, 48 tokens, the chat held-out prompts with the chat template)
+as soon as the last one ends, ``count`` requests per level. Three workers share the loaded
+models: ``plain`` (no draft), ``defer`` (the server as it is: rows joining a batch size settled
+on plain skip the draft's prefill) and ``eager`` (the same with the draft always prefilled, as
+before), after one warm-up level each (their policies learn), then ``rounds`` timed levels in
+alternating order. Reports each level's output tokens/s, the admission steps (count, seconds)
+and decoding seconds.
+
+    python replay.py [--concurrency 16] [--count 64] [--rounds 6] [--out replay.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serve-anatomy"))
+from anatomy import setup  # noqa: E402  (the server's default pair, setting and prompts)
+
+from distillspec.decoding.engine import Decoder  # noqa: E402
+from distillspec.decoding.mode_policy import ModePolicy  # noqa: E402
+from distillspec.decoding.params import SamplingConfig  # noqa: E402
+from distillspec.decoding.requests import Request  # noqa: E402
+from distillspec.tools.serve_engine import EngineWorker, Job  # noqa: E402
+
+MODES = ("plain", "defer", "eager")
+# A Job's way back to an HTTP handler; nobody listens here.
+NOBODY = types.SimpleNamespace(call_soon_threadsafe=lambda *args: None)
+
+
+class EagerDecoder(Decoder):
+    """The Decoder before the change: the draft prefills every joining row."""
+
+    defer_draft_prefill = property(lambda self: False, lambda self, value: None)
+
+
+def level(worker: EngineWorker, prompts, stop, concurrency: int, count: int, steps: list) -> float:
+    """One closed-loop level through the worker's own admission and step; output tokens/s."""
+    sent = emitted = 0
+    live: set[int] = set()
+    start = time.perf_counter()
+    while sent < count or live:
+        while sent < count and len(live) < concurrency:
+            request = Request(prompts[sent % len(prompts)], 48, SamplingConfig(), stop, None,
+                              (len(steps) << 20) + sent)
+            worker._pending += 1
+            worker._handle("add", Job(request, NOBODY, types.SimpleNamespace(put_nowait=None)))
+            live.add(request.request_id)
+            sent += 1
+        worker._admit()
+        admitting = bool(worker.decoder.queue)
+        before = {rid: len(worker.outputs[rid]) for rid in worker.jobs}
+        step_start = time.perf_counter()
+        worker._step()
+        steps.append((admitting, time.perf_counter() - step_start))
+        for rid, count_before in before.items():  # a finished request's tokens left outputs
+            now = len(worker.outputs[rid]) if rid in worker.outputs else FINAL.pop(rid)
+            emitted += now - count_before
+        live -= {rid for rid in live if rid not in worker.jobs}
+    return emitted / (time.perf_counter() - start)
+
+
+FINAL: dict[int, int] = {}  # request id -> tokens, recorded as each request finishes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--out", default="replay.json")
+    args = parser.parse_args()
+    (target, draft), speculation, stop, prompts, spec = setup("none")
+    workers, steps = {}, {mode: [] for mode in MODES}
+    for mode in MODES:
+        policy = None if mode == "plain" else ModePolicy.for_speculation(
+            speculation.gamma, speculation.tree_shape is not None)
+        worker = EngineWorker(target, None if mode == "plain" else draft, speculation,
+                              max_batch=args.concurrency, policy=policy,
+                              on_finished=lambda request, output: FINAL.__setitem__(
+                                  request.request_id, len(output)))
+        if mode == "eager":
+            worker.decoder.__class__ = EagerDecoder
+        workers[mode] = worker
+        level(worker, prompts, stop, args.concurrency, args.count, [])  # warm-up
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for r in range(args.rounds):
+        for mode in MODES if r % 2 == 0 else tuple(reversed(MODES)):
+            rates[mode].append(level(workers[mode], prompts, stop, args.concurrency, args.count,
+                                     steps[mode]))
+        print(r, {mode: round(values[-1], 1) for mode, values in rates.items()}, flush=True)
+    summary = {}
+    for mode in MODES:
+        admissions = [s for admitting, s in steps[mode] if admitting]
+        summary[mode] = {
+            "tokens_per_s": rates[mode], "median_tokens_per_s": statistics.median(rates[mode]),
+            "ratio_to_plain_by_round": [a / b for a, b in zip(rates[mode], rates["plain"])],
+            "steps": len(steps[mode]), "admission_steps": len(admissions),
+            "admission_s": sum(admissions), "mean_admission_step_ms": 1e3 * statistics.mean(admissions),
+            "decoding_s": sum(s for admitting, s in steps[mode] if not admitting),
+        }
+    for mode in ("defer", "eager"):
+        summary[mode]["median_ratio_to_plain"] = (summary[mode]["median_tokens_per_s"]
+                                                  / summary["plain"]["median_tokens_per_s"])
+    record = {"concurrency": args.concurrency, "count": args.count, "rounds": args.rounds,
+              "setting": spec, "levels": summary}
+    Path(args.out).write_text(json.dumps(record, indent=1, default=str))
+    print(json.dumps({m: {k: v for k, v in s.items() if k != "tokens_per_s"}
+                      for m, s in summary.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

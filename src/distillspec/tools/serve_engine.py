@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from distillspec.common.runtime import release_openmp_threads
 from distillspec.decoding import packed_linear
 from distillspec.decoding.engine import Decoder
 from distillspec.decoding.mode_policy import PLAIN, ModePolicy, arm_name, bucket
@@ -98,6 +99,9 @@ class EngineWorker:
         self.thread = threading.Thread(target=self._run, name="distillspec-engine", daemon=True)
 
     def start(self) -> None:
+        """Start the engine thread, first freeing the calling thread's OpenMP workers: they
+        would otherwise slow every parallel region of the engine's (``release_openmp_threads``)."""
+        release_openmp_threads()
         self.thread.start()
 
     def stop(self, timeout: float = STOP_SECONDS) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 from distillspec.common.config import changed_args, changed_flags, replace, to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
+from distillspec.common.runtime import release_openmp_threads
 from distillspec.tools.configs import BenchServeConfig, ServeConfig
 
 
@@ -251,6 +252,9 @@ class LocalServer:
         self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
 
     def __enter__(self) -> str:
+        # The engine thread starts in uvicorn's; the team to free is this thread's, which
+        # loaded the models (EngineWorker.start frees only its caller's).
+        release_openmp_threads()
         self.thread.start()
         deadline = time.time() + 120
         while not self.uvicorn.started:

@@ -136,7 +136,10 @@ def apply_threads(runtime: RuntimeConfig) -> None:
         torch.backends.cudnn.allow_tf32 = False
 
 
-OPENMP_LIBRARIES = ("libgomp", "libiomp5", "libomp")  # GNU, Intel, LLVM: whichever torch loaded
+# GNU OpenMP only (torch's Linux wheels), where it was tried: its hard pause freed the calling
+# thread's team. The standard lets a hard pause free every thread's resources, which another
+# runtime might do while a thread computes.
+OPENMP_LIBRARIES = ("libgomp",)
 OMP_PAUSE_HARD = 2  # omp_pause_resource_t: free the threads, not only put them to sleep
 
 
@@ -148,11 +151,11 @@ def release_openmp_threads() -> bool:
     thread takes the work over, as the server's engine thread does. Why: each thread that starts
     parallel regions keeps its own team of workers, and once the process's OpenMP threads
     outnumber its CPUs GNU OpenMP stops letting idle workers spin (they sleep and must be woken
-    for every region). On a 2-core CPU a 64-row bf16 linear layer then ran ~1.6x slower in the
-    engine thread, at 130 % CPU instead of 200 %, and a 16-row decoding step 75 against 49 ms;
-    with the loading thread's team freed, as fast as in the main thread. The next parallel
-    region of the calling thread starts a new team. Linux only (the libraries are found in
-    /proc/self/maps); elsewhere, and where no runtime has the call, nothing happens."""
+    for every region). On a 2-core CPU a 16-row decoding step in the engine thread took 77 ms
+    at 114 % CPU, against 52 ms at 199 % with the loading thread's team freed, as in the main
+    thread (docs/results/openmp-threads). The next parallel region of the calling thread starts
+    a new team. GNU OpenMP on Linux only (found in /proc/self/maps); elsewhere, and where the
+    runtime lacks the call, nothing happens."""
     import ctypes
 
     released = False

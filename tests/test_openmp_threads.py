@@ -41,3 +41,22 @@ def test_torch_computes_the_same_in_every_thread_after_a_release():
     assert torch.equal(results[0], expected)
     assert torch.equal(parallel_work(), expected)  # the caller starts a new team
     release_openmp_threads()  # twice in a row: nothing left to free, no error
+
+
+def test_a_release_while_another_thread_computes_leaves_its_results_exact():
+    """GNU OpenMP frees the caller's team only: an engine thread computing meanwhile goes on,
+    unharmed (a runtime whose hard pause stopped every team would break or hang this)."""
+    expected = parallel_work()
+    results: list[bool] = []
+
+    def engine() -> None:
+        for _ in range(200):
+            results.append(torch.equal(parallel_work(), expected))
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    while thread.is_alive():
+        parallel_work()  # the caller's team comes back ...
+        release_openmp_threads()  # ... and is freed again, mid-computation of the other
+    thread.join()
+    assert len(results) == 200 and all(results)

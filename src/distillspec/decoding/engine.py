@@ -220,12 +220,12 @@ class Decoder:
         passes = int(width > 0)
         self.metrics.prefill_passes += passes
         self.metrics.target_forward_passes += passes
-        drafting = self.draft is not None and not self.defer_draft_prefill
-        self.metrics.draft_forward_passes += passes if drafting else 0
+        prefilled = self._prefills_draft
+        self.metrics.draft_forward_passes += passes if prefilled else 0
         for row in joining:
             row.target_pending = row.request.prompt_ids[-1]
             prompt = row.request.prompt_ids
-            row.draft_pending = [prompt[-1]] if drafting else list(prompt)
+            row.draft_pending = [prompt[-1]] if prefilled else list(prompt)
             if row.request.max_new_tokens == 0:  # a scoring request: done once scored
                 row.finish_reason = "length"
         self.rows += joining
@@ -246,7 +246,7 @@ class Decoder:
         logits = None
         for cached in (m for m in (self.target, self.draft) if m is not None):
             rows = cached.add_rows(len(joining))
-            if cached is self.draft and self.defer_draft_prefill:
+            if cached is self.draft and not self._prefills_draft:
                 continue  # the prompts stay in the rows' draft_pending (see _admit)
             cached.reserve(cached.rows, max(cached.length, width) + budget)
             if width > 0:
@@ -258,6 +258,12 @@ class Decoder:
                                      logits_to_keep=keep)
                 logits = out if cached is self.target else logits
         return logits
+
+    @property
+    def _prefills_draft(self) -> bool:
+        """Whether joining rows' prompts go into the draft's cache now (else they wait in
+        ``draft_pending`` for the first drafting step)."""
+        return self.draft is not None and not self.defer_draft_prefill
 
     def _leave(self, report: bool = False) -> list[RowUpdate]:
         """Drop finished rows from both caches (``report``: say so, for cancelled rows)."""

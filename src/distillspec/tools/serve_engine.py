@@ -178,8 +178,9 @@ class EngineWorker:
         arm = self._arm(batch)
         decoder.lookahead_limit = arm
         # Where plain decoding has won for good, a joining row skips the draft's prefill: the
-        # draft reads its prompt only if a drafting step comes before the row ends.
-        decoder.defer_draft_prefill = (arm == PLAIN and self.policy is not None
+        # draft reads its prompt only if a drafting step comes before the row ends. (Asked only
+        # when a row joins, so other steps skip the policy's settling test.)
+        decoder.defer_draft_prefill = (admitting and arm == PLAIN and self.policy is not None
                                        and self.policy.settled(bucket(batch)))
         # After plain steps the draft has the skipped tokens to read (a chain leaves it at most
         # 2): the first drafting step reads them, a one-off cost of switching arms.

@@ -159,9 +159,17 @@ class ChainStep:
         ``uniforms`` = (acceptance draws ``[B, g]``, final draws ``[B]``).
         """
         models = self.models
-        pending = torch.tensor([[row.target_pending] for row in rows], device=models.device)
-        logits = models.target.forward(torch.cat([pending, draft_tokens], dim=1))
         gamma = draft_tokens.shape[1]
+        if any(row.target_prefix for row in rows):  # rows joined for this plain step
+            if gamma:
+                raise RuntimeError("rows read their prompts in a target pass of plain steps only.")
+            logits = models.target.forward_ragged(
+                [row.target_prefix + [row.target_pending] for row in rows])
+            for row in rows:
+                row.target_prefix = []
+        else:
+            pending = torch.tensor([[row.target_pending] for row in rows], device=models.device)
+            logits = models.target.forward(torch.cat([pending, draft_tokens], dim=1))
         if greedy:  # p and q one-hot: acceptance is argmax equality
             target_tokens = greedy_tokens(logits)
             outcome = verify_greedy(draft_tokens, target_tokens, lengths)

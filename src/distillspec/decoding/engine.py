@@ -38,6 +38,9 @@ from distillspec.decoding.tree import DynamicTree
 from distillspec.decoding.tree_step import TreeStep
 
 T = TypeVar("T")
+# Rows joining a plain step read their prompts in the step's target pass (a ragged call) rather
+# than in a prefill pass of their own; off: always a prefill (the side-by-side scripts' switch).
+RAGGED_JOINS = True
 
 
 def check_deterministic(target, draft=None) -> None:
@@ -144,7 +147,7 @@ class Decoder:
     @torch.inference_mode()
     def step(self) -> list[RowUpdate]:
         """Admit queued requests, run one block for all live rows, return what each emitted."""
-        updates = self._admit() + self._leave(report=True)
+        updates = self._admit(self._joins_ragged()) + self._leave(report=True)
         if not self.rows:
             return updates
         strategy = self._strategy()
@@ -202,8 +205,19 @@ class Decoder:
 
     # -- joining and leaving ---------------------------------------------------------------------
 
-    def _admit(self) -> list[RowUpdate]:
-        """Prefill queued rows (every prompt token but the last) into both caches."""
+    def _joins_ragged(self) -> bool:
+        """Whether queued rows skip the target's prefill and read their prompts in this step's
+        target pass instead (a ragged call, ``decoding/ragged.py``): when the step decodes
+        plain (no draft, or a lookahead limit of 0), the target takes ragged calls and no
+        joining row scores its prompt (that needs every position's logits)."""
+        plain = self.draft is None or self.lookahead_limit == 0
+        return (RAGGED_JOINS and plain and self.target.takes_ragged and bool(self.queue)
+                and all(row.request.prompt_logprobs is None and row.request.max_new_tokens > 0
+                        for row in self.queue))
+
+    def _admit(self, ragged: bool = False) -> list[RowUpdate]:
+        """Prefill queued rows (every prompt token but the last) into both caches; with
+        ``ragged``, the target's part waits in ``target_prefix`` for the step's own pass."""
         cancelled = [row for row in self.queue if row.finish_reason is not None]
         joining = [row for row in self.queue if row.finish_reason is None]
         self.queue = []
@@ -216,14 +230,15 @@ class Decoder:
         pads = [width - len(p) for p in prompts]
         # A row scoring its prompt needs every prefill position's logits from the target.
         scoring = any(row.request.prompt_logprobs is not None for row in joining)
-        logits = self.measure("prefill", self._prefill, joining, prompts, pads, scoring)
-        passes = int(width > 0)
-        self.metrics.prefill_passes += passes
-        self.metrics.target_forward_passes += passes
+        logits = self.measure("prefill", self._prefill, joining, prompts, pads, scoring, ragged)
         prefilled = self._prefills_draft
+        passes = int(width > 0 and (prefilled or not ragged))
+        self.metrics.prefill_passes += passes
+        self.metrics.target_forward_passes += passes if not ragged else 0
         self.metrics.draft_forward_passes += passes if prefilled else 0
-        for row in joining:
+        for row, prefix in zip(joining, prompts):
             row.target_pending = row.request.prompt_ids[-1]
+            row.target_prefix = list(prefix) if ragged else []
             prompt = row.request.prompt_ids
             row.draft_pending = [prompt[-1]] if prefilled else list(prompt)
             if row.request.max_new_tokens == 0:  # a scoring request: done once scored
@@ -234,9 +249,10 @@ class Decoder:
         return updates
 
     def _prefill(self, joining: list[_Row], prompts: list[list[int]], pads: list[int],
-                 scoring: bool) -> torch.Tensor | None:
+                 scoring: bool, ragged: bool = False) -> torch.Tensor | None:
         """Add the joining rows to each cache and prefill their prompts (right-aligned to the
-        write pointer); the target's logits (every position's when ``scoring``)."""
+        write pointer; the target's not with ``ragged``); the target's logits (every
+        position's when ``scoring``)."""
         width = max(map(len, prompts))
         # A prompt ends at the pointer (right-aligned), so a row needs room past it only for
         # its last prompt token, its budget and a block's lookahead (counting the prompt again
@@ -249,6 +265,8 @@ class Decoder:
             if cached is self.draft and not self._prefills_draft:
                 continue  # the prompts stay in the rows' draft_pending (see _admit)
             cached.reserve(cached.rows, max(cached.length, width) + budget)
+            if cached is self.target and ragged:
+                continue  # they stay in the rows' target_prefix (see _admit)
             if width > 0:
                 tokens = torch.tensor(
                     [[0] * pad + p for p, pad in zip(prompts, pads)], device=self.device

@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from distillspec.decoding.attention import gqa_attention
 from distillspec.decoding.packed_linear import packed_linears, refresh
+from distillspec.decoding.ragged import RaggedCall, layout, packed_slots, ragged, supports
 
 
 def ensure_croppable(model: PreTrainedModel) -> None:
@@ -80,6 +81,11 @@ class _SlotLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        call = self.owner.ragged
+        if call is not None:  # packed tokens [1, H_kv, N, D], each to its own (row, slot)
+            self.keys[call.row_index, :, call.slot_index] = key_states[0].transpose(0, 1)
+            self.values[call.row_index, :, call.slot_index] = value_states[0].transpose(0, 1)
+            return self.keys[: call.rows, :, : call.end], self.values[: call.rows, :, : call.end]
         if self.owner.write_index is not None:
             # Static shapes (compiled steps): write at a tensor position, attend over the first
             # write_window slots (a multiple of SLOT_BUCKET); the mask hides every slot that
@@ -145,6 +151,7 @@ class SlotCache(Cache):
         self.write_rows: slice = slice(0, 0)
         self.write_start = 0
         self.write_index: torch.Tensor | None = None  # set during a static-shape forward
+        self.ragged: RaggedCall | None = None  # set during a ragged forward
         self.write_count = 0
         self.write_window = 0
 
@@ -250,6 +257,7 @@ class CachedModel:
         self.embedding_rows = model.get_input_embeddings().weight.shape[0]
         self.attention_impl = getattr(model.config, "_attn_implementation", None)
         self.cache_keyword = cache_keyword(model)
+        self.takes_ragged = supports(model)
 
     @property
     def rows(self) -> int:
@@ -351,6 +359,42 @@ class CachedModel:
             for offset, pad in enumerate(pad_left):
                 self.positions[rows.start + offset] += width - pad
         return logits
+
+    @torch.inference_mode()
+    def forward_ragged(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Write ``tokens[r]`` (one list per row, every row, at least one token each) into row
+        r in one ragged call (``decoding/ragged.py``) and return each row's last logits,
+        ``[rows, 1, V]``. A row's tokens end at the call's last slot, as a padded call of the
+        widest row would place them: one slot past the pointer, or further when a row is
+        wider than the pointer, leaving the other rows a hole. Eager, also on a compiled
+        model. Only for models that ``takes_ragged``."""
+        counts = [len(row) for row in tokens]
+        if len(counts) != self.rows or min(counts, default=0) < 1:
+            raise ValueError(f"a ragged call needs 1+ tokens for each of the {self.rows} rows, "
+                             f"got counts {counts}.")
+        widest = max(counts)
+        self._compact_if_needed(widest)
+        end = max(self.length + 1, widest)
+        self.reserve(self.rows, end)
+        self.slot_mask[: self.rows, self.length : end] = False
+        device = self.device
+        slots = packed_slots(counts, end, device)
+        self.slot_mask[slots] = True
+        call, positions, last = layout(counts, end, self.positions, slots, self._attention_mask)
+        input_ids = torch.tensor([[t for row in tokens for t in row]], device=device)
+        total = input_ids.shape[1]
+        unused_mask = torch.ones(1, 1, total, end, dtype=torch.bool, device=device)
+        self.cache.ragged = call
+        try:
+            with ragged(self.model, call), packed_linears(self.model):
+                logits = _logits(self.model, input_ids.clamp(max=self.embedding_rows - 1),
+                                 unused_mask, positions, self.cache, last, self.cache_keyword)
+        finally:
+            self.cache.ragged = None
+        self.cache.length = end
+        for row, count in enumerate(counts):
+            self.positions[row] += count
+        return logits[0].unsqueeze(1)
 
     def _columns(self, rows: slice, pad_left: list[int], width: int,
                  tree: TreeCall | None) -> tuple[torch.Tensor, torch.Tensor]:

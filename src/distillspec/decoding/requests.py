@@ -58,6 +58,9 @@ class _Row:
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     target_pending: int = 0  # the last token, not yet in the target's cache
+    # Prompt tokens before it that the target has not read either: a row that joined for a
+    # ragged step (Decoder._joins_ragged) reads them in that step.
+    target_prefix: list[int] = field(default_factory=list)
     draft_pending: list[int] = field(default_factory=list)  # tokens the draft has not read
     finish_reason: str | None = None
 

@@ -60,6 +60,32 @@ def test_compiled_cache_rollback_join_leave_equal_an_uncached_forward(compiled_p
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_rows_joining_compiled_plain_steps_read_their_prompts_in_ragged_calls(compiled_pair):
+    """A compiled target decoding plain, rows joining mid-run: each join is an eager ragged
+    call (no prefill pass), the steps between run compiled, every row is transformers'
+    greedy output."""
+    from test_engine_greedy import hf_greedy
+
+    from distillspec import Decoder, Request
+
+    model, _ = compiled_pair
+    texts = [left_padded([n], seed=n)[0][0].tolist() for n in (4, 9, 6)]
+    joins, outputs, step = [0, 2, 5], {0: [], 1: [], 2: []}, 0
+    decoder = Decoder(model)
+    graphs = compiled_graphs()
+    while step <= max(joins) or decoder.has_work:
+        for index, join in enumerate(joins):
+            if join == step:
+                decoder.add(Request(texts[index], 8, request_id=index))
+        for update in decoder.step():
+            outputs[update.request_id] += update.new_tokens
+        step += 1
+    assert decoder.metrics.prefill_passes == 0 and compiled_graphs() > graphs
+    for index, text in enumerate(texts):
+        reference = hf_greedy(model, torch.tensor([text]), None, 8).tolist()[0]
+        assert outputs[index] == reference, f"row {index}"
+
+
 def test_compiled_steps_stay_exact_when_the_capacity_grows(compiled_pair):
     """Past the first 256 slots the buffers grow (a new graph); every row stays exact."""
     model, _ = compiled_pair

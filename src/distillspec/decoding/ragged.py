@@ -63,11 +63,14 @@ _CALL: contextvars.ContextVar[RaggedCall | None] = contextvars.ContextVar("ragge
 
 
 def supports(model) -> bool:
-    """Whether ``model`` can take ragged calls: a listed architecture on sdpa attention with
-    every layer attending to the full context."""
+    """Whether ``model`` can take ragged calls: a listed architecture on sdpa attention, on one
+    device, with every layer attending to the full context (Mistral's default sliding window
+    excludes it unless the config turns the window off)."""
     config = model.config
     if config.model_type not in MODEL_TYPES or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
+    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        return False  # the call's index tensors live on one device
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         return all(kind == "full_attention" for kind in layer_types)

@@ -111,11 +111,16 @@ def main() -> None:
     for mode in ("defer", "eager"):
         summary[mode]["median_ratio_to_plain"] = (summary[mode]["median_tokens_per_s"]
                                                   / summary["plain"]["median_tokens_per_s"])
-    record = {"concurrency": args.concurrency, "count": args.count, "rounds": args.rounds,
-              "setting": spec, "levels": summary}
-    Path(args.out).write_text(json.dumps(record, indent=1, default=str))
+    write(args.out, {"concurrency": args.concurrency, "count": args.count,
+                     "rounds": args.rounds, "setting": spec, "levels": summary})
+
+
+def write(out: str, record: dict) -> None:
+    """``record`` to ``out`` as JSON, and its levels' summaries (without the per-round rates)
+    to stdout."""
+    Path(out).write_text(json.dumps(record, indent=1, default=str))
     print(json.dumps({m: {k: v for k, v in s.items() if k != "tokens_per_s"}
-                      for m, s in summary.items()}, indent=1))
+                      for m, s in record["levels"].items()}, indent=1))
 
 
 if __name__ == "__main__":

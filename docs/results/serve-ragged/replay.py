@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import statistics
 import sys
@@ -127,12 +126,9 @@ def main() -> None:
         sd, plain = summary[f"sd-{way}"], summary[f"plain-{way}"]
         sd["ratio_to_plain_by_round"] = [a / b for a, b in zip(sd["tokens_per_s"],
                                                                 plain["tokens_per_s"])]
-    record = {"concurrency": args.concurrency, "count": args.count, "rounds": args.rounds,
-              "rate": args.rate,
-              "setting": spec, "levels": summary}
-    Path(args.out).write_text(json.dumps(record, indent=1, default=str))
-    print(json.dumps({m: {k: v for k, v in s.items() if k != "tokens_per_s"}
-                      for m, s in summary.items()}, indent=1))
+    defer_replay.write(args.out, {"concurrency": args.concurrency, "count": args.count,
+                                  "rounds": args.rounds, "rate": args.rate, "setting": spec,
+                                  "levels": summary})
 
 
 if __name__ == "__main__":

@@ -60,6 +60,18 @@ def packed_gqa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     return output.reshape(batch, heads, width, dim)
 
 
+def gqa_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+             scale: float | None, dropout: float = 0.0) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask) v`` for ``query [B, H, W, D]`` over ``key``/``value``
+    ``[B, H_kv, S, D]`` (``H`` a multiple of ``H_kv``) with a bool ``mask [B, 1, W, S]``,
+    without copying keys and values: packed (``packs``) or with ``enable_gqa``; returns
+    ``[B, H, W, D]``."""
+    if dropout == 0.0 and mask.shape[1] == 1 and packs(query):
+        return packed_gqa_attention(query, key, value, mask, scale)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=True)
+
+
 def gqa_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                      is_causal=None, **kwargs):
     groups = getattr(module, "num_key_value_groups", 1)
@@ -67,13 +79,7 @@ def gqa_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, sca
     if groups > 1 and plain and isinstance(attention_mask, torch.Tensor) and (
         attention_mask.dtype == torch.bool
     ):
-        if dropout == 0.0 and attention_mask.shape[1] == 1 and packs(query):
-            output = packed_gqa_attention(query, key, value, attention_mask, scaling)
-        else:
-            output = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                enable_gqa=True,
-            )
+        output = gqa_sdpa(query, key, value, attention_mask, scaling, dropout)
         return output.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, is_causal=is_causal, **kwargs)

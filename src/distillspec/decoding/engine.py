@@ -211,7 +211,7 @@ class Decoder:
         plain (no draft, or a lookahead limit of 0), the target takes ragged calls and no
         joining row scores its prompt (that needs every position's logits)."""
         plain = self.draft is None or self.lookahead_limit == 0
-        return (RAGGED_JOINS and plain and self.target.takes_ragged and bool(self.queue)
+        return (bool(self.queue) and RAGGED_JOINS and plain and self.target.takes_ragged
                 and all(row.request.prompt_logprobs is None and row.request.max_new_tokens > 0
                         for row in self.queue))
 
@@ -232,10 +232,10 @@ class Decoder:
         scoring = any(row.request.prompt_logprobs is not None for row in joining)
         logits = self.measure("prefill", self._prefill, joining, prompts, pads, scoring, ragged)
         prefilled = self._prefills_draft
-        passes = int(width > 0 and (prefilled or not ragged))
-        self.metrics.prefill_passes += passes
-        self.metrics.target_forward_passes += passes if not ragged else 0
-        self.metrics.draft_forward_passes += passes if prefilled else 0
+        target_pass, draft_pass = int(width > 0 and not ragged), int(width > 0 and prefilled)
+        self.metrics.prefill_passes += max(target_pass, draft_pass)
+        self.metrics.target_forward_passes += target_pass
+        self.metrics.draft_forward_passes += draft_pass
         for row, prefix in zip(joining, prompts):
             row.target_pending = row.request.prompt_ids[-1]
             row.target_prefix = list(prefix) if ragged else []

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
-from distillspec.decoding.attention import packed_gqa_attention, packs
+from distillspec.decoding.attention import gqa_sdpa
 
 NAME = "distillspec_ragged_sdpa"
 # Architectures whose attention is plain causal self-attention through the attention interface
@@ -55,8 +55,12 @@ class RaggedCall:
     groups: tuple[RaggedGroup, ...]
     row_index: torch.Tensor  # [N] the cache row of each packed token
     slot_index: torch.Tensor  # [N] its slot
-    rows: int
     end: int  # one past the last slot written
+
+    @property
+    def rows(self) -> int:
+        """Rows in the call: the groups cover them in order."""
+        return self.groups[-1].rows.stop
 
 
 _CALL: contextvars.ContextVar[RaggedCall | None] = contextvars.ContextVar("ragged", default=None)
@@ -132,7 +136,7 @@ def layout(counts: Sequence[int], end: int, positions: Sequence[int],
         for first, size, width in runs(counts))
     last = torch.tensor([offset + count - 1 for offset, count in zip(offsets, counts)],
                         device=device)
-    call = RaggedCall(groups, row_index, slot_index, len(counts), end)
+    call = RaggedCall(groups, row_index, slot_index, end)
     return call, token_positions.unsqueeze(0).to(device), last
 
 
@@ -152,13 +156,7 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     output = query.new_zeros(total + 1, heads, dim)
     for group in call.groups:
         grouped = queries[:, group.query_index].transpose(0, 1)  # [rows, H, width, D]
-        keys, values = key[group.rows], value[group.rows]
-        if packs(grouped) and heads != keys.shape[1]:
-            result = packed_gqa_attention(grouped, keys, values, group.mask, scaling)
-        else:
-            result = torch.nn.functional.scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=group.mask, scale=scaling,
-                enable_gqa=heads != keys.shape[1])
+        result = gqa_sdpa(grouped, key[group.rows], value[group.rows], group.mask, scaling)
         output[group.query_index.reshape(-1)] = result.transpose(1, 2).reshape(-1, heads, dim)
     return output[:total].unsqueeze(0), None
 

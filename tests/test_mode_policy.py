@@ -75,6 +75,38 @@ def test_a_bucket_where_plain_leads_far_settles_and_wider_batches_inherit_it():
     assert run(policy, 2, rates, 3) == [None, None, 1]
 
 
+def plain_seconds(batch):
+    """A plain step's seconds at ``batch`` rows, as the 2-core Xeon measured them at 16
+    clients (51 ms at 9 rows, 58 ms at 16): a row's rate falls by 13 % from 9 rows to 16."""
+    return 0.0424 + 0.00098 * batch
+
+
+@pytest.mark.parametrize(("chain_speedup", "chain_batch", "plain_batch", "chain_leads"),
+                         [(0.99, 9, 16, False), (1.2, 16, 9, True)])
+def test_arms_compare_at_one_batch_size_within_a_bucket(chain_speedup, chain_batch,
+                                                        plain_batch, chain_leads):
+    # A closed loop at 16 clients: the chain's steps landed where rows had just ended (9
+    # rows), plain's mostly on full batches, or the other way round. The chain emits 1.44
+    # tokens per row at a cost making it ``chain_speedup`` x plain at every batch size.
+    policy = ModePolicy([1, PLAIN], warmup=2, explore_every=8, settle=4, margin=0.1)
+
+    def step(arm, batch):
+        tokens_per_row = 1.44 if arm == 1 else 1.0
+        seconds = plain_seconds(batch) * (tokens_per_row / chain_speedup if arm == 1 else 1.0)
+        policy.record(batch, arm, tokens_per_row * batch, seconds)
+
+    for index in range(12):
+        step(1, chain_batch)
+        step(PLAIN, plain_batch if index % 6 else chain_batch)  # plain runs at both sizes
+    # Per row as measured, the batch sizes decide, across the margin: the 0.99x chain looks
+    # more than 1.1x plain, the 1.2x chain less.
+    raw = policy.rate(16, 1) / policy.rate(16, PLAIN)
+    assert (raw > 1.1) is not chain_leads
+    # Compared at one batch size, each arm is what it is.
+    assert policy.choose(16) == (1 if chain_leads else PLAIN)
+    assert policy.settled(16) is not chain_leads
+
+
 def run_noisy(policy, batch, rates, steps, spread):
     """As ``run``, the drafting arms' steps alternating between ``rate * (1 -+ spread)``."""
     chosen = []

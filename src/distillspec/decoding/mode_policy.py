@@ -19,6 +19,14 @@ measuring, so the measured cost model here is the measurement itself:
   16 clients (docs/results/serve-policy-avx2) spent a third to three fifths of its steps on a
   chain no faster per row than plain that way (its estimate came from full batches, 141 tok/s;
   plain's from the batch draining, 107 at 11 rows); a row's rate moves far less with the batch;
+* compared **at one batch size**: a row's rate still falls as the batch grows within a bucket
+  (served at 16 clients on the 2-core Xeon, a plain step took 51 ms at 9 rows and 58 ms at
+  16), and the arms need not meet the same batches (a chain's rows end out of step, so more of
+  its steps run on the batches left after rows ended): an arm measured at 9 rows would look
+  13 % faster per row than plain measured at 16, more than the margin. So each arm's rate is
+  scaled by plain's step seconds at the arm's mean batch, from a line fitted through the
+  bucket's plain steps (``_PlainCost``): tokens per row per plain step at the arm's own batch
+  size (docs/results/serve-chain-joins);
 * ``choose`` runs every arm ``warmup`` times in a bucket first (the configured one first), then
   the arm with the highest optimistic estimate, the rate plus ``confidence`` standard errors of
   its per-step rates (an upper confidence bound, as in UCB bandits): an arm that trails only
@@ -111,13 +119,15 @@ class _Estimate:
     rate_squares: float = 0.0
     samples: int = 0
     last_step: int = -1  # the bucket's step count when it was last measured
+    batch_sum: float = 0.0  # decayed sum of the steps' batch sizes
 
-    def add(self, tokens: float, seconds: float, decay: float) -> None:
-        """One step: ``tokens`` emitted per row in ``seconds``."""
+    def add(self, tokens: float, seconds: float, decay: float, batch: int = 1) -> None:
+        """One step of ``batch`` rows: ``tokens`` emitted per row in ``seconds``."""
         rate = tokens / seconds
         self.tokens = decay * self.tokens + tokens
         self.seconds = decay * self.seconds + seconds
         self.weight = decay * self.weight + 1.0
+        self.batch_sum = decay * self.batch_sum + batch
         self.rate_sum = decay * self.rate_sum + rate
         self.rate_squares = decay * self.rate_squares + rate * rate
         self.samples += 1
@@ -136,11 +146,60 @@ class _Estimate:
         variance = max(self.rate_squares / self.weight - mean_rate * mean_rate, 0.0)
         return self.tokens_per_second + confidence * (variance / self.weight) ** 0.5
 
+    @property
+    def mean_batch(self) -> float:
+        """The batch size its steps ran at, on average (decayed like the rate)."""
+        return self.batch_sum / self.weight if self.weight > 0 else 0.0
+
+
+@dataclass
+class _PlainCost:
+    """Plain step seconds against the batch size within a bucket, t(n) = a + b n: a decayed
+    least-squares line through the plain steps (b >= 0; flat while they ran at one size)."""
+
+    weight: float = 0.0
+    batch: float = 0.0  # decayed sums of n, t, n^2 and n t
+    seconds: float = 0.0
+    batch_squares: float = 0.0
+    batch_seconds: float = 0.0
+
+    def add(self, batch: int, seconds: float, decay: float) -> None:
+        self.weight = decay * self.weight + 1.0
+        self.batch = decay * self.batch + batch
+        self.seconds = decay * self.seconds + seconds
+        self.batch_squares = decay * self.batch_squares + batch * batch
+        self.batch_seconds = decay * self.batch_seconds + batch * seconds
+
+    def at(self, batch: float) -> float | None:
+        """The fitted plain step seconds at ``batch`` rows (None: no plain step yet)."""
+        if self.weight <= 0:
+            return None
+        mean_batch, mean_seconds = self.batch / self.weight, self.seconds / self.weight
+        spread = self.batch_squares / self.weight - mean_batch * mean_batch
+        slope = 0.0
+        if spread > 0.25:  # sizes at least ~1 row apart: a slope to fit
+            slope = max((self.batch_seconds / self.weight - mean_batch * mean_seconds) / spread,
+                        0.0)
+        return max(mean_seconds + slope * (batch - mean_batch), 0.25 * mean_seconds)
+
 
 @dataclass
 class _Bucket:
     steps: int = 0
     estimates: dict = field(default_factory=dict)  # arm -> _Estimate
+    plain_cost: _PlainCost = field(default_factory=_PlainCost)
+
+    def batch_factor(self, estimate: _Estimate) -> float:
+        """What turns an arm's per-row rate into one comparable across the batch sizes of the
+        bucket: plain's fitted step seconds at the arm's mean batch (1 before any plain step).
+
+        A row's rate falls as the batch grows (at 9 rows a plain step took 51 ms on the
+        2-core Xeon, at 16 rows 58 ms: 13 % fewer tokens per row per second), so an arm
+        measured at 9-12 rows beat plain measured at 16 by that much before, about the margin.
+        Where both arms' cost grows with the batch as plain's does, rate x t_plain(mean batch)
+        is the arm's tokens per row per plain step at its own batch: arms compare at one size."""
+        seconds = self.plain_cost.at(estimate.mean_batch)
+        return 1.0 if seconds is None else seconds
 
 
 class ModePolicy:
@@ -198,6 +257,7 @@ class ModePolicy:
             return oldest
         return max(zip(self.arms, estimates),
                    key=lambda pair: pair[1].upper_bound(self.confidence)
+                   * state.batch_factor(pair[1])
                    / (1.0 if pair[0] == PLAIN else 1.0 + self.margin))[0]
 
     def settled(self, size: int) -> bool:
@@ -225,8 +285,10 @@ class ModePolicy:
         drafting = [state.estimates.get(arm) for arm in self.arms if arm != PLAIN]
         if plain is None or any(e is None or e.samples < self.settle for e in drafting):
             return False
-        best = max(e.upper_bound(2 * self.confidence) for e in drafting) / (1.0 + self.margin)
-        return plain.samples >= self.settle and best < plain.tokens_per_second
+        best = max(e.upper_bound(2 * self.confidence) * state.batch_factor(e)
+                   for e in drafting) / (1.0 + self.margin)
+        return (plain.samples >= self.settle
+                and best < plain.tokens_per_second * state.batch_factor(plain))
 
     def record(self, batch: int, arm: int | None, tokens: int, seconds: float) -> None:
         """A step of ``batch`` rows ran ``arm`` and emitted ``tokens`` (all rows') in
@@ -236,8 +298,10 @@ class ModePolicy:
         state = self.buckets.setdefault(bucket(batch), _Bucket())
         state.steps += 1
         estimate = state.estimates.setdefault(arm, _Estimate())
-        estimate.add(tokens / batch, seconds, self.decay)
+        estimate.add(tokens / batch, seconds, self.decay, batch)
         estimate.last_step = state.steps
+        if arm == PLAIN:  # the line needs many plain steps: a memory 8x the arms'
+            state.plain_cost.add(batch, seconds, 1.0 - (1.0 - self.decay) / 8)
 
     def rate(self, batch: int, arm: int | None) -> float | None:
         """The current tokens/s per row estimate of ``arm`` at this batch's bucket (None:

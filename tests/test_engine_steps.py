@@ -188,7 +188,7 @@ def test_a_step_measures_only_through_its_probe(pair, tree, monkeypatch):
     probe = CountingProbe()
     measured = Decoder(target, draft, speculation, probe=probe)
     assert decode_all(measured, texts) == plain
-    blocks = measured.metrics.target_forward_passes - measured.metrics.prefill_passes
+    blocks = measured.metrics.target_forward_passes - measured.metrics.target_prefill_passes
     assert probe.phases.count("_prefill") == 1
     assert probe.phases.count("_draft") == probe.phases.count("_verify") == blocks > 0
     metrics = measured.metrics

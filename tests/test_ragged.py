@@ -1,16 +1,17 @@
-"""Ragged calls (decoding/ragged.py): rows joining a plain step read their prompts in the step's
-own target pass, with the outputs of a prefill pass followed by the step."""
+"""Ragged calls (decoding/ragged.py): rows joining a chain step (plain, or verifying a chain of
+drafts) read their prompts in the step's own target pass, with the outputs of a prefill pass
+followed by the step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import left_padded, tiny_model
+from conftest import left_padded, perturbed_copy, tiny_model
 
 import distillspec.decoding.engine as engine
 from distillspec import Decoder, Request, autoregressive_generate
 from distillspec.decoding.kv_cache import CachedModel
-from distillspec.decoding.params import SamplingConfig
+from distillspec.decoding.params import SamplingConfig, SpeculationConfig
 from distillspec.decoding.ragged import query_index, runs, supports
 
 
@@ -19,9 +20,11 @@ def prompts(lengths, seed=0):
     return [ids[r][mask[r].bool()].tolist() for r in range(len(lengths))]
 
 
-def test_runs_group_consecutive_rows_by_one_token_or_more():
+def test_runs_group_consecutive_rows_by_the_narrowest_width_or_more():
     assert runs([1, 1, 1, 5, 3, 1, 7]) == [(0, 3, 1), (3, 2, 5), (5, 1, 1), (6, 1, 7)]
     assert runs([4]) == [(0, 1, 4)]
+    # Verify blocks of 3 tokens apart from the prompts (and their blocks) of joining rows.
+    assert runs([3, 3, 9, 12, 3]) == [(0, 2, 3), (2, 2, 12), (4, 1, 3)]
 
 
 def test_query_index_right_aligns_each_row_and_marks_pads():
@@ -60,6 +63,33 @@ def test_a_ragged_call_gives_the_logits_of_a_prefill_then_a_step(arch):
     for step in ([[20], [21], [22], [23], [24]], [[30], [31], [32], [33], [34]]):
         torch.testing.assert_close(b.forward(torch.tensor(step)), a.forward(torch.tensor(step)),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_a_ragged_call_keeps_each_rows_verify_block_beside_joining_prompts():
+    # A verify step: every running row feeds [pending, x1, x2] and keeps those 3 positions'
+    # logits; a joining row feeds its prompt then its own block, keeping the block's 3.
+    model = tiny_model("llama", seed=4).float()
+    running, joining = prompts([5, 8], seed=3), prompts([9], seed=4)[0]
+    caches = [CachedModel(model), CachedModel(model)]
+    for cached in caches:
+        rows = cached.add_rows(2)
+        width = max(map(len, running))
+        tokens = torch.tensor([[0] * (width - len(p)) + p for p in running])
+        cached.forward(tokens, [width - len(p) for p in running], rows=rows, right_align=True,
+                       logits_to_keep=1)
+    a, b = caches
+    rows = a.add_rows(1)
+    prefix = joining[:-3]  # the joining row's block is its prompt's last 3 tokens
+    a.forward(torch.tensor([prefix]), [0], rows=rows, right_align=True, logits_to_keep=1)
+    blocks = [[11, 12, 13], [14, 15, 16], joining[-3:]]
+    expected = a.forward(torch.tensor(blocks), logits_to_keep=3)
+    b.add_rows(1)
+    got = b.forward_ragged([blocks[0], blocks[1], joining], keep=3)
+    assert got.shape == expected.shape == (3, 3, expected.shape[-1])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert a.positions == b.positions
+    with pytest.raises(ValueError, match="3\\+ tokens"):
+        b.forward_ragged([[1, 2, 3], [4, 5]], keep=3)
 
 
 def test_a_ragged_call_wider_than_the_pointer_leaves_the_other_rows_a_hole():
@@ -120,6 +150,60 @@ def test_sampled_rows_draw_the_same_tokens_with_or_without_ragged_joins(monkeypa
     monkeypatch.setattr(engine, "RAGGED_JOINS", False)
     padded, before = run_joins(model, texts, [0, 1, 1, 4], budget=10, sampling=sampled)
     assert ragged == padded and prefills == 0 and before == 3
+
+
+def drafting_joins(target, draft, speculation, texts, joins, budget, limit=None, sampling=None):
+    """As ``run_joins`` with a draft; ``limit``: the decoder's lookahead limit every step (the
+    server's arms); ``sampling``: seeded sampled rows. Outputs, metrics and the draft tokens
+    accepted."""
+    decoder = Decoder(target, draft, speculation)
+    decoder.lookahead_limit = limit
+    outputs, step = {i: [] for i in range(len(texts))}, 0
+    while step <= max(joins) or decoder.has_work:
+        for index, join in enumerate(joins):
+            if join == step:
+                decoder.add(Request(texts[index], budget, sampling or SamplingConfig(),
+                                    seed=index if sampling else None, request_id=index))
+        for update in decoder.step():
+            outputs[update.request_id] += update.new_tokens
+        step += 1
+    return outputs, decoder.metrics, sum(row.counts.accepted_tokens for row in decoder.finished)
+
+
+@pytest.mark.parametrize(("tree", "limit", "ragged"),
+                         [(None, None, True), ("3:1", 1, True), ("3:1", 0, True),
+                          ("3:1", None, False)])
+def test_rows_joining_a_drafting_chain_read_their_prompts_in_its_verify(tree, limit, ragged):
+    # float32: greedy SD is the target's own greedy decoding, token for token, whether a row
+    # joined with a prefill pass or in a chain's verify pass (a tree's verify keeps the prefill).
+    target = tiny_model("llama", seed=7).float()
+    draft = perturbed_copy(target, 0.1)
+    texts = prompts([5, 11, 3, 8, 14, 6], seed=9)
+    joins = [0, 0, 2, 3, 3, 7]
+    speculation = SpeculationConfig(gamma=3, tree=tree or "")
+    outputs, metrics, accepted = drafting_joins(target, draft, speculation, texts, joins, 12, limit)
+    for index, text in enumerate(texts):
+        plain = autoregressive_generate(target, torch.tensor([text]), max_new_tokens=12)
+        assert outputs[index] == plain.sequences[0], f"row {index}"
+    admissions = len(set(joins))
+    assert metrics.target_prefill_passes == (0 if ragged else admissions)
+    assert metrics.draft_prefill_passes == admissions  # the draft reads its prompts itself
+    assert (accepted > 0) is (limit != 0)  # it drafted, except on plain steps
+
+
+def test_sampled_rows_joining_a_drafting_chain_draw_the_same_tokens_either_way(monkeypatch):
+    # Seeded rows, float32: the same logits, draft probabilities and uniforms give the same
+    # tokens whether the joining prompts were read in a prefill pass or in the verify pass.
+    target = tiny_model("llama", seed=8).float()
+    draft = perturbed_copy(target, 0.2)
+    texts = prompts([6, 9, 4, 12], seed=10)
+    sampled = SamplingConfig(temperature=1.0, top_p=0.95)
+    run = (target, draft, SpeculationConfig(gamma=3), texts, [0, 1, 1, 4], 10, None, sampled)
+    ragged, ragged_metrics, _ = drafting_joins(*run)
+    monkeypatch.setattr(engine, "RAGGED_JOINS", False)
+    padded, padded_metrics, _ = drafting_joins(*run)
+    assert ragged == padded
+    assert (ragged_metrics.target_prefill_passes, padded_metrics.target_prefill_passes) == (0, 3)
 
 
 def test_models_outside_the_list_keep_the_prefill():

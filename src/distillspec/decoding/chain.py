@@ -160,11 +160,11 @@ class ChainStep:
         """
         models = self.models
         gamma = draft_tokens.shape[1]
-        if any(row.target_prefix for row in rows):  # rows joined for this plain step
-            if gamma:
-                raise RuntimeError("rows read their prompts in a target pass of plain steps only.")
+        if any(row.target_prefix for row in rows):  # rows joined: prompts and blocks in one pass
+            blocks = draft_tokens.tolist()
             logits = models.target.forward_ragged(
-                [row.target_prefix + [row.target_pending] for row in rows])
+                [row.target_prefix + [row.target_pending] + block
+                 for row, block in zip(rows, blocks)], keep=gamma + 1)
             for row in rows:
                 row.target_prefix = []
         else:

@@ -38,7 +38,7 @@ from distillspec.decoding.tree import DynamicTree
 from distillspec.decoding.tree_step import TreeStep
 
 T = TypeVar("T")
-# Rows joining a plain step read their prompts in the step's target pass (a ragged call) rather
+# Rows joining a chain step (plain or drafting) read their prompts in the step's target pass (a ragged call) rather
 # than in a prefill pass of their own; off: always a prefill (the side-by-side scripts' switch).
 RAGGED_JOINS = True
 
@@ -207,11 +207,17 @@ class Decoder:
 
     def _joins_ragged(self) -> bool:
         """Whether queued rows skip the target's prefill and read their prompts in this step's
-        target pass instead (a ragged call, ``decoding/ragged.py``): when the step decodes
-        plain (no draft, or a lookahead limit of 0), the target takes ragged calls and no
+        target pass instead (a ragged call, ``decoding/ragged.py``): when the step is a chain
+        (plain decoding, a chain of drafts, or a lookahead limit that makes one of a tree; a
+        tree's verify has its own attention mask), the target takes ragged calls and no
         joining row scores its prompt (that needs every position's logits)."""
-        plain = self.draft is None or self.lookahead_limit == 0
-        return (bool(self.queue) and RAGGED_JOINS and plain and self.target.takes_ragged
+        chain = self.draft is None or self.tree is None or self.lookahead_limit is not None
+        return chain and self.chain_reads_joins()
+
+    def chain_reads_joins(self) -> bool:
+        """Whether the queued rows would read their prompts in a chain step's target pass (a
+        caller choosing between a tree and a chain for an admitting step asks)."""
+        return (bool(self.queue) and RAGGED_JOINS and self.target.takes_ragged
                 and all(row.request.prompt_logprobs is None and row.request.max_new_tokens > 0
                         for row in self.queue))
 
@@ -234,6 +240,8 @@ class Decoder:
         prefilled = self._prefills_draft
         target_pass, draft_pass = int(width > 0 and not ragged), int(width > 0 and prefilled)
         self.metrics.prefill_passes += max(target_pass, draft_pass)
+        self.metrics.target_prefill_passes += target_pass
+        self.metrics.draft_prefill_passes += draft_pass
         self.metrics.target_forward_passes += target_pass
         self.metrics.draft_forward_passes += draft_pass
         for row, prefix in zip(joining, prompts):

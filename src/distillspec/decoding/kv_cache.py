@@ -361,26 +361,29 @@ class CachedModel:
         return logits
 
     @torch.inference_mode()
-    def forward_ragged(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Write ``tokens[r]`` (one list per row, every row, at least one token each) into row
-        r in one ragged call (``decoding/ragged.py``) and return each row's last logits,
-        ``[rows, 1, V]``. A row's tokens end at the call's last slot, as a padded call of the
-        widest row would place them: one slot past the pointer, or further when a row is
-        wider than the pointer, leaving the other rows a hole. Eager, also on a compiled
-        model. Only for models that ``takes_ragged``."""
+    def forward_ragged(self, tokens: Sequence[Sequence[int]], keep: int = 1) -> torch.Tensor:
+        """Write ``tokens[r]`` (one list per row, every row, at least ``keep`` tokens each)
+        into row r in one ragged call (``decoding/ragged.py``) and return the logits of each
+        row's last ``keep`` tokens, ``[rows, keep, V]`` (a verify block's, where the row's
+        block follows a prompt it reads in the same call). A row's tokens end at the call's
+        last slot, as a padded call of the widest row would place them: one slot past the
+        pointer, or further when a row is wider than the pointer, leaving the other rows a
+        hole. Eager, also on a compiled model. Only for models that ``takes_ragged``."""
         counts = [len(row) for row in tokens]
-        if len(counts) != self.rows or min(counts, default=0) < 1:
-            raise ValueError(f"a ragged call needs 1+ tokens for each of the {self.rows} rows, "
-                             f"got counts {counts}.")
+        if keep < 1 or len(counts) != self.rows or min(counts, default=0) < keep:
+            raise ValueError(f"a ragged call needs {max(keep, 1)}+ tokens for each of the "
+                             f"{self.rows} rows, got counts {counts}.")
         widest = max(counts)
         self._compact_if_needed(widest)
-        end = max(self.length + 1, widest)
+        end = max(self.length + keep, widest)
         self.reserve(self.rows, end)
         self.slot_mask[: self.rows, self.length : end] = False
         device = self.device
         slots = packed_slots(counts, end, device)
         self.slot_mask[slots] = True
         call, positions, last = layout(counts, end, self.positions, slots, self._attention_mask)
+        if keep > 1:  # each row's last `keep` packed tokens, in order
+            last = (last.unsqueeze(1) + torch.arange(1 - keep, 1, device=device)).reshape(-1)
         input_ids = torch.tensor([[t for row in tokens for t in row]], device=device)
         total = input_ids.shape[1]
         unused_mask = torch.ones(1, 1, total, end, dtype=torch.bool, device=device)
@@ -394,7 +397,7 @@ class CachedModel:
         self.cache.length = end
         for row, count in enumerate(counts):
             self.positions[row] += count
-        return logits[0].unsqueeze(1)
+        return logits[0].reshape(self.rows, keep, -1)
 
     def _columns(self, rows: slice, pad_left: list[int], width: int,
                  tree: TreeCall | None) -> tuple[torch.Tensor, torch.Tensor]:

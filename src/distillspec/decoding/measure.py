@@ -363,10 +363,11 @@ class SpeedProbe:
         gamma, threshold, tree = setting
         total = combined_counts(results)
         draft_time = sum(r.metrics.draft_time_s for r in results)
-        draft_passes = sum(r.metrics.draft_forward_passes - r.metrics.prefill_passes for r in results)
+        draft_passes = sum(r.metrics.draft_forward_passes - r.metrics.draft_prefill_passes
+                           for r in results)
         plain_time = sum(r.metrics.target_time_s for r in plain_results)
         plain_calls = sum(
-            r.metrics.target_forward_passes - r.metrics.prefill_passes for r in plain_results
+            r.metrics.target_forward_passes - r.metrics.target_prefill_passes for r in plain_results
         )
         cost_ratio = (draft_time / max(draft_passes, 1)) / (plain_time / max(plain_calls, 1))
         alpha = total.analytic_alpha or 0.0

@@ -123,7 +123,9 @@ class GenerationMetrics:
     finish_reasons: list[str]
     target_forward_passes: int = 0  # batched calls, prefill included
     draft_forward_passes: int = 0
-    prefill_passes: int = 0  # of those, prefill calls (per model)
+    prefill_passes: int = 0  # admissions that ran a prefill call (of either model)
+    target_prefill_passes: int = 0  # of target_forward_passes, prefill calls (rows joining a
+    draft_prefill_passes: int = 0  # chain step read their prompts in its own target pass)
     wall_time_s: float = 0.0
     draft_time_s: float = 0.0
     target_time_s: float = 0.0  # verify (and plain decoding) calls
@@ -156,6 +158,8 @@ class GenerationMetrics:
             "target_forward_passes": self.target_forward_passes,
             "draft_forward_passes": self.draft_forward_passes,
             "prefill_passes": self.prefill_passes,
+            "target_prefill_passes": self.target_prefill_passes,
+            "draft_prefill_passes": self.draft_prefill_passes,
             "wall_time_s": self.wall_time_s,
             "draft_time_s": self.draft_time_s,
             "target_time_s": self.target_time_s,

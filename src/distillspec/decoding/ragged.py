@@ -5,10 +5,11 @@ prompt to read, and used to get a prefill pass of its own before the step: on th
 1-row 50-token prefill cost 54 ms and a 16-row step 52 ms, so at 16 clients every join cost
 about one more step (docs/results/serve-open-loop). A padded call of both would compute every
 row at the prompt's width. A ragged call packs the step's tokens into one sequence ``[1, N]``
-(each running row's token, each joining row's prompt): embeddings, norms, the linear layers and
+(each running row's token, or its verify block ``[pending, x_1..x_g]`` on a drafting chain
+step; each joining row's prompt, followed by its block): embeddings, norms, the linear layers and
 the MLP see N rows, and only attention is computed per row, in groups of rows of one width (the
-running rows' one-token queries together; the joining prompts together, left-padded among
-themselves), each against its own rows' cache slots. The tokens and positions are the ones
+running rows' queries together; the joining prompts together, left-padded among themselves),
+each against its own rows' cache slots. The tokens and positions are the ones
 the two passes had, so the outputs are the same up to the rounding of other matrix shapes.
 
 ``CachedModel.forward_ragged`` lays the call out (``layout``), the cache writes each packed
@@ -83,10 +84,13 @@ def supports(model) -> bool:
 
 def runs(counts: Sequence[int]) -> list[tuple[int, int, int]]:
     """``(first row, row count, width)`` of each maximal run of consecutive rows that are all
-    one token wide or all wider; a wider run's width is its widest row."""
+    as narrow as the narrowest row (running rows: one token, or one verify block each) or all
+    wider (rows reading their prompts); a wider run's width is its widest row. (Grouping a
+    verify block with the prompts would pad its queries to a prompt's width.)"""
+    narrowest = min(counts, default=1)
     groups: list[tuple[int, int, int]] = []
     for row, count in enumerate(counts):
-        if groups and (count > 1) == (groups[-1][2] > 1):
+        if groups and (count > narrowest) == (groups[-1][2] > narrowest):
             first, size, width = groups[-1]
             groups[-1] = (first, size + 1, max(width, count))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -339,6 +340,59 @@ def test_the_mode_policy_skips_the_step_that_catches_the_draft_up_after_plain_st
     # read then: 1 or 2 left by the chain, plus the plain step's token)
     assert recorded[:4] == [(2, PLAIN), (3, PLAIN), (4, PLAIN), (6, None)]
     assert (5, None) not in recorded
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_step_admitting_rows_runs_a_chain_of_the_trees_depth(monkeypatch, seeded):
+    """Where the policy chose the tree for a step that admits rows, the step runs a chain of the
+    tree's depth, whose verify pass reads the joining prompts (no target prefill), and greedy
+    rows stay the target's own tokens; while a seeded sampled row is live it speculates as
+    configured (its answer depends on its draft lengths) and the joining rows get a prefill."""
+    from conftest import tiny_model
+
+    from distillspec import autoregressive_generate
+    from distillspec.decoding.mode_policy import ModePolicy
+    from distillspec.decoding.params import SamplingConfig, SpeculationConfig
+    from distillspec.decoding.requests import Request
+    from distillspec.tools.serve_engine import EngineWorker, Job
+
+    policy = ModePolicy.for_speculation(3, tree=True)
+    monkeypatch.setattr(policy, "choose", lambda batch: None)  # the tree, every step
+    target, finished = tiny_model(seed=0), {}
+    worker = EngineWorker(target, tiny_model(seed=1, layers=1),
+                          SpeculationConfig(gamma=3, tree="3:1"), max_batch=4, policy=policy,
+                          on_finished=lambda request, output: finished.__setitem__(
+                              request.request_id, list(output)))
+    limits, real_step = [], worker.decoder.step
+
+    def step():
+        limits.append((bool(worker.decoder.queue), worker.decoder.lookahead_limit))
+        return real_step()
+
+    monkeypatch.setattr(worker.decoder, "step", step)
+    nobody = types.SimpleNamespace(call_soon_threadsafe=lambda *args: None)
+
+    def send(request):  # as the server's handler does
+        worker._pending += 1
+        worker._handle("add", Job(request, nobody, types.SimpleNamespace(put_nowait=None)))
+
+    if seeded:
+        send(Request([4, 4, 2], 30, SamplingConfig(temperature=1.0), seed=3, request_id="s"))
+    joins = {0: [5, 6, 7], 3: [8, 9, 10, 11, 12], 6: [13, 14]}
+    for index in range(40):
+        if index in joins:
+            send(Request(joins[index], 12, request_id=index))
+        worker._admit()
+        if worker.decoder.has_work:
+            worker._step()
+    admitting = {limit for joined, limit in limits if joined}
+    assert admitting == ({None} if seeded else {1})  # 3:1 is one level deep
+    assert {limit for joined, limit in limits if not joined} == {None}
+    prefills = worker.decoder.metrics.target_prefill_passes
+    assert prefills == (3 if seeded else 0)  # seeded: each of the 3 admissions prefills
+    for index, prompt in joins.items():
+        plain = autoregressive_generate(target, torch.tensor([prompt]), max_new_tokens=12)
+        assert finished[index] == plain.sequences[0]
 
 
 @pytest.mark.parametrize("settled", [False, True])

@@ -175,7 +175,7 @@ class EngineWorker:
     def _step(self) -> None:
         decoder = self.decoder
         batch, admitting = len(decoder.rows) + len(decoder.queue), bool(decoder.queue)
-        arm = self._arm(batch)
+        arm = self._arm(batch, admitting)
         decoder.lookahead_limit = arm
         # Where plain decoding has won for good, a joining row skips the draft's prefill: the
         # draft reads its prompt only if a drafting step comes before the row ends. (Asked only
@@ -208,17 +208,26 @@ class EngineWorker:
         for update in updates:
             self._post(update)
 
-    def _arm(self, batch: int) -> int | None:
+    def _arm(self, batch: int, admitting: bool = False) -> int | None:
         """This step's draft-length limit (``Decoder.lookahead_limit``): the policy's choice,
         except while a seeded sampled row is live: its tokens depend on its draft lengths, so
         it speculates as configured and its seed reproduces its answer whatever shares the
-        batch (greedy rows are the target's own tokens under every arm)."""
+        batch (greedy rows are the target's own tokens under every arm).
+
+        A step that admits rows where the policy chose the configured tree runs a chain of the
+        tree's depth instead: rows joining a chain read their prompts in its verify pass (a
+        ragged call), where a tree's verify needs a prefill pass before it, about one more
+        step's cost, against one block's few tokens of the tree's advantage."""
         if self.policy is None or self.decoder.draft is None:
             return None
         rows = self.decoder.rows + self.decoder.queue
         if any(r.request.seed is not None and not r.request.sampling.greedy for r in rows):
             return None
-        return self.policy.choose(batch)
+        arm = self.policy.choose(batch)
+        if arm is None and admitting and self.decoder.tree is not None \
+                and self.decoder.chain_reads_joins():
+            return self.decoder.tree.depth
+        return arm
 
     def _drain(self, block: bool) -> None:
         try:

@@ -106,7 +106,8 @@ class ServeMetrics:
         self.mode_rate = Gauge("distillspec_spec_decode_mode_tokens_per_second_per_row",
                                "Measured tokens/s per running row of each mode per batch-size "
                                "bucket (decayed tokens per row over decayed seconds; "
-                               "--sd-policy auto chooses by it plus one standard error)",
+                               "--sd-policy auto chooses by it plus one standard error, each "
+                               "scaled by plain's step time at the batch size it ran at)",
                                ["batch_bucket", "mode"], registry=registry)
         self.plain_from = Gauge("distillspec_spec_decode_plain_from_batch",
                                 "--sd-policy auto: the batch size from which every step decodes "

@@ -107,6 +107,21 @@ def test_arms_compare_at_one_batch_size_within_a_bucket(chain_speedup, chain_bat
     assert policy.settled(16) is not chain_leads
 
 
+def test_plain_step_line_fits_adjacent_sizes_and_is_not_extrapolated():
+    from distillspec.decoding.mode_policy import _PlainCost
+
+    line = _PlainCost()
+    assert line.at(4) is None
+    for _ in range(5):
+        line.add(3, plain_seconds(3), 0.99)
+        line.add(4, plain_seconds(4), 0.99)
+    # Two sizes one row apart (bucket 4) give the slope; between them, the line.
+    assert line.at(3.5) == pytest.approx(plain_seconds(3.5), rel=1e-6)
+    # Outside the sizes plain ran at, the nearest end of the line, not an extrapolation.
+    assert line.at(1) == pytest.approx(plain_seconds(3), rel=1e-6)
+    assert line.at(16) == pytest.approx(plain_seconds(4), rel=1e-6)
+
+
 def run_noisy(policy, batch, rates, steps, spread):
     """As ``run``, the drafting arms' steps alternating between ``rate * (1 -+ spread)``."""
     chosen = []

@@ -11,7 +11,7 @@
 5. tokens are emitted per row, cut at the first stop id and the budget (a row that asks for
    log-probabilities gets the target's, from step 2's logits).
 
-The block's results reach the host in one transfer. A seeded row draws its ``2 cap + 1``
+The block's results reach the host in one transfer (two on a step that rows join). A seeded row draws its ``2 cap + 1``
 uniforms from its own generator, so what it consumes depends on its own state only. Plain
 decoding (no draft) is the same block with g = 0; an all-greedy block compares argmaxes.
 """
@@ -161,7 +161,7 @@ class ChainStep:
         models = self.models
         gamma = draft_tokens.shape[1]
         if any(row.target_prefix for row in rows):  # rows joined: prompts and blocks in one pass
-            blocks = draft_tokens.tolist()
+            blocks = draft_tokens.tolist()  # a second transfer, on admitting steps only
             logits = models.target.forward_ragged(
                 [row.target_prefix + [row.target_pending] + block
                  for row, block in zip(rows, blocks)], keep=gamma + 1)

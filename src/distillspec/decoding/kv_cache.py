@@ -365,10 +365,11 @@ class CachedModel:
         """Write ``tokens[r]`` (one list per row, every row, at least ``keep`` tokens each)
         into row r in one ragged call (``decoding/ragged.py``) and return the logits of each
         row's last ``keep`` tokens, ``[rows, keep, V]`` (a verify block's, where the row's
-        block follows a prompt it reads in the same call). A row's tokens end at the call's
-        last slot, as a padded call of the widest row would place them: one slot past the
-        pointer, or further when a row is wider than the pointer, leaving the other rows a
-        hole. Eager, also on a compiled model. Only for models that ``takes_ragged``."""
+        block follows a prompt it reads in the same call). Rows that hold context take exactly
+        ``keep`` tokens (wider rows are new ones, reading their prompts). A row's tokens end at
+        the call's last slot, as a padded call of the widest row would place them: ``keep``
+        slots past the pointer, or further when a row is wider than that, leaving the other
+        rows a hole. Eager, also on a compiled model. Only for models that ``takes_ragged``."""
         counts = [len(row) for row in tokens]
         if keep < 1 or len(counts) != self.rows or min(counts, default=0) < keep:
             raise ValueError(f"a ragged call needs {max(keep, 1)}+ tokens for each of the "

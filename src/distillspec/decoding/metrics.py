@@ -124,12 +124,14 @@ class GenerationMetrics:
     target_forward_passes: int = 0  # batched calls, prefill included
     draft_forward_passes: int = 0
     prefill_passes: int = 0  # admissions that ran a prefill call (of either model)
-    target_prefill_passes: int = 0  # of target_forward_passes, prefill calls (rows joining a
-    draft_prefill_passes: int = 0  # chain step read their prompts in its own target pass)
+    # Per model, the prefill calls among its forward passes. They differ where rows joining a
+    # chain step read their prompts in its target pass (a ragged call, no target prefill).
+    target_prefill_passes: int = 0
+    draft_prefill_passes: int = 0
     wall_time_s: float = 0.0
     draft_time_s: float = 0.0
     target_time_s: float = 0.0  # verify (and plain decoding) calls
-    prefill_time_s: float = 0.0  # both models' prompt prefill
+    prefill_time_s: float = 0.0  # both models' prefill calls (a ragged join's prompt: target_time_s)
 
     @property
     def total(self) -> DecodeCounts:

@@ -162,8 +162,12 @@ class _PlainCost:
     seconds: float = 0.0
     batch_squares: float = 0.0
     batch_seconds: float = 0.0
+    smallest: int = 0  # the batch sizes plain has run at: the line is not extrapolated
+    largest: int = 0
 
     def add(self, batch: int, seconds: float, decay: float) -> None:
+        self.smallest = min(self.smallest or batch, batch)
+        self.largest = max(self.largest, batch)
         self.weight = decay * self.weight + 1.0
         self.batch = decay * self.batch + batch
         self.seconds = decay * self.seconds + seconds
@@ -171,13 +175,15 @@ class _PlainCost:
         self.batch_seconds = decay * self.batch_seconds + batch * seconds
 
     def at(self, batch: float) -> float | None:
-        """The fitted plain step seconds at ``batch`` rows (None: no plain step yet)."""
+        """The fitted plain step seconds at ``batch`` rows, held within the sizes plain ran at
+        (a noisy slope is not carried beyond them; None: no plain step yet)."""
         if self.weight <= 0:
             return None
+        batch = min(max(batch, self.smallest), self.largest)
         mean_batch, mean_seconds = self.batch / self.weight, self.seconds / self.weight
         spread = self.batch_squares / self.weight - mean_batch * mean_batch
         slope = 0.0
-        if spread > 0.25:  # sizes at least ~1 row apart: a slope to fit
+        if spread > 0.05:  # not (nearly) all at one size: a slope to fit
             slope = max((self.batch_seconds / self.weight - mean_batch * mean_seconds) / spread,
                         0.0)
         return max(mean_seconds + slope * (batch - mean_batch), 0.25 * mean_seconds)

@@ -214,10 +214,11 @@ class EngineWorker:
         it speculates as configured and its seed reproduces its answer whatever shares the
         batch (greedy rows are the target's own tokens under every arm).
 
-        A step that admits rows where the policy chose the configured tree runs a chain of the
-        tree's depth instead: rows joining a chain read their prompts in its verify pass (a
-        ragged call), where a tree's verify needs a prefill pass before it, about one more
-        step's cost, against one block's few tokens of the tree's advantage."""
+        A step that admits rows where the policy chose the configured tree runs a chain as deep
+        as the tree instead (at most gamma): rows joining a chain read their prompts in its
+        verify pass (a ragged call), where a tree's verify needs a prefill pass before it,
+        about one more step's cost, against one block's few tokens of the tree's advantage.
+        /metrics counts such a step under its chain (gamma1 for a one-level tree)."""
         if self.policy is None or self.decoder.draft is None:
             return None
         rows = self.decoder.rows + self.decoder.queue

@@ -33,21 +33,27 @@ def test_query_index_right_aligns_each_row_and_marks_pads():
     assert index.tolist() == [[2, 3, 4, 5, 6], [10, 10, 7, 8, 9]]
 
 
+def prefilled_caches(model, running):
+    """Two caches of ``model`` holding the ``running`` prompts (right-aligned), for A/B calls."""
+    caches = (CachedModel(model), CachedModel(model))
+    width = max(map(len, running))
+    tokens = torch.tensor([[0] * (width - len(p)) + p for p in running])
+    for cached in caches:
+        rows = cached.add_rows(len(running))
+        cached.forward(tokens, [width - len(p) for p in running], rows=rows, right_align=True,
+                       logits_to_keep=1)
+    return caches
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_ragged_call_gives_the_logits_of_a_prefill_then_a_step(arch):
     # Two caches of one model: A prefills the joining rows' prompts, then steps every row one
     # token; B does both in one ragged call. Then both take two ordinary steps.
     model = tiny_model(arch, seed=3).float()
     running, joining = prompts([4, 9, 6], seed=1), prompts([7, 12], seed=2)
-    caches = [CachedModel(model), CachedModel(model)]
-    for cached in caches:
-        rows = cached.add_rows(3)
-        width = max(map(len, running))
-        tokens = torch.tensor([[0] * (width - len(p)) + p for p in running])
-        cached.forward(tokens, [width - len(p) for p in running], rows=rows, right_align=True,
-                       logits_to_keep=1)
+    a, b = prefilled_caches(model, running)
+    for cached in (a, b):
         cached.forward(torch.tensor([[5], [6], [7]]))  # a step, so the rows sit at a pointer
-    a, b = caches
     prefixes = [p[:-1] for p in joining]
     width = max(map(len, prefixes))
     rows = a.add_rows(2)
@@ -70,14 +76,7 @@ def test_a_ragged_call_keeps_each_rows_verify_block_beside_joining_prompts():
     # logits; a joining row feeds its prompt then its own block, keeping the block's 3.
     model = tiny_model("llama", seed=4).float()
     running, joining = prompts([5, 8], seed=3), prompts([9], seed=4)[0]
-    caches = [CachedModel(model), CachedModel(model)]
-    for cached in caches:
-        rows = cached.add_rows(2)
-        width = max(map(len, running))
-        tokens = torch.tensor([[0] * (width - len(p)) + p for p in running])
-        cached.forward(tokens, [width - len(p) for p in running], rows=rows, right_align=True,
-                       logits_to_keep=1)
-    a, b = caches
+    a, b = prefilled_caches(model, running)
     rows = a.add_rows(1)
     prefix = joining[:-3]  # the joining row's block is its prompt's last 3 tokens
     a.forward(torch.tensor([prefix]), [0], rows=rows, right_align=True, logits_to_keep=1)

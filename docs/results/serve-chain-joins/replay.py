@@ -27,7 +27,6 @@ sys.path[:0] = [str(HERE.parent / "serve-defer"), str(HERE.parent / "serve-anato
 import replay as defer_replay  # noqa: E402  (its closed-loop level)
 from anatomy import setup  # noqa: E402  (the server's default pair, setting and prompts)
 
-from distillspec.decoding.mode_policy import ModePolicy  # noqa: E402
 from distillspec.tools.serve_engine import EngineWorker  # noqa: E402
 
 MODES = ("target", "sd-chain-joins", "sd-before")
@@ -56,12 +55,8 @@ def main() -> None:
     workers, steps = {}, {mode: [] for mode in MODES}
     for mode in MODES:
         sd = mode != "target"
-        policy = ModePolicy.for_speculation(speculation.gamma,
-                                            speculation.tree_shape is not None) if sd else None
-        workers[mode] = EngineWorker(target, draft if sd else None, speculation,
-                                     max_batch=args.concurrency, policy=policy,
-                                     on_finished=lambda request, output: defer_replay.FINAL.__setitem__(
-                                         request.request_id, len(output)))
+        workers[mode] = defer_replay.server_worker(target, draft if sd else None, speculation,
+                                                   args.concurrency)
         if mode == "sd-before":
             before(workers[mode])
         defer_replay.level(workers[mode], prompts, stop, args.concurrency, args.count, [])
@@ -73,16 +68,8 @@ def main() -> None:
                                                   args.concurrency, args.count, steps[mode]))
         print(r, {mode: round(values[-1], 1) for mode, values in rates.items()},
               f"{time.perf_counter() - started:.0f} s", flush=True)
-    summary = {}
+    summary = defer_replay.summarise(rates, steps)
     for mode in MODES:
-        admissions = [s for admitting, s in steps[mode] if admitting]
-        summary[mode] = {
-            "tokens_per_s": rates[mode], "median_tokens_per_s": statistics.median(rates[mode]),
-            "steps": len(steps[mode]), "admission_steps": len(admissions),
-            "admission_s": sum(admissions),
-            "mean_admission_step_ms": 1e3 * statistics.mean(admissions) if admissions else None,
-            "decoding_s": sum(s for admitting, s in steps[mode] if not admitting),
-        }
         if mode != "target":
             by_round = [a / b for a, b in zip(rates[mode], rates["target"])]
             summary[mode]["ratio_to_target_by_round"] = by_round

@@ -98,21 +98,41 @@ def main() -> None:
             rates[mode].append(level(workers[mode], prompts, stop, args.concurrency, args.count,
                                      steps[mode]))
         print(r, {mode: round(values[-1], 1) for mode, values in rates.items()}, flush=True)
-    summary = {}
+    summary = summarise(rates, steps)
     for mode in MODES:
-        admissions = [s for admitting, s in steps[mode] if admitting]
-        summary[mode] = {
-            "tokens_per_s": rates[mode], "median_tokens_per_s": statistics.median(rates[mode]),
-            "ratio_to_plain_by_round": [a / b for a, b in zip(rates[mode], rates["plain"])],
-            "steps": len(steps[mode]), "admission_steps": len(admissions),
-            "admission_s": sum(admissions), "mean_admission_step_ms": 1e3 * statistics.mean(admissions),
-            "decoding_s": sum(s for admitting, s in steps[mode] if not admitting),
-        }
+        summary[mode]["ratio_to_plain_by_round"] = [a / b for a, b in zip(rates[mode],
+                                                                          rates["plain"])]
     for mode in ("defer", "eager"):
         summary[mode]["median_ratio_to_plain"] = (summary[mode]["median_tokens_per_s"]
                                                   / summary["plain"]["median_tokens_per_s"])
     write(args.out, {"concurrency": args.concurrency, "count": args.count,
                      "rounds": args.rounds, "setting": spec, "levels": summary})
+
+
+def server_worker(target, draft, speculation, max_batch: int) -> EngineWorker:
+    """The server's engine worker: with a draft, the mode policy for its setting; finished
+    requests' token counts recorded in ``FINAL``."""
+    policy = (ModePolicy.for_speculation(speculation.gamma, speculation.tree_shape is not None)
+              if draft is not None else None)
+    return EngineWorker(target, draft, speculation, max_batch=max_batch, policy=policy,
+                        on_finished=lambda request, output: FINAL.__setitem__(
+                            request.request_id, len(output)))
+
+
+def summarise(rates: dict[str, list[float]], steps: dict[str, list]) -> dict[str, dict]:
+    """Per mode: its levels' tokens/s (and median), its steps, and the admission steps' count,
+    seconds and mean against the other steps' seconds."""
+    summary = {}
+    for mode, record in steps.items():
+        admissions = [s for admitting, s in record if admitting]
+        summary[mode] = {
+            "tokens_per_s": rates[mode], "median_tokens_per_s": statistics.median(rates[mode]),
+            "steps": len(record), "admission_steps": len(admissions),
+            "admission_s": sum(admissions),
+            "mean_admission_step_ms": 1e3 * statistics.mean(admissions) if admissions else None,
+            "decoding_s": sum(s for admitting, s in record if not admitting),
+        }
+    return summary
 
 
 def write(out: str, record: dict) -> None:

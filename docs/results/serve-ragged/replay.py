@@ -30,7 +30,6 @@ import replay as defer_replay  # noqa: E402  (its closed-loop level)
 from anatomy import setup  # noqa: E402  (the server's default pair, setting and prompts)
 
 import distillspec.decoding.engine as engine  # noqa: E402
-from distillspec.decoding.mode_policy import ModePolicy  # noqa: E402
 from distillspec.decoding.params import SamplingConfig  # noqa: E402
 from distillspec.decoding.requests import Request  # noqa: E402
 from distillspec.tools.serve_engine import EngineWorker, Job  # noqa: E402
@@ -93,12 +92,8 @@ def main() -> None:
 
     for mode in MODES:
         sd = mode.startswith("sd")
-        policy = ModePolicy.for_speculation(speculation.gamma,
-                                            speculation.tree_shape is not None) if sd else None
-        workers[mode] = EngineWorker(target, draft if sd else None, speculation,
-                                     max_batch=args.concurrency, policy=policy,
-                                     on_finished=lambda request, output: defer_replay.FINAL.__setitem__(
-                                         request.request_id, len(output)))
+        workers[mode] = defer_replay.server_worker(target, draft if sd else None, speculation,
+                                                   args.concurrency)
         run(mode, [])  # warm-up: kernels, and the SD policy learns
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
     started = time.perf_counter()
@@ -107,16 +102,7 @@ def main() -> None:
             rates[mode].append(run(mode, steps[mode], seed=r + 1))
         print(r, {mode: round(values[-1], 1) for mode, values in rates.items()},
               f"{time.perf_counter() - started:.0f} s", flush=True)
-    summary = {}
-    for mode in MODES:
-        admissions = [s for admitting, s in steps[mode] if admitting]
-        summary[mode] = {
-            "tokens_per_s": rates[mode], "median_tokens_per_s": statistics.median(rates[mode]),
-            "steps": len(steps[mode]), "admission_steps": len(admissions),
-            "admission_s": sum(admissions),
-            "mean_admission_step_ms": 1e3 * statistics.mean(admissions) if admissions else None,
-            "decoding_s": sum(s for admitting, s in steps[mode] if not admitting),
-        }
+    summary = defer_replay.summarise(rates, steps)
     for kind in ("plain", "sd"):
         ragged, prefill = summary[f"{kind}-ragged"], summary[f"{kind}-prefill"]
         ragged["ratio_to_prefill_by_round"] = [

@@ -11,8 +11,9 @@
 5. tokens are emitted per row, cut at the first stop id and the budget (a row that asks for
    log-probabilities gets the target's, from step 2's logits).
 
-The block's results reach the host in one transfer (two on a step that rows join). A seeded row draws its ``2 cap + 1``
-uniforms from its own generator, so what it consumes depends on its own state only. Plain
+The block's results reach the host in one transfer (two on a step that rows join). A seeded
+row draws its ``2 cap + 1`` uniforms from its own generator, so what it consumes depends on its
+own state only. Plain
 decoding (no draft) is the same block with g = 0; an all-greedy block compares argmaxes.
 """
 

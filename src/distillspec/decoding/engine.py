@@ -1,7 +1,8 @@
 """The step-level speculative decoding engine: ``Decoder``, a short loop over block strategies.
 
 ``add`` queues a request at any time; ``step`` admits queued requests (one batched prefill per
-model; on a chain step the target reads the joining prompts in the step's own pass), runs one block for every live row through a strategy (``decoding/strategy.py``:
+model; on a chain step the target reads the joining prompts in the step's own pass), runs one
+block for every live row through a strategy (``decoding/strategy.py``:
 ``chain.ChainStep``, a line of up to gamma draft tokens, or no draft: plain decoding;
 ``tree_step.TreeStep``, a static token tree) and returns each row's new tokens; finished rows
 leave. Row bookkeeping lives on the host. A seeded row draws from its own generator and its
@@ -38,8 +39,9 @@ from distillspec.decoding.tree import DynamicTree
 from distillspec.decoding.tree_step import TreeStep
 
 T = TypeVar("T")
-# Rows joining a chain step (plain or drafting) read their prompts in the step's target pass (a ragged call) rather
-# than in a prefill pass of their own; off: always a prefill (the side-by-side scripts' switch).
+# Rows joining a chain step (plain or drafting) read their prompts in the step's target pass (a
+# ragged call) rather than in a prefill pass of their own; off: always a prefill (the side-by-side
+# scripts' switch).
 RAGGED_JOINS = True
 
 

@@ -197,13 +197,9 @@ class _Bucket:
 
     def batch_factor(self, estimate: _Estimate) -> float:
         """What turns an arm's per-row rate into one comparable across the batch sizes of the
-        bucket: plain's fitted step seconds at the arm's mean batch (1 before any plain step).
-
-        A row's rate falls as the batch grows (at 9 rows a plain step took 51 ms on the
-        2-core Xeon, at 16 rows 58 ms: 13 % fewer tokens per row per second), so an arm
-        measured at 9-12 rows beat plain measured at 16 by that much before, about the margin.
-        Where both arms' cost grows with the batch as plain's does, rate x t_plain(mean batch)
-        is the arm's tokens per row per plain step at its own batch: arms compare at one size."""
+        bucket (the module's "at one batch size"): plain's fitted step seconds at the arm's
+        mean batch, so rate x t_plain(mean batch) is tokens per row per plain step at the arm's
+        own batch (1 before any plain step)."""
         seconds = self.plain_cost.at(estimate.mean_batch)
         return 1.0 if seconds is None else seconds
 

@@ -224,6 +224,25 @@ def test_sampled_tree_outcome_compiled_equals_eager_with_a_temperature_per_row()
         assert torch.allclose(eager[3], compiled[3]) and torch.equal(eager[4], compiled[4])
 
 
+def test_the_sampled_tree_rule_traces_into_one_graph():
+    """The compiled rule reads the tree's tables as plain attributes: a cached_property's lock
+    broke the graph in five (each break a return to Python between graphs; 0.9 ms of a 31 ms
+    T = 1 tree step against 0.6 ms after, measured in a real step on the 2-core Xeon)."""
+    from distillspec.decoding.sampled_tree import RuleInputs, _tempered_rule
+
+    tree = Tree.parse("4:1")
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, tree.size + 1, V, generator=generator)
+    draft_probs = torch.softmax(torch.randn(1, 1, V, generator=generator), -1)
+    tokens = torch.randperm(V, generator=generator)[: tree.size].unsqueeze(0)
+    inputs = RuleInputs(torch.tensor([1]), None, 1.0, torch.rand(1, tree.size), torch.rand(1))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(_tempered_rule)(
+        tree, tokens, draft_probs, logits, torch.tensor([1.0]), V, inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def emitted(tokens, outcome, position):
     """The ``position``-th token each block emits (-1 where the block emitted fewer)."""
     path, count, next_tokens = outcome

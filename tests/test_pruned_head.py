@@ -16,6 +16,7 @@ from distillspec.decoding import packed_linear
 from distillspec.decoding.dynamic_tree import top_children
 from distillspec.decoding.kv_cache import CachedModel
 from distillspec.decoding.packed_linear import packed_linears
+from distillspec.decoding.params import SamplingConfig
 from distillspec.decoding.sampling import draft_greedy_tokens, greedy_tokens, kept_columns, top_ids
 from distillspec.models.drafts import truncate_layers
 from distillspec.models.loading import load_model
@@ -101,6 +102,26 @@ def test_greedy_sd_with_a_pruned_draft_equals_the_target(gamma, tree, monkeypatc
     assert result.sequences == plain.sequences
     assert 0 < result.metrics.acceptance_rate < 1
     assert reads, "the strategy read the draft's kept ids"
+
+
+@pytest.mark.parametrize(("gamma", "tree"), [(3, ""), (1, "0,1,2,0.0,0.1,1.0"), (2, "dyn:5:2:3")])
+def test_sampled_sd_with_a_pruned_draft_matches_the_target(gamma, tree):
+    """Sampled chains, static and dynamic trees with a pruned draft (q is 0 off its kept ids,
+    held in no particular order): the first two tokens follow the target's exact joint (the
+    draft never proposes the ids it lacks; the residual emits them)."""
+    from test_engine_sampled import PROMPT, N, empirical_joint, exact_two_token_joint, tv
+
+    target = tiny_model("llama", seed=0, vocab_size=8)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.1)
+    draft = prune_head(perturbed_copy(target, 0.6, seed=4), torch.tensor([6, 1, 4, 2, 7]))
+    sampling = SamplingConfig(temperature=1.0)
+    expected = exact_two_token_joint(target, PROMPT, sampling)
+    result = speculative_generate(target, draft, PROMPT.expand(N, -1), gamma=gamma, tree=tree,
+                                  max_new_tokens=2, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(0))
+    assert tv(empirical_joint(result.sequences), expected) < 0.07
+    assert 0.1 < result.metrics.total.acceptance_rate < 0.95
 
 
 def test_the_kept_columns_give_the_whole_row_s_argmax_top_k_and_scores():

@@ -4,9 +4,12 @@
 On CPU at batch 1 this is about a hundred small tensor calls over the vocabulary (the rule's
 per-sibling passes, the softmax of every node's p): dispatch-bound, ~1.4 ms of a ~36 ms tree
 step on the demo's pair. Where the target's own steps run compiled, it runs ``torch.compile``d
-too (~0.35 ms on the same inputs, hot). The math is the same, so the emitted tokens follow p
-exactly either way (the rule's distribution tests run both); the rounding is the compiled
-kernels', as the compiled target's logits already are.
+too (~0.35 ms on the same inputs, hot; ~0.65 ms inside a real step, its inputs no longer in the
+cache). It traces into one graph because the tree's tables are plain attributes (``Tree``): read
+through a cached_property, whose lock Dynamo cannot enter, they broke it into five, 0.9 ms in
+the step (tests/test_acceptance.py checks the graph count). The math is the same, so the
+emitted tokens follow p exactly either way (the rule's distribution tests run both); the
+rounding is the compiled kernels', as the compiled target's logits already are.
 
 Graphs: one per tree and sampled-row count 1 / more than 1 (dynamo specialises a batch of 1 and
 makes the batch dynamic at the second size), for each of the two compiled functions: the

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: parsing a --tree flag needs none
     import torch
@@ -44,6 +43,43 @@ RANK_PROFILE = (0.329, 0.103, 0.054, 0.033, 0.026, 0.020, 0.014, 0.013,
                 0.010, 0.011, 0.010, 0.009, 0.008, 0.006, 0.008, 0.005)
 
 
+class _Derived(NamedTuple):
+    """A tree's tables, derived from its sorted paths (``Tree``'s properties say what each is)."""
+
+    depth: int
+    parent: tuple[int, ...]
+    rank: tuple[int, ...]
+    depths: tuple[int, ...]
+    internal: tuple[int, ...]
+    top1_parents: frozenset[int]
+    child_table: tuple[tuple[int, ...], ...]
+    draft_columns: tuple[int, ...]
+
+
+def _derive(paths: tuple[tuple[int, ...], ...]) -> _Derived:
+    """The tables of a tree whose ``paths`` are sorted by depth, then rank."""
+    index = {path: n for n, path in enumerate(paths)}
+    parent = tuple(index[p[:-1]] if len(p) > 1 else -1 for p in paths)
+    rank = tuple(p[-1] for p in paths)
+    parents = set(parent)
+    internal = tuple(n for n in range(len(paths)) if n in parents)
+    children: list[list[int]] = [[] for _ in range(len(paths) + 1)]
+    for node, above in enumerate(parent):  # nodes are sorted: siblings in rank order
+        children[above + 1].append(node)
+    width = max(map(len, children))
+    column = {node: 1 + i for i, node in enumerate(internal)}
+    return _Derived(
+        depth=max(len(p) for p in paths),
+        parent=parent,
+        rank=rank,
+        depths=tuple(len(p) for p in paths),
+        internal=internal,
+        top1_parents=frozenset(p for p, r in zip(parent, rank) if r == 0),
+        child_table=tuple(tuple(c + [-1] * (width - len(c))) for c in children),
+        draft_columns=(0, *(column.get(n, -1) for n in range(len(paths)))),
+    )
+
+
 @dataclass(frozen=True)
 class Tree:
     """A static draft tree: node ``n`` is the ``rank[n]``-th most likely draft token after its
@@ -55,6 +91,7 @@ class Tree:
 
     paths: tuple[tuple[int, ...], ...]
     spec: str = field(default="", compare=False, repr=False)
+    _derived: _Derived = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         paths = self.paths
@@ -81,6 +118,7 @@ class Tree:
                 )
         ordered = tuple(sorted(paths, key=lambda p: (len(p), p)))
         object.__setattr__(self, "paths", ordered)
+        object.__setattr__(self, "_derived", _derive(ordered))
         if not self.spec:
             object.__setattr__(self, "spec", format_paths(ordered))
 
@@ -111,50 +149,45 @@ class Tree:
     def size(self) -> int:
         return len(self.paths)
 
-    @cached_property
+    # Derived once in __post_init__ (``_derive``): plain attributes, so a compiled rule reads
+    # them without tracing a cached_property (whose lock breaks a torch.compile graph).
+    @property
     def depth(self) -> int:
-        return max(len(p) for p in self.paths)
+        return self._derived.depth
 
-    @cached_property
+    @property
     def parent(self) -> tuple[int, ...]:
-        index = {path: n for n, path in enumerate(self.paths)}
-        return tuple(index[p[:-1]] if len(p) > 1 else -1 for p in self.paths)
+        return self._derived.parent
 
-    @cached_property
+    @property
     def rank(self) -> tuple[int, ...]:
-        return tuple(p[-1] for p in self.paths)
+        return self._derived.rank
 
-    @cached_property
+    @property
     def depths(self) -> tuple[int, ...]:
-        return tuple(len(p) for p in self.paths)
+        return self._derived.depths
 
-    @cached_property
+    @property
     def internal(self) -> tuple[int, ...]:
         """Nodes with children, in order: the draft must read them to propose their children."""
-        parents = set(self.parent)
-        return tuple(n for n in range(self.size) if n in parents)
+        return self._derived.internal
 
-    @cached_property
+    @property
     def top1_parents(self) -> frozenset[int]:
         """Nodes (-1: the root) whose children include the draft's top-1 token."""
-        return frozenset(p for p, r in zip(self.parent, self.rank) if r == 0)
+        return self._derived.top1_parents
 
-    @cached_property
+    @property
     def child_table(self) -> tuple[tuple[int, ...], ...]:
         """Row c (an input column: 0 = the root, n + 1 = node n): that node's children in rank
         order, padded with -1 to the widest node's child count."""
-        children = [[] for _ in range(self.size + 1)]
-        for node, parent in enumerate(self.parent):  # nodes are sorted: siblings in rank order
-            children[parent + 1].append(node)
-        width = max(map(len, children))
-        return tuple(tuple(c + [-1] * (width - len(c))) for c in children)
+        return self._derived.child_table
 
-    @cached_property
+    @property
     def draft_columns(self) -> tuple[int, ...]:
         """Per input column (0 = root, n + 1 = node n): which draft distribution the node's
         children come from, 0 = the root's, 1 + i = ``internal[i]``'s; -1 for a leaf."""
-        column = {node: 1 + i for i, node in enumerate(self.internal)}
-        return (0, *(column.get(n, -1) for n in range(self.size)))
+        return self._derived.draft_columns
 
     def level(self, depth: int) -> tuple[int, ...]:
         return tuple(n for n, d in enumerate(self.depths) if d == depth)

@@ -236,7 +236,6 @@ def test_the_sampled_tree_rule_traces_into_one_graph():
     draft_probs = torch.softmax(torch.randn(1, 1, V, generator=generator), -1)
     tokens = torch.randperm(V, generator=generator)[: tree.size].unsqueeze(0)
     inputs = RuleInputs(torch.tensor([1]), None, 1.0, torch.rand(1, tree.size), torch.rand(1))
-    torch._dynamo.reset()
     explained = torch._dynamo.explain(_tempered_rule)(
         tree, tokens, draft_probs, logits, torch.tensor([1.0]), V, inputs)
     assert explained.graph_break_count == 0, explained.break_reasons

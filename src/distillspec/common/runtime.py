@@ -150,9 +150,10 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse freed large blocks instead of handing them back to the OS;
     returns whether it applied (glibc only; elsewhere nothing happens).
 
-    Why: torch's CPU tensors come from malloc, and by default glibc serves a block of more than
-    128 KiB to 32 MiB with fresh pages from the OS (mmap) and returns it on free, so a decoding
-    step's large temporaries (the float32 probabilities of a sampled block: 8 rows x 5
+    Why: torch's CPU tensors come from malloc, and by default glibc serves a block above its
+    mmap threshold (128 KiB at start, moved as blocks are freed) with fresh pages from the OS
+    and returns it on free, or trims freed memory off the heap's top, so a decoding step's
+    large temporaries (the float32 probabilities of a sampled block: 8 rows x 5
     positions x a 49k vocabulary are 7.9 MB) page-fault on every touch, every step. On the
     2-core Xeon, warping 8 rows' 5-position tree block took 6.4 ms that way and 1.2 ms with
     the memory kept, and a sampled 8-row tree step of the demo's pair 71 against 65 ms. The

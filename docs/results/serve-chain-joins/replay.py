@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -60,14 +59,7 @@ def main() -> None:
         if mode == "sd-before":
             before(workers[mode])
         defer_replay.level(workers[mode], prompts, stop, args.concurrency, args.count, [])
-    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-    started = time.perf_counter()
-    for r in range(args.rounds):
-        for mode in MODES if r % 2 == 0 else tuple(reversed(MODES)):
-            rates[mode].append(defer_replay.level(workers[mode], prompts, stop,
-                                                  args.concurrency, args.count, steps[mode]))
-        print(r, {mode: round(values[-1], 1) for mode, values in rates.items()},
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+    rates = defer_replay.alternating_levels(workers, prompts, stop, args, steps)
     summary = defer_replay.summarise(rates, steps)
     for mode in MODES:
         if mode != "target":

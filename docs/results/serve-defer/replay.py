@@ -82,22 +82,13 @@ def main() -> None:
     (target, draft), speculation, stop, prompts, spec = setup("none")
     workers, steps = {}, {mode: [] for mode in MODES}
     for mode in MODES:
-        policy = None if mode == "plain" else ModePolicy.for_speculation(
-            speculation.gamma, speculation.tree_shape is not None)
-        worker = EngineWorker(target, None if mode == "plain" else draft, speculation,
-                              max_batch=args.concurrency, policy=policy,
-                              on_finished=lambda request, output: FINAL.__setitem__(
-                                  request.request_id, len(output)))
+        worker = server_worker(target, None if mode == "plain" else draft, speculation,
+                               args.concurrency)
         if mode == "eager":
             worker.decoder.__class__ = EagerDecoder
         workers[mode] = worker
         level(worker, prompts, stop, args.concurrency, args.count, [])  # warm-up
-    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for r in range(args.rounds):
-        for mode in MODES if r % 2 == 0 else tuple(reversed(MODES)):
-            rates[mode].append(level(workers[mode], prompts, stop, args.concurrency, args.count,
-                                     steps[mode]))
-        print(r, {mode: round(values[-1], 1) for mode, values in rates.items()}, flush=True)
+    rates = alternating_levels(workers, prompts, stop, args, steps)
     summary = summarise(rates, steps)
     for mode in MODES:
         summary[mode]["ratio_to_plain_by_round"] = [a / b for a, b in zip(rates[mode],
@@ -107,6 +98,21 @@ def main() -> None:
                                                   / summary["plain"]["median_tokens_per_s"])
     write(args.out, {"concurrency": args.concurrency, "count": args.count,
                      "rounds": args.rounds, "setting": spec, "levels": summary})
+
+
+def alternating_levels(workers: dict, prompts, stop, args, steps: dict) -> dict[str, list[float]]:
+    """``args.rounds`` timed levels of every worker, in alternating order (A B, B A, ...): each
+    mode's tokens/s per level; each step's (admitting, seconds) appended to ``steps[mode]``."""
+    modes = tuple(workers)
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    started = time.perf_counter()
+    for r in range(args.rounds):
+        for mode in modes if r % 2 == 0 else tuple(reversed(modes)):
+            rates[mode].append(level(workers[mode], prompts, stop, args.concurrency, args.count,
+                                     steps[mode]))
+        print(r, {mode: round(values[-1], 1) for mode, values in rates.items()},
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+    return rates
 
 
 def server_worker(target, draft, speculation, max_batch: int) -> EngineWorker:

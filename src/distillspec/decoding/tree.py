@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: parsing a --tree flag needs none
     import torch
@@ -43,21 +43,9 @@ RANK_PROFILE = (0.329, 0.103, 0.054, 0.033, 0.026, 0.020, 0.014, 0.013,
                 0.010, 0.011, 0.010, 0.009, 0.008, 0.006, 0.008, 0.005)
 
 
-class _Derived(NamedTuple):
-    """A tree's tables, derived from its sorted paths (``Tree``'s properties say what each is)."""
-
-    depth: int
-    parent: tuple[int, ...]
-    rank: tuple[int, ...]
-    depths: tuple[int, ...]
-    internal: tuple[int, ...]
-    top1_parents: frozenset[int]
-    child_table: tuple[tuple[int, ...], ...]
-    draft_columns: tuple[int, ...]
-
-
-def _derive(paths: tuple[tuple[int, ...], ...]) -> _Derived:
-    """The tables of a tree whose ``paths`` are sorted by depth, then rank."""
+def _derive(paths: tuple[tuple[int, ...], ...]) -> dict:
+    """The tables of a tree whose ``paths`` are sorted by depth, then rank (``Tree``'s derived
+    fields, by name)."""
     index = {path: n for n, path in enumerate(paths)}
     parent = tuple(index[p[:-1]] if len(p) > 1 else -1 for p in paths)
     rank = tuple(p[-1] for p in paths)
@@ -68,7 +56,7 @@ def _derive(paths: tuple[tuple[int, ...], ...]) -> _Derived:
         children[above + 1].append(node)
     width = max(map(len, children))
     column = {node: 1 + i for i, node in enumerate(internal)}
-    return _Derived(
+    return dict(
         depth=max(len(p) for p in paths),
         parent=parent,
         rank=rank,
@@ -91,7 +79,22 @@ class Tree:
 
     paths: tuple[tuple[int, ...], ...]
     spec: str = field(default="", compare=False, repr=False)
-    _derived: _Derived = field(init=False, compare=False, repr=False)
+    # Derived from the paths once, in __post_init__ (``_derive``), and plain attributes: a
+    # compiled rule reads them without tracing a cached_property, whose lock breaks its graph.
+    depth: int = field(init=False, compare=False, repr=False)
+    parent: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    rank: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    depths: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    # nodes with children, in order: the draft must read them to propose their children
+    internal: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    # nodes (-1: the root) whose children include the draft's top-1 token
+    top1_parents: frozenset[int] = field(init=False, compare=False, repr=False)
+    # row c (an input column: 0 = the root, n + 1 = node n): that node's children in rank
+    # order, padded with -1 to the widest node's child count
+    child_table: tuple[tuple[int, ...], ...] = field(init=False, compare=False, repr=False)
+    # per input column: which draft distribution the node's children come from, 0 = the
+    # root's, 1 + i = ``internal[i]``'s; -1 for a leaf
+    draft_columns: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         paths = self.paths
@@ -118,7 +121,8 @@ class Tree:
                 )
         ordered = tuple(sorted(paths, key=lambda p: (len(p), p)))
         object.__setattr__(self, "paths", ordered)
-        object.__setattr__(self, "_derived", _derive(ordered))
+        for name, value in _derive(ordered).items():
+            object.__setattr__(self, name, value)
         if not self.spec:
             object.__setattr__(self, "spec", format_paths(ordered))
 
@@ -148,46 +152,6 @@ class Tree:
     @property
     def size(self) -> int:
         return len(self.paths)
-
-    # Derived once in __post_init__ (``_derive``): plain attributes, so a compiled rule reads
-    # them without tracing a cached_property (whose lock breaks a torch.compile graph).
-    @property
-    def depth(self) -> int:
-        return self._derived.depth
-
-    @property
-    def parent(self) -> tuple[int, ...]:
-        return self._derived.parent
-
-    @property
-    def rank(self) -> tuple[int, ...]:
-        return self._derived.rank
-
-    @property
-    def depths(self) -> tuple[int, ...]:
-        return self._derived.depths
-
-    @property
-    def internal(self) -> tuple[int, ...]:
-        """Nodes with children, in order: the draft must read them to propose their children."""
-        return self._derived.internal
-
-    @property
-    def top1_parents(self) -> frozenset[int]:
-        """Nodes (-1: the root) whose children include the draft's top-1 token."""
-        return self._derived.top1_parents
-
-    @property
-    def child_table(self) -> tuple[tuple[int, ...], ...]:
-        """Row c (an input column: 0 = the root, n + 1 = node n): that node's children in rank
-        order, padded with -1 to the widest node's child count."""
-        return self._derived.child_table
-
-    @property
-    def draft_columns(self) -> tuple[int, ...]:
-        """Per input column (0 = root, n + 1 = node n): which draft distribution the node's
-        children come from, 0 = the root's, 1 + i = ``internal[i]``'s; -1 for a leaf."""
-        return self._derived.draft_columns
 
     def level(self, depth: int) -> tuple[int, ...]:
         return tuple(n for n, d in enumerate(self.depths) if d == depth)

@@ -225,8 +225,8 @@ class EngineWorker:
         if any(r.request.seed is not None and not r.request.sampling.greedy for r in rows):
             return None
         arm = self.policy.choose(batch)
-        if arm is None and admitting and self.decoder.tree is not None \
-                and self.decoder.chain_reads_joins():
+        if (arm is None and admitting and self.decoder.tree is not None
+                and self.decoder.chain_reads_joins()):
             return self.decoder.tree.depth
         return arm
 

@@ -224,6 +224,35 @@ def test_sampled_tree_outcome_compiled_equals_eager_with_a_temperature_per_row()
         assert torch.allclose(eager[3], compiled[3]) and torch.equal(eager[4], compiled[4])
 
 
+def test_a_sampled_tree_row_alone_gets_what_it_gets_among_many():
+    """On the CPU the eager rule stops trying siblings once no row tries one any more (a row
+    alone stops at its first acceptance, a row among many goes on with the others): each row's
+    path, count and token are the same either way, on the same uniforms, lenient or not."""
+    tree = Tree.parse("0,1,2,0.0,0.1,0.0.0")  # widths 3, 2, 1; tokens distinct within V
+    generator = torch.Generator().manual_seed(5)
+    rows = 300
+    draft_probs = torch.softmax(torch.randn(rows, 1 + len(tree.internal), V,
+                                            generator=generator), -1)
+    target_probs = torch.softmax(3 * torch.randn(rows, tree.size + 1, V, generator=generator),
+                                 -1)
+    tokens = torch.stack([torch.randperm(V, generator=generator)[: tree.size] for _ in range(rows)])
+    uniforms = torch.rand(rows, tree.size + 1, generator=generator)
+    for lenience, epsilon in ((None, 1.0), ("lin", 0.5)):
+        rule = dict(lenience=lenience, epsilon=epsilon, max_accepted=torch.full((rows,), 3))
+        together = verify_tree(tree, tokens, draft_probs.clone(), target_probs,
+                               uniforms=(uniforms[:, :-1], uniforms[:, -1]), **rule)
+        counts = together[1].bincount(minlength=tree.depth + 1)
+        assert (counts > 0).all(), counts  # rows stop at every depth
+        for row in range(0, rows, 7):
+            one = slice(row, row + 1)
+            alone = verify_tree(tree, tokens[one], draft_probs[one].clone(), target_probs[one],
+                                uniforms=(uniforms[one, :-1], uniforms[one, -1]),
+                                lenience=lenience, epsilon=epsilon,
+                                max_accepted=torch.full((1,), 3))
+            for a, b in zip(alone, together):
+                assert torch.equal(a[0], b[row]), (row, alone, [t[row] for t in together])
+
+
 def test_the_sampled_tree_rule_traces_into_one_graph():
     """The compiled rule reads the tree's tables as plain attributes: a cached_property's lock
     broke the graph in five (each break a return to Python between graphs; 0.9 ms of a 31 ms

@@ -23,6 +23,8 @@ def test_paths_parse_order_and_relations():
     assert tree.parent == (-1, -1, 0, 0)
     assert tree.rank == (0, 1, 0, 1)
     assert tree.depth == 2 and tree.internal == (0,)
+    assert tree.level_widths == (2, 2)  # the root's 2 children; node (0,)'s 2
+    assert Tree.parse("0,1,2,0.0,1.0").level_widths == (3, 1)  # no node at depth 1 has 2
     assert tree.children_topk(0) == ((2, 3), 2)
     visible = tree.ancestors([-1, 0, 1, 2, 3])
     assert visible[3].tolist() == [True, True, False, True, False]  # (0,0) sees root, (0,), itself

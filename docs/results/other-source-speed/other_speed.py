@@ -4,7 +4,8 @@ measures its report split (SpeedProbe, batch 1, eager steps, interleaved rounds)
 requests written apart from every split (docs/results/written-prompts-2/other-eval.jsonl:
 never trained on, never chosen on).
 
-    python other_speed.py DRAFT_FOLDER PROMPTS.jsonl OUT.json [N_PROMPTS] [ROUNDS]
+    python other_speed.py DRAFT_FOLDER PROMPTS.jsonl OUT.json [N_PROMPTS] [ROUNDS] [T,...]
+(temperatures: 0,1 unless given)
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from distillspec.training.evaluate import SDEvaluator
 TARGET = "builtin:smollm2-135m"
 
 
-def main(draft_dir: str, prompts_path: str, out: str, count: int = 24, rounds: int = 3) -> None:
+def main(draft_dir: str, prompts_path: str, out: str, count: int = 24, rounds: int = 3,
+         temperatures: tuple[float, ...] = (0.0, 1.0)) -> None:
     target, tokenizer = load_model(TARGET)
     draft, _ = load_model(draft_dir)
     setting = saved_setting(draft_dir)
@@ -42,7 +44,7 @@ def main(draft_dir: str, prompts_path: str, out: str, count: int = 24, rounds: i
                             eos_token_id=eos, seed=0, pad_id=pad)
     record["alpha"] = evaluator.alpha(draft)
     print("alpha", record["alpha"], flush=True)
-    for temperature in (0.0, 1.0):
+    for temperature in temperatures:
         start = time.perf_counter()
         probe = SpeedProbe(target, prompts, max_new_tokens=64, temperature=temperature,
                            eos_token_id=eos, pad_id=pad)
@@ -58,4 +60,5 @@ def main(draft_dir: str, prompts_path: str, out: str, count: int = 24, rounds: i
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(a) for a in sys.argv[4:]))
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *(int(a) for a in sys.argv[4:6]),
+         *[tuple(float(t) for t in a.split(",")) for a in sys.argv[6:7]])

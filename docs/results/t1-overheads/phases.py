@@ -13,6 +13,7 @@ Temperatures alternate 0, 1, 0, 1; ms per step.
 
     python phases.py on 1     # compiled steps, batch 1 (as distillspec bench runs them)
     python phases.py off 8    # eager steps, 8 rows (the server's default is --compile off)
+    python phases.py off 1 15:2   # a third argument: another tree (../t1-depth2/)
 """
 
 import collections
@@ -53,7 +54,7 @@ def timed(owner, name: str, key) -> None:
     setattr(owner, name, wrapper)
 
 
-def main(compile_mode: str, batch: int) -> None:
+def main(compile_mode: str, batch: int, tree: str = "4:1") -> None:
     timed(tree_step, "sampled_tree_outcome", "rule")
     timed(tree_step.TreeStep, "_children", "children")
     timed(tree_step, "finish_tree_block", "finish")
@@ -66,7 +67,7 @@ def main(compile_mode: str, batch: int) -> None:
                                                        compile_mode, batch)
     prompts = chat_prompts(tokenizer)
     base = speculation_for(config.speculation, spec, config.target, target, True)
-    speculation = replace(base, tree="4:1", confidence_threshold=0.0)
+    speculation = replace(base, tree=tree, confidence_threshold=0.0)
     for temperature in (0.0, 1.0, 0.0, 1.0):
         decoder = Decoder(target, draft, speculation, generator=torch.Generator().manual_seed(0))
         DRAFT[0] = decoder.draft
@@ -86,4 +87,5 @@ def main(compile_mode: str, batch: int) -> None:
 DRAFT: list = [None]  # the draft's CachedModel of the running decoder
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "on", int(sys.argv[2]) if len(sys.argv) > 2 else 1)
+    main(sys.argv[1] if len(sys.argv) > 1 else "on", int(sys.argv[2]) if len(sys.argv) > 2 else 1,
+         *sys.argv[3:4])

@@ -231,30 +231,30 @@ def verify_tree(
 
     ``node_tokens [B, N]``; ``draft_probs [B, 1 + len(tree.internal), V]`` the warped q the
     children were drawn from, after the root then each of ``tree.internal``;
-    ``target_probs [B, N + 1, V]`` the warped p after the root (column 0) and node n (n + 1);
+    ``target_probs [B, N + 1, V]`` the warped p after the root (column 0) and node n (n + 1),
+    or what is indexed like it (``sampled_tree.WarpedOnDemand``: read per depth, then once);
     ``uniforms = (accept [B, N] (column n tests node n), final [B])``. Returns
     ``(path [B, depth], num_accepted [B], next_tokens [B])`` as ``accept_tree_greedy``.
     """
     batch, device = node_tokens.shape[0], node_tokens.device
-    if uniforms is None:
-        uniforms = (torch.rand(batch, tree.size, generator=generator, device=device),
-                    torch.rand(batch, generator=generator, device=device))
     children, columns, rows = _tree_tables(tree, batch, device)
-    current = torch.zeros(batch, dtype=torch.long, device=device)  # input column: 0 = root
-    num_accepted = torch.zeros(batch, dtype=torch.long, device=device)
-    if max_accepted is None:
-        max_accepted = torch.full_like(num_accepted, tree.depth)
+    uniforms, max_accepted, current, num_accepted, path = _tree_start(
+        tree, node_tokens, max_accepted, uniforms, generator)
     going = max_accepted > 0
-    path = torch.full((batch, tree.depth), -1, dtype=torch.long, device=device)
-    final, failed = target_probs[:, 0], torch.zeros_like(going)  # rows that rejected all
+    # ``final``: r of the rows that rejected all children (``failed``); the others draw from
+    # p after their last node, read once at the end
+    final, failed = None, torch.zeros_like(going)
     for depth in range(tree.depth):
+        if depth and _can_stop_early(device) and not bool(going.any()):
+            break  # no row goes deeper: the later levels change nothing
         residual = target_probs[rows, current]
-        chosen, residual = _try_children(children[current], node_tokens, residual,
+        siblings = children[current][:, : tree.level_widths[depth]]
+        chosen, residual = _try_children(siblings, node_tokens, residual,
                                          draft_probs[rows, columns[current]], uniforms[0],
                                          going, lenience, epsilon)
         found = chosen >= 0
         stopped = going & ~found
-        final = torch.where(stopped.unsqueeze(1), residual, final)
+        final = residual if final is None else torch.where(stopped.unsqueeze(1), residual, final)
         failed |= stopped
         path[:, depth] = chosen
         current = torch.where(found, chosen + 1, current)
@@ -263,6 +263,28 @@ def verify_tree(
     # the others stopped after an acceptance (cap, depth) or never started: the bonus from p
     final = torch.where(failed.unsqueeze(1), final, target_probs[rows, current])
     return path, num_accepted, sample(final, generator, uniforms[1])
+
+
+def _tree_start(tree: Tree, node_tokens, max_accepted, uniforms, generator):
+    """``verify_tree``'s starting state: ``(uniforms, max_accepted, current, num_accepted,
+    path)``, the uniforms drawn and the cap set to the depth where not given; every row at the
+    root (input column 0), nothing accepted, the path empty (-1)."""
+    batch, device = node_tokens.shape[0], node_tokens.device
+    if uniforms is None:
+        uniforms = (torch.rand(batch, tree.size, generator=generator, device=device),
+                    torch.rand(batch, generator=generator, device=device))
+    current = torch.zeros(batch, dtype=torch.long, device=device)
+    if max_accepted is None:
+        max_accepted = torch.full_like(current, tree.depth)
+    path = torch.full((batch, tree.depth), -1, dtype=torch.long, device=device)
+    return uniforms, max_accepted, current, torch.zeros_like(current), path
+
+
+def _can_stop_early(device: torch.device) -> bool:
+    """Whether ``verify_tree`` may end a loop once no row needs its later rounds (the same
+    results, fewer passes over the vocabulary): where asking costs nothing, on the CPU outside
+    a compiled graph (on a GPU the question would synchronise; a graph would break on it)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _try_children(children, node_tokens, residual, draft, uniforms, going, lenience, epsilon):
@@ -279,8 +301,13 @@ def _try_children(children, node_tokens, residual, draft, uniforms, going, lenie
     chosen = torch.full_like(children[:, 0], -1)
     residual_mass = torch.ones(children.shape[0], 1, dtype=residual.dtype, device=residual.device)
     remaining = draft
+    # once no row tries a sibling any more, the later ranks change nothing (scale 0, no
+    # acceptance)
+    stop_early = _can_stop_early(children.device)
     for rank in range(children.shape[1]):
         child = children[:, rank]
+        if stop_early and not bool((going & (chosen < 0) & (child >= 0)).any()):
+            break
         mass = remaining.sum(dim=-1, keepdim=True)
         live = going & (chosen < 0) & (child >= 0) & (mass.squeeze(1) > 0)
         node = child.clamp_min(0)

@@ -56,8 +56,14 @@ def _derive(paths: tuple[tuple[int, ...], ...]) -> dict:
         children[above + 1].append(node)
     width = max(map(len, children))
     column = {node: 1 + i for i, node in enumerate(internal)}
+    depth = max(len(p) for p in paths)
+    # the most children of any node one level up (the root for depth 0): a level's sibling
+    # passes stop there, not at the widest level's count
+    above = [[-1]] + [[n for n, p in enumerate(paths) if len(p) == d] for d in range(1, depth)]
+    level_widths = tuple(max(len(children[n + 1]) for n in nodes) for nodes in above)
     return dict(
-        depth=max(len(p) for p in paths),
+        depth=depth,
+        level_widths=level_widths,
         parent=parent,
         rank=rank,
         depths=tuple(len(p) for p in paths),
@@ -87,6 +93,8 @@ class Tree:
     depths: tuple[int, ...] = field(init=False, compare=False, repr=False)
     # nodes with children, in order: the draft must read them to propose their children
     internal: tuple[int, ...] = field(init=False, compare=False, repr=False)
+    # per depth d: the most children a node at depth d - 1 (the root for d = 0) has
+    level_widths: tuple[int, ...] = field(init=False, compare=False, repr=False)
     # nodes (-1: the root) whose children include the draft's top-1 token
     top1_parents: frozenset[int] = field(init=False, compare=False, repr=False)
     # row c (an input column: 0 = the root, n + 1 = node n): that node's children in rank

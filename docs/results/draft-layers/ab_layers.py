@@ -19,7 +19,7 @@ from distillspec.common.config import replace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "written-prompts-2"))
-from alpha_other import ab_setup, run_arms  # noqa: E402
+from alpha_other import run_cached_ab  # noqa: E402
 
 MINUTES = float(os.environ.get("MIN", 6))
 RUNS = Path(os.environ.get("RUNS", "/work/runs/draft-layers"))
@@ -27,11 +27,7 @@ ARMS = {"L012": "0,1,2", "L0129": "0,1,29", "L02829": "0,28,29"}
 
 
 def main(arms):
-    target, tokenizer, base, other = ab_setup(
-        MINUTES, draft_init="target-layers:3:vocab=8192", data=os.environ["DATA"],
-        teacher_topk_dir=os.environ["TOPK"])
-    run_arms(HERE / "ab_layers.json", {"minutes": MINUTES},
-             (arm(base, name) for name in arms), target, tokenizer, other)
+    run_cached_ab(HERE / "ab_layers.json", MINUTES, arm, arms, draft_init="target-layers:3:vocab=8192")
 
 
 def arm(base, name):

@@ -20,7 +20,7 @@ from distillspec.common.config import replace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "written-prompts-2"))
-from alpha_other import ab_setup, run_arms  # noqa: E402
+from alpha_other import run_cached_ab  # noqa: E402
 
 MINUTES = float(os.environ.get("MIN", 6))
 RUNS = Path(os.environ.get("RUNS", "/work/runs/train-embeddings"))
@@ -29,11 +29,7 @@ STEPS = {"EMB_STEPS": 2227}
 
 
 def main(arms):
-    target, tokenizer, base, other = ab_setup(
-        MINUTES, draft_init="target-layers:2:vocab=8192", data=os.environ["DATA"],
-        teacher_topk_dir=os.environ["TOPK"])
-    run_arms(HERE / "ab_embed.json", {"minutes": MINUTES},
-             (arm(base, name) for name in arms), target, tokenizer, other)
+    run_cached_ab(HERE / "ab_embed.json", MINUTES, arm, arms, draft_init="target-layers:2:vocab=8192")
 
 
 def arm(base, name):

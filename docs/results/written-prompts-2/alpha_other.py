@@ -62,6 +62,18 @@ def run_arms(path: Path, header: dict, arms, target, tokenizer, evaluator) -> No
         atomic_write_json(path, report)
 
 
+def run_cached_ab(path: Path, minutes: float, arm, names, **overrides) -> None:
+    """An A/B on the demo's cached data (env DATA: answers.jsonl, TOPK: its top-k folder):
+    ``ab_setup`` with ``overrides``, then ``run_arms`` over ``arm(base, name)`` for each of
+    ``names``, the report at ``path`` with the arms' minutes."""
+    import os
+
+    target, tokenizer, base, other = ab_setup(
+        minutes, data=os.environ["DATA"], teacher_topk_dir=os.environ["TOPK"], **overrides)
+    run_arms(path, {"minutes": minutes}, (arm(base, name) for name in names), target,
+             tokenizer, other)
+
+
 if __name__ == "__main__":
     draft_path, prompts = sys.argv[1], sys.argv[2]
     target, tokenizer = load_model("builtin:smollm2-135m")

@@ -56,17 +56,17 @@ def _derive(paths: tuple[tuple[int, ...], ...]) -> dict:
         children[above + 1].append(node)
     width = max(map(len, children))
     column = {node: 1 + i for i, node in enumerate(internal)}
-    depth = max(len(p) for p in paths)
+    depths = tuple(len(p) for p in paths)
     # the most children of any node one level up (the root for depth 0): a level's sibling
     # passes stop there, not at the widest level's count
-    above = [[-1]] + [[n for n, p in enumerate(paths) if len(p) == d] for d in range(1, depth)]
-    level_widths = tuple(max(len(children[n + 1]) for n in nodes) for nodes in above)
+    above = [[-1]] + [[n for n, d in enumerate(depths) if d == level]
+                      for level in range(1, max(depths))]
     return dict(
-        depth=depth,
-        level_widths=level_widths,
+        depth=max(depths),
+        level_widths=tuple(max(len(children[n + 1]) for n in nodes) for nodes in above),
         parent=parent,
         rank=rank,
-        depths=tuple(len(p) for p in paths),
+        depths=depths,
         internal=internal,
         top1_parents=frozenset(p for p, r in zip(parent, rank) if r == 0),
         child_table=tuple(tuple(c + [-1] * (width - len(c))) for c in children),

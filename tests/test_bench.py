@@ -6,11 +6,13 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import save_tiny
 
-from distillspec.common.config import from_dict
-from distillspec.common.runtime import RuntimeConfig
-from distillspec.tools.bench import bench_main, markdown_table
+from distillspec.common.config import from_dict, to_dict
+from distillspec.common.runtime import RuntimeConfig, machine_kind
+from distillspec.models.loading import load_model
+from distillspec.tools.bench import bench_main, earlier_settings, markdown_table
 from distillspec.tools.configs import BenchConfig
 
 
@@ -164,3 +166,77 @@ def test_bench_carries_on_eager_where_compiling_fails(setup, tmp_path, monkeypat
     assert all("eager" in line for line in report["compile"])
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         bench_main(replace(config, compile="on", out=str(tmp_path / "out-on")))
+
+
+def _resume_config(setup, **changes) -> BenchConfig:
+    return replace(BenchConfig(
+        target=str(setup / "target"), draft="target-layers:1",
+        prompts=str(setup / "prompts.jsonl"), num_prompts=2, gammas=[2], temperatures=[0.0, 1.0],
+        batch_sizes=[1, 2], max_new_tokens=4, repeats=1, out=str(setup / "resume"),
+        compile="off", runtime=RuntimeConfig(device="cpu", dtype="float32"),
+    ), **changes)
+
+
+def test_a_stopped_bench_keeps_its_finished_settings_and_a_rerun_measures_only_the_rest(
+        setup, monkeypatch):
+    import distillspec.tools.bench as bench
+
+    measured, real = [], bench.bench_setting
+
+    def stops_at_the_third(probe, hf, config, batch_size, *args, **kwargs):
+        if len(measured) == 2:
+            raise KeyboardInterrupt  # the bench stopped (Ctrl-C) in its third setting
+        measured.append((probe.temperature, batch_size))
+        return real(probe, hf, config, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_setting", stops_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        bench_main(_resume_config(setup))
+    partial = json.loads((setup / "resume" / "bench.json").read_text())
+    assert measured == [(0.0, 1), (0.0, 2)]
+    assert partial["complete"] is False and len(partial["settings"]) == 2
+    assert "**Partial**" in (setup / "resume" / "bench.md").read_text()
+
+    counted = []
+
+    def counts(probe, *args, **kwargs):
+        counted.append(probe.temperature)
+        return real(probe, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "bench_setting", counts)
+    notes = []
+    report = bench_main(_resume_config(setup), progress=notes.append)
+    assert counted == [1.0, 1.0]  # only T=1's two batch sizes were measured
+    assert report["complete"] is True and len(report["settings"]) == 4
+    assert [s.get("kept_from_earlier_run", False) for s in report["settings"]] == [
+        True, True, False, False]
+    assert report["settings"][0]["rows"] == partial["settings"][0]["rows"]
+    assert any("resuming the stopped run" in n for n in notes)
+    assert "Kept from a stopped run" in (setup / "resume" / "bench.md").read_text()
+
+    # a finished run is measured again in full; so is a stopped one of another command
+    counted.clear()
+    bench_main(_resume_config(setup, temperatures=[0.0]))
+    assert counted == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("change", ["no-resume", "other-knob", "other-machine"])
+def test_a_stopped_bench_is_not_resumed_with_no_resume_another_command_or_machine(
+        setup, change):
+    config = _resume_config(setup, out=str(setup / f"stopped-{change}"))
+    path = setup / f"stopped-{change}.json"
+    target, _ = load_model(config.target, device="cpu", dtype=torch.float32)
+    stopped = {"complete": False, "config": json.loads(json.dumps(to_dict(config))),
+               "machine": machine_kind(target.device), "dtype": str(target.dtype),
+               "settings": [{"temperature": 0.0, "batch_size": 1, "rows": []}]}
+    path.write_text(json.dumps(stopped))
+    assert len(earlier_settings(config, path, target)[0]) == 1  # the control: it is resumed
+    if change == "no-resume":
+        config = replace(config, resume=False)
+    elif change == "other-knob":
+        config = replace(config, max_new_tokens=5)
+    else:
+        path.write_text(json.dumps({**stopped, "machine": "cpu:another CPU:2 threads"}))
+    kept, note = earlier_settings(config, path, target)
+    assert kept == []
+    assert ("again" in note) == (change != "no-resume")

@@ -14,6 +14,8 @@ For a target/draft pair and a prompt set, at each temperature and batch size:
 
 The recommended setting is the fastest measured one. Output: JSON, a Markdown table and PNG
 plots; with ``--question-file``, Spec-Bench answer files for our SD and for the target alone.
+bench.json and bench.md are rewritten after every finished setting (``"complete": false`` until
+the end), so a stopped bench keeps what it measured, and a rerun of the same command continues.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from distillspec.common.config import to_dict
 from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
-from distillspec.common.runtime import apply_threads, cpu_name, pair_options
+from distillspec.common.runtime import apply_threads, cpu_name, machine_kind, pair_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
 from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
 from distillspec.decoding.metrics import describe_agreement, describe_round_speedups
@@ -175,30 +177,42 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
     }
 
 
+def _compile_paths(config: BenchConfig, target, draft, command: str,
+                   progress: Callable[[str], None]) -> tuple[list[dict[str, Any]], str | None]:
+    """With --compile auto/on: every model's steps timed eager and compiled side by side, the
+    verdicts recorded for --compile auto elsewhere; (the step paths, why compiling failed)."""
+    if config.compile == "off":
+        return [], None
+    progress("bench: timing each model's steps eager and compiled; the first compiled calls "
+             "compile every width (seconds per width for a small model, up to a minute for a "
+             "30-layer one on a 2-core CPU with a cold cache) ...")
+    try:
+        paths, _ = compare_step_paths(target, draft, max_verify=max(config.gammas) + 1)
+    except (RuntimeError, ValueError) as error:  # e.g. no C++ compiler for inductor
+        if config.compile == "on":
+            raise
+        compile_error = f"{type(error).__name__}: {error}"[:300]
+        progress(f"bench: compiled steps do not run here ({compile_error}); eager only")
+        return [], compile_error
+    for path in paths:
+        record_verdict(target if path.role == "target" else draft,
+                       {**path.to_dict(), "command": command})
+    return [path.to_dict() for path in paths], None
+
+
 def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[int]],
-              progress: Callable[[str], None] = print) -> dict[str, Any]:
+              progress: Callable[[str], None] = print, *,
+              earlier: list[dict[str, Any]] = (),
+              on_setting: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every (temperature, batch size) setting, each a side-by-side comparison of its own.
+    ``earlier``: settings a stopped run of the same command finished (kept, not measured
+    again); ``on_setting`` gets the report so far ('complete': false) after each setting."""
     from distillspec.models.loading import eos_token_ids, pad_token_id
 
     eos = eos_token_ids(target, tokenizer) if config.stop_at_eos else None
     pad_id = pad_token_id(tokenizer)
     command = "distillspec bench " + _flags(config)
-    step_paths, compile_error = [], None
-    if config.compile != "off":
-        progress("bench: timing each model's steps eager and compiled; the first compiled calls "
-                 "compile every width (seconds per width for a small model, up to a minute for a "
-                 "30-layer one on a 2-core CPU with a cold cache) ...")
-        try:
-            paths, _ = compare_step_paths(target, draft, max_verify=max(config.gammas) + 1)
-        except (RuntimeError, ValueError) as error:  # e.g. no C++ compiler for inductor
-            if config.compile == "on":
-                raise
-            compile_error = f"{type(error).__name__}: {error}"[:300]
-            progress(f"bench: compiled steps do not run here ({compile_error}); eager only")
-        else:
-            for path in paths:
-                model = target if path.role == "target" else draft
-                record_verdict(model, {**path.to_dict(), "command": command})
-            step_paths = [path.to_dict() for path in paths]
+    step_paths, compile_error = _compile_paths(config, target, draft, command, progress)
     mode = "off" if compile_error else config.compile
     decisions = apply_compile(mode, target=target, draft=draft)  # batch 1; per setting below
     for decision in decisions:
@@ -206,35 +220,63 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
     progress("bench: measuring the cost model (draft step, verify curve) ...")
     widest = max([max(config.gammas) + 1, *(tree.size + 1 for tree in config.tree_shapes)])
     cost_model = measure_cost_model(target, draft, max_verify=widest)
-    settings = []
-    total = len(config.temperatures) * len(config.batch_sizes)
-    for temperature in config.temperatures:
-        for batch_size in config.batch_sizes:
-            progress(f"bench: setting {len(settings) + 1}/{total}: temperature {temperature:g}, "
-                     f"batch {batch_size} ...")
-            probe = SpeedProbe(target, prompts, max_new_tokens=config.max_new_tokens,
-                               batch_size=batch_size, temperature=temperature, eos_token_id=eos,
-                               pad_id=pad_id, seed=config.seed)
-            hf = HFRunner(target, draft, probe, temperature, config.max_new_tokens, eos, pad_id,
-                          config.seed)
-            # the same rule as generate: auto's verdicts are batch-1 figures
-            chosen = apply_compile(mode, batch_size, target=target, draft=draft)
-            settings.append(bench_setting(probe, hf, config, batch_size, cost_model, progress))
-            settings[-1]["compile"] = [decision.describe() for decision in chosen]
-    return {
-        "command": command,
-        "config": to_dict(config),
-        "device": str(target.device),
-        "dtype": str(target.dtype),
+    report = {
+        "command": command, "config": to_dict(config), "device": str(target.device),
+        "dtype": str(target.dtype), "machine": machine_kind(target.device),
         "draft_weights": draft_quantization(draft),  # int8 with --draft-quantize int8
-        "cpu": cpu_name(),
-        "num_prompts": len(prompts),
-        "cost_model": cost_model.to_dict(),
-        "step_paths": step_paths,
-        "compile": [decision.describe() for decision in decisions],
-        "compile_error": compile_error,
-        "settings": settings,
+        "cpu": cpu_name(), "num_prompts": len(prompts), "cost_model": cost_model.to_dict(),
+        "step_paths": step_paths, "compile": [decision.describe() for decision in decisions],
+        "compile_error": compile_error, "complete": False, "settings": [],
     }
+    kept = {(s["temperature"], s["batch_size"]): s for s in earlier}
+    grid = [(t, b) for t in config.temperatures for b in config.batch_sizes]
+    for number, (temperature, batch_size) in enumerate(grid, 1):
+        if (temperature, batch_size) in kept:
+            progress(f"bench: setting {number}/{len(grid)}: temperature {temperature:g}, batch "
+                     f"{batch_size}: kept from the stopped run (--no-resume measures it again)")
+            report["settings"].append({**kept[temperature, batch_size], "kept_from_earlier_run": True})
+            continue
+        progress(f"bench: setting {number}/{len(grid)}: temperature {temperature:g}, "
+                 f"batch {batch_size} ...")
+        probe = SpeedProbe(target, prompts, max_new_tokens=config.max_new_tokens,
+                           batch_size=batch_size, temperature=temperature, eos_token_id=eos,
+                           pad_id=pad_id, seed=config.seed)
+        hf = HFRunner(target, draft, probe, temperature, config.max_new_tokens, eos, pad_id,
+                      config.seed)
+        # the same rule as generate: auto's verdicts are batch-1 figures
+        chosen = apply_compile(mode, batch_size, target=target, draft=draft)
+        setting = bench_setting(probe, hf, config, batch_size, cost_model, progress)
+        # each setting's predictions used this process's cost model: kept ones carry theirs
+        report["settings"].append({**setting, "compile": [d.describe() for d in chosen],
+                                   "cost_model": report["cost_model"]})
+        if on_setting is not None:
+            on_setting(report)
+    return {**report, "complete": True}
+
+
+def earlier_settings(config: BenchConfig, path: Path, target) -> tuple[list[dict[str, Any]], str]:
+    """The settings a stopped run of this same command (every knob but --resume equal) on this
+    machine kind and dtype finished, from its partial ``path`` (bench.json), and what the bench
+    does with them; none with --no-resume, or when the run there finished or measured
+    something else."""
+    try:
+        earlier = json.loads(path.read_text()) if config.resume and path.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    if not isinstance(earlier, dict) or earlier.get("complete", True):
+        return [], ""
+    now = json.loads(json.dumps({**to_dict(config), "resume": None}))
+    then = earlier.get("config")
+    if not isinstance(then, dict) or {**then, "resume": None} != now:
+        return [], (f"bench: {path} holds a stopped run of another command; measuring every "
+                    "setting again")
+    if (earlier.get("machine"), earlier.get("dtype")) != (machine_kind(target.device),
+                                                          str(target.dtype)):
+        return [], (f"bench: {path}'s stopped run measured on {earlier.get('machine')} in "
+                    f"{earlier.get('dtype')}; measuring every setting again here")
+    settings = [s for s in earlier.get("settings", []) if isinstance(s, dict)]
+    return settings, (f"bench: resuming the stopped run in {path}: its {len(settings)} finished "
+                      "setting(s) are kept (--no-resume measures them again)")
 
 
 def _flags(config: BenchConfig) -> str:
@@ -281,6 +323,13 @@ def markdown_table(report: dict[str, Any]) -> str:
               "(greedy): the share of rows where SD's output equals our plain decoding's token for "
               "token, in this run's dtype, and the mean position of the first difference where "
               "one differs (always 100 % in float32; bf16 can flip near-tied logits)."]
+    kept = [f"T {s['temperature']:g} batch {s['batch_size']}" for s in report["settings"]
+            if s.get("kept_from_earlier_run")]
+    if kept:
+        lines.append(f"\nKept from a stopped run of the same command: {', '.join(kept)}.")
+    if not report.get("complete", True):
+        lines.append("\n**Partial**: the bench stopped (or is still running) after these "
+                     "settings; rerun the same command to measure the rest.")
     return "\n".join(lines + step_path_table(report)) + "\n"
 
 
@@ -414,8 +463,16 @@ def bench_main(config: BenchConfig, progress: Callable[[str], None] | None = Non
     out.track(*REPORTS)
     runtime = config.runtime
     target, draft, tokenizer = load_pair(config.target, config.draft, **pair_options(runtime))
+    earlier, note = earlier_settings(config, out.path / "bench.json", target)
+    if note:
+        progress(note)
+
+    def save_so_far(partial: dict[str, Any]) -> None:  # a stopped bench keeps these
+        atomic_write_json(out.path / "bench.json", partial)
+        atomic_write_text(out.path / "bench.md", markdown_table(partial))
+
     report = run_bench(config, target, draft, tokenizer, load_prompts_for_bench(config, tokenizer),
-                       progress)
+                       progress, earlier=earlier, on_setting=save_so_far)
     if config.question_file:
         progress("bench: answering the Spec-Bench questions (SD, then the target alone) ...")
         questions = read_questions(config.question_file)

@@ -51,7 +51,8 @@ COMMANDS = (
      "Target alone through transformers generate and through our loop, "
      "transformers assisted generation with the same draft and gamma (batch 1 only), and our "
      "SD at several gammas, temperatures and batch sizes; warm-up then the median of "
-     "repeats. Writes bench.json, bench.md and bench.png; answers a Spec-Bench "
+     "repeats. Writes bench.json, bench.md and bench.png (the first two after every "
+     "setting: a rerun of a stopped bench measures only the rest); answers a Spec-Bench "
      "question.jsonl with --question-file."),
     ("demo", DemoConfig,
      "The embedded default end to end: measure a draft, distil it, measure again.",

@@ -131,6 +131,12 @@ class BenchConfig:
     repeats: int = knob(3, "Timed repeats after one warm-up; the median is reported.")
     seed: int = knob(0, "Sampling seed.")
     out: str = knob("bench-results", "Output folder: bench.json, bench.md, bench.png.")
+    resume: bool = knob(
+        True, "bench.json is rewritten after every finished setting (temperature, batch; "
+        "'complete': false until the last): rerunning the same command on the same machine "
+        "keeps those a stopped run finished and measures the rest; --no-resume measures all "
+        "again."
+    )
     question_file: str | None = knob(
         None, "Spec-Bench question.jsonl to answer with our SD and the target alone (batch 1)."
     )

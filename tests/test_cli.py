@@ -224,7 +224,7 @@ def test_generate_uses_a_measured_tree_and_tree_flags(model_folder, tmp_path, ca
         return captured.err, json.loads(captured.out)
 
     err, tree_out = run()
-    assert "tree 6:2 (timed at greedy) (measured fastest" in err
+    assert "tree 6:2 (measured fastest for this draft on this machine, timed greedy;" in err
     assert len(tree_out["metrics"]["accepted_length_histogram"]) == 3  # depth 2 per block
     err, chain_out = run("--tree", "")
     assert "measured fastest" not in err
@@ -235,6 +235,52 @@ def test_generate_uses_a_measured_tree_and_tree_flags(model_folder, tmp_path, ca
     assert "measured fastest" not in err
     assert main([*base, "--tree", "1.0"]) == 2
     assert "has no parent 1" in capsys.readouterr().err
+
+
+def test_generate_at_a_temperature_uses_the_setting_timed_sampled(model_folder, tmp_path,
+                                                                   capsys, monkeypatch):
+    """The demo's sampled setting applies at T > 0 (greedy keeps the greedy one); --draft auto
+    keeps plain decoding at T > 0 where the draft measured slower sampled, not greedy; a
+    sampled entry that is not a valid setting is ignored (the greedy one applies)."""
+    import torch
+
+    from distillspec.models.recommended import save_recommended
+    from distillspec.models.registry import record_distilled_draft
+
+    monkeypatch.setenv("DISTILLSPEC_CACHE", str(tmp_path / "cache"))
+    draft = save_tiny(tmp_path / "draft", layers=1)
+    record_distilled_draft(str(model_folder), draft)
+
+    def save(sampled_speedup: float, **sampled) -> None:
+        save_recommended(draft, target=str(model_folder), gamma=1, confidence_threshold=0.0,
+                         tree="6:2", device=torch.device("cpu"), dtype=torch.float32,
+                         measured={"speedup": 1.3},
+                         sampled={"temperature": 1.0, "gamma": 4, "confidence_threshold": 0.0,
+                                  "tree": "", "speedup": sampled_speedup, **sampled})
+
+    def run(draft_spec: str, temperature: str) -> tuple[str, dict]:
+        assert main(["generate", "--target", str(model_folder), "--draft", draft_spec,
+                     "--prompt", "w1 w2", "--max-new-tokens", "12", "--temperature", temperature,
+                     "--dtype", "float32", "--device", "cpu", "--json"]) == 0
+        captured = capsys.readouterr()
+        return captured.err, json.loads(captured.out)["metrics"]
+
+    save(1.2)
+    err, metrics = run(str(draft), "1")
+    assert "gamma 4, confidence threshold 0 (measured fastest" in err and "timed at T=1" in err
+    assert len(metrics["accepted_length_histogram"]) == 5  # a chain of 4, not the tree 6:2
+    err, metrics = run(str(draft), "0")
+    assert "tree 6:2 (measured fastest" in err and "timed greedy" in err
+    assert len(metrics["accepted_length_histogram"]) == 3  # the tree: depth 2
+    save(0.9)
+    err, metrics = run("auto", "0.7")
+    assert "measured 0.90x the target alone on this machine at its best setting at T=1" in err
+    assert metrics["draft_calls"] == 0
+    err, metrics = run("auto", "0")
+    assert "measured 1.30x here" in err and metrics["draft_calls"] > 0
+    save(1.2, tree="0.1")  # no parent: not a setting, the greedy one applies
+    err, _ = run(str(draft), "1")
+    assert "tree 6:2 (measured fastest" in err and "timed greedy" in err
 
 
 def test_auto_draft_falls_back_to_plain_decoding_where_it_measured_slower(

@@ -79,6 +79,8 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert "; per round " in captured.out
     assert "Draft chosen by measured cost" in captured.out
     assert "| draft weights (the faster in a duel at the best setting) |" in captured.out
+    assert "| T=1: report split, speed-up at that setting |" in captured.out
+    assert "at T=1 it ran" in captured.err
     saved = json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())
     assert saved["draft_quantize"] == report["draft_weights"]
     best = report["after"]["best"]  # a tree is saved when it won; the fastest chain always
@@ -90,6 +92,19 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert saved["tree"] == best["tree"]
     assert {r["tree"] for r in report["after"]["all"]} == {"", "3:1", "4:1", "15:2"}
     assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
+    # At T=1 the fastest greedy chain and every tree are timed again on the choice split, the
+    # fastest of them on the report split, and saved beside the greedy setting.
+    sampled = report["sampled"]
+    assert sampled["temperature"] == 1.0
+    assert [(r["gamma"], r["tree"]) for r in sampled["choice"]["all"]] == [
+        (chain["gamma"], ""), (1, "3:1"), (1, "4:1"), (1, "15:2")]
+    fastest = sampled["choice"]["best"]
+    assert fastest["speedup"] == max(r["speedup"] for r in sampled["choice"]["all"])
+    assert sampled["report"]["setting"]["tree"] == fastest["tree"]
+    assert saved["sampled"] == {
+        "temperature": 1.0, "gamma": chain["gamma"],
+        "confidence_threshold": chain["confidence_threshold"], "tree": fastest["tree"],
+        "speedup": sampled["report"]["setting"]["speedup"], "choice_speedup": fastest["speedup"]}
     cached = sorted((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"),
                     key=lambda path: len(path.read_text().splitlines()))
     # The target's greedy answers to each part, generated once, the two joined, its T=1 samples
@@ -104,15 +119,17 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     again = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert again["before"] == report["before"] and again["train_steps"] == report["train_steps"]
     (tmp_path / "demo" / "mine.txt").write_text("a file of the user's")
-    assert main(args + ["--fresh", "--draft", "target-layers:1", "--draft-quantize", "none"]) == 0
+    assert main(args + ["--fresh", "--draft", "target-layers:1", "--draft-quantize", "none",
+                        "--sampled-temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert "training data: " in err and "(cached" in err
     assert (tmp_path / "demo" / "mine.txt").read_text() == "a file of the user's"
     fresh = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert fresh["draft"]["spec"] == "target-layers:1"
     assert fresh["weights_duel"] is None and fresh["draft_weights"] == "none"  # none: not timed
-    assert json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())[
-        "draft_quantize"] == "none"
+    assert fresh["sampled"] is None  # --sampled-temperature 0: not timed, not saved
+    saved = json.loads((tmp_path / "demo" / "run" / "final" / FILE).read_text())
+    assert saved["draft_quantize"] == "none" and "sampled" not in saved
     assert list((tmp_path / "cache" / "demo-data").glob("*/teacher-topk-*.safetensors"))
     overlapping = ["--fresh", "--report-data", str(tmp_path / "heldout.jsonl")]
     assert main(args + overlapping) == 2  # reported on the prompts it chooses on: refused
@@ -177,3 +194,11 @@ def test_demo_data_adds_sampled_answers_to_every_prompt_once(tmp_path, monkeypat
     assert again.answers == data.answers and again.seconds == 0.0
     with pytest.raises(ValueError, match="answer_samples must be <= 8"):
         replace(config, answer_samples=9)
+
+
+@pytest.mark.parametrize("temperature", [-0.5, 2.5, float("nan")])
+def test_a_sampled_temperature_outside_the_servers_range_is_refused(temperature):
+    from distillspec.tools.configs import DemoConfig
+
+    with pytest.raises(ValueError, match=r"sampled_temperature must lie in \[0, 2\]"):
+        DemoConfig(sampled_temperature=temperature)

@@ -8,11 +8,15 @@ and ``serve`` use it when the user left gamma, the threshold and the tree at the
 the same kind of machine: a speed figure measured elsewhere says nothing here. On a CPU the demo
 also measures the draft with int8 weights and saves which weights were faster
 (``draft_quantize``); ``--draft-quantize auto`` (the default) loads the draft that way.
+The demo also times a few settings at a sampling temperature and saves the fastest there as
+``sampled`` (its own gamma, threshold, tree and speed-up): ``setting_at`` gives generate the one
+for its temperature.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +41,13 @@ def save_recommended(
     device,
     dtype,
     measured: dict[str, Any],
+    sampled: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the fastest measured setting (and what it was measured with) to ``folder/FILE``."""
+    """Write the fastest measured setting (and what it was measured with) to ``folder/FILE``;
+    ``sampled``: the fastest at a sampling temperature (``temperature``, ``gamma``,
+    ``confidence_threshold``, ``tree``, ``speedup``), if the demo measured one."""
     path = Path(folder) / FILE
-    atomic_write_json(path, {
+    saved = {
         "target": str(target),
         "gamma": int(gamma),
         "confidence_threshold": float(confidence_threshold),
@@ -49,8 +56,28 @@ def save_recommended(
         "machine": machine_kind(device),
         "dtype": str(dtype),
         "measured": measured,
-    })
+    }
+    if sampled is not None:
+        saved["sampled"] = sampled
+    atomic_write_json(path, saved)
     return path
+
+
+def _valid_setting(entry: Any) -> bool:
+    """A gamma in 1..MAX_GAMMA, a threshold in [0, 1) and a tree spec that parses ('' = chain)."""
+    if not isinstance(entry, dict):
+        return False
+    gamma, threshold, tree = (entry.get(k) for k in ("gamma", "confidence_threshold", "tree"))
+    valid = (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA
+             and isinstance(threshold, int | float) and 0 <= threshold < 1
+             and isinstance(tree, str))
+    if not valid:
+        return False
+    try:
+        Tree.parse(tree)
+    except ValueError:  # a hand-edited or future file: ignore it rather than fail
+        return False
+    return True
 
 
 def saved_setting(folder: Path | str) -> dict[str, Any] | None:
@@ -63,21 +90,34 @@ def saved_setting(folder: Path | str) -> dict[str, Any] | None:
         return None
     if not isinstance(saved, dict):
         return None
-    gamma, threshold = saved.get("gamma"), saved.get("confidence_threshold")
-    valid = (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA
-             and isinstance(threshold, int | float) and 0 <= threshold < 1)
-    tree = saved.setdefault("tree", "")  # files written before trees: a chain
+    saved.setdefault("tree", "")  # files written before trees: a chain
     # Files written before the demo measured int8 weights: the draft as loaded.
-    valid = valid and saved.setdefault("draft_quantize", "none") in ("none", "int8")
-    try:
-        valid = valid and isinstance(tree, str) and (Tree.parse(tree) or True)
-    except ValueError:  # a hand-edited or future file: ignore it rather than fail
-        valid = False
+    valid = _valid_setting(saved) and saved.setdefault("draft_quantize", "none") in ("none",
+                                                                                     "int8")
     if not valid:
         return None
+    sampled = saved.pop("sampled", None)
+    if _valid_setting(sampled) and _number(sampled.get("temperature"), above=0):
+        # a sampled setting without a valid speed-up still serves; an invalid one is dropped
+        saved["sampled"] = {**sampled, "speedup": _number(sampled.get("speedup"))}
     measured = saved.get("measured")
     speedup = measured.get("speedup") if isinstance(measured, dict) else None
-    return {**saved, "speedup": speedup if isinstance(speedup, int | float) else None}
+    return {**saved, "speedup": _number(speedup)}
+
+
+def _number(value: Any, above: float | None = None) -> float | None:
+    """``value`` if it is a finite number (greater than ``above`` when given), else None."""
+    fine = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return value if fine and (above is None or value > above) else None
+
+
+def setting_at(saved: dict[str, Any], temperature: float) -> dict[str, Any]:
+    """The saved setting for decoding at ``temperature``: the sampled one for T > 0 when the
+    demo measured one (gamma, confidence_threshold, tree, speedup, temperature), else the
+    greedy one (whose tree also serves sampled rows, timed at greedy only)."""
+    if temperature > 0 and saved.get("sampled") is not None:
+        return saved["sampled"]
+    return {key: saved[key] for key in ("gamma", "confidence_threshold", "tree", "speedup")}
 
 
 def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str, Any] | None:

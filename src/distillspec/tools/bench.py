@@ -141,21 +141,24 @@ def bench_setting(probe: SpeedProbe, hf: HFRunner, config: BenchConfig, batch_si
             hf_static = _throughput(hf.static_compiled, config.repeats, probe.device)
         except Exception as error:  # noqa: BLE001 - reported, not fatal: "where it runs"
             hf_static = {"error": f"{type(error).__name__}: {error}"[:300]}
-    rows, assisted_by_gamma = [], {}
+    rows, assisted_by_gamma, exported_by_gamma = [], {}, {}
     for row in sweep.to_dict()["rows"]:
         row["speedup_vs_hf_plain"] = row["tokens_per_s"] / hf_plain["tokens_per_s"]
+        gamma = row["gamma"]
         if batch_size == 1:
             # a tree row (its gamma = the tree's depth) is set against assisted at that gamma
-            if row["gamma"] not in assisted_by_gamma:
-                assisted_by_gamma[row["gamma"]] = _throughput(
-                    lambda g=row["gamma"]: hf.assisted(g), config.repeats, probe.device)
-            assisted = assisted_by_gamma[row["gamma"]]
+            if gamma not in assisted_by_gamma:
+                assisted_by_gamma[gamma] = _throughput(
+                    lambda g=gamma: hf.assisted(g), config.repeats, probe.device)
+            assisted = assisted_by_gamma[gamma]
             row["hf_assisted"] = assisted
             row["ours_over_hf_assisted"] = row["tokens_per_s"] / assisted["tokens_per_s"]
             if is_pruned(hf.draft):  # what other engines get: the full-vocabulary export
-                with full_vocabulary(hf.draft):
-                    exported = _throughput(lambda g=row["gamma"]: hf.assisted(g),
-                                           config.repeats, probe.device)
+                if gamma not in exported_by_gamma:
+                    with full_vocabulary(hf.draft):
+                        exported_by_gamma[gamma] = _throughput(
+                            lambda g=gamma: hf.assisted(g), config.repeats, probe.device)
+                exported = exported_by_gamma[gamma]
                 row["hf_assisted_full_vocab_export"] = exported
                 row["ours_over_hf_assisted_export"] = (row["tokens_per_s"]
                                                        / exported["tokens_per_s"])

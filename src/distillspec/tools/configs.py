@@ -35,7 +35,8 @@ def measured_setting_knob() -> bool:
     return knob(
         True,
         "Use the gamma, threshold and tree `distillspec demo` measured fastest for this draft, "
-        "target and machine kind (off when --gamma, --confidence-threshold or --tree is given).",
+        "target and machine kind (generate at a temperature > 0: the one the demo timed "
+        "sampled, where it did; off when --gamma, --confidence-threshold or --tree is given).",
     )
 
 
@@ -259,6 +260,11 @@ class DemoConfig:
     repeats: int = knob(
         1, "Timed rounds on the choice split (median); each round runs the target alone once."
     )
+    sampled_temperature: float = knob(
+        1.0, "After the greedy choice, the fastest greedy chain and every tree are timed again "
+        "at this temperature on the choice split (trees: the multi-draft rule), the fastest "
+        "reported on the report split and saved for generate at T > 0; 0 skips it."
+    )
     distill: DistillConfig = section(
         DistillConfig, "The distillation recipe (demo defaults; --distill.KNOB). The demo sets "
         "its data, draft_init, max_minutes and output_dir.", **DEMO_RECIPE
@@ -275,6 +281,9 @@ class DemoConfig:
                         why="Each sample is a generation pass of the target over every prompt.")
         require_at_most(self, 100, "repeats", "speed_prompts", "report_repeats")
         require_at_most(self, 1000, "report_prompts")
+        if not 0 <= self.sampled_temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"sampled_temperature must lie in [0, {MAX_TEMPERATURE:g}] (0 skips "
+                             f"the sampled timing), got {self.sampled_temperature}.")
         require_at_most(self, 100_000, "prompt_pool")
         if not self.gammas or min(self.gammas) < 1 or max(self.gammas) > MAX_GAMMA:
             raise ValueError(f"gammas must lie in 1..{MAX_GAMMA}, got {self.gammas}.")

@@ -177,6 +177,12 @@ class Measurement:
                                 max_new_tokens=config.max_new_tokens, pad_id=pad_id)
         self.report_probe = SpeedProbe(target, report, max_new_tokens=config.max_new_tokens,
                                        pad_id=pad_id)
+        self.sampled_probes = None  # (choice, report) at --sampled-temperature
+        if config.sampled_temperature > 0:
+            self.sampled_probes = tuple(
+                SpeedProbe(target, prompts, max_new_tokens=config.max_new_tokens, pad_id=pad_id,
+                           temperature=config.sampled_temperature, seed=recipe.seed)
+                for prompts in (choice[: config.speed_prompts], report))
         # The verify curve reaches the widest call measured: the longest chain or tree + 1.
         self.cost = measure_cost_model(target, None, max_verify=verify_width(config))
 
@@ -240,6 +246,39 @@ class Measurement:
         return {"data": self.config.report_data, "prompts": len(self.report_prompts), **alpha,
                 "target_tokens_per_s": summary["target_tokens_per_s"], "setting": summary["best"],
                 "measure_seconds": time.perf_counter() - start}
+
+    def sampled(self, draft, after: dict[str, Any]) -> dict[str, Any] | None:
+        """At --sampled-temperature (None when 0): the fastest greedy chain and every tree
+        timed on the choice split (a tree: the multi-draft rule on sampled candidates), the
+        fastest of them timed again on the report split. The greedy choice does not carry
+        over: a sampled step costs more and accepts less (alpha_t1 < alpha_t0)."""
+        if self.sampled_probes is None:
+            return None
+        start, config = time.perf_counter(), self.config
+        choice_probe, report_probe = self.sampled_probes
+        chain = fastest_chain(after)
+        settings = [(chain["gamma"], chain.get("confidence_threshold", 0.0), "")]
+        settings += [(1, 0.0, tree) for tree in config.tree_shapes]
+        label = f"T={config.sampled_temperature:g}"
+        _say(f"{label}: timing {len(settings)} settings x {config.repeats} rounds on "
+             f"{len(choice_probe.batches)} choice prompts against the target alone ...")
+        chosen = _summary(choice_probe.sweep(draft, settings, config.repeats, self.cost,
+                                             progress=lambda m: _say(f"  {label}: {m}")))
+        best = chosen["best"]
+        _say(f"{label}: {_setting(best)} ran {best['speedup']:.2f}x; timing it x "
+             f"{config.report_repeats} rounds on {len(report_probe.batches)} report prompts ...")
+        setting = (best["gamma"], best["confidence_threshold"], best["tree"])
+        reported = _summary(report_probe.sweep(draft, [setting], config.report_repeats, self.cost))
+        return {"temperature": config.sampled_temperature, "choice": chosen,
+                "report": {"target_tokens_per_s": reported["target_tokens_per_s"],
+                           "setting": reported["best"]},
+                "measure_seconds": time.perf_counter() - start}
+
+
+def fastest_chain(measured: dict[str, Any]) -> dict[str, Any]:
+    """The fastest chain (no tree) of a sweep summary: what runs when the tree is turned off."""
+    return max((r for r in measured["all"] if not r.get("tree")),
+               key=lambda r: r["sd_tokens_per_s"])
 
 
 @dataclass
@@ -376,7 +415,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     distilled, duel, weights = _faster_draft(config, target, measurement, distilled, after)
     record_distilled_draft(recipe.target, run_dir / "final")
     reported = measurement.report(distilled, after["best"])
-    _save_setting(recipe, run_dir, after, reported, target, weights)
+    sampled = measurement.sampled(distilled, after)
+    _save_setting(recipe, run_dir, after, reported, target, weights, sampled)
     evals = _evals(run_dir)
     report = {
         "command": ("distillspec demo " + changed_flags(config)).strip(),
@@ -397,6 +437,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "draft_weights": weights,
         "report_split": reported,
         "split_agreement": split_agreement(after, reported),
+        "sampled": sampled,
         "evals": evals,
     }
     atomic_write_json(report_path, report)
@@ -467,13 +508,13 @@ def _faster_draft(config: DemoConfig, target, measurement: Measurement, distille
 
 
 def _save_setting(recipe, run_dir: Path, after: dict[str, Any], reported: dict[str, Any],
-                  target, weights: str) -> None:
-    """Save the distilled draft's fastest measured setting, and the faster draft ``weights``
-    (int8 or none), beside it (``recommended.json``)."""
+                  target, weights: str, sampled: dict[str, Any] | None) -> None:
+    """Save the distilled draft's fastest measured setting, greedy and (``sampled``) at the
+    sampling temperature, and the faster draft ``weights`` (int8 or none), beside it."""
     best = after["best"]
     # The saved chain is the fastest chain measured, whichever won overall: what runs when the
-    # tree is turned off (--tree ''). The tree, timed at greedy only, also runs sampled rows.
-    chain = max((r for r in after["all"] if not r.get("tree")), key=lambda r: r["sd_tokens_per_s"])
+    # tree is turned off (--tree ''). Without a sampled timing, the tree also runs sampled rows.
+    chain = fastest_chain(after)
     save_recommended(
         run_dir / "final", target=recipe.target, gamma=chain["gamma"],
         confidence_threshold=chain.get("confidence_threshold", 0.0), tree=best.get("tree", ""),
@@ -484,7 +525,21 @@ def _save_setting(recipe, run_dir: Path, after: dict[str, Any], reported: dict[s
                                       "choice_speedup": best["speedup"],
                                       "alpha_t0": reported["alpha_t0"],
                                       "cost_model": after["cost_model"]},
+        sampled=_sampled_setting(sampled),
     )
+
+
+def _sampled_setting(sampled: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What ``save_recommended`` keeps of ``Measurement.sampled``: the chain timed (gamma,
+    threshold), the tree if one won, the report split's speed-up (it decides whether generate
+    speculates at T > 0) and the choice split's."""
+    if sampled is None:
+        return None
+    chain, best = fastest_chain(sampled["choice"]), sampled["choice"]["best"]
+    return {"temperature": sampled["temperature"], "gamma": chain["gamma"],
+            "confidence_threshold": chain.get("confidence_threshold", 0.0),
+            "tree": best.get("tree", ""), "speedup": sampled["report"]["setting"]["speedup"],
+            "choice_speedup": best["speedup"]}
 
 
 def _show(report: dict[str, Any], out, run_dir: Path, report_path: Path) -> None:
@@ -502,6 +557,11 @@ def _show(report: dict[str, Any], out, run_dir: Path, report_path: Path) -> None
         use = (f"SD measured {held_out:.2f}x the target alone on the report split, so `distillspec "
                f"generate` keeps plain decoding on this machine (--draft {run_dir / 'final'} "
                "uses the draft anyway)")
+    sampled = report.get("sampled")
+    if sampled:
+        at_t = sampled["report"]["setting"]["speedup"]
+        use += (f"; at T={sampled['temperature']:g} it ran {at_t:.2f}x there, so sampled "
+                f"`generate` {'uses it' if at_t >= 1.0 else 'keeps plain decoding'}")
     _say(f"wrote {report_path} and plots in {out.path} after {report['wall_minutes']:.1f} min; "
          f"{use}")
 
@@ -535,10 +595,12 @@ def verify_width(config: DemoConfig) -> int:
 
 
 def _after_sweeps(config: DemoConfig, target) -> float:
-    """The after-measurement's length in before-measurements: more settings, and on a CPU the
-    weights duel (2 drafts x DUEL_ROUNDS runs of the chosen setting)."""
+    """The after-measurement's length in before-measurements: more settings, on a CPU the
+    weights duel (2 drafts x DUEL_ROUNDS runs of the chosen setting), and the sampled timing."""
     duel = 2 * DUEL_ROUNDS / max(config.repeats, 1) if measures_int8(config, target) else 0
-    return (_after_settings(config) + duel) / _before_settings(config)
+    # the sampled timing: the fastest chain and every tree (its report split not counted)
+    sampled = 1 + len(config.trees) if config.sampled_temperature > 0 else 0
+    return (_after_settings(config) + duel + sampled) / _before_settings(config)
 
 
 def measures_int8(config: DemoConfig, target) -> bool:
@@ -615,6 +677,15 @@ def before_after_table(report: dict[str, Any]) -> str:
              f"{reported['alpha_t0']:.3f} / {reported['alpha_t1']:.3f}"),
             ("report split: speed-up at the chosen setting", "not measured",
              _reported_speedup(reported["setting"])),
+        ]
+    sampled = report.get("sampled")
+    if sampled:  # reports made before it, or with --sampled-temperature 0, have none
+        chosen, label = sampled["choice"]["best"], f"T={sampled['temperature']:g}"
+        rows += [
+            (f"{label}: fastest setting on the choice split", "not measured",
+             f"{_setting(chosen)}: {chosen['speedup']:.2f}× (τ {chosen['block_efficiency']:.2f})"),
+            (f"{label}: report split, speed-up at that setting", "not measured",
+             _reported_speedup(sampled["report"]["setting"])),
         ]
     prompts = report.get("config", {}).get("speed_prompts", "")
     lines = [

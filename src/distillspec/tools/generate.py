@@ -33,7 +33,7 @@ from distillspec.decoding.timing import SyncTimer
 from distillspec.models.compilation import apply_compile, summary
 from distillspec.models.loading import eos_token_ids, load_model, load_pair
 from distillspec.models.quantize import draft_quantization
-from distillspec.models.recommended import recommended_for
+from distillspec.models.recommended import recommended_for, setting_at
 from distillspec.models.registry import distilled_draft_for
 from distillspec.tools.configs import EXAMPLE_PROMPT, GenerateConfig
 from distillspec.training.config import DEFAULT_TARGET, DatagenConfig
@@ -94,26 +94,32 @@ def encode_prompt(tokenizer, line: PromptLine, chat: bool | None) -> list[int]:
 
 
 def speculation_for(
-    speculation: SpeculationConfig, draft_spec: str, target_spec: str, target, use_measured: bool
+    speculation: SpeculationConfig, draft_spec: str, target_spec: str, target, use_measured: bool,
+    temperature: float = 0.0,
 ) -> SpeculationConfig:
     """The user's setting, or (``use_measured``) the one the demo measured fastest for this
-    draft folder with this target on this machine kind and dtype."""
+    draft folder with this target on this machine kind and dtype, at ``temperature`` (> 0: the
+    setting it timed sampled, where it timed one; else the greedy one)."""
     if not use_measured or not Path(draft_spec).is_dir():
         return speculation
     saved = recommended_for(draft_spec, target_spec, target.device, target.dtype)
     if saved is None:
         return speculation
-    tree = f", tree {saved['tree']} (timed at greedy)" if saved["tree"] else ""
-    print(f"distillspec: gamma {saved['gamma']}, confidence threshold "
-          f"{saved['confidence_threshold']:g}{tree} (measured fastest for this draft on this "
-          "machine; --gamma / --confidence-threshold / --tree override)", file=sys.stderr)
-    return replace(speculation, gamma=saved["gamma"],
-                   confidence_threshold=saved["confidence_threshold"], tree=saved["tree"])
+    setting = setting_at(saved, temperature)
+    timed = f"timed at T={setting['temperature']:g}" if "temperature" in setting else "timed greedy"
+    tree = f", tree {setting['tree']}" if setting["tree"] else ""
+    print(f"distillspec: gamma {setting['gamma']}, confidence threshold "
+          f"{setting['confidence_threshold']:g}{tree} (measured fastest for this draft on this "
+          f"machine, {timed}; --gamma / --confidence-threshold / --tree override)",
+          file=sys.stderr)
+    return replace(speculation, gamma=setting["gamma"],
+                   confidence_threshold=setting["confidence_threshold"], tree=setting["tree"])
 
 
-def auto_draft(target: str, runtime) -> str:
+def auto_draft(target: str, runtime, temperature: float = 0.0) -> str:
     """``--draft auto``: the draft ``distillspec demo`` distilled for ``target``, unless the demo
-    measured it slower than the target alone on this machine kind and dtype; else ``none``."""
+    measured it slower than the target alone on this machine kind and dtype (at
+    ``temperature``'s setting, ``setting_at``); else ``none``."""
     found = distilled_draft_for(target)
     if found is None:
         hint = " Run `distillspec demo` to distil one." if target == DEFAULT_TARGET else ""
@@ -122,27 +128,30 @@ def auto_draft(target: str, runtime) -> str:
         return "none"
     device = resolve_device(runtime.device)
     saved = recommended_for(found, target, device, resolve_dtype(runtime.model_dtype, device))
-    speedup = saved["speedup"] if saved else None
+    setting = setting_at(saved, temperature) if saved else {}
+    speedup = setting.get("speedup")
+    at = f" at T={setting['temperature']:g}" if "temperature" in setting else ""
     if speedup is not None and speedup < 1.0:
         print(f"distillspec: the distilled draft {found} measured {speedup:.2f}x the target "
-              "alone on this machine at its best setting, so plain decoding is faster here "
+              f"alone on this machine at its best setting{at}, so plain decoding is faster here "
               f"(--draft {found} uses it anyway; a longer `distillspec demo --minutes N` may "
               "make it pay).", file=sys.stderr)
         return "none"
-    measured = f", measured {speedup:.2f}x here" if speedup is not None else ""
+    measured = f", measured {speedup:.2f}x here{at}" if speedup is not None else ""
     print(f"distillspec: draft: {found} (distilled by `distillspec demo`{measured})",
           file=sys.stderr)
     return str(found)
 
 
 def load_for_decoding(target_spec: str, draft_spec: str, runtime, compile_mode: str,
-                      batch_size: int = 1, tokens: int | None = None):
+                      batch_size: int = 1, tokens: int | None = None, temperature: float = 0.0):
     """Target, draft (or None), tokenizer and the draft spec used (``auto``: the demo's
-    distilled draft), with ``--compile`` applied and said; shared by generate and serve."""
+    distilled draft, if it pays at ``temperature``), with ``--compile`` applied and said;
+    shared by generate and serve."""
     if draft_spec == "none":
         refuse_draft_quantize(runtime, "--draft none")
     if draft_spec == "auto":
-        draft_spec = auto_draft(target_spec, runtime)
+        draft_spec = auto_draft(target_spec, runtime, temperature)
         if draft_spec == "none" and runtime.draft_quantize == "int8":
             print("distillspec: --draft-quantize has no draft to act on here", file=sys.stderr)
     if draft_spec == "none":
@@ -168,9 +177,9 @@ def run_generate(config: GenerateConfig) -> int:
     )
     target, draft, tokenizer, draft_spec = load_for_decoding(
         config.target, config.draft, config.runtime, config.compile, config.batch_size,
-        len(lines) * config.max_new_tokens)
+        len(lines) * config.max_new_tokens, config.sampling.temperature)
     speculation = speculation_for(config.speculation, draft_spec, config.target, target,
-                                  config.measured_setting)
+                                  config.measured_setting, config.sampling.temperature)
     stop = frozenset(eos_token_ids(target, tokenizer))
     prompts = [encode_prompt(tokenizer, line, config.chat) for line in lines]
     for start in range(0, len(prompts), config.batch_size):

@@ -12,7 +12,12 @@ from conftest import save_tiny
 from distillspec.common.config import from_dict, to_dict
 from distillspec.common.runtime import RuntimeConfig, machine_kind
 from distillspec.models.loading import load_model
-from distillspec.tools.bench import bench_main, earlier_settings, markdown_table
+from distillspec.tools.bench import (
+    bench_main,
+    earlier_settings,
+    markdown_table,
+    models_fingerprint,
+)
 from distillspec.tools.configs import BenchConfig
 
 
@@ -214,29 +219,46 @@ def test_a_stopped_bench_keeps_its_finished_settings_and_a_rerun_measures_only_t
     assert any("resuming the stopped run" in n for n in notes)
     assert "Kept from a stopped run" in (setup / "resume" / "bench.md").read_text()
 
-    # a finished run is measured again in full; so is a stopped one of another command
+    # a finished run of the same command is measured again in full
     counted.clear()
-    bench_main(_resume_config(setup, temperatures=[0.0]))
-    assert counted == [0.0, 0.0]
+    again = bench_main(_resume_config(setup))
+    assert counted == [0.0, 0.0, 1.0, 1.0]
+    assert not any(s.get("kept_from_earlier_run") for s in again["settings"])
 
 
-@pytest.mark.parametrize("change", ["no-resume", "other-knob", "other-machine"])
-def test_a_stopped_bench_is_not_resumed_with_no_resume_another_command_or_machine(
+@pytest.mark.parametrize("change", ["no-resume", "other-knob", "other-machine", "other-dtype",
+                                    "other-weights", "damaged-setting"])
+def test_a_stopped_bench_is_not_resumed_with_no_resume_another_command_machine_or_weights(
         setup, change):
     config = _resume_config(setup, out=str(setup / f"stopped-{change}"))
     path = setup / f"stopped-{change}.json"
     target, _ = load_model(config.target, device="cpu", dtype=torch.float32)
+    draft, _ = load_model(config.target, device="cpu", dtype=torch.float32)
+    draft.model.layers = draft.model.layers[:1]
+    setting = {"temperature": 0.0, "batch_size": 1, "rows": [], "recommended": {}}
     stopped = {"complete": False, "config": json.loads(json.dumps(to_dict(config))),
                "machine": machine_kind(target.device), "dtype": str(target.dtype),
-               "settings": [{"temperature": 0.0, "batch_size": 1, "rows": []}]}
+               "models": models_fingerprint(target, draft), "settings": [setting]}
     path.write_text(json.dumps(stopped))
-    assert len(earlier_settings(config, path, target)[0]) == 1  # the control: it is resumed
+    assert earlier_settings(config, path, target, draft)[0] == [setting]  # the control
     if change == "no-resume":
         config = replace(config, resume=False)
     elif change == "other-knob":
         config = replace(config, max_new_tokens=5)
-    else:
+    elif change == "other-machine":
         path.write_text(json.dumps({**stopped, "machine": "cpu:another CPU:2 threads"}))
-    kept, note = earlier_settings(config, path, target)
+    elif change == "other-dtype":
+        path.write_text(json.dumps({**stopped, "dtype": "torch.bfloat16"}))
+    elif change == "other-weights":
+        with torch.no_grad():  # the draft trained a step further since the bench stopped
+            draft.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    else:
+        path.write_text(json.dumps({**stopped, "settings": [{"temperature": 0.0}, None]}))
+    kept, note = earlier_settings(config, path, target, draft)
     assert kept == []
-    assert ("again" in note) == (change != "no-resume")
+    if change == "no-resume":
+        assert note == ""
+    elif change == "damaged-setting":  # resumed, with nothing usable to keep
+        assert "its 0 finished setting(s) are kept" in note
+    else:
+        assert "measuring every setting again" in note

@@ -283,6 +283,34 @@ def test_generate_at_a_temperature_uses_the_setting_timed_sampled(model_folder, 
     assert "tree 6:2 (measured fastest" in err and "timed greedy" in err
 
 
+@pytest.mark.parametrize(("entry", "used", "speedup"), [
+    ({}, True, 1.2),
+    ({"speedup": float("nan")}, True, None),  # no speed-up to judge by: used, not judged
+    ({"speedup": True}, True, None),
+    ({"gamma": True}, False, None),  # a boolean is not a gamma
+    ({"confidence_threshold": float("nan")}, False, None),
+    ({"temperature": 0}, False, None),  # a sampled setting timed greedy is not one
+])
+def test_a_saved_sampled_setting_is_used_only_when_valid(tmp_path, entry, used, speedup):
+    import torch
+
+    from distillspec.models.recommended import save_recommended, saved_setting, setting_at
+
+    sampled = {"temperature": 1.0, "gamma": 2, "confidence_threshold": 0.0, "tree": "",
+               "speedup": 1.2, **entry}
+    save_recommended(tmp_path, target="t", gamma=3, confidence_threshold=0.0, tree="4:1",
+                     device=torch.device("cpu"), dtype=torch.float32, measured={"speedup": 1.3},
+                     sampled=sampled)
+    saved = saved_setting(tmp_path)
+    at_t1 = setting_at(saved, 1.0)
+    assert setting_at(saved, 0.0) == {"gamma": 3, "confidence_threshold": 0.0, "tree": "4:1",
+                                      "speedup": 1.3}
+    if used:
+        assert at_t1["gamma"] == 2 and at_t1["tree"] == "" and at_t1["speedup"] == speedup
+    else:
+        assert at_t1 == setting_at(saved, 0.0)
+
+
 def test_auto_draft_falls_back_to_plain_decoding_where_it_measured_slower(
         model_folder, tmp_path, capsys, monkeypatch):
     """--draft auto uses the demo's draft, except where the demo measured SD slower than the

@@ -68,8 +68,8 @@ def _valid_setting(entry: Any) -> bool:
     if not isinstance(entry, dict):
         return False
     gamma, threshold, tree = (entry.get(k) for k in ("gamma", "confidence_threshold", "tree"))
-    valid = (isinstance(gamma, int) and 1 <= gamma <= MAX_GAMMA
-             and isinstance(threshold, int | float) and 0 <= threshold < 1
+    valid = (isinstance(gamma, int) and not isinstance(gamma, bool) and 1 <= gamma <= MAX_GAMMA
+             and _number(threshold) is not None and 0 <= threshold < 1
              and isinstance(tree, str))
     if not valid:
         return False

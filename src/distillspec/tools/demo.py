@@ -16,8 +16,10 @@
    measure after:
    alpha (T=0, T=1) and a greedy batch-1 sweep of gamma and adaptive thresholds against the
    target alone, side by side (``decoding.measure``); on a CPU the best setting again with the
-   draft as loaded and as int8, side by side (``--draft-quantize auto``). Report, plots, and
-   the fastest measured setting and weights saved in the draft folder, which ``distillspec
+   draft as loaded and as int8, side by side (``--draft-quantize auto``); the chosen setting
+   on the report split; at ``--sampled-temperature`` the fastest chain and every tree again,
+   the fastest of them on the report split too. Report, plots, and the fastest measured
+   settings (greedy and sampled) and weights saved in the draft folder, which ``distillspec
    generate --draft auto`` follows.
 
 Over 350 lines because the four phases share one report and one folder claim; each phase is a

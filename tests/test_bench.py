@@ -240,7 +240,7 @@ def test_a_stopped_bench_is_not_resumed_with_no_resume_another_command_machine_o
                "machine": machine_kind(target.device), "dtype": str(target.dtype),
                "models": models_fingerprint(target, draft), "settings": [setting]}
     path.write_text(json.dumps(stopped))
-    assert earlier_settings(config, path, target, draft)[0] == [setting]  # the control
+    assert earlier_settings(config, path, target, models_fingerprint(target, draft))[0] == [setting]  # the control
     if change == "no-resume":
         config = replace(config, resume=False)
     elif change == "other-knob":
@@ -254,7 +254,7 @@ def test_a_stopped_bench_is_not_resumed_with_no_resume_another_command_machine_o
             draft.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
     else:
         path.write_text(json.dumps({**stopped, "settings": [{"temperature": 0.0}, None]}))
-    kept, note = earlier_settings(config, path, target, draft)
+    kept, note = earlier_settings(config, path, target, models_fingerprint(target, draft))
     assert kept == []
     if change == "no-resume":
         assert note == ""

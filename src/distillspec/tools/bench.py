@@ -206,10 +206,12 @@ def _compile_paths(config: BenchConfig, target, draft, command: str,
 def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[int]],
               progress: Callable[[str], None] = print, *,
               earlier: list[dict[str, Any]] = (),
-              on_setting: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_setting: Callable[[dict[str, Any]], None] | None = None,
+              models: dict[str, str] | None = None) -> dict[str, Any]:
     """Every (temperature, batch size) setting, each a side-by-side comparison of its own.
     ``earlier``: settings a stopped run of the same command finished (kept, not measured
-    again); ``on_setting`` gets the report so far ('complete': false) after each setting."""
+    again); ``on_setting`` gets the report so far ('complete': false) after each setting;
+    ``models``: the pair's ``models_fingerprint`` where the caller has it already."""
     from distillspec.models.loading import eos_token_ids, pad_token_id
 
     eos = eos_token_ids(target, tokenizer) if config.stop_at_eos else None
@@ -228,7 +230,7 @@ def run_bench(config: BenchConfig, target, draft, tokenizer, prompts: list[list[
         "dtype": str(target.dtype), "machine": machine_kind(target.device),
         "draft_weights": draft_quantization(draft),  # int8 with --draft-quantize int8
         "cpu": cpu_name(), "num_prompts": len(prompts), "cost_model": cost_model.to_dict(),
-        "models": models_fingerprint(target, draft),
+        "models": models or models_fingerprint(target, draft),
         "step_paths": step_paths, "compile": [decision.describe() for decision in decisions],
         "compile_error": compile_error, "complete": False, "settings": [],
     }
@@ -273,11 +275,11 @@ def models_fingerprint(target, draft) -> dict[str, str]:
 
 
 def earlier_settings(config: BenchConfig, path: Path, target,
-                     draft) -> tuple[list[dict[str, Any]], str]:
+                     models: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
     """The settings a stopped run of this same command (every knob but --resume equal) on this
-    machine kind and dtype, with the same weights (``models_fingerprint``), finished, from its
-    partial ``path`` (bench.json), and what the bench does with them; none with --no-resume,
-    or when the run there finished or measured something else."""
+    machine kind and dtype, with the same weights (``models``, the pair's ``models_fingerprint``),
+    finished, from its partial ``path`` (bench.json), and what the bench does with them; none
+    with --no-resume, or when the run there finished or measured something else."""
     try:
         earlier = json.loads(path.read_text()) if config.resume and path.is_file() else {}
     except (OSError, ValueError):
@@ -293,7 +295,7 @@ def earlier_settings(config: BenchConfig, path: Path, target,
                                                           str(target.dtype)):
         return [], (f"bench: {path}'s stopped run measured on {earlier.get('machine')} in "
                     f"{earlier.get('dtype')}; measuring every setting again here")
-    if earlier.get("models") != models_fingerprint(target, draft):
+    if earlier.get("models") != models:
         return [], (f"bench: {path}'s stopped run measured other weights (a draft retrained "
                     "or quantized since?); measuring every setting again")
     listed = earlier.get("settings")
@@ -501,7 +503,8 @@ def bench_main(config: BenchConfig, progress: Callable[[str], None] | None = Non
     out.track(*REPORTS)
     runtime = config.runtime
     target, draft, tokenizer = load_pair(config.target, config.draft, **pair_options(runtime))
-    earlier, note = earlier_settings(config, out.path / "bench.json", target, draft)
+    models = models_fingerprint(target, draft)
+    earlier, note = earlier_settings(config, out.path / "bench.json", target, models)
     if note:
         progress(note)
 
@@ -510,7 +513,7 @@ def bench_main(config: BenchConfig, progress: Callable[[str], None] | None = Non
         atomic_write_text(out.path / "bench.md", markdown_table(partial))
 
     report = run_bench(config, target, draft, tokenizer, load_prompts_for_bench(config, tokenizer),
-                       progress, earlier=earlier, on_setting=save_so_far)
+                       progress, earlier=earlier, on_setting=save_so_far, models=models)
     if config.question_file:
         progress("bench: answering the Spec-Bench questions (SD, then the target alone) ...")
         questions = read_questions(config.question_file)

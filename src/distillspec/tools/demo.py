@@ -215,7 +215,7 @@ class Measurement:
         the int8 step saves (the machine drifts). tokens/s per round and median, the ratio
         int8 ÷ none, and the int8 draft's alpha."""
         start = time.perf_counter()
-        setting = (row["gamma"], row.get("confidence_threshold", 0.0), row.get("tree") or None)
+        setting = _as_setting(row)
         alpha = self.evaluator.alpha(drafts["int8"])
         _say(f"weights: the int8 draft's alpha_t0 {alpha['alpha_t0']:.3f}; timing {_setting(row)} "
              f"with each weights x {DUEL_ROUNDS} rounds on {len(self.probe.batches)} choice "
@@ -239,15 +239,19 @@ class Measurement:
         its speed against the target alone, ``report_repeats`` interleaved rounds."""
         start = time.perf_counter()
         alpha = self.report_evaluator.alpha(draft)
-        setting = (row["gamma"], row.get("confidence_threshold", 0.0), row.get("tree", ""))
         _say(f"report split: alpha_t0 {alpha['alpha_t0']:.3f}; timing {_setting(row)} x "
              f"{self.config.report_repeats} rounds on {len(self.report_probe.batches)} prompts "
              "it was not chosen on ...")
-        sweep = self.report_probe.sweep(draft, [setting], self.config.report_repeats, self.cost)
-        summary = _summary(sweep)
         return {"data": self.config.report_data, "prompts": len(self.report_prompts), **alpha,
-                "target_tokens_per_s": summary["target_tokens_per_s"], "setting": summary["best"],
+                **self._timed_again(self.report_probe, draft, row),
                 "measure_seconds": time.perf_counter() - start}
+
+    def _timed_again(self, probe: SpeedProbe, draft, row: dict[str, Any]) -> dict[str, Any]:
+        """The setting of ``row`` timed against the target alone on ``probe``'s prompts,
+        ``report_repeats`` interleaved rounds: the target's tokens/s and the setting's row."""
+        summary = _summary(probe.sweep(draft, [_as_setting(row)], self.config.report_repeats,
+                                       self.cost))
+        return {"target_tokens_per_s": summary["target_tokens_per_s"], "setting": summary["best"]}
 
     def sampled(self, draft, after: dict[str, Any]) -> dict[str, Any] | None:
         """At --sampled-temperature (None when 0): the fastest greedy chain and every tree
@@ -269,12 +273,14 @@ class Measurement:
         best = chosen["best"]
         _say(f"{label}: {_setting(best)} ran {best['speedup']:.2f}x; timing it x "
              f"{config.report_repeats} rounds on {len(report_probe.batches)} report prompts ...")
-        setting = (best["gamma"], best["confidence_threshold"], best["tree"])
-        reported = _summary(report_probe.sweep(draft, [setting], config.report_repeats, self.cost))
         return {"temperature": config.sampled_temperature, "choice": chosen,
-                "report": {"target_tokens_per_s": reported["target_tokens_per_s"],
-                           "setting": reported["best"]},
+                "report": self._timed_again(report_probe, draft, best),
                 "measure_seconds": time.perf_counter() - start}
+
+
+def _as_setting(row: dict[str, Any]) -> tuple[int, float, str]:
+    """A summary row as the ``(gamma, threshold, tree)`` a sweep takes ('' = chain)."""
+    return row["gamma"], row.get("confidence_threshold", 0.0), row.get("tree") or ""
 
 
 def fastest_chain(measured: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,9 @@ def tokens_per_s(target, draft, prompts, new_tokens, stop_ids, spec) -> tuple[fl
 
 def main(draft_dir: str, out: str, count: int = 8, new_tokens: int = 64, rounds: int = 2,
          which: str = "all") -> None:
+    if which not in ("all", "L", "M"):
+        raise ValueError(f"WHICH must be all, L or M, got {which!r}: all loads L, M and the draft "
+                         "together, L only L, M only M and the draft.")
     large, tokenizer = load_model(L_NAME) if which in ("all", "L") else (None, None)
     medium, tokenizer = load_model(M_NAME) if which in ("all", "M") else (None, tokenizer)
     draft = load_model(draft_dir)[0] if medium is not None else None

@@ -408,6 +408,15 @@ class SpeedProbe:
         return agreement(rows, reference).to_dict()
 
 
+def setting_label(row: dict[str, Any]) -> str:
+    """A sweep row's setting for people: 'γ 2, threshold 0.4' or 'tree 4:1 (5 nodes, depth 2)'."""
+    if row.get("tree"):
+        tree = Tree.parse(row["tree"])
+        return f"tree {row['tree']} ({tree.size} nodes, depth {tree.depth})"
+    threshold = row.get("confidence_threshold", 0.0)
+    return f"γ {row['gamma']}" + (f", threshold {threshold:g}" if threshold else "")
+
+
 def _typed_setting(gamma: int, threshold: float, tree: Tree | str | None = None):
     """A sweep setting with its tree parsed (None: a chain of gamma tokens)."""
     return gamma, threshold, Tree.parse(tree) if isinstance(tree, str) else tree

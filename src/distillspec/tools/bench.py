@@ -35,7 +35,12 @@ from distillspec.common.io import atomic_write_json, atomic_write_text
 from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, machine_kind, pair_options
 from distillspec.decoding.generate import autoregressive_generate, speculative_generate
-from distillspec.decoding.measure import SpeedProbe, compare_step_paths, measure_cost_model
+from distillspec.decoding.measure import (
+    SpeedProbe,
+    compare_step_paths,
+    measure_cost_model,
+    setting_label,
+)
 from distillspec.decoding.metrics import describe_agreement, describe_round_speedups
 from distillspec.decoding.timing import timed
 from distillspec.models.compilation import apply_compile, record_verdict
@@ -360,13 +365,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines + step_path_table(report)) + "\n"
 
 
-def _row_name(row: dict[str, Any]) -> str:
-    if row.get("tree"):
-        return f"tree {row['tree']}"
-    threshold = row.get("confidence_threshold", 0.0)
-    return "chain" + (f", threshold {threshold:g}" if threshold else "")
-
-
 def step_path_table(report: dict[str, Any]) -> list[str]:
     """Eager vs compiled step times per model and width, and what the run then used."""
     if not report.get("step_paths"):
@@ -392,7 +390,7 @@ def step_path_table(report: dict[str, Any]) -> list[str]:
                 f"\nT {setting['temperature']:g}, γ {gamma}: transformers assisted with the "
                 f"draft's full-vocabulary export: "
                 f"{row['hf_assisted_full_vocab_export']['tokens_per_s']:.1f} tok/s (ours with the "
-                f"pruned draft at γ {gamma}, fastest {_row_name(row)}, ÷ that: "
+                f"pruned draft at γ {gamma}, fastest {setting_label(row)}, ÷ that: "
                 f"{row['ours_over_hf_assisted_export']:.2f}×)")
     static = [s["hf_static_compiled_plain"] for s in report["settings"]
               if s.get("hf_static_compiled_plain")]

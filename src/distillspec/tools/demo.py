@@ -43,14 +43,19 @@ from distillspec.common.config import changed_flags, replace, to_dict
 from distillspec.common.io import atomic_write_json, read_jsonl
 from distillspec.common.rundir import claim
 from distillspec.common.runtime import apply_threads, cpu_name, load_options
-from distillspec.decoding.measure import CostModel, SpeedProbe, Sweep, measure_cost_model
+from distillspec.decoding.measure import (
+    CostModel,
+    SpeedProbe,
+    Sweep,
+    measure_cost_model,
+    setting_label,
+)
 from distillspec.decoding.metrics import (
     describe_agreement,
     describe_round_speedups,
     predicted_speedup,
 )
 from distillspec.decoding.timing import alternating_rates
-from distillspec.decoding.tree import Tree
 from distillspec.models.drafts import split_vocab_option, truncate_layers
 from distillspec.models.loading import (
     build_draft,
@@ -217,7 +222,7 @@ class Measurement:
         start = time.perf_counter()
         setting = _as_setting(row)
         alpha = self.evaluator.alpha(drafts["int8"])
-        _say(f"weights: the int8 draft's alpha_t0 {alpha['alpha_t0']:.3f}; timing {_setting(row)} "
+        _say(f"weights: the int8 draft's alpha_t0 {alpha['alpha_t0']:.3f}; timing {setting_label(row)} "
              f"with each weights x {DUEL_ROUNDS} rounds on {len(self.probe.batches)} choice "
              "prompts ...")
         def decode(draft) -> Callable[[], int]:
@@ -229,7 +234,7 @@ class Measurement:
         rates = alternating_rates({name: decode(d) for name, d in drafts.items()}, DUEL_ROUNDS,
                                   self.probe.device, warmup=False)
         medians = {name: statistics.median(values) for name, values in rates.items()}
-        return {"setting": _setting(row), "rounds": DUEL_ROUNDS, "tokens_per_s": rates,
+        return {"setting": setting_label(row), "rounds": DUEL_ROUNDS, "tokens_per_s": rates,
                 "median_tokens_per_s": medians, "int8_over_none": medians["int8"] / medians["none"],
                 "int8_alpha_t0": alpha["alpha_t0"], "int8_alpha_t1": alpha["alpha_t1"],
                 "measure_seconds": time.perf_counter() - start}
@@ -239,7 +244,7 @@ class Measurement:
         its speed against the target alone, ``report_repeats`` interleaved rounds."""
         start = time.perf_counter()
         alpha = self.report_evaluator.alpha(draft)
-        _say(f"report split: alpha_t0 {alpha['alpha_t0']:.3f}; timing {_setting(row)} x "
+        _say(f"report split: alpha_t0 {alpha['alpha_t0']:.3f}; timing {setting_label(row)} x "
              f"{self.config.report_repeats} rounds on {len(self.report_probe.batches)} prompts "
              "it was not chosen on ...")
         return {"data": self.config.report_data, "prompts": len(self.report_prompts), **alpha,
@@ -271,7 +276,7 @@ class Measurement:
         chosen = _summary(choice_probe.sweep(draft, settings, config.repeats, self.cost,
                                              progress=lambda m: _say(f"  {label}: {m}")))
         best = chosen["best"]
-        _say(f"{label}: {_setting(best)} ran {best['speedup']:.2f}x; timing it x "
+        _say(f"{label}: {setting_label(best)} ran {best['speedup']:.2f}x; timing it x "
              f"{config.report_repeats} rounds on {len(report_probe.batches)} report prompts ...")
         return {"temperature": config.sampled_temperature, "choice": chosen,
                 "report": self._timed_again(report_probe, draft, best),
@@ -637,14 +642,6 @@ def _scoring_seconds(run_dir: Path) -> float:
     return steps[-1].get("data_seconds", 0.0) if steps else 0.0
 
 
-def _setting(row: dict[str, Any]) -> str:
-    if row.get("tree"):
-        tree = Tree.parse(row["tree"])
-        return f"tree {row['tree']} ({tree.size} nodes, depth {tree.depth})"
-    threshold = row.get("confidence_threshold", 0.0)
-    return f"γ {row['gamma']}" + (f", threshold {threshold:g}" if threshold else "")
-
-
 def _weights_row(report: dict[str, Any]) -> tuple[str, str, str]:
     """The table row of the draft weights the demo saved, with the duel that chose them."""
     duel = report.get("weights_duel")
@@ -663,7 +660,7 @@ def before_after_table(report: dict[str, Any]) -> str:
         ("draft", report["draft"]["spec"], report["draft"]["spec"]),
         ("alpha (greedy, T=0)", f"{before['alpha_t0']:.3f}", f"{after['alpha_t0']:.3f}"),
         ("alpha (sampled, T=1)", f"{before['alpha_t1']:.3f}", f"{after['alpha_t1']:.3f}"),
-        ("best setting (measured)", _setting(best_b), _setting(best_a)),
+        ("best setting (measured)", setting_label(best_b), setting_label(best_a)),
         ("tau at best setting", f"{best_b['block_efficiency']:.2f}",
          f"{best_a['block_efficiency']:.2f}"),
         ("target alone tok/s", f"{before['target_tokens_per_s']:.1f}",
@@ -695,7 +692,7 @@ def before_after_table(report: dict[str, Any]) -> str:
         chosen, label = sampled["choice"]["best"], f"T={sampled['temperature']:g}"
         rows += [
             (f"{label}: fastest setting on the choice split", "not measured",
-             f"{_setting(chosen)}: {chosen['speedup']:.2f}× (τ {chosen['block_efficiency']:.2f})"),
+             f"{setting_label(chosen)}: {chosen['speedup']:.2f}× (τ {chosen['block_efficiency']:.2f})"),
             (f"{label}: report split, speed-up at that setting", "not measured",
              _reported_speedup(sampled["report"]["setting"])),
         ]

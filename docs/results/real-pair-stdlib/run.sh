@@ -15,3 +15,8 @@ distillspec eval --task text --data report-stdlib.jsonl --max-new-tokens 64 --te
 distillspec eval --task text --data report-stdlib.jsonl --max-new-tokens 64 --temperature 1 --seed 100 $common --out eval-report-t1-s100
 python alpha_pair.py builtin:qwen2.5-coder-1.5b distilled/final shipped/final alpha-pair.json \
   report-stdlib.jsonl choice-stdlib.jsonl builtin:humaneval:heldout
+# the variant: lr 1e-4, 15 min, the same top-k (teacher-topk.* copied into topk/ under its
+# fingerprint name, teacher_topk_dir: topk)
+distillspec distill --config distill-lr1e-4.yaml
+python alpha_pair.py builtin:qwen2.5-coder-1.5b distilled-lr1e-4/final shipped/final \
+  alpha-pair-lr1e-4.json report-stdlib.jsonl choice-stdlib.jsonl

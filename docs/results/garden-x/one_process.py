@@ -62,16 +62,16 @@ def main(draft_dir: str, out: str, count: int = 8, new_tokens: int = 64, rounds:
             speed, tokens = tokens_per_s(target, use_draft, prompts, new_tokens, stop_ids, spec)
             rows[name].append({"tokens_per_s": speed, "tokens": tokens})
             print(f"round {round_index + 1} {name}: {speed:.2f} tok/s ({tokens} tokens)", flush=True)
-    base = rows["L alone"] if "L alone" in rows else rows["M alone"]
-    ratios = {name: [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(row, base)]
+    base_name = "L alone" if "L alone" in rows else "M alone"
+    ratios = {name: [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(row, rows[base_name])]
               for name, row in rows.items()}
     for name, values in ratios.items():
-        print(f"{name} / {'L' if 'L alone' in rows else 'M'} alone per round: {', '.join(f'{v:.2f}' for v in values)}; "
+        print(f"{name} / {base_name} per round: {', '.join(f'{v:.2f}' for v in values)}; "
               f"median {statistics.median(values):.2f}")
     atomic_write_json(Path(out), {
         "draft": draft_dir, "prompts": "builtin:humaneval:heldout", "count": count,
         "new_tokens": new_tokens, "rounds": rounds, "tree": TREE, "rows": rows,
-        "which": which, "ratio_to_" + ("l" if "L alone" in rows else "m") + "_alone": ratios,
+        "which": which, f"ratio_to_{base_name[0].lower()}_alone": ratios,
         "dtype": str(next(iter(setups.values()))[0].dtype),
         "cpu_capability": torch.backends.cpu.get_cpu_capability()})
 

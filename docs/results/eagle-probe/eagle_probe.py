@@ -130,7 +130,7 @@ def unrolled_mask(real: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def target_pass(target, batch: SequenceBatch, draft: EagleDraft):
+def target_pass(target, batch: SequenceBatch):
     """The target's fused features [B, L, H] (for the draft) and its logits at loss columns."""
     out = target.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, output_hidden_states=True)
@@ -139,7 +139,7 @@ def target_pass(target, batch: SequenceBatch, draft: EagleDraft):
 
 
 def step_loss(draft: EagleDraft, target, batch: SequenceBatch, unroll: int) -> torch.Tensor:
-    hidden_states, target_logits = target_pass(target, batch, draft)
+    hidden_states, target_logits = target_pass(target, batch)
     features = draft.fused(hidden_states)
     kept_target = torch.softmax(target_logits, dim=-1)[:, draft.token_ids]
     columns = batch.loss_mask.bool()
@@ -167,13 +167,14 @@ def per_step_acceptance(draft: EagleDraft, target, evaluator, steps: int) -> dic
         sums, counts = [0.0] * steps, [0.0] * steps
         for batch, target_logits in zip(batches, evaluator.target_logits[temperature]):
             batch = batch.to(target.device)
-            hidden_states, _ = target_pass(target, batch, draft)
+            hidden_states, _ = target_pass(target, batch)
             outputs = draft.unrolled(batch, draft.fused(hidden_states), steps)
+            # The first loss column is the prompt's last; a chain starts one column later, and
+            # answers start at the same column in every row (build_batch).
+            answer_start = int(batch.loss_mask.any(0).nonzero()[0]) + 1
             for s, output in enumerate(outputs):
-                # The first loss column is the prompt's last; a chain starts one column later.
                 mask = batch.loss_mask.clone()
-                if s:  # answers start at the same column P in every row (build_batch)
-                    answer_start = int(batch.loss_mask.any(0).nonzero()[0]) + 1
+                if s:  # step 1 keeps the evaluator's columns (as a token-only draft's alpha)
                     mask[:, : answer_start + s] = 0.0
                 columns = mask.bool()  # only the scored columns go through the full vocabulary
                 q = draft_full_logits(draft, output[columns], target_logits.shape[-1])
@@ -254,7 +255,8 @@ def step_seconds(target, drafts: dict, context: int = 150, steps: int = 100, rou
         previous = draft.fuse(features)
         start = time.perf_counter()
         for i in range(steps):
-            x = draft.mix(torch.cat([draft.embed[torch.tensor([[i]])], previous], dim=-1))
+            x = draft.mix(torch.cat([draft.embed[torch.tensor([[i]], device=target.device)],
+                                     previous], dim=-1))
             position = torch.tensor([[context + i]], device=target.device)
             previous = draft.layer(x, position_ids=position, cache=cache, use_cache=True,
                                    position_embeddings=draft.rotary(x, position))
@@ -274,14 +276,15 @@ def step_seconds(target, drafts: dict, context: int = 150, steps: int = 100, rou
             "cost_ratio": {name: round(v / medians["target"], 4) for name, v in medians.items()}}
 
 
-def load_batches(path: str, tokenizer_pad: int, batch_size: int, seed: int):
-    records = [record for _, record in read_jsonl(path)]
+def load_batches(records: list[dict], pad_id: int, batch_size: int, seed: int):
+    """Endless shuffled batches of the answers (prompts cut to their last 128 tokens, as the
+    evaluator's), reshuffled with the next seed after each pass."""
     examples = [(r["prompt_ids"][-128:], r["completion_ids"]) for r in records if r["completion_ids"]]
     random.Random(seed).shuffle(examples)
     while True:
         for i in range(0, len(examples) - batch_size + 1, batch_size):
             chunk = examples[i:i + batch_size]
-            yield build_batch([p for p, _ in chunk], [c for _, c in chunk], tokenizer_pad)
+            yield build_batch([p for p, _ in chunk], [c for _, c in chunk], pad_id)
         seed += 1
         random.Random(seed).shuffle(examples)
 
@@ -304,14 +307,20 @@ def main() -> None:
     parser.add_argument("--time-only", default=None,
                         help="a trained eagle_draft.safetensors: time the steps, no training")
     args = parser.parse_args()
+    if args.time_only and (args.init or args.skip_batches):
+        parser.error("--time-only times a trained draft and trains nothing: drop --init/--skip-batches.")
+    if args.skip_batches and not args.init:
+        parser.error("--skip-batches continues a run: give the draft it trained with --init.")
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target, tokenizer = load_model(DEFAULT_TARGET)
     target.requires_grad_(False)
     eos = eos_token_ids(target, tokenizer)
-    completions = [r["completion_ids"] for _, r in read_jsonl(args.answers)]
-    token_ids = frequent_tokens(completions, args.vocab, target.config.vocab_size, always=eos)
+    records = [record for _, record in read_jsonl(args.answers)]
+    # The demo's rule for its pruned head (demo_data.answer_vocabulary): the most frequent ids.
+    token_ids = frequent_tokens([r["completion_ids"] for r in records], args.vocab,
+                                target.config.vocab_size, always=eos)
     if args.time_only:
         draft = EagleDraft(target, token_ids).to(target.device)
         draft.load_state_dict(load_file(args.time_only), strict=False)
@@ -331,7 +340,7 @@ def main() -> None:
         evaluators[split] = make_evaluator(config, target, tokenizer, examples)
     report = {"target": DEFAULT_TARGET, "dtype": str(target.dtype), "args": vars(args),
               "feature_layers": FEATURE_LAYERS, "baselines": {}, "evals": []}
-    for name in [] if args.time_only else args.baseline:
+    for name in args.baseline:
         model = load_model(name, device=target.device, dtype=target.dtype)[0]
         report["baselines"][name] = {
             split: {**ev.alpha(model), **greedy_tau(token_draft_matches(model, ev), range(1, 6))}
@@ -344,7 +353,7 @@ def main() -> None:
     trainable = [p for p in draft.parameters() if p.requires_grad]
     report["trainable_parameters"] = sum(p.numel() for p in trainable)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    batches = load_batches(args.answers, 0, args.batch_size, 0)
+    batches = load_batches(records, 0, args.batch_size, 0)
     for _ in range(args.skip_batches):  # a continued run picks up the data order where it was
         next(batches)
 

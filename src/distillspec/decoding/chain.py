@@ -42,6 +42,8 @@ class ChainStep:
     slower at this batch size): nothing is drafted, and each row's new token is queued for the
     draft, which reads all it missed in the first block that drafts again (one wider forward)."""
 
+    drafts_with_model = True  # False: the block's tokens come from elsewhere (lookup_step.py)
+
     def __init__(self, models: Models, plain: bool = False):
         self.models = models
         self.plain = plain
@@ -67,7 +69,7 @@ class ChainStep:
         outcome, alpha, logits = models.measure(
             "target", self._verify, rows, draft_tokens, draft_probs, lengths,
             (accept_uniforms, uniforms[:, -1]), greedy)
-        models.metrics.draft_forward_passes += gamma
+        models.metrics.draft_forward_passes += gamma if self.drafts_with_model else 0
         models.metrics.target_forward_passes += 1
         host = self._to_host(draft_tokens, lengths, outcome, alpha)
         logprobs = self._logprobs(rows, logits, draft_tokens, outcome)

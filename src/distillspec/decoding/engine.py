@@ -23,6 +23,7 @@ from distillspec.decoding.chain import ChainStep
 from distillspec.decoding.dynamic_tree_step import DynamicTreeStep
 from distillspec.decoding.kv_cache import CachedModel, ensure_croppable
 from distillspec.decoding.logprobs import prompt_logprobs
+from distillspec.decoding.lookup_step import LookupStep
 from distillspec.decoding.metrics import DecodeCounts, GenerationMetrics
 from distillspec.decoding.params import SpeculationConfig
 from distillspec.decoding.requests import (
@@ -113,6 +114,10 @@ class Decoder:
         # Tree drafting (decoding/tree_step.py): the typed tree, parsed once by the config.
         self.tree = self.speculation.tree_shape if draft is not None else None
         self.tree_step = make_tree_step(self, self.tree) if self.tree is not None else None
+        # Prompt lookup (decoding/lookup_step.py): blocks of tokens copied from each row's context,
+        # with or without a draft.
+        spec = self.speculation
+        self.lookup = LookupStep(self, spec.lookup, spec.lookup_ngram) if spec.lookup else None
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -160,9 +165,12 @@ class Decoder:
         return updates + strategy.step(self.rows, caps) + self._leave()
 
     def _strategy(self) -> Strategy:
-        """The tree (greedy and sampled rows alike) while a draft is set, no lookahead limit is
-        set and some row can still draft a node; else the chain (with no draft or a limit of 0:
-        plain decoding)."""
+        """Prompt lookup where it is set, no lookahead limit is set and every row is greedy and
+        finds a match; else the tree (greedy and sampled rows alike) while a draft is set, no
+        lookahead limit is set and some row can still draft a node; else the chain (with no
+        draft or a limit of 0: plain decoding)."""
+        if self.lookup is not None and self.lookahead_limit is None and self.lookup.ready(self.rows):
+            return self.lookup
         if self.lookahead_limit == 0 and self.draft is not None:
             return self.plain
         tree = self.tree_step if self.lookahead_limit is None else None

@@ -73,7 +73,7 @@ def _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
 
 def speculative_generate(
     target: PreTrainedModel,
-    draft: PreTrainedModel,
+    draft: PreTrainedModel | None,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
@@ -86,6 +86,8 @@ def speculative_generate(
     epsilon: float = 1.0,
     confidence_threshold: float = 0.0,
     tree: str | Tree | None = "",
+    lookup: int = 0,
+    lookup_ngram: int = 2,
     eos_token_id: int | Iterable[int] | None = None,
     generator: torch.Generator | None = None,
     timed: bool = True,
@@ -97,7 +99,8 @@ def speculative_generate(
     ``eos_token_id=None`` means no early stop. ``generator`` seeds sampling.
     ``confidence_threshold`` > 0 turns on adaptive drafting, ``tree`` tree drafting (a spec or a
     parsed ``Tree``; greedy rows: the draft's top-k; sampled rows: draws from q; see
-    ``SpeculationConfig``). ``timed``: measure the draft, target and prefill times (the
+    ``SpeculationConfig``), ``lookup`` > 0 prompt lookup blocks for greedy rows (up to that many
+    tokens copied from the row's context; ``draft`` may then be None). ``timed``: measure the draft, target and prefill times (the
     metrics' ``*_time_s``; a synchronised timer around each phase of a step).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -107,6 +110,8 @@ def speculative_generate(
         epsilon=epsilon,
         confidence_threshold=confidence_threshold,
         tree=tree or "",
+        lookup=lookup,
+        lookup_ngram=lookup_ngram,
     )
     requests = _requests(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id)
     probe = SyncTimer(target.device) if timed else None

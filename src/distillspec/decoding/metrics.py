@@ -32,6 +32,11 @@ class DecodeCounts:
     accepted_lengths: list[int] = field(default_factory=list)
     position_drafted: list[int] = field(default_factory=list)
     position_accepted: list[int] = field(default_factory=list)
+    # Prompt lookup blocks (lookup_step.py): tokens copied from the context, not the draft's,
+    # so they stay out of the draft's acceptance figures above.
+    lookup_blocks: int = 0
+    lookup_proposed: int = 0
+    lookup_accepted: int = 0
 
     def __post_init__(self) -> None:
         if not self.position_drafted:
@@ -52,6 +57,14 @@ class DecodeCounts:
             self.position_drafted[position] += 1
             self.position_accepted[position] += int(position < accepted)
 
+    def record_lookup(self, proposed: int, accepted: int) -> None:
+        """One verified prompt lookup block: ``proposed`` copied tokens, the first ``accepted``
+        kept."""
+        self.target_calls += 1
+        self.lookup_blocks += 1
+        self.lookup_proposed += proposed
+        self.lookup_accepted += accepted
+
     def __add__(self, other: DecodeCounts) -> DecodeCounts:
         gamma = max(self.gamma, other.gamma)
         pad = lambda xs: xs + [0] * (gamma - len(xs))  # noqa: E731
@@ -71,6 +84,9 @@ class DecodeCounts:
             position_accepted=[
                 a + b for a, b in zip(pad(self.position_accepted), pad(other.position_accepted))
             ],
+            lookup_blocks=self.lookup_blocks + other.lookup_blocks,
+            lookup_proposed=self.lookup_proposed + other.lookup_proposed,
+            lookup_accepted=self.lookup_accepted + other.lookup_accepted,
         )
 
     @property
@@ -108,6 +124,9 @@ class DecodeCounts:
             "accepted_length_histogram": self.accepted_length_histogram,
             "target_calls": self.target_calls,
             "draft_calls": self.draft_calls,
+            "lookup_blocks": self.lookup_blocks,
+            "lookup_proposed": self.lookup_proposed,
+            "lookup_accepted": self.lookup_accepted,
         }
 
 
@@ -182,6 +201,11 @@ class GenerationMetrics:
                 f"tau {total.block_efficiency:.2f}",
                 f"draft {self.draft_time_s:.2f}s / target {self.target_time_s:.2f}s",
             ]
+        if total.lookup_blocks:
+            parts.append(f"lookup {total.lookup_accepted}/{total.lookup_proposed} copied tokens "
+                         f"kept in {total.lookup_blocks} blocks")
+            if not total.drafted_tokens:
+                parts.append(f"tau {total.block_efficiency:.2f}")
         return " | ".join(parts)
 
 

@@ -15,6 +15,7 @@ from distillspec.decoding.tree import DynamicTree, Tree
 LENIENCE_CHOICES = ("none", "lin", "sq", "exp")
 COMPILE_CHOICES = ("auto", "on", "off")  # compiled decoding steps (models.compilation)
 MAX_GAMMA = 64  # a verify of more tokens never pays; bounds every per-position allocation
+MAX_LOOKUP_NGRAM = 16  # prompt lookup's shortest match; longer suffixes rarely repeat
 MAX_TOP_K = 1 << 20
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range, which the server accepts
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
@@ -97,6 +98,19 @@ class SpeculationConfig:
         "D draft calls, the K most confident nodes expanded per call, the N most probable "
         "paths verified; sampled rows in the block use a layout fixed in advance.",
     )  # parsed once into ``tree_shape``
+    lookup: int = knob(
+        0,
+        f"Prompt lookup (0..{MAX_GAMMA}; 0 off): in a block where every row is greedy and its "
+        "last n tokens appeared earlier in its prompt or output, the target verifies up to "
+        "this many tokens that followed them there, in place of the draft's block (no draft "
+        "call; works without a draft too). Greedy output stays the target's (token for token "
+        "in float32; bf16 near-ties may flip, as for any SD).",
+    )
+    lookup_ngram: int = knob(
+        2,
+        f"Prompt lookup: the shortest suffix n that counts as a match, in 1..{MAX_LOOKUP_NGRAM} "
+        "(longer suffixes, up to 4, are tried first).",
+    )
 
     def __post_init__(self) -> None:
         if not _is_int(self.gamma) or not 1 <= self.gamma <= MAX_GAMMA:
@@ -110,6 +124,18 @@ class SpeculationConfig:
                 "0 disables adaptive drafting; 0.3 to 0.6 is typical."
             )
         self._parse_tree()
+        if not _is_int(self.lookup) or not 0 <= self.lookup <= MAX_GAMMA:
+            raise ValueError(
+                f"lookup must be an integer in [0, {MAX_GAMMA}], got {self.lookup!r}: the most "
+                "tokens copied from the context per target call. 0 turns prompt lookup off; "
+                "4 to 8 is typical."
+            )
+        if not _is_int(self.lookup_ngram) or not 1 <= self.lookup_ngram <= MAX_LOOKUP_NGRAM:
+            raise ValueError(
+                f"lookup_ngram must be an integer in [1, {MAX_LOOKUP_NGRAM}], got "
+                f"{self.lookup_ngram!r}: the shortest repeated suffix that counts as a match. "
+                "2 is typical; 1 matches on any repeated token."
+            )
         if self.lenience not in LENIENCE_CHOICES:
             raise ValueError(
                 f"lenience must be one of {', '.join(LENIENCE_CHOICES)}, got {self.lenience!r}."

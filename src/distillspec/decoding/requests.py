@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distillspec.decoding.metrics import DecodeCounts
+from distillspec.decoding.ngram import NgramIndex
 from distillspec.decoding.params import SamplingConfig, check_seed
 
 
@@ -63,6 +64,12 @@ class _Row:
     target_prefix: list[int] = field(default_factory=list)
     draft_pending: list[int] = field(default_factory=list)  # tokens the draft has not read
     finish_reason: str | None = None
+    ngrams: NgramIndex | None = None  # prompt lookup's index of its context (lookup_step.py)
+
+    @property
+    def context(self) -> list[int]:
+        """Every token of the row so far: its prompt, then its output."""
+        return self.request.prompt_ids + self.output
 
     @property
     def remaining(self) -> int:

@@ -1,0 +1,79 @@
+"""The prompt lookup strategy: a chain block whose tokens are copied from each row's own
+context (``ngram.NgramIndex``) instead of drafted.
+
+The ``Decoder`` runs it in place of its configured block (chain, tree or plain) when every live
+row is greedy and finds a match; otherwise the configured block runs. The target verifies the
+copied tokens in one pass exactly as it verifies a chain of draft tokens (greedy: argmax
+equality), so the output is the target's own greedy decoding. The draft, if any, does not run:
+the block's tokens wait in each row's ``draft_pending`` and the draft reads them in its next
+block, one wider forward (as after a plain block). Sampled rows never take this block: with a
+one-hot proposal the lossless rule accepts a copied token with probability p(token) only, a
+trade not measured here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distillspec.decoding.chain import ChainStep
+from distillspec.decoding.ngram import NgramIndex
+from distillspec.decoding.requests import RowUpdate, _Row
+from distillspec.decoding.strategy import Models, first
+
+
+class LookupStep(ChainStep):
+    """Verify up to ``tokens`` copied tokens per row (``Strategy``); ``ready`` says whether it
+    can run for the live rows and keeps their proposals for ``step``."""
+
+    drafts_with_model = False
+
+    def __init__(self, models: Models, tokens: int, shortest_ngram: int):
+        super().__init__(models)
+        self.tokens, self.shortest_ngram = tokens, shortest_ngram
+        self._proposals: list[list[int]] = []
+
+    @property
+    def lookahead(self) -> int:
+        return self.tokens
+
+    def ready(self, rows: list[_Row]) -> bool:
+        """Whether every row is greedy and copies at least one token (then ``step`` runs on
+        these proposals); a row one token from its budget copies none and so waits."""
+        if not rows or not all(row.request.sampling.greedy for row in rows):
+            return False
+        proposals = []
+        for row in rows:
+            if row.ngrams is None:
+                row.ngrams = NgramIndex(self.shortest_ngram)
+            proposal = row.ngrams.propose(row.context, min(self.tokens, row.remaining - 1))
+            if not proposal:
+                return False
+            proposals.append(proposal)
+        self._proposals = proposals
+        return True
+
+    def _draft(self, rows: list[_Row], caps: list[int], uniforms: torch.Tensor, greedy: bool):
+        """The proposals ``ready`` found, cut at each row's cap, right-padded with zeros (the
+        verify stops each row at its own length): ``(tokens [B, W], None, lengths [B])``."""
+        proposals = [proposal[:cap] for proposal, cap in zip(self._proposals, caps)]
+        width = max(map(len, proposals))
+        tokens = torch.tensor([p + [0] * (width - len(p)) for p in proposals],
+                              dtype=torch.long, device=self.models.device)
+        lengths = torch.tensor([len(p) for p in proposals], device=self.models.device)
+        return tokens, None, lengths
+
+    def _update(self, row: _Row, values: tuple, gamma: int, logprobs) -> RowUpdate:
+        """The row's new state; the draft (if any) reads the block's kept tokens later."""
+        proposed, length, accepted, token, _ = values
+        kept = proposed[:accepted] + [token]
+        row.target_pending = token
+        if self.models.draft is not None:
+            row.draft_pending = row.draft_pending + kept
+        row.counts.record_lookup(length, accepted)
+        new = row.emit(kept)
+        return RowUpdate(row.request.request_id, new, row.finish_reason is not None,
+                         row.finish_reason, 0, 0, first(logprobs, len(new)))
+
+    def _rollback(self, host: list[tuple], gamma: int) -> None:
+        """Only the target read the block: it drops its g - n rejected slots."""
+        self.models.target.rollback([gamma - item[2] for item in host])

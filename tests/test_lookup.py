@@ -1,0 +1,179 @@
+"""Prompt lookup: the n-gram index against a brute-force scan, and lookup blocks keep greedy
+output exactly the target's (float32), with or without a draft, chain or tree, rows joining
+mid-run; sampled rows never take a lookup block."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import left_padded, perturbed_copy, tiny_model
+
+from distillspec import Decoder, Request, autoregressive_generate, speculative_generate
+from distillspec.decoding.generate import run_to_completion
+from distillspec.decoding.ngram import LONGEST_NGRAM, NgramIndex
+from distillspec.decoding.params import SamplingConfig, SpeculationConfig
+
+GREEDY, SAMPLED = SamplingConfig(), SamplingConfig(temperature=1.0)
+MAX_NEW = 40
+
+
+def scan_proposal(tokens, count, shortest):
+    """Brute force: for n from max(shortest, 4) down, the latest earlier start i < len - n with
+    tokens[i:i+n] == the last n tokens; propose what followed it."""
+    length = len(tokens)
+    for n in range(max(shortest, LONGEST_NGRAM), shortest - 1, -1):
+        if length < n:
+            continue
+        for start in range(length - n - 1, -1, -1):
+            if tokens[start : start + n] == tokens[length - n :]:
+                return tokens[start + n : start + n + count]
+    return []
+
+
+@pytest.mark.parametrize("shortest", [1, 2, 3, 5])
+def test_index_equals_a_brute_force_scan_as_the_context_grows(shortest):
+    rng = random.Random(shortest)
+    for _ in range(20):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 6))]
+        index = NgramIndex(shortest)
+        while len(tokens) < 60:
+            count = rng.randrange(0, 7)
+            assert index.propose(tokens, count) == scan_proposal(tokens, count, shortest)
+            tokens = tokens + [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
+
+
+def test_index_prefers_the_longest_suffix_then_the_latest_occurrence():
+    index = NgramIndex(1)
+    # "5" appeared last before 9; "3 5" appeared before 7: the 2-gram wins over the later 1-gram
+    assert index.propose([3, 5, 7, 1, 5, 9, 3, 5], 2) == [7, 1]
+    latest = NgramIndex(2)
+    assert latest.propose([1, 2, 8, 1, 2, 9, 1, 2], 1) == [9]  # the latest of two occurrences
+    assert NgramIndex(2).propose([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert NgramIndex(2).propose([4, 4], 3) == []  # a suffix is never its own match
+    assert NgramIndex(1).propose([4, 4], 3) == [4]
+
+
+def test_index_refuses_bad_use():
+    with pytest.raises(ValueError, match="shortest n-gram"):
+        NgramIndex(0)
+    index = NgramIndex(2)
+    index.propose([1, 2, 3, 1, 2], 2)
+    with pytest.raises(ValueError, match="only grows"):
+        index.propose([1, 2], 2)
+
+
+@pytest.mark.parametrize("values, word", [
+    ({"lookup": -1}, "lookup must"), ({"lookup": 65}, "lookup must"), ({"lookup": True}, "lookup must"),
+    ({"lookup_ngram": 0}, "lookup_ngram"), ({"lookup_ngram": 17}, "lookup_ngram"),
+])
+def test_config_refuses_impossible_lookup_values(values, word):
+    with pytest.raises(ValueError, match=word):
+        SpeculationConfig(**values)
+
+
+def repeating_prompts(lengths, seed=0):
+    """Left-padded prompts whose second half repeats their first (so lookup has matches)."""
+    ids, mask = left_padded([n // 2 for n in lengths], seed=seed)
+    rows = [ids[r][mask[r].bool()].tolist() for r in range(len(lengths))]
+    rows = [row + row for row in rows]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return input_ids, attention_mask
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("llama", seed=0)
+    return target, perturbed_copy(target, 0.1)
+
+
+@pytest.mark.parametrize("lengths", [[12], [10, 16, 4, 8]], ids=["batch1", "batch4-ragged"])
+@pytest.mark.parametrize("setup", [
+    dict(draft=False, gamma=1, lookup=1), dict(draft=False, gamma=1, lookup=6, lookup_ngram=1),
+    dict(draft=True, gamma=3, lookup=5), dict(draft=True, gamma=2, lookup=3, tree="4:1"),
+    dict(draft=True, gamma=2, lookup=8, tree="8:2"),
+], ids=["no-draft-1", "no-draft-6-n1", "chain", "tree-4:1", "tree-8:2"])
+def test_lookup_blocks_keep_greedy_output_exactly_the_targets(pair, lengths, setup):
+    target, draft = pair
+    setup = dict(setup)
+    use_draft = setup.pop("draft")
+    input_ids, attention_mask = repeating_prompts(lengths)
+    reference = autoregressive_generate(target, input_ids, attention_mask, max_new_tokens=MAX_NEW)
+    result = speculative_generate(target, draft if use_draft else None, input_ids, attention_mask,
+                                  max_new_tokens=MAX_NEW, **setup)
+    assert result.sequences == reference.sequences
+    total = result.metrics.total
+    assert total.lookup_blocks > 0 and total.lookup_accepted > 0  # lookup really ran and paid
+    assert total.lookup_accepted <= total.lookup_proposed
+    if not use_draft:
+        assert result.metrics.draft_forward_passes == 0 and total.drafted_tokens == 0
+        assert total.block_efficiency > 1.0  # fewer target calls than tokens, with no draft
+
+
+def test_a_sampled_row_takes_no_lookup_block_and_greedy_rows_stay_exact(pair):
+    target, draft = pair
+    input_ids, attention_mask = repeating_prompts([10, 14, 8])
+    prompts = [input_ids[r][attention_mask[r].bool()].tolist() for r in range(3)]
+    speculation = SpeculationConfig(gamma=3, lookup=5)
+    mixed = [Request(prompts[0], 24, GREEDY), Request(prompts[1], 24, SAMPLED, seed=3),
+             Request(prompts[2], 24, GREEDY)]
+    result = run_to_completion(Decoder(target, draft, speculation), mixed)
+    assert result.metrics.total.lookup_blocks == 0
+    for index in (0, 2):
+        plain = autoregressive_generate(target, torch.tensor([prompts[index]]), max_new_tokens=24)
+        assert result.sequences[index] == plain.sequences[0]
+    alone = run_to_completion(Decoder(target, draft, speculation), mixed[::2])
+    assert alone.metrics.total.lookup_blocks > 0  # the same greedy rows alone do take them
+
+
+def test_rows_joining_mid_run_with_lookup_produce_the_targets_greedy_output(pair):
+    target, draft = pair
+    input_ids, attention_mask = repeating_prompts([8, 12, 6, 10], seed=2)
+    prompts = [input_ids[r][attention_mask[r].bool()].tolist() for r in range(4)]
+    plan = [(0, 30), (2, 17), (3, 1), (5, 25)]  # (step it joins at, budget)
+    decoder = Decoder(target, draft, SpeculationConfig(gamma=3, lookup=6, tree="4:1"))
+    outputs = {i: [] for i in range(len(plan))}
+    step = 0
+    while step < 200 and (step <= max(join for join, _ in plan) or decoder.has_work):
+        for index, (join, budget) in enumerate(plan):
+            if join == step:
+                decoder.add(Request(prompts[index], budget, GREEDY, request_id=index))
+        for update in decoder.step():
+            outputs[update.request_id] += update.new_tokens
+        step += 1
+    for index, (_, budget) in enumerate(plan):
+        plain = autoregressive_generate(target, torch.tensor([prompts[index]]),
+                                        max_new_tokens=budget)
+        assert outputs[index] == plain.sequences[0], f"row {index}"
+    assert any(row.counts.lookup_blocks for row in decoder.finished)
+
+
+def test_eval_setups_take_a_lookup_option():
+    from distillspec.tools.eval_config import EvalConfig, EvalSetup
+
+    tree = EvalSetup.parse("tree:15:2:lookup=8")
+    assert tree.speculation.lookup == 8 and tree.speculation.tree == "15:2" and tree.uses_draft
+    chain = EvalSetup.parse("sd:3:threshold=0.4:lookup=5")
+    assert (chain.speculation.gamma, chain.speculation.confidence_threshold,
+            chain.speculation.lookup) == (3, 0.4, 5)
+    alone = EvalSetup.parse("target:lookup=6")
+    assert alone.speculation.lookup == 6 and not alone.uses_draft
+    for text, word in (("sd:3:lookup=x", "whole number"), ("target:lookup=65", "lookup must"),
+                       ("sd:3:lookup=2:lookup=3", "once"), (":lookup=4", "whole number")):
+        with pytest.raises(ValueError, match=word):
+            EvalSetup.parse(text)
+    with pytest.raises(ValueError, match="greedy rows only"):
+        EvalConfig(task="text", setups=["target", "target:lookup=4"],
+                   sampling=SamplingConfig(temperature=1.0))
+
+
+def test_generate_refuses_lookup_it_would_ignore():
+    from distillspec.tools.configs import GenerateConfig
+
+    GenerateConfig(speculation=SpeculationConfig(lookup=4))  # greedy: fine
+    with pytest.raises(ValueError, match="greedy rows only"):
+        GenerateConfig(speculation=SpeculationConfig(lookup=4),
+                       sampling=SamplingConfig(temperature=0.7))

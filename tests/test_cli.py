@@ -237,6 +237,39 @@ def test_generate_uses_a_measured_tree_and_tree_flags(model_folder, tmp_path, ca
     assert "has no parent 1" in capsys.readouterr().err
 
 
+def test_generate_uses_a_measured_prompt_lookup(model_folder, tmp_path, capsys):
+    """A saved prompt lookup applies with its tree (greedy); --lookup given (even 0) is the
+    user's choice; a saved lookup that is not a whole number in range voids the setting."""
+    import torch
+
+    from distillspec.models.recommended import FILE, save_recommended
+
+    draft = save_tiny(tmp_path / "draft", layers=1)
+    save_recommended(draft, target=str(model_folder), gamma=1, confidence_threshold=0.0,
+                     tree="4:1", lookup=6, device=torch.device("cpu"), dtype=torch.float32,
+                     measured={"speedup": 1.3})
+    base = ["generate", "--target", str(model_folder), "--draft", str(draft), "--prompt",
+            "w1 w2 w3 w4 w1 w2 w3 w4 w1 w2", "--max-new-tokens", "24", "--dtype", "float32",
+            "--device", "cpu", "--json"]
+
+    def run(*extra) -> tuple[str, dict]:
+        assert main([*base, *extra]) == 0
+        captured = capsys.readouterr()
+        return captured.err, json.loads(captured.out)
+
+    err, looked = run()
+    assert "tree 4:1, prompt lookup 6 (measured fastest" in err
+    assert looked["metrics"]["lookup_blocks"] > 0
+    err, plain_tree = run("--lookup", "0")
+    assert "measured fastest" not in err and plain_tree["metrics"]["lookup_blocks"] == 0
+    assert plain_tree["text"] == looked["text"]  # greedy, float32: the same tokens either way
+    saved = json.loads((draft / FILE).read_text())
+    for bad in (-1, 65, True, 2.5):
+        (draft / FILE).write_text(json.dumps({**saved, "lookup": bad}))
+        err, _ = run()
+        assert "measured fastest" not in err
+
+
 def test_generate_at_a_temperature_uses_the_setting_timed_sampled(model_folder, tmp_path,
                                                                    capsys, monkeypatch):
     """The demo's sampled setting applies at T > 0 (greedy keeps the greedy one); --draft auto
@@ -304,7 +337,7 @@ def test_a_saved_sampled_setting_is_used_only_when_valid(tmp_path, entry, used, 
     saved = saved_setting(tmp_path)
     at_t1 = setting_at(saved, 1.0)
     assert setting_at(saved, 0.0) == {"gamma": 3, "confidence_threshold": 0.0, "tree": "4:1",
-                                      "speedup": 1.3}
+                                      "lookup": 0, "speedup": 1.3}
     if used:
         assert at_t1["gamma"] == 2 and at_t1["tree"] == "" and at_t1["speedup"] == speedup
     else:

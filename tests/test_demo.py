@@ -91,6 +91,11 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
         chain["gamma"], chain["confidence_threshold"])
     assert saved["tree"] == best["tree"]
     assert {r["tree"] for r in report["after"]["all"]} == {"", "3:1", "4:1", "15:2"}
+    # every tree timed with and without prompt lookup (--lookup 8, the default); chains without
+    assert sorted((r["tree"], r["lookup"]) for r in report["after"]["all"] if r["tree"]) == [
+        (tree, lookup) for tree in ("15:2", "3:1", "4:1") for lookup in (0, 8)]
+    assert not any(r["lookup"] for r in chains)
+    assert saved["lookup"] == best["lookup"] == reported["setting"]["lookup"]
     assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
     # At T=1 the fastest greedy chain and every tree are timed again on the choice split, the
     # fastest of them on the report split, and saved beside the greedy setting.

@@ -275,7 +275,7 @@ def test_metrics_in_prometheus_format(served):
                  "distillspec_spec_decode_plain_from_batch",
                  'distillspec_spec_decode_position_accepted_total{position="0"}',
                  'distillspec_speculation_info{confidence_threshold="0",draft="target-layers:1",'
-                 'draft_weights="none",gamma="3",sd_margin="0.1",sd_policy="auto",tree=""} 1.0',
+                 'draft_weights="none",gamma="3",lookup="0",sd_margin="0.1",sd_policy="auto",tree=""} 1.0',
                  'distillspec_requests_total{endpoint="/v1/completions",status="200"}'):
         assert name in text, name
 

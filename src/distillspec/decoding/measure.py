@@ -184,6 +184,9 @@ class SweepRow:
     measured_over_predicted: float
     accepted_length_histogram: list[int] = field(default_factory=list)
     tree: str = ""  # tree drafting (decoding/tree.py); "" = a chain of gamma tokens
+    # Prompt lookup tokens (decoding/lookup_step.py), 0 off. The prediction covers the draft's
+    # blocks only: lookup blocks are outside the cost model, so measured/predicted grows with them.
+    lookup: int = 0
     # Greedy sweeps: SD's rows against the target alone's rows of the same run, same dtype
     # (quality.Agreement.to_dict); None when sampling, where outputs differ by design.
     agreement: dict[str, Any] | None = None
@@ -277,13 +280,15 @@ class SpeedProbe:
                 for i, m in self.batches[:batches]]
 
     def speculative(self, draft, gamma: int, threshold: float = 0.0,
-                    tree: Tree | str | None = None,
+                    tree: Tree | str | None = None, lookup: int = 0,
                     batches: int | None = None) -> list[GenerationResult]:
         common = self._common()
-        warm_choices(draft)  # only the first call per draft times anything
+        if draft is not None:  # None: the target alone with prompt lookup
+            warm_choices(draft)  # only the first call per draft times anything
         return [
             speculative_generate(self.target, draft, i, m, gamma=gamma,
-                                 confidence_threshold=threshold, tree=tree, **common)
+                                 confidence_threshold=threshold, tree=tree, lookup=lookup,
+                                 **common)
             for i, m in self.batches[:batches]
         ]
 
@@ -307,13 +312,15 @@ class SpeedProbe:
         medians of those in-sweep measurements: on a busy or throttling machine a cost model
         timed minutes earlier describes another machine state.
 
-        A setting is ``(gamma, threshold[, tree])`` (a ``Tree``, or a spec parsed here once); a
-        tree's prediction needs the cost model's verify curve to reach its node count + 1."""
-        draft.eval()
+        A setting is ``(gamma, threshold[, tree[, lookup]])`` (a ``Tree``, or a spec parsed here
+        once; ``lookup``: prompt lookup tokens, 0 off); a tree's prediction needs the cost
+        model's verify curve to reach its node count + 1."""
+        if draft is not None:  # None: settings of prompt lookup alone
+            draft.eval()
         settings = [_typed_setting(*setting) for setting in settings]
         self.plain(batches=1)  # warm-ups, discarded
-        for gamma, threshold, tree in settings:
-            self.speculative(draft, gamma, threshold, tree, batches=1)
+        for setting in settings:
+            self.speculative(draft, *setting, batches=1)
         rounds = self._rounds(draft, settings, repeats, cost_model, progress)
         if rounds.cost_models:
             cost_model = median_cost_model(rounds.cost_models)
@@ -344,9 +351,8 @@ class SpeedProbe:
                     wall, rounds.plain_results = timed(self.plain, device=self.device)
                     rounds.plain_walls.append(wall)
                     continue
-                gamma, threshold, tree = settings[index]
                 wall, rounds.results[index] = timed(
-                    self.speculative, draft, gamma, threshold, tree, device=self.device
+                    self.speculative, draft, *settings[index], device=self.device
                 )
                 rounds.walls[index].append(wall)
             if cost_model is not None:
@@ -360,7 +366,7 @@ class SpeedProbe:
         return rounds
 
     def _row(self, setting, walls, results, plain_results, cost_model) -> SweepRow:
-        gamma, threshold, tree = setting
+        gamma, threshold, tree, lookup = setting
         total = combined_counts(results)
         draft_time = sum(r.metrics.draft_time_s for r in results)
         draft_passes = sum(r.metrics.draft_forward_passes - r.metrics.draft_prefill_passes
@@ -395,6 +401,7 @@ class SpeedProbe:
             measured_over_predicted=float("nan"),
             accepted_length_histogram=total.accepted_length_histogram,
             tree=tree.spec if tree is not None else "",
+            lookup=lookup,
             agreement=self._agreement(results, plain_results),
         )
 
@@ -410,16 +417,18 @@ class SpeedProbe:
 
 def setting_label(row: dict[str, Any]) -> str:
     """A sweep row's setting for people: 'γ 2, threshold 0.4' or 'tree 4:1 (5 nodes, depth 2)'."""
+    lookup = f" + lookup {row['lookup']}" if row.get("lookup") else ""
     if row.get("tree"):
         tree = Tree.parse(row["tree"])
-        return f"tree {row['tree']} ({tree.size} nodes, depth {tree.depth})"
+        return f"tree {row['tree']} ({tree.size} nodes, depth {tree.depth}){lookup}"
     threshold = row.get("confidence_threshold", 0.0)
-    return f"γ {row['gamma']}" + (f", threshold {threshold:g}" if threshold else "")
+    return f"γ {row['gamma']}" + (f", threshold {threshold:g}" if threshold else "") + lookup
 
 
-def _typed_setting(gamma: int, threshold: float, tree: Tree | str | None = None):
-    """A sweep setting with its tree parsed (None: a chain of gamma tokens)."""
-    return gamma, threshold, Tree.parse(tree) if isinstance(tree, str) else tree
+def _typed_setting(gamma: int, threshold: float, tree: Tree | str | None = None, lookup: int = 0):
+    """A sweep setting with its tree parsed (None: a chain of gamma tokens) and its prompt
+    lookup (0: off)."""
+    return gamma, threshold, Tree.parse(tree) if isinstance(tree, str) else tree, lookup
 
 
 @dataclass

@@ -37,6 +37,7 @@ def save_recommended(
     gamma: int,
     confidence_threshold: float,
     tree: str = "",
+    lookup: int = 0,
     draft_quantize: str = "none",
     device,
     dtype,
@@ -52,6 +53,7 @@ def save_recommended(
         "gamma": int(gamma),
         "confidence_threshold": float(confidence_threshold),
         "tree": str(tree),
+        "lookup": int(lookup),
         "draft_quantize": str(draft_quantize),
         "machine": machine_kind(device),
         "dtype": str(dtype),
@@ -64,13 +66,16 @@ def save_recommended(
 
 
 def _valid_setting(entry: Any) -> bool:
-    """A gamma in 1..MAX_GAMMA, a threshold in [0, 1) and a tree spec that parses ('' = chain)."""
+    """A gamma in 1..MAX_GAMMA, a threshold in [0, 1), a tree spec that parses ('' = chain)
+    and a prompt lookup in 0..MAX_GAMMA (absent: 0, files written before it)."""
     if not isinstance(entry, dict):
         return False
     gamma, threshold, tree = (entry.get(k) for k in ("gamma", "confidence_threshold", "tree"))
-    valid = (isinstance(gamma, int) and not isinstance(gamma, bool) and 1 <= gamma <= MAX_GAMMA
+    lookup = entry.setdefault("lookup", 0)
+    whole = lambda n: isinstance(n, int) and not isinstance(n, bool)  # noqa: E731
+    valid = (whole(gamma) and 1 <= gamma <= MAX_GAMMA
              and _number(threshold) is not None and 0 <= threshold < 1
-             and isinstance(tree, str))
+             and isinstance(tree, str) and whole(lookup) and 0 <= lookup <= MAX_GAMMA)
     if not valid:
         return False
     try:
@@ -113,11 +118,13 @@ def _number(value: Any, above: float | None = None) -> float | None:
 
 def setting_at(saved: dict[str, Any], temperature: float) -> dict[str, Any]:
     """The saved setting for decoding at ``temperature``: the sampled one for T > 0 when the
-    demo measured one (gamma, confidence_threshold, tree, speedup, temperature), else the
-    greedy one (whose tree also serves sampled rows, timed at greedy only)."""
+    demo measured one (gamma, confidence_threshold, tree, lookup, speedup, temperature), else
+    the greedy one (whose tree also serves sampled rows, timed at greedy only; its prompt
+    lookup acts on greedy rows only)."""
     if temperature > 0 and saved.get("sampled") is not None:
         return saved["sampled"]
-    return {key: saved[key] for key in ("gamma", "confidence_threshold", "tree", "speedup")}
+    return {key: saved[key] for key in ("gamma", "confidence_threshold", "tree", "lookup",
+                                        "speedup")}
 
 
 def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str, Any] | None:

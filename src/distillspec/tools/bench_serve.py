@@ -176,7 +176,8 @@ def _speculation(metrics_text: str) -> dict | None:
                 return None
             return {"gamma": int(labels["gamma"]),
                     "confidence_threshold": float(labels["confidence_threshold"]),
-                    "tree": labels["tree"], "draft": labels["draft"],
+                    "tree": labels["tree"], "lookup": int(labels.get("lookup", 0)),
+                    "draft": labels["draft"],
                     "draft_weights": labels.get("draft_weights", "none")}
     return None
 
@@ -499,6 +500,8 @@ def markdown(report: dict) -> str:
         shape = (f"tree {setting['tree']}" if setting.get("tree")
                  else f"gamma {setting['gamma']}, confidence threshold "
                       f"{setting['confidence_threshold']:g}")
+        if setting.get("lookup"):
+            shape += f", prompt lookup {setting['lookup']} (greedy requests)"
         lines += [f"SD setting: {shape}."]
     return "\n".join(lines) + "\n"
 

@@ -277,11 +277,11 @@ def _json(data) -> str:
 
 
 def _explicit_setting(args) -> dict:
-    """A --gamma, --confidence-threshold or --tree given on the command line wins over the
-    setting the demo measured for the draft (``measured_setting``), even when it equals the
-    default."""
-    given = {"speculation.gamma", "speculation.confidence_threshold", "speculation.tree"} & set(
-        vars(args))
+    """A --gamma, --confidence-threshold, --tree or --lookup given on the command line wins
+    over the setting the demo measured for the draft (``measured_setting``), even when it
+    equals the default."""
+    given = {"speculation.gamma", "speculation.confidence_threshold", "speculation.tree",
+             "speculation.lookup"} & set(vars(args))
     return {"measured_setting": False} if given else {}
 
 

@@ -34,9 +34,10 @@ def measured_setting_knob() -> bool:
     """The one declaration of the knob that follows a draft's saved fastest setting."""
     return knob(
         True,
-        "Use the gamma, threshold and tree `distillspec demo` measured fastest for this draft, "
-        "target and machine kind (generate at a temperature > 0: the one the demo timed "
-        "sampled, where it did; off when --gamma, --confidence-threshold or --tree is given).",
+        "Use the gamma, threshold, tree and prompt lookup `distillspec demo` measured fastest "
+        "for this draft, target and machine kind (generate at a temperature > 0: the one the "
+        "demo timed sampled, where it did; off when --gamma, --confidence-threshold, --tree or "
+        "--lookup is given).",
     )
 
 
@@ -99,6 +100,12 @@ class GenerateConfig:
         if self.stream and (self.json or self.batch_size != 1):
             raise ValueError("--stream prints one prompt at a time: use it with --batch-size 1 "
                              "and without --json.")
+        if self.speculation.lookup and not self.sampling.greedy:
+            raise ValueError(
+                f"--lookup {self.speculation.lookup} copies tokens for greedy rows only, and "
+                f"--temperature {self.sampling.temperature:g} samples every row: it would do "
+                "nothing. Drop --lookup, or decode greedily (--temperature 0)."
+            )
 
 
 @dataclass(frozen=True)
@@ -260,6 +267,11 @@ class DemoConfig:
     repeats: int = knob(
         1, "Timed rounds on the choice split (median); each round runs the target alone once."
     )
+    lookup: int = knob(
+        8, "After distillation, every tree is also timed with prompt lookup blocks of up to this "
+        "many tokens (generate's --lookup; greedy) on the choice split, so the fastest setting "
+        f"may include it; 0 skips them. At most {MAX_GAMMA}.",
+    )
     sampled_temperature: float = knob(
         1.0, "After the greedy choice, the fastest greedy chain and every tree are timed again "
         "at this temperature on the choice split (trees: the multi-draft rule), the fastest "
@@ -275,7 +287,8 @@ class DemoConfig:
             raise ValueError(f"minutes must be > 0, got {self.minutes}.")
         require_at_least(self, 1, "speed_prompts", "max_new_tokens", "repeats", "report_prompts",
                          "report_repeats")
-        require_at_least(self, 0, "prompt_pool", "draft_vocab", "answer_samples")
+        require_at_least(self, 0, "prompt_pool", "draft_vocab", "answer_samples", "lookup")
+        require_at_most(self, MAX_GAMMA, "lookup")
         require_at_most(self, MAX_TOKENS, "max_new_tokens")
         require_at_most(self, 8, "answer_samples",
                         why="Each sample is a generation pass of the target over every prompt.")

@@ -198,14 +198,18 @@ class Measurement:
         _check_apart(self.report_prompts, training, f"--report-data {self.config.report_data}",
                      f"the training data ({source})")
 
-    def measure(self, draft, label: str, thresholds: list[float]) -> dict[str, Any]:
-        """The choice split: alpha, and every setting timed against the target alone."""
+    def measure(self, draft, label: str, thresholds: list[float],
+                lookup: int = 0) -> dict[str, Any]:
+        """The choice split: alpha, and every setting timed against the target alone (each
+        tree also with ``lookup`` prompt lookup tokens, when > 0)."""
         start = time.perf_counter()
         alpha = self.evaluator.alpha(draft)
         # A threshold cannot change a 1-token draft (it stops after that token anyway): at
         # gamma 1 it would only add a second sample of the same computation.
         settings = [(g, t, "") for t in thresholds for g in self.config.gammas if t == 0 or g > 1]
         settings += [(1, 0.0, tree) for tree in self.config.tree_shapes]
+        if lookup:
+            settings += [(1, 0.0, tree, lookup) for tree in self.config.tree_shapes]
         _say(f"{label}: alpha_t0 {alpha['alpha_t0']:.3f}; timing {len(settings)} settings x "
              f"{self.config.repeats} rounds on {len(self.probe.batches)} choice prompts against "
              "the target alone ...")
@@ -283,14 +287,17 @@ class Measurement:
                 "measure_seconds": time.perf_counter() - start}
 
 
-def _as_setting(row: dict[str, Any]) -> tuple[int, float, str]:
-    """A summary row as the ``(gamma, threshold, tree)`` a sweep takes ('' = chain)."""
-    return row["gamma"], row.get("confidence_threshold", 0.0), row.get("tree") or ""
+def _as_setting(row: dict[str, Any]) -> tuple[int, float, str, int]:
+    """A summary row as the ``(gamma, threshold, tree, lookup)`` a sweep takes ('' = chain,
+    0 = no prompt lookup)."""
+    return (row["gamma"], row.get("confidence_threshold", 0.0), row.get("tree") or "",
+            row.get("lookup", 0))
 
 
 def fastest_chain(measured: dict[str, Any]) -> dict[str, Any]:
-    """The fastest chain (no tree) of a sweep summary: what runs when the tree is turned off."""
-    return max((r for r in measured["all"] if not r.get("tree")),
+    """The fastest chain (no tree, no lookup) of a sweep summary: what runs when the tree is
+    turned off."""
+    return max((r for r in measured["all"] if not r.get("tree") and not r.get("lookup")),
                key=lambda r: r["sd_tokens_per_s"])
 
 
@@ -369,7 +376,7 @@ def _reported_speedup(setting: dict[str, Any]) -> str:
 def _summary(sweep: Sweep) -> dict[str, Any]:
     rows = [
         {"gamma": r.gamma, "confidence_threshold": r.confidence_threshold, "tree": r.tree,
-         "sd_tokens_per_s": r.tokens_per_s, "block_efficiency": r.block_efficiency,
+         "lookup": r.lookup, "sd_tokens_per_s": r.tokens_per_s, "block_efficiency": r.block_efficiency,
          "acceptance_rate": r.acceptance_rate, "analytic_alpha": r.analytic_alpha,
          "speedup": r.speedup, "cost_ratio": r.cost_ratio, "verify_cost": r.verify_cost,
          "predicted_speedup": r.predicted_speedup,
@@ -424,7 +431,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         data_info["scoring_minutes"] = _scoring_seconds(run_dir) / 60
     distilled, _ = load_model(run_dir / "final", device=target.device, dtype=target.dtype)
     after = measurement.measure(distilled, "after", [0.0, *[t for t in config.confidence_thresholds
-                                                            if t > 0]])
+                                                            if t > 0]], config.lookup)
     distilled, duel, weights = _faster_draft(config, target, measurement, distilled, after)
     record_distilled_draft(recipe.target, run_dir / "final")
     reported = measurement.report(distilled, after["best"])
@@ -531,7 +538,7 @@ def _save_setting(recipe, run_dir: Path, after: dict[str, Any], reported: dict[s
     save_recommended(
         run_dir / "final", target=recipe.target, gamma=chain["gamma"],
         confidence_threshold=chain.get("confidence_threshold", 0.0), tree=best.get("tree", ""),
-        draft_quantize=weights, device=target.device,
+        lookup=best.get("lookup", 0), draft_quantize=weights, device=target.device,
         # The report split's figure decides whether `generate` uses the draft: the choice
         # split's is biased upwards by the choice itself.
         dtype=target.dtype, measured={"speedup": reported["setting"]["speedup"],

@@ -9,7 +9,10 @@ A decoding setup is one string (``EvalSetup.parse``):
   and/or ``threshold=X`` (adaptive drafting);
 * ``tree:SPEC``: tree drafting (generate's ``--tree``, e.g. ``tree:15:2``; explicit rank paths
   joined with ``/``, e.g. ``tree:0/1/0.0``); greedy rows take the draft's top-k, sampled rows
-  draws without replacement checked with the lossless multi-draft rule.
+  draws without replacement checked with the lossless multi-draft rule;
+* any of these followed by ``:lookup=K``: prompt lookup blocks (up to K tokens copied from the
+  row's own context, verified like draft tokens; greedy only), e.g. ``tree:15:2:lookup=8``;
+  ``target:lookup=K`` speculates by lookup alone, with no draft.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ TASKS = ("code", "text")
 DEFAULT_DATA = {"code": "builtin:humaneval:heldout", "text": "builtin:chat:heldout"}
 DEFAULT_MAX_NEW_TOKENS = {"code": 384, "text": 64}
 SETUP_GRAMMAR = (
-    "target | sd:G[:lin=EPS|:sq=EPS|:exp=EPS][:threshold=X] | tree:SPEC (e.g. target, sd:4, "
-    "sd:4:exp=0.5, sd:3:threshold=0.4, tree:15:2)"
+    "target | sd:G[:lin=EPS|:sq=EPS|:exp=EPS][:threshold=X] | tree:SPEC, each optionally "
+    "followed by :lookup=K (prompt lookup, greedy rows; target:lookup=K needs no draft) (e.g. "
+    "target, sd:4, sd:4:exp=0.5, sd:3:threshold=0.4, tree:15:2, tree:15:2:lookup=8, "
+    "target:lookup=8)"
 )
+LOOKUP_OPTION = ":lookup="
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,11 @@ class EvalSetup:
     label: str
     speculation: SpeculationConfig | None  # None: the target alone
     compare: bool = False  # drafted by --compare-draft instead of --draft
+    draftless: bool = False  # target:lookup=K: speculation by prompt lookup only
 
     @property
     def uses_draft(self) -> bool:
-        return self.speculation is not None
+        return self.speculation is not None and not self.draftless
 
     @property
     def lossy(self) -> bool:
@@ -59,6 +66,19 @@ class EvalSetup:
         def bad(why: str) -> ValueError:
             return ValueError(f"Decoding setup {text!r}: {why}. Write one of: {SETUP_GRAMMAR}.")
 
+        base, option, lookup = text.rpartition(LOOKUP_OPTION)
+        if option:
+            if LOOKUP_OPTION in base:
+                raise bad("give :lookup=K once")
+            if not lookup.isdigit() or not base:
+                raise bad(f"lookup needs a whole number of tokens after {base!r}, e.g. :lookup=8")
+            setup = cls.parse(base)
+            speculation = setup.speculation or SpeculationConfig()
+            try:
+                speculation = replace(speculation, lookup=int(lookup))
+            except ValueError as error:
+                raise bad(str(error).rstrip(".")) from None
+            return cls(text, speculation, draftless=setup.speculation is None)
         kind, _, rest = text.partition(":")
         if kind == "target" and not rest:
             return cls(text, None)
@@ -167,6 +187,12 @@ class EvalConfig:
             require_at_most(self, MAX_TOKENS, "max_new_tokens")
         self.sandbox_limits()  # timeout_s, memory_mb and max_processes, checked there
         greedy = self.sampling.greedy
+        looked = [text for text in self.setups if LOOKUP_OPTION in text]
+        if looked and not greedy:
+            raise ValueError(
+                f"{', '.join(looked)}: prompt lookup copies tokens for greedy rows only, and "
+                f"--temperature {self.sampling.temperature:g} samples every row, so it would "
+                "do nothing. Drop :lookup=K, or measure greedily (--temperature 0).")
         if greedy and self.samples > 1:
             raise ValueError(
                 f"samples = {self.samples} at temperature 0 would repeat the same greedy answer. "

@@ -206,8 +206,11 @@ def _speed(run: SetupRun, target_tps: float | None) -> dict[str, Any]:
     tokens_per_s = kept / wall if wall > 0 else None
     return {
         "setup": run.setup.label,
-        "draft_role": None if spec is None else ("compare" if run.setup.compare else "draft"),
-        "kind": "target" if spec is None else ("tree" if spec.tree else "sd"),
+        "draft_role": (None if not run.setup.uses_draft
+                       else "compare" if run.setup.compare else "draft"),
+        "kind": ("target" if spec is None else "lookup" if run.setup.draftless
+                 else "tree" if spec.tree else "sd"),
+        "lookup": spec.lookup if spec is not None else None,
         "gamma": spec.gamma if spec is not None and not spec.tree else None,
         "tree": spec.tree if spec is not None and spec.tree else None,
         "lenience": spec.lenience if spec is not None else None,

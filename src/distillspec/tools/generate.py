@@ -108,12 +108,14 @@ def speculation_for(
     setting = setting_at(saved, temperature)
     timed = f"timed at T={setting['temperature']:g}" if "temperature" in setting else "timed greedy"
     tree = f", tree {setting['tree']}" if setting["tree"] else ""
+    lookup = f", prompt lookup {setting['lookup']}" if setting.get("lookup") else ""
     print(f"distillspec: gamma {setting['gamma']}, confidence threshold "
-          f"{setting['confidence_threshold']:g}{tree} (measured fastest for this draft on this "
-          f"machine, {timed}; --gamma / --confidence-threshold / --tree override)",
-          file=sys.stderr)
+          f"{setting['confidence_threshold']:g}{tree}{lookup} (measured fastest for this draft "
+          f"on this machine, {timed}; --gamma / --confidence-threshold / --tree / --lookup "
+          "override)", file=sys.stderr)
     return replace(speculation, gamma=setting["gamma"],
-                   confidence_threshold=setting["confidence_threshold"], tree=setting["tree"])
+                   confidence_threshold=setting["confidence_threshold"], tree=setting["tree"],
+                   lookup=setting.get("lookup", 0))
 
 
 def auto_draft(target: str, runtime, temperature: float = 0.0) -> str:

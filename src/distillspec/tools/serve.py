@@ -124,7 +124,8 @@ class ServeMetrics:
                     registry=self.registry)
         info.info({"draft": draft_spec, "gamma": str(speculation.gamma),
                    "confidence_threshold": f"{speculation.confidence_threshold:g}",
-                   "tree": speculation.tree, "sd_policy": sd_policy,
+                   "tree": speculation.tree, "lookup": str(speculation.lookup),
+                   "sd_policy": sd_policy,
                    "sd_margin": "" if sd_margin is None else f"{sd_margin:g}",
                    "draft_weights": draft_weights})
 

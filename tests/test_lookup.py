@@ -129,21 +129,38 @@ def test_a_sampled_row_takes_no_lookup_block_and_greedy_rows_stay_exact(pair):
     assert alone.metrics.total.lookup_blocks > 0  # the same greedy rows alone do take them
 
 
-def test_rows_joining_mid_run_with_lookup_produce_the_targets_greedy_output(pair):
+def check_caches(decoder):
+    """Each cache has read exactly its row's context but what the row still owes it: the
+    target its prefix (a ragged join) and pending token, the draft its ``draft_pending``."""
+    for index, row in enumerate(decoder.rows):
+        context = len(row.context)
+        assert decoder.target.positions[index] + len(row.target_prefix) + 1 == context
+        if decoder.draft is not None:
+            assert decoder.draft.positions[index] + len(row.draft_pending) == context
+
+
+@pytest.mark.parametrize("setup", [
+    dict(gamma=3, lookup=6, tree="4:1"), dict(gamma=3, lookup=6), dict(gamma=1, lookup=6),
+], ids=["tree", "chain-ragged-joins", "no-draft"])
+def test_rows_joining_mid_run_with_lookup_produce_the_targets_greedy_output(pair, setup):
     target, draft = pair
     input_ids, attention_mask = repeating_prompts([8, 12, 6, 10], seed=2)
     prompts = [input_ids[r][attention_mask[r].bool()].tolist() for r in range(4)]
     plan = [(0, 30), (2, 17), (3, 1), (5, 25)]  # (step it joins at, budget)
-    decoder = Decoder(target, draft, SpeculationConfig(gamma=3, lookup=6, tree="4:1"))
+    with_draft = "tree" in setup or setup["gamma"] > 1
+    decoder = Decoder(target, draft if with_draft else None, SpeculationConfig(**setup))
     outputs = {i: [] for i in range(len(plan))}
-    step = 0
+    step = ragged = 0
     while step < 200 and (step <= max(join for join, _ in plan) or decoder.has_work):
         for index, (join, budget) in enumerate(plan):
             if join == step:
                 decoder.add(Request(prompts[index], budget, GREEDY, request_id=index))
+        ragged += decoder._joins_ragged()
         for update in decoder.step():
             outputs[update.request_id] += update.new_tokens
+        check_caches(decoder)
         step += 1
+    assert bool(ragged) == ("tree" not in setup)  # chains read joining prompts in their pass
     for index, (_, budget) in enumerate(plan):
         plain = autoregressive_generate(target, torch.tensor([prompts[index]]),
                                         max_new_tokens=budget)
@@ -177,3 +194,57 @@ def test_generate_refuses_lookup_it_would_ignore():
     with pytest.raises(ValueError, match="greedy rows only"):
         GenerateConfig(speculation=SpeculationConfig(lookup=4),
                        sampling=SamplingConfig(temperature=0.7))
+
+
+def test_lookup_is_refused_or_dropped_where_it_cannot_act(pair, tmp_path):
+    from distillspec.models.recommended import save_recommended, saved_setting, setting_at
+    from distillspec.tools.eval_config import EvalSetup
+
+    target, _ = pair
+    input_ids, attention_mask = repeating_prompts([8])
+    with pytest.raises(ValueError, match="greedy rows only"):
+        speculative_generate(target, None, input_ids, attention_mask, gamma=1, lookup=4,
+                             max_new_tokens=4, temperature=1.0)
+    with pytest.raises(ValueError, match="lookup_ngram 3 shapes prompt lookup, which is off"):
+        SpeculationConfig(lookup_ngram=3)
+    with pytest.raises(ValueError, match=">= 1"):
+        EvalSetup.parse("target:lookup=0")
+    assert EvalSetup.parse("target:lookup=3").speculation.lookup == 3
+    save_recommended(tmp_path, target="t", gamma=2, confidence_threshold=0.0, tree="4:1",
+                     lookup=8, device=torch.device("cpu"), dtype=torch.float32,
+                     measured={"speedup": 1.3})
+    saved = saved_setting(tmp_path)
+    assert setting_at(saved, 0.0)["lookup"] == 8
+    assert setting_at(saved, 0.7)["lookup"] == 0  # no sampled setting saved: greedy rows only
+
+
+def test_a_served_greedy_request_runs_lookup_blocks_and_stays_exact(tmp_path):
+    openai = pytest.importorskip("openai")
+    from conftest import start_tiny_server
+
+    from distillspec.models.loading import load_model
+
+    local, url = start_tiny_server(tmp_path, speculation={"gamma": 3, "lookup": 6})
+    try:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        model, tokenizer = load_model(tmp_path / "target", device="cpu", dtype="float32")
+        prompt = " ".join(f"w{i}" for i in (3, 9, 27, 5, 3, 9, 27, 5, 3, 9))
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        expected = autoregressive_generate(model, ids, max_new_tokens=24,
+                                           eos_token_id=model.generation_config.eos_token_id)
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                          temperature=0)
+        text = tokenizer.decode(expected.sequences[0], skip_special_tokens=True)
+        assert reply.choices[0].text == text
+        metrics = urllib_get(url.removesuffix("/v1") + "/metrics")
+        assert 'distillspec_spec_decode_steps_total{mode="lookup"}' in metrics
+        assert 'lookup="6"' in metrics
+    finally:
+        local.__exit__(None, None, None)
+
+
+def urllib_get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()

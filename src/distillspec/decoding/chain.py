@@ -62,8 +62,10 @@ class ChainStep:
             if greedy
             else self._uniforms(rows, caps, planned)
         )
-        draft_tokens, draft_probs, lengths = models.measure(
-            "draft", self._draft, rows, caps, uniforms[:, :planned], greedy)
+        draft_args = (rows, caps, uniforms[:, :planned], greedy)
+        draft_tokens, draft_probs, lengths = (
+            models.measure("draft", self._draft, *draft_args) if self.drafts_with_model
+            else self._draft(*draft_args))  # copied tokens: host work, not a draft phase
         gamma = draft_tokens.shape[1]  # adaptive drafting may stop before `planned`
         accept_uniforms = uniforms[:, planned : planned + gamma]
         outcome, alpha, logits = models.measure(

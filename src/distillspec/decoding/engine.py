@@ -118,6 +118,8 @@ class Decoder:
         # with or without a draft.
         spec = self.speculation
         self.lookup = LookupStep(self, spec.lookup, spec.lookup_ngram) if spec.lookup else None
+        self.ran_lookup = False  # whether the last step was a lookup block (a server's policy
+        # measures the configured arm, which a lookup block is not)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -162,6 +164,7 @@ class Decoder:
         if self.lookahead_limit is not None:
             lookahead = min(lookahead, self.lookahead_limit)
         caps = caps_for(self.rows, lookahead)
+        self.ran_lookup = strategy is self.lookup
         return updates + strategy.step(self.rows, caps) + self._leave()
 
     def _strategy(self) -> Strategy:
@@ -276,7 +279,8 @@ class Decoder:
         # its last prompt token, its budget and a block's lookahead (counting the prompt again
         # doubled the capacity, memory that is never given back, of a server admitting rows
         # into a running batch).
-        budget = max(row.request.max_new_tokens for row in joining) + self.speculation.gamma + 3
+        lookahead = max(self.speculation.gamma, self.speculation.lookup)
+        budget = max(row.request.max_new_tokens for row in joining) + lookahead + 3
         logits = None
         for cached in (m for m in (self.target, self.draft) if m is not None):
             rows = cached.add_rows(len(joining))

@@ -104,6 +104,9 @@ def speculative_generate(
     metrics' ``*_time_s``; a synchronised timer around each phase of a step).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    if lookup and not sampling.greedy:
+        raise ValueError(f"lookup={lookup} copies tokens for greedy rows only, and temperature "
+                         f"{temperature:g} samples every row: use lookup=0, or temperature=0.")
     speculation = SpeculationConfig(
         gamma=gamma,
         lenience=lenience or "none",

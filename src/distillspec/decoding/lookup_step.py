@@ -4,7 +4,8 @@ context (``ngram.NgramIndex``) instead of drafted.
 The ``Decoder`` runs it in place of its configured block (chain, tree or plain) when every live
 row is greedy and finds a match; otherwise the configured block runs. The target verifies the
 copied tokens in one pass exactly as it verifies a chain of draft tokens (greedy: argmax
-equality), so the output is the target's own greedy decoding. The draft, if any, does not run:
+equality), so the output is the target's own greedy decoding (token for token in float32; in
+bf16 a verify of another width may flip near-tied logits, as for any SD). The draft, if any, does not run:
 the block's tokens wait in each row's ``draft_pending`` and the draft reads them in its next
 block, one wider forward (as after a plain block). Sampled rows never take this block: with a
 one-hot proposal the lossless rule accepts a copied token with probability p(token) only, a
@@ -54,9 +55,13 @@ class LookupStep(ChainStep):
 
     def _draft(self, rows: list[_Row], caps: list[int], uniforms: torch.Tensor, greedy: bool):
         """The proposals ``ready`` found, cut at each row's cap, right-padded with zeros (the
-        verify stops each row at its own length): ``(tokens [B, W], None, lengths [B])``."""
+        verify stops each row at its own length) to the longest, or for a compiled target to a
+        power of two at most the widest cap, so that it compiles few widths (eager, a padded
+        column costs verify time): ``(tokens [B, W], None, lengths [B])``."""
         proposals = [proposal[:cap] for proposal, cap in zip(self._proposals, caps)]
         width = max(map(len, proposals))
+        if self.models.target.compiled and width:
+            width = min(max(caps), 1 << (width - 1).bit_length())
         tokens = torch.tensor([p + [0] * (width - len(p)) for p in proposals],
                               dtype=torch.long, device=self.models.device)
         lengths = torch.tensor([len(p) for p in proposals], device=self.models.device)

@@ -184,8 +184,9 @@ class SweepRow:
     measured_over_predicted: float
     accepted_length_histogram: list[int] = field(default_factory=list)
     tree: str = ""  # tree drafting (decoding/tree.py); "" = a chain of gamma tokens
-    # Prompt lookup tokens (decoding/lookup_step.py), 0 off. The prediction covers the draft's
-    # blocks only: lookup blocks are outside the cost model, so measured/predicted grows with them.
+    # Prompt lookup tokens (decoding/lookup_step.py), 0 off. The cost model does not price
+    # lookup blocks: a chain's prediction ignores them, a tree's uses the measured tau (lookup
+    # blocks included) at the tree's cost per block.
     lookup: int = 0
     # Greedy sweeps: SD's rows against the target alone's rows of the same run, same dtype
     # (quality.Agreement.to_dict); None when sampling, where outputs differ by design.
@@ -295,7 +296,8 @@ class SpeedProbe:
     def sweep(
         self,
         draft,
-        settings: Sequence[tuple[int, float] | tuple[int, float, Tree | str | None]],
+        settings: Sequence[tuple[int, float] | tuple[int, float, Tree | str | None]
+                           | tuple[int, float, Tree | str | None, int]],
         repeats: int,
         cost_model: CostModel | None = None,
         progress: Callable[[str], None] | None = None,

@@ -4,11 +4,11 @@ row's last n tokens in its own context (prompt + output).
 Prompt lookup decoding (A. Saxena, 2023; vLLM's ``ngram`` speculator): where a text repeats
 itself or copies from its prompt (code, quotes, lists, a small model's loops), the tokens that
 followed the last n tokens the previous time they appeared are a free draft. The target checks
-them like any draft tokens, so the output is unchanged (greedy: argmax equality,
-``acceptance.verify_greedy``).
+them like any draft tokens, so the output is the target's (greedy: argmax equality,
+``acceptance.verify_greedy``; token for token in float32, bf16 near-ties aside).
 
 ``NgramIndex`` keeps, per n, the end of the latest occurrence of every n-gram of the context, so
-a lookup costs O(n) and a step adds O(new tokens x n) host work, whatever the context length.
+a lookup costs O(n) and indexing O(new tokens x n) host work, not a scan of the context.
 """
 
 from __future__ import annotations

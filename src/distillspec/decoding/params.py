@@ -16,6 +16,7 @@ LENIENCE_CHOICES = ("none", "lin", "sq", "exp")
 COMPILE_CHOICES = ("auto", "on", "off")  # compiled decoding steps (models.compilation)
 MAX_GAMMA = 64  # a verify of more tokens never pays; bounds every per-position allocation
 MAX_LOOKUP_NGRAM = 16  # prompt lookup's shortest match; longer suffixes rarely repeat
+DEFAULT_LOOKUP_NGRAM = 2
 MAX_TOP_K = 1 << 20
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range, which the server accepts
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed takes
@@ -107,7 +108,7 @@ class SpeculationConfig:
         "in float32; bf16 near-ties may flip, as for any SD).",
     )
     lookup_ngram: int = knob(
-        2,
+        DEFAULT_LOOKUP_NGRAM,
         f"Prompt lookup: the shortest suffix n that counts as a match, in 1..{MAX_LOOKUP_NGRAM} "
         "(longer suffixes, up to 4, are tried first).",
     )
@@ -135,6 +136,11 @@ class SpeculationConfig:
                 f"lookup_ngram must be an integer in [1, {MAX_LOOKUP_NGRAM}], got "
                 f"{self.lookup_ngram!r}: the shortest repeated suffix that counts as a match. "
                 "2 is typical; 1 matches on any repeated token."
+            )
+        if self.lookup_ngram != DEFAULT_LOOKUP_NGRAM and not self.lookup:
+            raise ValueError(
+                f"lookup_ngram {self.lookup_ngram} shapes prompt lookup, which is off (lookup "
+                "0): set lookup > 0 (e.g. 8) or drop lookup_ngram."
             )
         if self.lenience not in LENIENCE_CHOICES:
             raise ValueError(

@@ -123,8 +123,9 @@ def setting_at(saved: dict[str, Any], temperature: float) -> dict[str, Any]:
     lookup acts on greedy rows only)."""
     if temperature > 0 and saved.get("sampled") is not None:
         return saved["sampled"]
-    return {key: saved[key] for key in ("gamma", "confidence_threshold", "tree", "lookup",
-                                        "speedup")}
+    setting = {key: saved[key] for key in ("gamma", "confidence_threshold", "tree", "lookup",
+                                           "speedup")}
+    return {**setting, "lookup": 0} if temperature > 0 else setting  # greedy rows only
 
 
 def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str, Any] | None:

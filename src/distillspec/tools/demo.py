@@ -602,10 +602,11 @@ def _before_settings(config: DemoConfig) -> int:
 
 def _after_settings(config: DemoConfig) -> int:
     """Settings the after-measurement times: every gamma fixed, each threshold > 0 at every
-    gamma > 1, and every tree (the before-measurement skips the thresholds)."""
+    gamma > 1, and every tree, with prompt lookup too where --lookup is set (the
+    before-measurement skips the thresholds and lookup)."""
     thresholds = [t for t in config.confidence_thresholds if t > 0]
     return (len(config.gammas) + len(thresholds) * len([g for g in config.gammas if g > 1])
-            + len(config.trees))
+            + len(config.trees) * (2 if config.lookup else 1))
 
 
 def verify_width(config: DemoConfig) -> int:

@@ -70,8 +70,9 @@ class EvalSetup:
         if option:
             if LOOKUP_OPTION in base:
                 raise bad("give :lookup=K once")
-            if not lookup.isdigit() or not base:
-                raise bad(f"lookup needs a whole number of tokens after {base!r}, e.g. :lookup=8")
+            if not lookup.isdigit() or not base or int(lookup) < 1:
+                raise bad(f"lookup needs a whole number of tokens >= 1 after {base!r}, e.g. "
+                          ":lookup=8")
             setup = cls.parse(base)
             speculation = setup.speculation or SpeculationConfig()
             try:

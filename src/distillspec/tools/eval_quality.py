@@ -211,7 +211,7 @@ def _speed(run: SetupRun, target_tps: float | None) -> dict[str, Any]:
         "kind": ("target" if spec is None else "lookup" if run.setup.draftless
                  else "tree" if spec.tree else "sd"),
         "lookup": spec.lookup if spec is not None else None,
-        "gamma": spec.gamma if spec is not None and not spec.tree else None,
+        "gamma": spec.gamma if run.setup.uses_draft and not spec.tree else None,
         "tree": spec.tree if spec is not None and spec.tree else None,
         "lenience": spec.lenience if spec is not None else None,
         "epsilon": spec.epsilon if spec is not None else None,

@@ -101,7 +101,8 @@ class ServeMetrics:
                              registry=registry)
         self.steps = Counter("distillspec_spec_decode_steps",
                              "Engine steps by mode: speculate (as configured), gamma1 (a 1-token "
-                             "chain) or plain (no draft token; --sd-policy auto picks per step)",
+                             "chain) or plain (no draft token; --sd-policy auto picks per step), "
+                             "or lookup (a prompt lookup block, --lookup)",
                              ["mode"], registry=registry)
         self.mode_rate = Gauge("distillspec_spec_decode_mode_tokens_per_second_per_row",
                                "Measured tokens/s per running row of each mode per batch-size "

@@ -196,13 +196,15 @@ class EngineWorker:
         # width the start-up warming did not reach) and one that caught the draft up paid a
         # one-off cost: none measures the arm's steady speed. Unrecorded, a re-measurement is
         # chosen again at the next step, which then runs the arm without that cost.
+        # A prompt lookup block (greedy rows whose text repeats) is not the arm either.
         if (self.policy is not None and not admitting and not catching_up
-                and packed_linear.tunings() == tunings):
+                and not decoder.ran_lookup and packed_linear.tunings() == tunings):
             self.policy.record(batch, arm, sum(len(u.new_tokens) for u in updates), seconds)
             if self.metrics is not None:
                 self.metrics.record_rate(batch, arm, self.policy)
         if self.metrics is not None:
-            self.metrics.steps.labels(arm_name(arm) if decoder.draft is not None else "plain").inc()
+            mode = arm_name(arm) if decoder.draft is not None else "plain"
+            self.metrics.steps.labels("lookup" if decoder.ran_lookup else mode).inc()
         self.failed_steps = 0
         self.decoder.finished.clear()  # the server keeps no finished rows (bounded memory)
         for update in updates:

@@ -114,12 +114,10 @@ class Decoder:
         # Tree drafting (decoding/tree_step.py): the typed tree, parsed once by the config.
         self.tree = self.speculation.tree_shape if draft is not None else None
         self.tree_step = make_tree_step(self, self.tree) if self.tree is not None else None
-        # Prompt lookup (decoding/lookup_step.py): blocks of tokens copied from each row's context,
-        # with or without a draft.
-        spec = self.speculation
+        # Prompt lookup (decoding/lookup_step.py), with or without a draft; ``ran_lookup``: the
+        # last step was such a block (a server's policy measures its arm, which that is not).
+        spec, self.ran_lookup = self.speculation, False
         self.lookup = LookupStep(self, spec.lookup, spec.lookup_ngram) if spec.lookup else None
-        self.ran_lookup = False  # whether the last step was a lookup block (a server's policy
-        # measures the configured arm, which a lookup block is not)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -168,10 +166,9 @@ class Decoder:
         return updates + strategy.step(self.rows, caps) + self._leave()
 
     def _strategy(self) -> Strategy:
-        """Prompt lookup where it is set, no lookahead limit is set and every row is greedy and
-        finds a match; else the tree (greedy and sampled rows alike) while a draft is set, no
-        lookahead limit is set and some row can still draft a node; else the chain (with no
-        draft or a limit of 0: plain decoding)."""
+        """With no lookahead limit: prompt lookup if set and every row is greedy with a match,
+        else the tree (greedy and sampled rows alike) if a draft is set and some row can still
+        draft a node; else the chain (with no draft or a limit of 0: plain decoding)."""
         if self.lookup is not None and self.lookahead_limit is None and self.lookup.ready(self.rows):
             return self.lookup
         if self.lookahead_limit == 0 and self.draft is not None:
@@ -279,8 +276,8 @@ class Decoder:
         # its last prompt token, its budget and a block's lookahead (counting the prompt again
         # doubled the capacity, memory that is never given back, of a server admitting rows
         # into a running batch).
-        lookahead = max(self.speculation.gamma, self.speculation.lookup)
-        budget = max(row.request.max_new_tokens for row in joining) + lookahead + 3
+        budget = (max(row.request.max_new_tokens for row in joining) + 3
+                  + max(self.speculation.gamma, self.speculation.lookup))
         logits = None
         for cached in (m for m in (self.target, self.draft) if m is not None):
             rows = cached.add_rows(len(joining))

@@ -97,19 +97,21 @@ def test_demo_runs_reuses_and_starts_fresh(tmp_path, capsys, monkeypatch):
     assert not any(r["lookup"] for r in chains)
     assert saved["lookup"] == best["lookup"] == reported["setting"]["lookup"]
     assert saved["measured"]["cost_model"]["verify_curve"]  # the machine's verify curve
-    # At T=1 the fastest greedy chain and every tree are timed again on the choice split, the
-    # fastest of them on the report split, and saved beside the greedy setting.
+    # At T=1 the fastest greedy chain and every tree (with and without lookup) are timed again
+    # on the choice split, the fastest of them on the report split, and saved beside the
+    # greedy setting.
     sampled = report["sampled"]
     assert sampled["temperature"] == 1.0
-    assert [(r["gamma"], r["tree"]) for r in sampled["choice"]["all"]] == [
-        (chain["gamma"], ""), (1, "3:1"), (1, "4:1"), (1, "15:2")]
+    assert [(r["gamma"], r["tree"], r["lookup"]) for r in sampled["choice"]["all"]] == [
+        (chain["gamma"], "", 0), *[(1, tree, k) for k in (0, 8) for tree in ("3:1", "4:1", "15:2")]]
     fastest = sampled["choice"]["best"]
     assert fastest["speedup"] == max(r["speedup"] for r in sampled["choice"]["all"])
     assert sampled["report"]["setting"]["tree"] == fastest["tree"]
     assert saved["sampled"] == {
         "temperature": 1.0, "gamma": chain["gamma"],
         "confidence_threshold": chain["confidence_threshold"], "tree": fastest["tree"],
-        "speedup": sampled["report"]["setting"]["speedup"], "choice_speedup": fastest["speedup"]}
+        "lookup": fastest["lookup"], "speedup": sampled["report"]["setting"]["speedup"],
+        "choice_speedup": fastest["speedup"]}
     cached = sorted((tmp_path / "cache" / "demo-data").glob("*/answers.jsonl"),
                     key=lambda path: len(path.read_text().splitlines()))
     # The target's greedy answers to each part, generated once, the two joined, its T=1 samples

@@ -125,3 +125,33 @@ def test_lenience_at_epsilon_one_is_lossless_end_to_end(lenience):
     looser = run(lenience=lenience, epsilon=0.5)
     assert looser.metrics.acceptance_rate > lossless.metrics.acceptance_rate + 0.05
     assert looser.sequences != lossless.sequences
+
+
+REPEATING = torch.tensor([5, 3, 6, 4, 5, 3])  # "5 3" repeats: prompt lookup proposes 6 4 5 3
+
+
+@pytest.mark.parametrize("with_draft", [False, True], ids=["lookup-alone", "lookup-and-chain"])
+def test_sampled_prompt_lookup_matches_target_joint(with_draft, monkeypatch):
+    """Copied tokens at T = 1 are verified with their own one-hot proposal: the first two tokens
+    follow the target's joint exactly. The control uses a wrong q (uniform instead of the
+    one-hot the tokens came from) and is caught."""
+    from distillspec.decoding import lookup_step
+
+    target = softened_target()
+    draft = perturbed_copy(target, 0.6, seed=4) if with_draft else None
+    sampling = SamplingConfig(temperature=1.0)
+    expected = exact_two_token_joint(target, REPEATING, sampling)
+
+    def run():
+        return speculative_generate(target, draft, REPEATING.expand(N, -1), gamma=3, lookup=4,
+                                    max_new_tokens=4, temperature=1.0,
+                                    generator=torch.Generator().manual_seed(0))
+
+    result = run()
+    total = result.metrics.total
+    assert total.lookup_blocks >= N and 0 < total.lookup_accepted < total.lookup_proposed
+    assert (result.metrics.draft_forward_passes > 0) == with_draft  # rows left lookup for chains
+    assert tv(empirical_joint(result.sequences), expected) < 0.07
+    monkeypatch.setattr(lookup_step, "one_hot",
+                        lambda tokens, vocab: torch.full((*tokens.shape, vocab), 1.0 / vocab))
+    assert tv(empirical_joint(run().sequences), expected) > 0.15

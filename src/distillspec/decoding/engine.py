@@ -166,8 +166,8 @@ class Decoder:
         return updates + strategy.step(self.rows, caps) + self._leave()
 
     def _strategy(self) -> Strategy:
-        """With no lookahead limit: prompt lookup if set and every row is greedy with a match,
-        else the tree (greedy and sampled rows alike) if a draft is set and some row can still
+        """With no lookahead limit: prompt lookup if set and every row has a match, else the
+        tree (greedy and sampled rows alike) if a draft is set and some row can still
         draft a node; else the chain (with no draft or a limit of 0: plain decoding)."""
         if self.lookup is not None and self.lookahead_limit is None and self.lookup.ready(self.rows):
             return self.lookup

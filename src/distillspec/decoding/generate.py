@@ -99,14 +99,11 @@ def speculative_generate(
     ``eos_token_id=None`` means no early stop. ``generator`` seeds sampling.
     ``confidence_threshold`` > 0 turns on adaptive drafting, ``tree`` tree drafting (a spec or a
     parsed ``Tree``; greedy rows: the draft's top-k; sampled rows: draws from q; see
-    ``SpeculationConfig``), ``lookup`` > 0 prompt lookup blocks for greedy rows (up to that many
-    tokens copied from the row's context; ``draft`` may then be None). ``timed``: measure the draft, target and prefill times (the
+    ``SpeculationConfig``), ``lookup`` > 0 prompt lookup blocks (up to that many tokens copied from
+    the row's context, verified losslessly at any temperature; ``draft`` may then be None). ``timed``: measure the draft, target and prefill times (the
     metrics' ``*_time_s``; a synchronised timer around each phase of a step).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    if lookup and not sampling.greedy:
-        raise ValueError(f"lookup={lookup} copies tokens for greedy rows only, and temperature "
-                         f"{temperature:g} samples every row: use lookup=0, or temperature=0.")
     speculation = SpeculationConfig(
         gamma=gamma,
         lenience=lenience or "none",

@@ -2,19 +2,22 @@
 context (``ngram.NgramIndex``) instead of drafted.
 
 The ``Decoder`` runs it in place of its configured block (chain, tree or plain) when every live
-row is greedy and finds a match; otherwise the configured block runs. The target verifies the
-copied tokens in one pass exactly as it verifies a chain of draft tokens (greedy: argmax
-equality), so the output is the target's own greedy decoding (token for token in float32; in
-bf16 a verify of another width may flip near-tied logits, as for any SD). The draft, if any, does not run:
-the block's tokens wait in each row's ``draft_pending`` and the draft reads them in its next
-block, one wider forward (as after a plain block). Sampled rows never take this block: with a
-one-hot proposal the lossless rule accepts a copied token with probability p(token) only, a
-trade not measured here.
+row finds a match; otherwise the configured block runs. The target verifies the copied tokens
+in one pass exactly as it verifies a chain of draft tokens. Greedy rows compare argmaxes, so the
+output is the target's own greedy decoding (token for token in float32; in bf16 a verify of
+another width may flip near-tied logits, as for any SD). Sampled rows use the lossless rule
+with the proposal's own distribution, one-hot at the copied token x (it is a function of the
+context, drawn from nothing): x is accepted with probability min(1, p(x) / 1) = p(x), and after
+a rejection the next token comes from norm(max(0, p - onehot(x))), p without x; so the output
+follows the target's distribution exactly, whichever block the context picked. The draft, if
+any, does not run: the block's tokens wait in each row's ``draft_pending`` and the draft reads
+them in its next block, one wider forward (as after a plain block).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import one_hot
 
 from distillspec.decoding.chain import ChainStep
 from distillspec.decoding.ngram import NgramIndex
@@ -38,9 +41,9 @@ class LookupStep(ChainStep):
         return self.tokens
 
     def ready(self, rows: list[_Row]) -> bool:
-        """Whether every row is greedy and copies at least one token (then ``step`` runs on
-        these proposals); a row one token from its budget copies none and so waits."""
-        if not rows or not all(row.request.sampling.greedy for row in rows):
+        """Whether every row copies at least one token (then ``step`` runs on these
+        proposals); a row one token from its budget copies none and so waits."""
+        if not rows:
             return False
         proposals = []
         for row in rows:
@@ -57,7 +60,8 @@ class LookupStep(ChainStep):
         """The proposals ``ready`` found, cut at each row's cap, right-padded with zeros (the
         verify stops each row at its own length) to the longest, or for a compiled target to a
         power of two at most the widest cap, so that it compiles few widths (eager, a padded
-        column costs verify time): ``(tokens [B, W], None, lengths [B])``."""
+        column costs verify time): ``(tokens [B, W], probs, lengths [B])``; ``probs`` is None
+        for a greedy block, else the one-hot proposals ``[B, W, V]`` (float32)."""
         proposals = [proposal[:cap] for proposal, cap in zip(self._proposals, caps)]
         width = max(map(len, proposals))
         if self.models.target.compiled and width:
@@ -65,7 +69,8 @@ class LookupStep(ChainStep):
         tokens = torch.tensor([p + [0] * (width - len(p)) for p in proposals],
                               dtype=torch.long, device=self.models.device)
         lengths = torch.tensor([len(p) for p in proposals], device=self.models.device)
-        return tokens, None, lengths
+        probs = None if greedy else one_hot(tokens, self.models.vocab).float()
+        return tokens, probs, lengths
 
     def _update(self, row: _Row, values: tuple, gamma: int, logprobs) -> RowUpdate:
         """The row's new state; the draft (if any) reads the block's kept tokens later."""

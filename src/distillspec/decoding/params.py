@@ -101,11 +101,12 @@ class SpeculationConfig:
     )  # parsed once into ``tree_shape``
     lookup: int = knob(
         0,
-        f"Prompt lookup (0..{MAX_GAMMA}; 0 off): in a block where every row is greedy and its "
-        "last n tokens appeared earlier in its prompt or output, the target verifies up to "
-        "this many tokens that followed them there, in place of the draft's block (no draft "
-        "call; works without a draft too). Greedy output stays the target's (token for token "
-        "in float32; bf16 near-ties may flip, as for any SD).",
+        f"Prompt lookup (0..{MAX_GAMMA}; 0 off): in a block where every row's last n tokens "
+        "appeared earlier in its prompt or output, the target verifies up to this many tokens "
+        "that followed them there, in place of the draft's block (no draft call; works "
+        "without a draft too). Lossless: greedy output stays the target's (token for token in "
+        "float32; bf16 near-ties may flip, as for any SD); a sampled row accepts a copied "
+        "token with the target's probability of it.",
     )
     lookup_ngram: int = knob(
         DEFAULT_LOOKUP_NGRAM,

@@ -120,12 +120,13 @@ def setting_at(saved: dict[str, Any], temperature: float) -> dict[str, Any]:
     """The saved setting for decoding at ``temperature``: the sampled one for T > 0 when the
     demo measured one (gamma, confidence_threshold, tree, lookup, speedup, temperature), else
     the greedy one (whose tree also serves sampled rows, timed at greedy only; its prompt
-    lookup acts on greedy rows only)."""
+    lookup is dropped: a sampled row keeps a copied token with probability p(token) only,
+    which pays only where measured)."""
     if temperature > 0 and saved.get("sampled") is not None:
         return saved["sampled"]
     setting = {key: saved[key] for key in ("gamma", "confidence_threshold", "tree", "lookup",
                                            "speedup")}
-    return {**setting, "lookup": 0} if temperature > 0 else setting  # greedy rows only
+    return {**setting, "lookup": 0} if temperature > 0 else setting
 
 
 def recommended_for(folder: Path | str, target: str, device, dtype) -> dict[str, Any] | None:

@@ -501,7 +501,7 @@ def markdown(report: dict) -> str:
                  else f"gamma {setting['gamma']}, confidence threshold "
                       f"{setting['confidence_threshold']:g}")
         if setting.get("lookup"):
-            shape += f", prompt lookup {setting['lookup']} (greedy requests)"
+            shape += f", prompt lookup {setting['lookup']}"
         lines += [f"SD setting: {shape}."]
     return "\n".join(lines) + "\n"
 

@@ -100,12 +100,6 @@ class GenerateConfig:
         if self.stream and (self.json or self.batch_size != 1):
             raise ValueError("--stream prints one prompt at a time: use it with --batch-size 1 "
                              "and without --json.")
-        if self.speculation.lookup and not self.sampling.greedy:
-            raise ValueError(
-                f"--lookup {self.speculation.lookup} copies tokens for greedy rows only, and "
-                f"--temperature {self.sampling.temperature:g} samples every row: it would do "
-                "nothing. Drop --lookup, or decode greedily (--temperature 0)."
-            )
 
 
 @dataclass(frozen=True)
@@ -269,12 +263,13 @@ class DemoConfig:
     )
     lookup: int = knob(
         8, "After distillation, every tree is also timed with prompt lookup blocks of up to this "
-        "many tokens (generate's --lookup; greedy) on the choice split, so the fastest setting "
-        f"may include it; 0 skips them. At most {MAX_GAMMA}.",
+        "many tokens (generate's --lookup), greedy and at --sampled-temperature, on the choice "
+        f"split, so the fastest setting may include it; 0 skips them. At most {MAX_GAMMA}.",
     )
     sampled_temperature: float = knob(
-        1.0, "After the greedy choice, the fastest greedy chain and every tree are timed again "
-        "at this temperature on the choice split (trees: the multi-draft rule), the fastest "
+        1.0, "After the greedy choice, the fastest greedy chain and every tree (with and "
+        "without --lookup) are timed again at this temperature on the choice split (trees: "
+        "the multi-draft rule), the fastest "
         "reported on the report split and saved for generate at T > 0; 0 skips it."
     )
     distill: DistillConfig = section(

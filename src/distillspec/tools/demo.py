@@ -264,7 +264,8 @@ class Measurement:
 
     def sampled(self, draft, after: dict[str, Any]) -> dict[str, Any] | None:
         """At --sampled-temperature (None when 0): the fastest greedy chain and every tree
-        timed on the choice split (a tree: the multi-draft rule on sampled candidates), the
+        (again with --lookup unless 0) timed on the choice split (a tree: the multi-draft rule
+        on sampled candidates; lookup: a copied token kept with probability p(token)), the
         fastest of them timed again on the report split. The greedy choice does not carry
         over: a sampled step costs more and accepts less (alpha_t1 < alpha_t0)."""
         if self.sampled_probes is None:
@@ -272,8 +273,9 @@ class Measurement:
         start, config = time.perf_counter(), self.config
         choice_probe, report_probe = self.sampled_probes
         chain = fastest_chain(after)
-        settings = [(chain["gamma"], chain.get("confidence_threshold", 0.0), "")]
-        settings += [(1, 0.0, tree) for tree in config.tree_shapes]
+        settings = [(chain["gamma"], chain.get("confidence_threshold", 0.0), "", 0)]
+        lookups = (0, config.lookup) if config.lookup else (0,)
+        settings += [(1, 0.0, tree, k) for k in lookups for tree in config.tree_shapes]
         label = f"T={config.sampled_temperature:g}"
         _say(f"{label}: timing {len(settings)} settings x {config.repeats} rounds on "
              f"{len(choice_probe.batches)} choice prompts against the target alone ...")
@@ -551,14 +553,15 @@ def _save_setting(recipe, run_dir: Path, after: dict[str, Any], reported: dict[s
 
 def _sampled_setting(sampled: dict[str, Any] | None) -> dict[str, Any] | None:
     """What ``save_recommended`` keeps of ``Measurement.sampled``: the chain timed (gamma,
-    threshold), the tree if one won, the report split's speed-up (it decides whether generate
-    speculates at T > 0) and the choice split's."""
+    threshold), the tree and prompt lookup if they won, the report split's speed-up (it
+    decides whether generate speculates at T > 0) and the choice split's."""
     if sampled is None:
         return None
     chain, best = fastest_chain(sampled["choice"]), sampled["choice"]["best"]
     return {"temperature": sampled["temperature"], "gamma": chain["gamma"],
             "confidence_threshold": chain.get("confidence_threshold", 0.0),
-            "tree": best.get("tree", ""), "speedup": sampled["report"]["setting"]["speedup"],
+            "tree": best.get("tree", ""), "lookup": best.get("lookup", 0),
+            "speedup": sampled["report"]["setting"]["speedup"],
             "choice_speedup": best["speedup"]}
 
 

@@ -11,7 +11,7 @@ A decoding setup is one string (``EvalSetup.parse``):
   joined with ``/``, e.g. ``tree:0/1/0.0``); greedy rows take the draft's top-k, sampled rows
   draws without replacement checked with the lossless multi-draft rule;
 * any of these followed by ``:lookup=K``: prompt lookup blocks (up to K tokens copied from the
-  row's own context, verified like draft tokens; greedy only), e.g. ``tree:15:2:lookup=8``;
+  row's own context, verified like draft tokens at any temperature), e.g. ``tree:15:2:lookup=8``;
   ``target:lookup=K`` speculates by lookup alone, with no draft.
 """
 
@@ -37,7 +37,7 @@ DEFAULT_DATA = {"code": "builtin:humaneval:heldout", "text": "builtin:chat:heldo
 DEFAULT_MAX_NEW_TOKENS = {"code": 384, "text": 64}
 SETUP_GRAMMAR = (
     "target | sd:G[:lin=EPS|:sq=EPS|:exp=EPS][:threshold=X] | tree:SPEC, each optionally "
-    "followed by :lookup=K (prompt lookup, greedy rows; target:lookup=K needs no draft) (e.g. "
+    "followed by :lookup=K (prompt lookup; target:lookup=K needs no draft) (e.g. "
     "target, sd:4, sd:4:exp=0.5, sd:3:threshold=0.4, tree:15:2, tree:15:2:lookup=8, "
     "target:lookup=8)"
 )
@@ -187,14 +187,7 @@ class EvalConfig:
             require_at_least(self, 1, "max_new_tokens")
             require_at_most(self, MAX_TOKENS, "max_new_tokens")
         self.sandbox_limits()  # timeout_s, memory_mb and max_processes, checked there
-        greedy = self.sampling.greedy
-        looked = [text for text in self.setups if LOOKUP_OPTION in text]
-        if looked and not greedy:
-            raise ValueError(
-                f"{', '.join(looked)}: prompt lookup copies tokens for greedy rows only, and "
-                f"--temperature {self.sampling.temperature:g} samples every row, so it would "
-                "do nothing. Drop :lookup=K, or measure greedily (--temperature 0).")
-        if greedy and self.samples > 1:
+        if self.sampling.greedy and self.samples > 1:
             raise ValueError(
                 f"samples = {self.samples} at temperature 0 would repeat the same greedy answer. "
                 "Use --samples 1, or sample with --temperature > 0 (e.g. 0.8).")
@@ -206,7 +199,7 @@ class EvalConfig:
         if len({s.label for s in setups}) < len(setups):
             raise ValueError(f"setups lists a setup twice: {self.setups}.")
         for setup in setups:
-            if setup.lossy and greedy:
+            if setup.lossy and self.sampling.greedy:
                 raise ValueError(
                     f"Setup {setup.label!r} is lossy, but at temperature 0 p and q are one-hot, "
                     "so lenience changes nothing (f(0) = 0): it would measure lossless SD under "

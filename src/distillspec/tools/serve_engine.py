@@ -196,7 +196,7 @@ class EngineWorker:
         # width the start-up warming did not reach) and one that caught the draft up paid a
         # one-off cost: none measures the arm's steady speed. Unrecorded, a re-measurement is
         # chosen again at the next step, which then runs the arm without that cost.
-        # A prompt lookup block (greedy rows whose text repeats) is not the arm either.
+        # A prompt lookup block (rows whose text repeats) is not the arm either.
         if (self.policy is not None and not admitting and not catching_up
                 and not decoder.ran_lookup and packed_linear.tunings() == tunings):
             self.policy.record(batch, arm, sum(len(u.new_tokens) for u in updates), seconds)

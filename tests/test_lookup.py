@@ -116,18 +116,26 @@ def test_lookup_blocks_keep_greedy_output_exactly_the_targets(pair, lengths, set
 
 def test_a_sampled_row_in_lookup_blocks_leaves_greedy_rows_exact(pair):
     """A mixed batch takes lookup blocks (greedy rows compare argmaxes, the sampled row keeps a
-    copied token with probability p(token)); the greedy rows' output is the target's."""
+    copied token with probability p(token)); the greedy rows' output is the target's. A seeded
+    sampled row turns lookup off while it is live, so its answer is the same alone and batched."""
     target, draft = pair
     input_ids, attention_mask = repeating_prompts([10, 14, 8])
     prompts = [input_ids[r][attention_mask[r].bool()].tolist() for r in range(3)]
     speculation = SpeculationConfig(gamma=3, lookup=5)
-    mixed = [Request(prompts[0], 24, GREEDY), Request(prompts[1], 24, SAMPLED, seed=3),
+    mixed = [Request(prompts[0], 24, GREEDY), Request(prompts[1], 24, SAMPLED),
              Request(prompts[2], 24, GREEDY)]
     result = run_to_completion(Decoder(target, draft, speculation), mixed)
     assert result.metrics.total.lookup_blocks > 0
     for index in (0, 2):
         plain = autoregressive_generate(target, torch.tensor([prompts[index]]), max_new_tokens=24)
         assert result.sequences[index] == plain.sequences[0]
+    seeded = Request(prompts[1], 24, SAMPLED, seed=3)
+    batched = run_to_completion(Decoder(target, draft, speculation), [mixed[0], seeded])
+    assert batched.metrics.total.lookup_blocks == 0
+    alone = run_to_completion(Decoder(target, draft, speculation), [seeded])
+    assert alone.sequences[0] == batched.sequences[1]
+    greedy_alone = run_to_completion(Decoder(target, draft, speculation), [mixed[0]])
+    assert greedy_alone.metrics.total.lookup_blocks > 0  # the control: it copies without it
 
 
 def check_caches(decoder):

@@ -11,6 +11,9 @@ splits (SpeedProbe: interleaved rounds against the target alone, medians, eager 
     python lookup_speed.py DRAFT_FOLDER OUT.json report TREE LOOKUP [ROUNDS]
         the demo's report split (16) and 24 requests written apart (other-eval.jsonl): trees 4:1
         and 15:2 without lookup, TREE with LOOKUP, and (2 rounds) the target alone with LOOKUP
+    python lookup_speed.py DRAFT_FOLDER OUT.json sampled TREE LOOKUP [ROUNDS]
+        the same two sets at T = 1 (sampled lookup, stop 68): TREE without and with LOOKUP, and
+        (2 rounds) the target alone with LOOKUP
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ SPLITS = {  # name: (prompts, how many): the demo's splits, and requests written
 }
 
 
-def timed_split(target, tokenizer, draft, split, settings, rounds, lookup_alone=None):
+def timed_split(target, tokenizer, draft, split, settings, rounds, lookup_alone=None,
+                temperature=0.0):
     spec, count = SPLITS[split]
     prompts = _prompts(spec, tokenizer, 512 if split == "code" else 128)[:count]
-    probe = SpeedProbe(target, prompts, max_new_tokens=64, temperature=0.0,
+    probe = SpeedProbe(target, prompts, max_new_tokens=64, temperature=temperature,
                        eos_token_id=eos_token_ids(target, tokenizer), pad_id=pad_token_id(tokenizer))
     cost = measure_cost_model(target, draft, max_verify=16)
     start = time.perf_counter()
-    record = {"prompts": spec, "count": len(prompts),
+    record = {"prompts": spec, "count": len(prompts), "temperature": temperature,
               "with_draft": probe.sweep(draft, settings, rounds, cost,
                                         progress=print).to_dict()}
     if lookup_alone:  # the target with lookup only, against its own target-alone rounds
@@ -84,9 +88,12 @@ def main() -> None:
         tree, lookup = rest[0], int(rest[1])
         rounds = int(rest[2]) if len(rest) > 2 else 3
         settings = [(1, 0.0, "4:1", 0), (1, 0.0, "15:2", 0), (1, 0.0, tree, lookup)]
+        if mode == "sampled":
+            settings = [(1, 0.0, tree, 0), (1, 0.0, tree, lookup)]
         for split in ("report", "other"):
-            record["splits"][split] = timed_split(target, tokenizer, draft, split, settings,
-                                                  rounds, lookup_alone=lookup)
+            record["splits"][split] = timed_split(
+                target, tokenizer, draft, split, settings, rounds, lookup_alone=lookup,
+                temperature=1.0 if mode == "sampled" else 0.0)
     record["args"] = sys.argv[1:]
     Path(out).write_text(json.dumps(record, indent=1))
 

@@ -2,7 +2,7 @@
 context (``ngram.NgramIndex``) instead of drafted.
 
 The ``Decoder`` runs it in place of its configured block (chain, tree or plain) when every live
-row finds a match; otherwise the configured block runs. The target verifies the copied tokens
+row finds a match (and no seeded sampled row is live); otherwise the configured block runs. The target verifies the copied tokens
 in one pass exactly as it verifies a chain of draft tokens. Greedy rows compare argmaxes, so the
 output is the target's own greedy decoding (token for token in float32; in bf16 a verify of
 another width may flip near-tied logits, as for any SD). Sampled rows use the lossless rule
@@ -42,8 +42,11 @@ class LookupStep(ChainStep):
 
     def ready(self, rows: list[_Row]) -> bool:
         """Whether every row copies at least one token (then ``step`` runs on these
-        proposals); a row one token from its budget copies none and so waits."""
-        if not rows:
+        proposals); a row one token from its budget copies none and so waits. Never while a
+        seeded sampled row is live: whether a block copies depends on every row, and that
+        row's draws must not depend on what shares its batch."""
+        if not rows or any(row.generator is not None and not row.request.sampling.greedy
+                           for row in rows):
             return False
         proposals = []
         for row in rows:

@@ -312,3 +312,28 @@ def test_a_row_joining_a_running_batch_reserves_room_past_the_pointer_only(pair)
     need = pointer + 10 + 3 + 3  # its budget and a block's lookahead past the pointer
     assert need <= capacities[0]  # this test's premise: the room it needs was already there
     assert [m.cache.slot_capacity for m in (decoder.target, decoder.draft)] == capacities
+
+
+@pytest.mark.parametrize("lookup", [0, 4])
+def test_a_draft_given_to_a_decoder_that_ran_without_one_reads_each_rows_context(pair, lookup):
+    # The draft is the target: with its cache filled with each row's real context, every
+    # drafted token is accepted. Rows decode with no draft, get one, lose it, get it back.
+    target, _ = pair
+    texts = prompts(3, seed=5)
+    decoder = Decoder(target, None, SpeculationConfig(gamma=3, lookup=lookup))
+    for index, text in enumerate(texts):
+        decoder.add(request(text, 30, name=index))
+    outputs, drafting = {index: [] for index in range(3)}, []
+    for step in range(60):
+        if step in (2, 9):
+            decoder.replace_draft(target)
+        elif step == 6:
+            decoder.replace_draft(None)
+        for update in decoder.step():
+            outputs[update.request_id] += update.new_tokens
+            drafting += [(update.drafted, update.accepted)] if update.drafted else []
+    assert not decoder.has_work
+    assert len(drafting) > 5 and all(accepted == drafted for drafted, accepted in drafting)
+    for index, text in enumerate(texts):
+        plain = autoregressive_generate(target, torch.tensor([text]), max_new_tokens=30)
+        assert outputs[index] == plain.sequences[0], f"row {index}"

@@ -199,16 +199,7 @@ class Decoder:
         ensure_croppable(draft)
         cached = CachedModel(draft)
         if self.rows:
-            contexts = [row.request.prompt_ids + row.output for row in self.rows]
-            known = [c[: len(c) - len(row.draft_pending)] for c, row in zip(contexts, self.rows)]
-            width = max(map(len, known))
-            rows = cached.add_rows(len(known))
-            longest = max(len(c) + row.remaining for c, row in zip(contexts, self.rows))
-            cached.reserve(cached.rows, longest + self.speculation.gamma + 2)
-            if width > 0:
-                tokens = torch.tensor([[0] * (width - len(k)) + k for k in known], device=self.device)
-                cached.forward(tokens, [width - len(k) for k in known], rows=rows,
-                               right_align=True, logits_to_keep=1)
+            _fill_draft(cached, self.rows, self.draft is None, self.speculation.gamma, self.device)
         self.draft = cached
         models = [self.target.model, draft]
         self.vocab = max(output_width(m) for m in models)
@@ -316,3 +307,23 @@ class Decoder:
         if not report:
             return []
         return [RowUpdate(r.request.request_id, [], True, r.finish_reason) for r in gone]
+
+
+def _fill_draft(cached: CachedModel, rows: list[_Row], had_none: bool, gamma: int,
+                device) -> None:
+    """A new draft's cache for the live rows, in one batched prefill: each row's context but
+    its ``draft_pending`` (what any draft reads in its next block). After decoding with no
+    draft, nothing kept ``draft_pending`` current: it becomes the context's last token."""
+    contexts = [row.request.prompt_ids + row.output for row in rows]
+    if had_none:
+        for row, context in zip(rows, contexts):
+            row.draft_pending = context[-1:]
+    known = [c[: len(c) - len(row.draft_pending)] for c, row in zip(contexts, rows)]
+    width = max(map(len, known))
+    added = cached.add_rows(len(known))
+    longest = max(len(c) + row.remaining for c, row in zip(contexts, rows))
+    cached.reserve(cached.rows, longest + gamma + 2)
+    if width > 0:
+        tokens = torch.tensor([[0] * (width - len(k)) + k for k in known], device=device)
+        cached.forward(tokens, [width - len(k) for k in known], rows=added, right_align=True,
+                       logits_to_keep=1)

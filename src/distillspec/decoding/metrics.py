@@ -53,6 +53,10 @@ class DecodeCounts:
         self.accepted_lengths.append(accepted)
         self.alpha_sum += alpha_sum
         self.alpha_positions += alpha_positions
+        if drafted > self.gamma:  # a row admitted with no draft, then given one (replace_draft)
+            self.position_drafted += [0] * (drafted - self.gamma)
+            self.position_accepted += [0] * (drafted - self.gamma)
+            self.gamma = drafted
         for position in range(drafted):
             self.position_drafted[position] += 1
             self.position_accepted[position] += int(position < accepted)

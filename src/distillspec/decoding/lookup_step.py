@@ -2,8 +2,9 @@
 context (``ngram.NgramIndex``) instead of drafted.
 
 The ``Decoder`` runs it in place of its configured block (chain, tree or plain) when every live
-row finds a match (and no seeded sampled row is live); otherwise the configured block runs. The target verifies the copied tokens
-in one pass exactly as it verifies a chain of draft tokens. Greedy rows compare argmaxes, so the
+row finds a match and no seeded sampled row is live; otherwise the configured block runs. The
+target verifies the copied tokens in one pass exactly as it verifies a chain of draft tokens
+(the choice of block never depends on this step's draws). Greedy rows compare argmaxes, so the
 output is the target's own greedy decoding (token for token in float32; in bf16 a verify of
 another width may flip near-tied logits, as for any SD). Sampled rows use the lossless rule
 with the proposal's own distribution, one-hot at the copied token x (it is a function of the

@@ -22,6 +22,13 @@ def write_prompts(path, lines):
     return path
 
 
+def generate_json(capsys, *args) -> tuple[str, dict]:
+    """Run the CLI (it must succeed); its stderr and its JSON output."""
+    assert main(list(args)) == 0
+    captured = capsys.readouterr()
+    return captured.err, json.loads(captured.out)
+
+
 def test_generate_json_one_object_per_prompt(model_folder, tmp_path, capsys):
     prompts = write_prompts(
         tmp_path / "p.jsonl",
@@ -186,10 +193,9 @@ def test_generate_uses_the_setting_measured_for_the_draft(model_folder, tmp_path
             "--max-new-tokens", "8", "--dtype", "float32", "--device", "cpu", "--json"]
 
     def run(*extra) -> tuple[str, int]:
-        assert main([*base, *extra]) == 0
-        captured = capsys.readouterr()
-        histogram = json.loads(captured.out)["metrics"]["accepted_length_histogram"]
-        return captured.err, len(histogram) - 1  # the gamma the decoder ran with
+        err, out = generate_json(capsys, *base, *extra)
+        histogram = out["metrics"]["accepted_length_histogram"]
+        return err, len(histogram) - 1  # the gamma the decoder ran with
 
     err, gamma = run()
     assert "gamma 2, confidence threshold 0.3 (measured fastest" in err and gamma == 2
@@ -219,9 +225,7 @@ def test_generate_uses_a_measured_tree_and_tree_flags(model_folder, tmp_path, ca
             "--max-new-tokens", "12", "--dtype", "float32", "--device", "cpu", "--json"]
 
     def run(*extra) -> tuple[str, dict]:
-        assert main([*base, *extra]) == 0
-        captured = capsys.readouterr()
-        return captured.err, json.loads(captured.out)
+        return generate_json(capsys, *base, *extra)
 
     err, tree_out = run()
     assert "tree 6:2 (measured fastest for this draft on this machine, timed greedy;" in err
@@ -253,9 +257,7 @@ def test_generate_uses_a_measured_prompt_lookup(model_folder, tmp_path, capsys):
             "--device", "cpu", "--json"]
 
     def run(*extra) -> tuple[str, dict]:
-        assert main([*base, *extra]) == 0
-        captured = capsys.readouterr()
-        return captured.err, json.loads(captured.out)
+        return generate_json(capsys, *base, *extra)
 
     err, looked = run()
     assert "tree 4:1, prompt lookup 6 (measured fastest" in err
